@@ -1,0 +1,94 @@
+"""Sizes of the embedded LLaVA-architecture models the project builds itself.
+
+`tiny` is for tests (sub-second forward on 2 CPU cores); `small` is the default demo and
+the mini-CVIT benchmark model; `wide` has a representative LLM width (d_model 1024) for
+throughput benchmarks of the routed adapter. Head dims are >= 32 because vLLM's CPU
+attention rejects 16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TinyLlavaPreset:
+    """Architecture sizes of a tiny LLaVA (CLIP tower + 2-layer MLP projector + Llama).
+
+    Attributes:
+        name: preset name, recorded in the model's config.
+        image_size: square input image side in pixels.
+        patch_size: ViT patch side; image tokens = (image_size / patch_size)^2.
+        vision_hidden, vision_layers, vision_heads, vision_intermediate: CLIP tower sizes.
+        text_hidden, text_layers, text_heads, text_kv_heads, text_intermediate: Llama sizes.
+        vocab_size: BPE vocabulary size of the tokenizer trained for the model.
+        max_positions: context length.
+    """
+
+    name: str
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vocab_size: int
+    max_positions: int
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        if self.text_hidden % self.text_heads or self.text_hidden // self.text_heads < 32:
+            raise ValueError("text head_dim must be an integer >= 32 (vLLM CPU attention)")
+        if self.text_heads % self.text_kv_heads:
+            raise ValueError("text_heads must be a multiple of text_kv_heads")
+        if self.vision_layers < 2:
+            raise ValueError("vision_layers must be >= 2 (LLaVA reads the second-to-last layer)")
+
+    @property
+    def image_tokens(self) -> int:
+        """Image placeholder tokens per image (CLS dropped, LLaVA 'default' strategy)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, TinyLlavaPreset] = {
+    "tiny": TinyLlavaPreset(
+        name="tiny", image_size=32, patch_size=8,
+        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+        text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=2, text_intermediate=128,
+        vocab_size=512, max_positions=256,
+    ),
+    "small": TinyLlavaPreset(
+        name="small", image_size=64, patch_size=8,
+        vision_hidden=128, vision_layers=3, vision_heads=4, vision_intermediate=256,
+        text_hidden=256, text_layers=4, text_heads=8, text_kv_heads=4, text_intermediate=688,
+        vocab_size=1024, max_positions=512,
+    ),
+    "wide": TinyLlavaPreset(
+        name="wide", image_size=64, patch_size=8,
+        vision_hidden=128, vision_layers=3, vision_heads=4, vision_intermediate=256,
+        text_hidden=1024, text_layers=4, text_heads=16, text_kv_heads=8, text_intermediate=2752,
+        vocab_size=1024, max_positions=512,
+    ),
+}
+
+
+def get_preset(name: str) -> TinyLlavaPreset:
+    """Look up a preset by name.
+
+    Raises:
+        KeyError: with the known names, if `name` is not one.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
