@@ -73,6 +73,8 @@ class SMoLoRALinear(nn.Module):
         image_side: True for projector layers, whose input is image patches.
     """
 
+    TENSORS = ADAPTER_TENSORS
+
     def __init__(self, base: nn.Linear, config: SMoLoRAConfig, name: str, image_side: bool = False):
         super().__init__()
         self.base = base

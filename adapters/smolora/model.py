@@ -12,15 +12,16 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from smolora.adapters import injection
+from smolora.adapters.adapter_model import AdapterModel
 from smolora.adapters.smolora.config import SMoLoRAConfig
 from smolora.adapters.smolora.context import RoutingContext
-from smolora.adapters.smolora.layer import ADAPTER_TENSORS, SMoLoRALinear
+from smolora.adapters.smolora.layer import SMoLoRALinear
 
 
-class SMoLoRAModel:
+class SMoLoRAModel(AdapterModel):
     """A model with SMoLoRA layers injected.
 
     Args:
@@ -30,10 +31,7 @@ class SMoLoRAModel:
     """
 
     def __init__(self, model: nn.Module, config: SMoLoRAConfig, seed: int = 0) -> None:
-        self.model = model
         self.config = config
-        for p in model.parameters():
-            p.requires_grad_(False)
         gen = torch.Generator().manual_seed(seed)
 
         def factory(base: nn.Linear, name: str) -> SMoLoRALinear:
@@ -41,9 +39,9 @@ class SMoLoRAModel:
             layer.reset_parameters(generator=gen)
             return layer
 
-        self.layers: dict[str, SMoLoRALinear] = injection.inject(model, config.target_modules, factory)  # type: ignore[assignment]
+        super().__init__(model, config.target_modules, factory)
+        self.layers: dict[str, SMoLoRALinear]  # type: ignore[assignment]
 
-    # -- routing -------------------------------------------------------------------------
     @contextlib.contextmanager
     def routing(self, ctx: RoutingContext) -> Iterator[RoutingContext]:
         """Scope in which every SMoLoRA layer reads `ctx`; restored on exit."""
@@ -56,51 +54,7 @@ class SMoLoRAModel:
             for n, layer in self.layers.items():
                 layer.context = previous[n]
 
-    # -- tensors -------------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        """`{canonical_layer}.{tensor}` -> tensor (detached, contiguous, on CPU)."""
-        out: dict[str, Tensor] = {}
-        for name, layer in self.layers.items():
-            for t in ADAPTER_TENSORS:
-                out[f"{name}.{t}"] = getattr(layer, t).detach().to("cpu").contiguous()
-        return out
-
-    def load_adapter_state_dict(self, tensors: dict[str, Tensor]) -> None:
-        """Copy adapter tensors in place.
-
-        Raises:
-            ValueError: on missing or unexpected keys, or a shape mismatch.
-        """
-        expected = {f"{n}.{t}" for n in self.layers for t in ADAPTER_TENSORS}
-        missing, unexpected = expected - set(tensors), set(tensors) - expected
-        if missing or unexpected:
-            raise ValueError(
-                f"adapter tensors do not fit this model: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                for t in ADAPTER_TENSORS:
-                    param = getattr(layer, t)
-                    src = tensors[f"{name}.{t}"]
-                    if tuple(src.shape) != tuple(param.shape):
-                        raise ValueError(
-                            f"{name}.{t}: checkpoint shape {tuple(src.shape)} != model shape {tuple(param.shape)}"
-                        )
-                    param.copy_(src.to(param.dtype))
-
-    # -- training helpers ----------------------------------------------------------------
     def set_gates_trainable(self, trainable: bool) -> None:
         """Task 1 trains gates (when learned); later tasks freeze them."""
         for layer in self.layers.values():
             layer.set_gates_trainable(trainable)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Experts, fusion vectors, and gates if they are trainable."""
-        return [p for l in self.layers.values() for p in l.parameters() if p.requires_grad]
-
-    def detach(self) -> nn.Module:
-        """Remove the adapter, restoring the original linears; returns the base model."""
-        injection.eject(self.model, self.layers)
-        self.layers = {}
-        return self.model
