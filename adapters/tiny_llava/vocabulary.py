@@ -23,6 +23,38 @@ FUNCTION_WORDS = (
     "choose", "correct", "read", "identify", "class", "category", "unanswerable", "it", "of", "do", "you",
     "see", "can", "be", "has", "have", "more", "than", "fewer", "same", "different", "largest", "smallest",
 )
+#: Words written on signs and book covers in mini-CVIT (training/data/scene.py).
+SIGN_WORDS = (
+    "cat", "dog", "sun", "bus", "stop", "open", "sale", "book", "milk", "taxi", "park", "exit",
+    "fish", "cake", "moon", "tree", "bird", "shop", "home", "bank", "road", "gold", "rain", "wind",
+)
+#: Further words of mini-CVIT questions, captions and descriptions.
+TASK_WORDS = (
+    "ring", "hexagon", "unanswerable", "title", "cover", "sign", "says", "reading", "scene", "larger",
+    "left", "right", "above", "below", "same", "colour", "shapes", "middle", "there", "Is", "Are",
+    "What", "Which", "How", "Where", "This", "There", "The", "A", "night", "snow", "ocean", "over",
+)
+#: mini-CVIT instruction templates (training/data/tasks.py), so they tokenize compactly.
+MINI_CVIT_TEMPLATES = (
+    "Answer with the option's letter from the given choices directly.",
+    "Select the correct answer from the given choices and respond with the letter of the chosen option.",
+    "Choose the right option and reply with its letter only.",
+    "Pick the correct choice and answer with just its letter.",
+    "From the options above, give the letter of the correct answer.",
+    "Capture the essence of your response in a single word or a concise phrase.",
+    "Read the text in the image and reply with it.",
+    "Describe the image briefly in one sentence.",
+    "Write a short caption for this picture.",
+    "Identify the object in the picture and name its category in one word.",
+    "When the provided information is insufficient, respond with 'Unanswerable'.",
+    "What is the scene in the image?",
+    "What is the title of this book?",
+    "What colour is the book cover?",
+    "What is written on the sign?",
+    "What does the sign say?",
+    "This is a beach scene. There is a large red circle at the top left. A sign says stop.",
+    "Describe the image. What is in this picture? Tell me about the image. What do you see?",
+)
 TEMPLATES = (
     "Answer with the option's letter from the given choices directly.",
     "Answer the question using a single word or phrase.",
@@ -38,8 +70,8 @@ TEMPLATES = (
 
 def corpus() -> list[str]:
     """Training lines for the BPE tokenizer, in a fixed order (the result is deterministic)."""
-    lines: list[str] = list(TEMPLATES)
-    words = COLOURS + SHAPES + NUMBERS + SIZES + POSITIONS + SCENES + FUNCTION_WORDS
+    lines: list[str] = list(TEMPLATES) + list(MINI_CVIT_TEMPLATES)
+    words = COLOURS + SHAPES + NUMBERS + SIZES + POSITIONS + SCENES + FUNCTION_WORDS + SIGN_WORDS + TASK_WORDS
     lines.append(" ".join(words))
     lines.append(" ".join(w.capitalize() for w in words))
     for c in COLOURS:

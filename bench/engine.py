@@ -1,0 +1,231 @@
+"""Benchmark the vLLM-backed SMoLoRA engine; writes bench/results/engine.json.
+
+Measures, in one run on one machine:
+- throughput (output tokens/s) of N concurrent image requests through the engine with
+  SMoLoRA routing (pinned), vs the same engine and workload with adapters disabled
+  (`routed_vs_base`, target >= 0.85);
+- the same workload through the HF reference (`adapters/reference_generate.py`), one request
+  at a time, as the paper's code serves (`routed_vs_hf_reference`, target >= 10);
+- hot-load latency: with N requests streaming, publish a new checkpoint version, load it,
+  and time until a request served by the new version streams its first token
+  (`hotload_s`, target < 2 s).
+
+Engine rounds alternate routed/base (both engines stay up) and the best round of each
+counts (other processes on a shared CPU only ever slow a round down); the paired per-round
+ratios are logged too. `--curve-presets wide` adds the routed/base ratio of
+wider models (`width_curve`): at small widths the fixed per-op cost of the routed layers
+dominates. Usage:
+
+    python bench/engine.py            # small preset, 16 requests x 128 tokens, 7 rounds, + wide
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smolora.adapters.checkpoint import CheckpointManifest, base_model_fingerprint, publish_checkpoint
+from smolora.adapters.reference_generate import ReferenceRequest, generate_batch
+from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
+from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
+from smolora.server.engine.config import EngineConfig
+from smolora.server.engine.engine import SMoLoRAEngine, collect_all
+from smolora.server.engine.protocol import GenerateRequest
+
+logger = logging.getLogger("bench.engine")
+
+
+def make_adapter(model_dir: Path, seed: int, cfg: SMoLoRAConfig) -> tuple[SMoLoRAModel, Any]:
+    model, processor = load_llava(model_dir)
+    smodel = SMoLoRAModel(model, cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in smodel.layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.02)
+    return smodel, processor
+
+
+def publish(registry: Path, model_dir: Path, smodel: SMoLoRAModel, task: str) -> Any:
+    manifest = CheckpointManifest(
+        adapter_kind="smolora", adapter_config=smodel.config.to_dict(),
+        base_model={"fingerprint": base_model_fingerprint(model_dir), "name": model_dir.name},
+        layers=list(smodel.layers), tasks=[task],
+    )
+    return publish_checkpoint(registry, smodel.adapter_state_dict(), manifest)
+
+
+def workload(n: int, image_size: int, seed: int) -> tuple[list[str], list[Image.Image], list[torch.Tensor]]:
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in range(n)]
+    questions = ["What is in the picture?", "Describe the image.", "How many shapes are there?", "What color is it?"]
+    prompts = [f"USER: <image>\n{questions[i % len(questions)]} ASSISTANT:" for i in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    return prompts, images, [torch.randn(384, generator=gen) for _ in range(n)]
+
+
+def requests(prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor] | None, max_tokens: int) -> list[GenerateRequest]:
+    return [
+        GenerateRequest(prompt=p, image=im, instruction=None if instr is None else instr[i], max_tokens=max_tokens,
+                        ignore_eos=True, trace=instr is not None)
+        for i, (p, im) in enumerate(zip(prompts, images))
+    ]
+
+
+async def tokens_per_s(engine: SMoLoRAEngine, reqs: list[GenerateRequest]) -> float:
+    t0 = time.perf_counter()
+    results = await collect_all(engine, reqs)
+    dt = time.perf_counter() - t0
+    return sum(len(r.token_ids) for r in results) / dt
+
+
+async def hotload_seconds(engine: SMoLoRAEngine, registry: Path, model_dir: Path, smodel_next: SMoLoRAModel,
+                          load_reqs: list[GenerateRequest], probe: GenerateRequest) -> float:
+    """With `load_reqs` streaming, publish + load a new version; seconds until a request on
+    the new version streams its first token."""
+    started = [asyncio.Event() for _ in load_reqs]
+
+    async def stream(i: int, r: GenerateRequest) -> None:
+        async for _ in engine.generate(r):
+            started[i].set()
+
+    tasks = [asyncio.create_task(stream(i, r)) for i, r in enumerate(load_reqs)]
+    await asyncio.gather(*(e.wait() for e in started))
+    t0 = time.perf_counter()
+    entry = await asyncio.to_thread(publish, registry, model_dir, smodel_next, "next")
+    t_pub = time.perf_counter()
+    info = await engine.load_latest(registry)
+    t_load = time.perf_counter()
+    first = None
+    async for chunk in engine.generate(probe):
+        if chunk.token_ids:
+            first = time.perf_counter()
+            assert chunk.version == entry.version == info.version, "probe was not served by the new version"
+            break
+    assert first is not None
+    in_flight = sum(not t.done() for t in tasks)
+    await asyncio.gather(*tasks)
+    logger.info("hot-load with %d requests still streaming: %.3f s (publish %.3f, load %.3f, first token %.3f)",
+                in_flight, first - t0, t_pub - t0, t_load - t_pub, first - t_load)
+    return first - t0
+
+
+def hf_reference_tokens_per_s(smodel: SMoLoRAModel, processor: Any, prompts: list[str], images: list[Image.Image],
+                              instr: list[torch.Tensor], max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    total = 0
+    for p, im, u in zip(prompts, images, instr):
+        out = generate_batch(smodel, processor, [ReferenceRequest(p, im, u)], max_tokens, eos_token_id=-1)
+        total += len(out[0].token_ids)
+    return total / (time.perf_counter() - t0)
+
+
+async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path, v1_path: Path, smodel_next: SMoLoRAModel | None,
+                      prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor]) -> dict[str, Any]:
+    """Routed vs base tokens/s (best of alternating rounds); hot-load if `smodel_next`."""
+    # One spare row, so the hot-load probe is admitted while `args.requests` requests stream
+    # (otherwise its latency would be the wait for a streaming request to finish).
+    common = dict(model_dir=model_dir, max_num_seqs=args.requests + 1, max_model_len=args.max_model_len,
+                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mib << 20)
+    routed = await SMoLoRAEngine.start(EngineConfig(checkpoint=v1_path, num_slots=2, **common))
+    base = await SMoLoRAEngine.start(EngineConfig(adapters=False, **common))
+    out: dict[str, Any] = {}
+    try:
+        r_reqs = requests(prompts, images, instr, args.max_tokens)
+        b_reqs = requests(prompts, images, None, args.max_tokens)
+        await tokens_per_s(routed, r_reqs)  # warm-up
+        await tokens_per_s(base, b_reqs)
+        routed_tps, base_tps = [], []
+        for _ in range(args.rounds):
+            routed_tps.append(await tokens_per_s(routed, r_reqs))
+            base_tps.append(await tokens_per_s(base, b_reqs))
+            logger.info("%s round: routed %.1f tok/s, base %.1f tok/s", model_dir.name, routed_tps[-1], base_tps[-1])
+        # Best round of each: on a shared machine other processes only ever slow a round down.
+        out["routed"], out["base"] = max(routed_tps), max(base_tps)
+        logger.info("%s: paired routed/base ratios per round %s (median %.3f)", model_dir.name,
+                    [round(r / b, 3) for r, b in zip(routed_tps, base_tps)],
+                    statistics.median(r / b for r, b in zip(routed_tps, base_tps)))
+        await base.shutdown()
+        if smodel_next is not None:
+            # Streams as long as the context allows, so they are still running during the load.
+            long_reqs = requests(prompts, images, instr, args.max_model_len - 96)
+            probe = requests(prompts[:1], images[:1], instr[:1], 4)[0]
+            out["hotload_s"] = await hotload_seconds(routed, registry, model_dir, smodel_next, long_reqs, probe)
+    finally:
+        await base.shutdown()
+        await routed.shutdown()
+    return out
+
+
+def width_point(args: argparse.Namespace, preset_name: str, cfg: SMoLoRAConfig, tmp: Path) -> float:
+    """routed / base tokens/s for another preset (the width curve)."""
+    preset = get_preset(preset_name)
+    model_dir = build_tiny_llava(preset, tmp / preset_name, seed=0)
+    registry = tmp / f"registry-{preset_name}"
+    smodel, _ = make_adapter(model_dir, 1, cfg)
+    v1 = publish(registry, model_dir, smodel, "task1")
+    del smodel
+    prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
+    eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, None, prompts, images, instr))
+    logger.info("%s: routed %.1f tok/s, base %.1f tok/s", preset_name, eng["routed"], eng["base"])
+    return eng["routed"] / eng["base"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--kv-cache-mib", type=int, default=256)
+    parser.add_argument("--curve-presets", default="wide", help="comma-separated presets whose routed/base ratio is added as width_curve ('' for none)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    preset = get_preset(args.preset)
+    cfg = SMoLoRAConfig(num_experts=args.num_experts, rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_llava(preset, Path(tmp) / args.preset, seed=0)
+        registry = Path(tmp) / "registry"
+        smodel, processor = make_adapter(model_dir, 1, cfg)
+        v1 = publish(registry, model_dir, smodel, "task1")
+        smodel_next, _ = make_adapter(model_dir, 2, cfg)
+        prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
+        eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, smodel_next, prompts, images, instr))
+        hf = hf_reference_tokens_per_s(smodel, processor, prompts, images, instr, args.max_tokens)
+        del smodel, smodel_next
+        curve = {p: width_point(args, p, cfg, Path(tmp)) for p in args.curve_presets.split(",") if p}
+    result: dict[str, Any] = {
+        "command": " ".join(["python", "bench/engine.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
+        "preset": args.preset,
+        "routed_vs_base": eng["routed"] / eng["base"],
+        "routed_vs_hf_reference": eng["routed"] / hf,
+        "hotload_s": eng["hotload_s"],
+        "tokens_per_s": {"routed": eng["routed"], "base": eng["base"], "hf_reference": hf},
+    }
+    if curve:
+        result["width_curve"] = {args.preset: result["routed_vs_base"], **curve}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""FastAPI route of POST /v1/chat/completions (thin: parsing, auth, hand-off to `ChatService`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from smolora.server.api.auth import require_api_key
+from smolora.server.api.chat.protocol import ChatCompletionRequest
+from smolora.server.api.chat.serving import ChatService
+from smolora.server.api.state import get_state
+
+router = APIRouter(tags=["inference"])
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    """OpenAI chat completions with image parts; see `chat/protocol.py` for the `smolora` extension."""
+    return await ChatService(get_state(request)).create(body)

@@ -1,0 +1,470 @@
+"""The logic of POST /v1/chat/completions, behind the `ServingEngine` seam.
+
+`ChatService.create` validates what the request model cannot (model and version names,
+image count, image bytes and pixels, roles, context length, `n`, stop count), resolves
+the instruction (explicit text, a known type, or extracted from the user's text and
+snapped), renders the prompt, takes admission slots, runs one engine request per choice,
+and answers either one JSON completion or an SSE stream. Both carry `usage`, each
+choice's `finish_reason`, the model as `name@version`, and the `smolora` extension object
+(version, instruction source, and the routing trace when asked for; on the last chunk
+when streaming). It feeds the latency, token, finish and expert-selection metrics.
+
+Every caller mistake becomes a typed 4xx error before anything is submitted; an engine
+failure after a stream has started becomes an SSE error event followed by `[DONE]`.
+It knows nothing of vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from PIL import Image
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from smolora.server.api.chat.protocol import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
+from smolora.server.api.checkpoints.serving import VersionManager
+from smolora.server.api.engine_protocol import (EngineBusyError, EngineError, EngineInputError, GenerationDelta,
+                                                GenerationInput, LayerRoute, SamplingOptions, ServingEngine,
+                                                UnknownVersionError, VersionInfo)
+from smolora.server.api.errors import (APIError, InternalServerError, InvalidRequestError, NotFoundError,
+                                       ServiceUnavailableError, sse_error_event)
+from smolora.server.api.state import ServerState
+from smolora.server.images import ImageError
+from smolora.server.instruction_source import ResolvedInstruction, UnknownInstructionTypeError
+from smolora.server.prompt import PromptRenderer
+
+log = logging.getLogger("smolora.server.chat")
+
+_END = object()  # a choice's engine stream has ended
+
+
+@dataclass
+class PreparedChat:
+    """A validated request, ready for the engine."""
+
+    request_id: str
+    created: int
+    model_label: str
+    version: VersionInfo
+    prompt: str
+    prompt_tokens: int
+    images: tuple[Image.Image, ...]
+    instruction: ResolvedInstruction
+    sampling: list[SamplingOptions]
+    trace_requested: bool
+    engine_trace: bool
+    stream: bool
+    include_usage: bool
+    arrival: float
+
+
+@dataclass
+class _ChoiceState:
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    trace: tuple[LayerRoute, ...] | None = None
+    prompt_tokens: int | None = None
+    queue_seconds: float | None = None
+    last_token_at: float | None = None
+
+
+def parse_model_name(model: str, served: str) -> int | None:
+    """`name` -> None (the active version); `name@3` or `name@v3` -> 3.
+
+    Raises:
+        NotFoundError: another model name, or a malformed version.
+    """
+    name, sep, ver = model.partition("@")
+    hint = (f"this server serves {served!r} (the active checkpoint version) and {served}@<version> for each "
+            "resident version; see GET /v1/models")
+    if name != served:
+        raise NotFoundError(f"the model {model!r} does not exist; {hint}", param="model", code="model_not_found")
+    if not sep:
+        return None
+    digits = ver[1:] if ver[:1] in ("v", "V") else ver
+    if not digits.isdigit() or int(digits) < 1:
+        raise NotFoundError(f"the model {model!r} does not exist: {ver!r} is not a version number; {hint}",
+                            param="model", code="model_not_found")
+    return int(digits)
+
+
+def engine_error_to_api(e: Exception, retry_after_s: int) -> APIError:
+    """Map an engine-side failure to the error the caller sees."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, UnknownVersionError):
+        return NotFoundError(f"{e}", param="smolora.version", code="version_not_found")
+    if isinstance(e, EngineInputError):
+        return InvalidRequestError(f"{e}", code="invalid_input")
+    if isinstance(e, EngineBusyError):
+        return ServiceUnavailableError(f"the engine is busy ({e}); retry after {retry_after_s}s",
+                                       retry_after_s=retry_after_s, code="engine_busy")
+    ref = uuid.uuid4().hex[:12]
+    if isinstance(e, EngineError):
+        log.error("engine error (ref %s): %s", ref, e)
+        return InternalServerError(f"the engine failed (ref {ref}): {e}", code="engine_error")
+    log.error("unexpected error while generating (ref %s)", ref, exc_info=e)
+    return InternalServerError(f"internal server error (ref {ref})", code="internal_error")
+
+
+class LeasedStreamingResponse(StreamingResponse):
+    """A streaming response that always runs `on_close` once the response is over.
+
+    Starlette does not close a body iterator it never started (e.g. when the client left
+    before the first byte); admission slots and engine requests must be released anyway.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Any, **kw: Any):
+        super().__init__(content, **kw)
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._content.aclose()  # type: ignore[attr-defined]
+            finally:
+                self._on_close()
+
+
+class ChatService:
+    """Serves chat completions for one app (its `ServerState`)."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.settings = state.settings
+
+    # --- validation and preparation -----------------------------------------------------------
+    async def prepare(self, req: ChatCompletionRequest, arrival: float) -> PreparedChat:
+        """Validate a request and build everything the engine needs.
+
+        Raises:
+            APIError: a 4xx naming the field to fix, or 503 when not ready.
+        """
+        engine, versions, resolver, renderer = self.state.require_serving()
+        s = self.settings
+        ext = req.smolora
+        info = self._resolve_version(req, versions)
+
+        if req.n > s.max_n or req.n > s.max_concurrent_requests:
+            raise InvalidRequestError(f"n={req.n} is over this server's limit of {min(s.max_n, s.max_concurrent_requests)}",
+                                      param="n", code="invalid_value")
+        stops = req.stop_list()
+        if len(stops) > s.max_stop_sequences:
+            raise InvalidRequestError(f"{len(stops)} stop strings given; at most {s.max_stop_sequences} are allowed",
+                                      param="stop", code="invalid_value")
+
+        template_messages, image_urls, user_text = self._check_messages(req.messages, renderer)
+        images = await self._load_images(image_urls)
+
+        try:
+            instruction = await asyncio.to_thread(
+                resolver.resolve, info.instruction_types, user_text,
+                ext.instruction if ext else None, ext.instruction_type if ext else None)
+        except UnknownInstructionTypeError as e:
+            raise InvalidRequestError(str(e), param="smolora.instruction_type", code="unknown_instruction_type") from None
+
+        prompt = renderer.render(template_messages)
+        prompt_tokens = renderer.count_tokens(prompt, len(images))
+        max_tokens = self._completion_budget(req, prompt_tokens, len(images), renderer, engine)
+
+        sampling = [
+            SamplingOptions(max_tokens=max_tokens,
+                            temperature=1.0 if req.temperature is None else req.temperature,
+                            top_p=1.0 if req.top_p is None else req.top_p,
+                            seed=None if req.seed is None else _wrap_seed(req.seed + i),
+                            stop=tuple(stops))
+            for i in range(req.n)
+        ]
+        trace_requested = s.trace_default if (ext is None or ext.trace is None) else ext.trace
+        return PreparedChat(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+            model_label=f"{s.served_model_name}@{info.version}", version=info, prompt=prompt,
+            prompt_tokens=prompt_tokens, images=tuple(images), instruction=instruction, sampling=sampling,
+            trace_requested=trace_requested, engine_trace=trace_requested or s.record_expert_metrics,
+            stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            arrival=arrival)
+
+    def _resolve_version(self, req: ChatCompletionRequest, versions: VersionManager) -> VersionInfo:
+        from_model = parse_model_name(req.model, self.settings.served_model_name)
+        from_ext = req.smolora.version if req.smolora else None
+        if from_model is not None and from_ext is not None and from_model != from_ext:
+            raise InvalidRequestError(f"model names version {from_model} but smolora.version is {from_ext}; "
+                                      "give one or make them agree", param="smolora.version", code="invalid_value")
+        version = from_model or from_ext or versions.active()
+        if version is None:
+            raise ServiceUnavailableError("no checkpoint version is active", retry_after_s=self.settings.retry_after_s,
+                                          code="not_ready")
+        info = versions.get(version)
+        if info is None:
+            resident = ", ".join(f"{self.settings.served_model_name}@{v.version}" for v in versions.resident()) or "none"
+            raise NotFoundError(f"checkpoint version {version} is not loaded on this server (resident: {resident}); "
+                                "see GET /v1/models (an admin can load published versions)", param="model" if from_model else "smolora.version",
+                                code="model_not_found")
+        return info
+
+    def _check_messages(self, messages: list[ChatMessage], renderer: PromptRenderer
+                        ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], str]:
+        image_urls: list[tuple[str, str]] = []
+        template: list[dict[str, Any]] = []
+        for i, m in enumerate(messages):
+            parts: list[dict[str, Any]] = []
+            content = m.content
+            if content is None or isinstance(content, str):
+                if content:
+                    parts.append({"type": "text", "text": content})
+                    self._check_text(content, f"messages[{i}].content", renderer)
+            else:
+                for j, part in enumerate(content):
+                    if isinstance(part, ImagePart):
+                        if m.role != "user":
+                            raise InvalidRequestError(f"images are only accepted in user messages, not {m.role!r}",
+                                                      param=f"messages[{i}].content[{j}]", code="invalid_value")
+                        image_urls.append((f"messages[{i}].content[{j}].image_url.url", part.image_url.url))
+                        parts.append({"type": "image_url"})
+                    elif isinstance(part, TextPart):
+                        self._check_text(part.text, f"messages[{i}].content[{j}].text", renderer)
+                        parts.append({"type": "text", "text": part.text})
+            if m.role == "user" and not parts:
+                raise InvalidRequestError("a user message needs text or an image", param=f"messages[{i}].content",
+                                          code="invalid_value")
+            role = "system" if m.role == "developer" else m.role
+            template.append({"role": role, "content": parts})
+        if messages[-1].role != "user":
+            raise InvalidRequestError("the last message must be from the user", param=f"messages[{len(messages) - 1}].role",
+                                      code="invalid_value")
+        engine = self.state.engine
+        limit = min(self.settings.max_images_per_request, engine.max_images_per_prompt if engine else 1)
+        if len(image_urls) > limit:
+            raise InvalidRequestError(f"{len(image_urls)} images sent; this server takes at most {limit} per request",
+                                      param="messages", code="too_many_images")
+        last = template[-1]["content"]
+        user_text = "\n".join(p["text"] for p in last if p["type"] == "text")
+        return template, image_urls, user_text
+
+    @staticmethod
+    def _check_text(text: str, param: str, renderer: PromptRenderer) -> None:
+        if renderer.image_token in text:
+            raise InvalidRequestError(f"text must not contain the reserved image placeholder {renderer.image_token!r}; "
+                                      "send images as image_url parts", param=param, code="invalid_value")
+
+    async def _load_images(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
+        results = await asyncio.gather(*(self.state.images.load(url) for _, url in urls), return_exceptions=True)
+        out: list[Image.Image] = []
+        for (param, _), res in zip(urls, results):
+            if isinstance(res, ImageError):
+                raise InvalidRequestError(f"{param}: {res}", param=param, code=res.code)
+            if isinstance(res, BaseException):
+                raise res
+            out.append(res)
+        return out
+
+    def _completion_budget(self, req: ChatCompletionRequest, prompt_tokens: int, num_images: int,
+                           renderer: PromptRenderer, engine: ServingEngine) -> int:
+        max_len = engine.max_model_len
+        if prompt_tokens >= max_len:
+            images = (f", of which {num_images} image(s) x {renderer.image_tokens} tokens" if num_images else "")
+            raise InvalidRequestError(
+                f"the prompt is {prompt_tokens} tokens{images}; this model's context is {max_len} tokens including "
+                "the completion; shorten the messages or send fewer images", param="messages",
+                code="context_length_exceeded")
+        room = max_len - prompt_tokens
+        limit = req.completion_limit()
+        if limit is not None and limit > room:
+            param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise InvalidRequestError(
+                f"{param}={limit} with a {prompt_tokens}-token prompt exceeds the context of {max_len} tokens; "
+                f"ask for at most {room}", param=param, code="context_length_exceeded")
+        return limit if limit is not None else min(self.settings.default_max_tokens, room)
+
+    # --- generation -----------------------------------------------------------------------------
+    async def create(self, req: ChatCompletionRequest) -> Response:
+        """Serve one request: a JSON completion or an SSE stream."""
+        arrival = time.perf_counter()
+        prepared = await self.prepare(req, arrival)
+        self.state.metrics.instruction_sources.labels(source=prepared.instruction.source).inc()
+        n = len(prepared.sampling)
+        if prepared.stream:
+            waited = await self.state.admission.acquire(n)
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    self.state.admission.release(n)
+
+            body = self._sse(prepared, waited)
+            return LeasedStreamingResponse(body, release, media_type="text/event-stream",
+                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async with self.state.admission.slot(n) as waited:
+            choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
+            try:
+                async with aclosing(self._events(prepared, waited, choices)) as events:
+                    async for _ in events:
+                        pass
+            except Exception as e:
+                raise engine_error_to_api(e, self.settings.retry_after_s) from None
+        return JSONResponse(self._completion_body(prepared, choices))
+
+    async def _events(self, prepared: PreparedChat, waited: float, choices: dict[int, _ChoiceState]
+                      ) -> AsyncIterator[tuple[int, GenerationDelta]]:
+        """Run every choice's engine request; yield deltas as they come, keep per-choice state and metrics."""
+        engine = self.state.engine
+        assert engine is not None
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def run(index: int) -> None:
+            inp = GenerationInput(
+                request_id=f"{prepared.request_id}-{index}", prompt=prepared.prompt, images=prepared.images,
+                instruction_embedding=prepared.instruction.embedding, version=prepared.version.version,
+                sampling=prepared.sampling[index], trace=prepared.engine_trace)
+            stream: Any = None
+            try:
+                stream = engine.generate(inp)
+                async for delta in stream:
+                    queue.put_nowait((index, delta))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((index, e))
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                queue.put_nowait((index, _END))
+
+        metrics = self.state.metrics
+        tasks = [asyncio.create_task(run(i), name=f"{prepared.request_id}-{i}") for i in range(len(choices))]
+        first_token_at: float | None = None
+        open_choices = len(tasks)
+        completed = False
+        try:
+            while open_choices:
+                index, item = await queue.get()
+                if item is _END:
+                    open_choices -= 1
+                    if choices[index].finish_reason is None:
+                        # The engine ended the stream without a finish delta: close the choice.
+                        choices[index].finish_reason = "stop"
+                        yield index, GenerationDelta(text="", num_tokens=0, finish_reason="stop")
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                delta: GenerationDelta = item
+                st = choices[index]
+                now = time.perf_counter()
+                if delta.num_tokens > 0:
+                    if first_token_at is None:
+                        first_token_at = now
+                        metrics.time_to_first_token.observe(now - prepared.arrival)
+                    if st.last_token_at is not None:
+                        gap = (now - st.last_token_at) / delta.num_tokens
+                        for _ in range(delta.num_tokens):
+                            metrics.inter_token_latency.observe(gap)
+                    st.last_token_at = now
+                st.text.append(delta.text)
+                st.tokens += delta.num_tokens
+                if delta.finish_reason is not None:
+                    st.finish_reason = delta.finish_reason
+                    st.trace = delta.trace
+                    st.prompt_tokens = delta.prompt_tokens
+                    st.queue_seconds = delta.queue_seconds
+                yield index, delta
+            completed = True
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            now = time.perf_counter()
+            metrics.e2e_latency.observe(now - prepared.arrival)
+            engine_queue = choices[0].queue_seconds or 0.0
+            metrics.queue_time.observe(waited + engine_queue)
+            metrics.observe_tokens(self._prompt_tokens(prepared, choices), sum(c.tokens for c in choices.values()))
+            for c in choices.values():
+                metrics.observe_finish(c.finish_reason if completed and c.finish_reason else "abort")
+                if c.trace:
+                    metrics.observe_routes(c.trace)
+
+    @staticmethod
+    def _prompt_tokens(prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> int:
+        reported = choices[0].prompt_tokens
+        return reported if reported is not None else prepared.prompt_tokens
+
+    def _usage(self, prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> dict[str, int]:
+        p = self._prompt_tokens(prepared, choices)
+        c = sum(x.tokens for x in choices.values())
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _extension(self, prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> dict[str, Any]:
+        trace = None
+        if prepared.trace_requested:
+            trace = [{"index": i, "layers": [r.to_dict() for r in (c.trace or ())]} for i, c in sorted(choices.items())]
+        return {"model": prepared.model_label, "version": prepared.version.version,
+                "version_name": prepared.version.name, "instruction": prepared.instruction.to_trace(), "trace": trace}
+
+    def _completion_body(self, prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> dict[str, Any]:
+        return {
+            "id": prepared.request_id, "object": "chat.completion", "created": prepared.created,
+            "model": prepared.model_label,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+                         "logprobs": None, "finish_reason": c.finish_reason} for i, c in sorted(choices.items())],
+            "usage": self._usage(prepared, choices),
+            "system_fingerprint": None,
+            "smolora": self._extension(prepared, choices),
+        }
+
+    def _chunk(self, prepared: PreparedChat, choices: list[dict[str, Any]], **extra: Any) -> str:
+        body: dict[str, Any] = {"id": prepared.request_id, "object": "chat.completion.chunk",
+                                "created": prepared.created, "model": prepared.model_label, "choices": choices}
+        if prepared.include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    async def _sse(self, prepared: PreparedChat, waited: float) -> AsyncIterator[str]:
+        n = len(prepared.sampling)
+        choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
+        try:
+            for i in range(n):
+                yield self._chunk(prepared, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}])
+            finished = 0
+            async with aclosing(self._events(prepared, waited, choices)) as events:
+                async for index, delta in events:
+                    if delta.finish_reason is None:
+                        if delta.text:
+                            yield self._chunk(prepared, [{"index": index, "delta": {"content": delta.text},
+                                                          "logprobs": None, "finish_reason": None}])
+                        continue
+                    finished += 1
+                    choice = [{"index": index, "delta": {"content": delta.text} if delta.text else {},
+                               "logprobs": None, "finish_reason": delta.finish_reason}]
+                    if finished == n and not prepared.include_usage:
+                        yield self._chunk(prepared, choice, smolora=self._extension(prepared, choices))
+                    else:
+                        yield self._chunk(prepared, choice)
+            if prepared.include_usage:
+                yield self._chunk(prepared, [], usage=self._usage(prepared, choices),
+                                  smolora=self._extension(prepared, choices))
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the stream has started: report in-band, then end it
+            err = engine_error_to_api(e, self.settings.retry_after_s)
+            yield sse_error_event(err)
+            yield "data: [DONE]\n\n"
+
+
+def _wrap_seed(seed: int) -> int:
+    """Keep `seed + choice index` inside the signed 64-bit range."""
+    return (seed + 2**63) % 2**64 - 2**63

@@ -1,0 +1,239 @@
+"""Which checkpoint versions are resident and which one is active: `VersionManager`.
+
+Versions are named by their registry number. Loading reads only complete, published
+folders of the registry (`list_versions`), times the load into
+`smolora_checkpoint_load_duration_seconds`, and keeps at most `max_resident` versions
+(evicting the oldest inactive one first). Activation is recorded so that `rollback`
+returns to the version active before the current one. Admin endpoints and the registry
+watcher both go through here; an asyncio lock serialises their changes.
+
+It does not verify or parse tensors itself (the engine loads through
+`smolora.adapters.checkpoint`, which refuses corrupt or foreign checkpoints) and does not
+watch the folder (`server/registry_watch.py` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from smolora.adapters.checkpoint import CheckpointError, RegistryEntry, latest_version, list_versions
+from smolora.server.api.engine_protocol import (CheckpointRejectedError, EngineBusyError, EngineError,
+                                                ServingEngine, UnknownVersionError, VersionInfo)
+from smolora.server.api.errors import APIError, ConflictError, NotFoundError, ServiceUnavailableError
+from smolora.server.metrics import Metrics
+
+log = logging.getLogger("smolora.server.versions")
+
+
+class CheckpointRejected(APIError):
+    """422: the published checkpoint cannot be served (corrupt, other base model, incompatible)."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+
+
+class VersionManager:
+    """Loads, activates, rolls back and unloads checkpoint versions of one registry.
+
+    Args:
+        engine: the serving engine.
+        registry_dir: the registry folder.
+        metrics: where load times and the active version go.
+        max_resident: most versions kept loaded.
+        retry_after_s: Retry-After of a 503 when the engine has no free slot.
+    """
+
+    def __init__(self, engine: ServingEngine, registry_dir: Path, metrics: Metrics, max_resident: int,
+                 retry_after_s: int = 1):
+        self.engine = engine
+        self.retry_after_s = retry_after_s
+        self.registry_dir = Path(registry_dir)
+        self.metrics = metrics
+        self.max_resident = max_resident
+        self.history: list[int] = []
+        self._lock = asyncio.Lock()
+        self._publish_metrics()
+
+    # --- queries -----------------------------------------------------------------------
+    async def registry(self) -> list[RegistryEntry]:
+        """Complete versions in the registry folder, oldest first."""
+        return await asyncio.to_thread(list_versions, self.registry_dir)
+
+    def resident(self) -> list[VersionInfo]:
+        return list(self.engine.resident_versions())
+
+    def active(self) -> int | None:
+        return self.engine.active_version()
+
+    def get(self, version: int) -> VersionInfo | None:
+        return next((v for v in self.engine.resident_versions() if v.version == version), None)
+
+    def require(self, version: int) -> VersionInfo:
+        """A resident version, or a 404 that lists the resident ones."""
+        info = self.get(version)
+        if info is None:
+            resident = ", ".join(str(v.version) for v in self.resident()) or "none"
+            raise NotFoundError(f"checkpoint version {version} is not loaded (resident: {resident}); "
+                                "load it through the admin API first", param="smolora.version",
+                                code="version_not_found")
+        return info
+
+    async def describe(self) -> dict[str, Any]:
+        """Registry and residency, as the admin listing returns it."""
+        entries = await self.registry()
+        active = self.active()
+        resident = {v.version: v for v in self.resident()}
+        out = []
+        for e in entries:
+            v = resident.get(e.version)
+            out.append({"version": e.version, "name": e.name, "task": e.task, "path": str(e.path),
+                        "resident": v is not None, "active": e.version == active,
+                        "loaded_at": v.loaded_at if v else None,
+                        "instruction_types": [t.name for t in v.instruction_types.types] if v else None})
+        for num, v in resident.items():  # resident but no longer in the registry folder
+            if not any(e.version == num for e in entries):
+                out.append({"version": num, "name": v.name, "task": v.tasks[-1] if v.tasks else None,
+                            "path": str(v.path), "resident": True, "active": num == active,
+                            "loaded_at": v.loaded_at, "instruction_types": [t.name for t in v.instruction_types.types]})
+        out.sort(key=lambda d: d["version"])
+        latest = await asyncio.to_thread(latest_version, self.registry_dir)
+        return {"registry": str(self.registry_dir), "active": active, "latest": latest.version if latest else None,
+                "history": list(self.history), "versions": out}
+
+    # --- changes -----------------------------------------------------------------------
+    async def load(self, version: int, activate: bool = False) -> VersionInfo:
+        """Make a published version resident (and optionally active).
+
+        Raises:
+            NotFoundError: no complete version with this number in the registry.
+            CheckpointRejected: the engine or the format check refused it.
+            ConflictError: every resident slot holds the active version.
+        """
+        async with self._lock:
+            info = self.get(version) or await self._load_locked(version)
+            if activate:
+                await self._activate_locked(version)
+            return info
+
+    async def _load_locked(self, version: int) -> VersionInfo:
+        entry = next((e for e in await self.registry() if e.version == version), None)
+        if entry is None:
+            raise NotFoundError(f"version {version} is not published in the registry {self.registry_dir}",
+                                param="version", code="version_not_found")
+        await self._evict_for_one_more()
+        t0 = time.perf_counter()
+        try:
+            info = await self.engine.load_version(entry.path)
+        except (CheckpointRejectedError, CheckpointError) as e:
+            self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
+            log.warning("refused checkpoint %s: %s", entry.path, e)
+            raise CheckpointRejected(f"checkpoint {entry.name} cannot be served: {e}", param="version",
+                                     code="checkpoint_rejected") from None
+        except EngineBusyError as e:
+            self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
+            raise ServiceUnavailableError(f"no free version slot now ({e})", retry_after_s=self.retry_after_s,
+                                          code="no_free_slot") from None
+        except BaseException:
+            self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
+            raise
+        seconds = time.perf_counter() - t0
+        self.metrics.observe_checkpoint_load(seconds, ok=True)
+        log.info("loaded checkpoint %s (version %d) in %.2fs", entry.name, version, seconds)
+        self._publish_metrics()
+        return info
+
+    async def _evict_for_one_more(self) -> None:
+        resident = sorted(self.resident(), key=lambda v: (v.loaded_at, v.version))
+        active = self.active()
+        while len(resident) >= self.max_resident:
+            victim = next((v for v in resident if v.version != active), None)
+            if victim is None:
+                raise ConflictError("no room for another resident version", code="no_free_slot")
+            await self.engine.unload_version(victim.version)
+            log.info("unloaded version %d to make room (max %d resident)", victim.version, self.max_resident)
+            resident.remove(victim)
+        self._publish_metrics()
+
+    async def activate(self, version: int) -> VersionInfo:
+        """Make a resident version active (a published, non-resident one is loaded first)."""
+        async with self._lock:
+            if self.get(version) is None:
+                await self._load_locked(version)
+            await self._activate_locked(version)
+            return self.require(version)
+
+    async def _activate_locked(self, version: int) -> None:
+        if self.active() == version:
+            if not self.history or self.history[-1] != version:
+                self.history.append(version)  # e.g. the engine started with this version active
+            return
+        try:
+            await self.engine.activate_version(version)
+        except UnknownVersionError as e:
+            raise NotFoundError(str(e), param="version", code="version_not_found") from None
+        self.history.append(version)
+        del self.history[:-64]
+        log.info("activated version %d", version)
+        self._publish_metrics()
+
+    async def rollback(self) -> VersionInfo:
+        """Activate the version that was active before the current one.
+
+        Raises:
+            ConflictError: there is no earlier version still published or resident.
+        """
+        async with self._lock:
+            current = self.active()
+            published = {e.version for e in await self.registry()}
+            resident = {v.version for v in self.resident()}
+            for idx in range(len(self.history) - 2, -1, -1):
+                prev = self.history[idx]
+                if prev == current or (prev not in resident and prev not in published):
+                    continue
+                if prev not in resident:
+                    await self._load_locked(prev)
+                await self.engine.activate_version(prev)
+                # Roll back is "undo": the history returns to where `prev` was activated.
+                self.history = self.history[: idx + 1]
+                log.info("rolled back from version %s to %d", current, prev)
+                self._publish_metrics()
+                return self.require(prev)
+            raise ConflictError("there is no earlier active version to roll back to", code="no_previous_version")
+
+    async def unload(self, version: int) -> None:
+        """Drop a resident version that is not active.
+
+        Raises:
+            NotFoundError: not resident.
+            ConflictError: it is the active version.
+        """
+        async with self._lock:
+            self.require(version)
+            if self.active() == version:
+                raise ConflictError(f"version {version} is active; activate another version before unloading it",
+                                    code="version_active")
+            try:
+                await self.engine.unload_version(version)
+            except UnknownVersionError as e:
+                raise NotFoundError(str(e), code="version_not_found") from None
+            except EngineError as e:
+                raise ConflictError(f"version {version} cannot be unloaded now: {e}", code="version_busy") from None
+            log.info("unloaded version %d", version)
+            self._publish_metrics()
+
+    async def load_initial(self, initial_version: int | None) -> VersionInfo | None:
+        """Load and activate the start-up version: the one named, else the registry's latest."""
+        if initial_version is None:
+            latest = await asyncio.to_thread(latest_version, self.registry_dir)
+            if latest is None:
+                log.warning("registry %s has no published version yet; waiting for one", self.registry_dir)
+                return None
+            initial_version = latest.version
+        return await self.load(initial_version, activate=True)
+
+    def _publish_metrics(self) -> None:
+        self.metrics.set_versions(self.active(), len(self.resident()))

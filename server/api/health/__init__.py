@@ -1,0 +1,1 @@
+"""Liveness (/health), readiness (/ready) and Prometheus metrics (/metrics)."""

@@ -1,0 +1,51 @@
+"""GET /health (the process serves HTTP), GET /ready (can serve inference), GET /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from smolora.server.api.engine_protocol import EngineError
+from smolora.server.api.state import get_state
+from smolora.server.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 while the process is up and start-up has not failed; 503 once the engine is dead."""
+    state = get_state(request)
+    if state.startup_error:
+        return JSONResponse({"status": "failed", "reason": state.startup_error}, status_code=503)
+    if state.engine is not None:
+        try:
+            await state.engine.check_health()
+        except EngineError as e:
+            return JSONResponse({"status": "unhealthy", "reason": str(e)}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 when the engine is loaded and a checkpoint version is active; 503 with the reason otherwise."""
+    state = get_state(request)
+    reason = state.not_ready_reason()
+    if reason is None and state.engine is not None:
+        try:
+            await state.engine.check_health()
+        except EngineError as e:
+            reason = f"engine unhealthy: {e}"
+    if reason is not None:
+        return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503,
+                            headers={"Retry-After": str(state.settings.retry_after_s)})
+    assert state.versions is not None
+    return JSONResponse({"status": "ready", "model": state.settings.served_model_name,
+                         "active_version": state.versions.active(),
+                         "resident_versions": [v.version for v in state.versions.resident()]})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of the app's own registry."""
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,1 @@
+"""GET /v1/models: the served model and each resident checkpoint version."""

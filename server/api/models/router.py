@@ -1,0 +1,48 @@
+"""GET /v1/models: the served model (its active version) and `name@version` per resident version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from smolora.server.api.auth import require_api_key
+from smolora.server.api.errors import NotFoundError
+from smolora.server.api.state import ServerState, get_state
+
+router = APIRouter(tags=["inference"])
+
+
+def model_cards(state: ServerState) -> list[dict[str, Any]]:
+    """OpenAI model objects: `name` (the active version) and `name@N` for each resident version N."""
+    name = state.settings.served_model_name
+    versions = state.versions
+    active = versions.active() if versions else None
+    resident = versions.resident() if versions else []
+    created = int(min((v.loaded_at for v in resident), default=0))
+    cards: list[dict[str, Any]] = [{
+        "id": name, "object": "model", "created": created, "owned_by": "smolora", "root": name, "parent": None,
+        "smolora": {"active_version": active, "alias_of": f"{name}@{active}" if active else None},
+    }]
+    for v in resident:
+        cards.append({
+            "id": f"{name}@{v.version}", "object": "model", "created": int(v.loaded_at), "owned_by": "smolora",
+            "root": name, "parent": name,
+            "smolora": {"version": v.version, "name": v.name, "tasks": list(v.tasks), "active": v.version == active,
+                        "instruction_types": [t.name for t in v.instruction_types.types]},
+        })
+    return cards
+
+
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": model_cards(get_state(request))}
+
+
+@router.get("/v1/models/{model_id}", dependencies=[Depends(require_api_key)])
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    for card in model_cards(get_state(request)):
+        if card["id"] == model_id:
+            return card
+    raise NotFoundError(f"the model {model_id!r} does not exist; see GET /v1/models", param="model",
+                        code="model_not_found")

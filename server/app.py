@@ -1,0 +1,220 @@
+"""`create_app(settings, engine_factory)`: the FastAPI app, its lifespan and middleware.
+
+The lifespan creates everything per app (no globals): metrics registry, admission
+controller, image loader, then, in a background task so that `/health` answers at once,
+the prompt renderer (tokenizer), the instruction encoder (MiniLM), the engine (from
+`engine_factory`, an async context manager), the start-up checkpoint version and the
+registry watcher. `/ready` turns 200 once all of that is up and a version is active.
+On shutdown the watcher stops and the engine context exits.
+
+`GuardMiddleware` bounds request bodies (413 before any parsing) and counts chat
+completion responses by status code. It does not know about vLLM: the engine arrives
+through `engine_factory` (`server/engine_bridge.py` provides the vLLM one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import httpx
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from smolora.server.api.admission import AdmissionController
+from smolora.server.api.chat.router import router as chat_router
+from smolora.server.api.checkpoints.router import router as checkpoints_router
+from smolora.server.api.checkpoints.serving import VersionManager
+from smolora.server.api.engine_protocol import ServingEngine
+from smolora.server.api.errors import PayloadTooLargeError, install_exception_handlers
+from smolora.server.api.health.router import router as health_router
+from smolora.server.api.models.router import router as models_router
+from smolora.server.api.state import ServerState
+from smolora.server.images import ImageLimits, ImageLoader, RemoteImageFetcher
+from smolora.server.instruction_source import Embedder, InstructionResolver
+from smolora.server.metrics import Metrics
+from smolora.server.prompt import PromptRenderer
+from smolora.server.registry_watch import RegistryWatcher
+from smolora.server.settings import ServerSettings
+
+log = logging.getLogger("smolora.server")
+
+EngineFactory = Callable[[ServerSettings], AbstractAsyncContextManager[ServingEngine]]
+EmbedderFactory = Callable[[], Embedder]
+CHAT_PATH = "/v1/chat/completions"
+
+
+def default_embedder() -> Embedder:
+    """The packaged all-MiniLM-L6-v2 encoder."""
+    from smolora.adapters.instructions import InstructionEncoder
+
+    return InstructionEncoder()
+
+
+class GuardMiddleware:
+    """Body-size limit for every request; status counting for chat completions.
+
+    Args:
+        app: the wrapped ASGI app.
+        max_body_bytes: larger bodies get 413 without being parsed.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == CHAT_PATH:
+            send = self._counting(scope, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_large = PayloadTooLargeError(
+            f"the request body is over the limit of {self.max_body_bytes} bytes; send smaller or fewer images",
+            code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _send_json(send, too_large.status_code, too_large.to_dict())
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.max_body_bytes:
+                    await _send_json(send, too_large.status_code, too_large.to_dict())
+                    return
+                if not message.get("more_body", False):
+                    break
+            receive = _replay(bytes(body), receive)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _counting(scope: Scope, send: Send) -> Send:
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state = getattr(scope["app"].state, "smolora", None) if "app" in scope else None
+                if state is not None:
+                    state.metrics.observe_request(message["status"])
+            await send(message)
+
+        return counting_send
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _bring_up(state: ServerState, engine_factory: EngineFactory, embedder_factory: EmbedderFactory,
+                    stop: asyncio.Event) -> None:
+    """Start the slow parts, serve until `stop`, then shut the engine down."""
+    s = state.settings
+    try:
+        state.renderer = await asyncio.to_thread(PromptRenderer.from_model_dir, s.model_dir)
+        embedder = await asyncio.to_thread(embedder_factory)
+        state.resolver = InstructionResolver(embedder, s.snap_threshold, s.default_instruction)
+        async with engine_factory(s) as engine:
+            versions = VersionManager(engine, s.registry_dir, state.metrics, s.max_resident_versions, s.retry_after_s)
+            state.engine, state.versions = engine, versions
+            watcher = RegistryWatcher(versions, s.watch_interval_s, s.watch_activate)
+            if s.watch_registry:
+                await watcher.prime()
+            try:
+                await versions.load_initial(s.initial_version)
+            except Exception as e:  # noqa: BLE001 - keep serving; an admin or the watcher can fix it
+                log.error("the start-up checkpoint version was not loaded: %s", e)
+            state.started = True
+            log.info("serving %s (active version %s)", s.served_model_name, versions.active())
+            watch = asyncio.create_task(watcher.run(stop), name="registry-watcher") if s.watch_registry else None
+            try:
+                await stop.wait()
+            finally:
+                if watch is not None:
+                    watch.cancel()
+                    await asyncio.gather(watch, return_exceptions=True)
+                state.versions = None
+                state.engine = None
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported through /health and /ready
+        state.startup_error = f"{type(e).__name__}: {e}"
+        log.exception("server start-up failed")
+    finally:
+        state.started = True
+
+
+def create_app(settings: ServerSettings, engine_factory: EngineFactory, *,
+               embedder_factory: EmbedderFactory = default_embedder,
+               image_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: server settings.
+        engine_factory: `settings -> async context manager yielding a ServingEngine`.
+        embedder_factory: builds the instruction encoder (MiniLM by default).
+        image_transport: httpx transport for remote image fetches (tests pass a mock).
+
+    Returns:
+        The FastAPI app; its lifespan starts and stops everything.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = Metrics()
+        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.image_formats,
+                             settings.max_images_per_request)
+        fetcher = RemoteImageFetcher(settings.image_url_allowlist, settings.image_fetch_timeout_s,
+                                     settings.max_image_bytes, transport=image_transport)
+        state = ServerState(
+            settings=settings, metrics=metrics,
+            admission=AdmissionController(settings.max_concurrent_requests, settings.max_waiting_requests,
+                                          settings.queue_timeout_s, settings.retry_after_s, metrics),
+            images=ImageLoader(limits, fetcher))
+        app.state.smolora = state
+        stop = asyncio.Event()
+        task = asyncio.create_task(_bring_up(state, engine_factory, embedder_factory, stop), name="engine")
+        state.background.append(task)
+        try:
+            yield
+        finally:
+            stop.set()
+            if not state.started:
+                task.cancel()  # still starting: do not wait for the engine to come up just to stop it
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=60)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await fetcher.aclose()
+
+    app = FastAPI(title="smolora-serve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible chat completions for SMoLoRA vision-language models.")
+    install_exception_handlers(app)
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.include_router(chat_router)
+    app.include_router(models_router)
+    app.include_router(checkpoints_router)
+    app.include_router(health_router)
+    return app

@@ -1,0 +1,1 @@
+"""The vLLM-backed SMoLoRA engine: plugin, model, routed-adapter hook, worker extension, API."""

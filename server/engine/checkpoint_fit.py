@@ -1,0 +1,67 @@
+"""Does a loaded checkpoint fit the adapter layout resident in the engine?
+
+Used twice: by the front end before it asks the worker to load a version (cheap refusal with
+a clear message) and by the worker right before copying (it re-reads the files, so what it
+copies is what it checked). A checkpoint that does not fit is refused as a whole; nothing is
+copied.
+
+It does not read files (see `smolora.adapters.checkpoint.load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from smolora.adapters.checkpoint import CheckpointError, CheckpointManifest
+from smolora.server.engine.config import AdapterLayout
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A verified checkpoint whose adapter does not fit the engine's resident layout."""
+
+
+def check_fit(
+    manifest: CheckpointManifest,
+    tensors: Mapping[str, Tensor] | None,
+    layout: AdapterLayout,
+    expected_shapes: Mapping[str, tuple[int, ...] | list[int]],
+) -> None:
+    """Raise `CheckpointMismatchError` unless the checkpoint matches the layout exactly.
+
+    Args:
+        manifest: the checkpoint's manifest.
+        tensors: its tensors (None checks the manifest only).
+        layout: the engine's adapter layout.
+        expected_shapes: `{canonical}.{tensor}` -> shape, for every resident tensor.
+    """
+    if manifest.adapter_kind != "smolora":
+        raise CheckpointMismatchError(f"adapter_kind {manifest.adapter_kind!r} is not 'smolora'; this engine serves SMoLoRA only")
+    cfg: dict[str, Any] = manifest.adapter_config
+    for field_name, want in (("num_experts", layout.num_experts), ("rank", layout.rank), ("instruction_dim", layout.instruction_dim)):
+        got = cfg.get(field_name)
+        if got != want:
+            raise CheckpointMismatchError(f"adapter {field_name}={got} but the engine holds {want}; restart the engine with this layout")
+    alpha = cfg.get("alpha")
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise CheckpointMismatchError(f"adapter alpha must be a positive number, got {alpha!r}")
+    want_layers = sorted({k.rsplit(".", 1)[0] for k in expected_shapes})
+    if sorted(manifest.layers) != want_layers:
+        missing = sorted(set(want_layers) - set(manifest.layers))
+        extra = sorted(set(manifest.layers) - set(want_layers))
+        raise CheckpointMismatchError(f"adapted layers differ from the engine's: missing {missing[:4]}, unexpected {extra[:4]}")
+    if tensors is None:
+        return
+    missing_t = sorted(set(expected_shapes) - set(tensors))
+    extra_t = sorted(set(tensors) - set(expected_shapes))
+    if missing_t or extra_t:
+        raise CheckpointMismatchError(f"tensor keys differ: missing {missing_t[:4]}, unexpected {extra_t[:4]}")
+    for key, shape in expected_shapes.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointMismatchError(f"{key}: shape {tuple(t.shape)} but the engine expects {tuple(shape)}")
+        if not t.is_floating_point():
+            raise CheckpointMismatchError(f"{key}: dtype {t.dtype} is not floating point")
+        if not bool(t.isfinite().all()):
+            raise CheckpointMismatchError(f"{key}: contains NaN or inf")

@@ -1,0 +1,203 @@
+"""Typed configuration of the vLLM-backed SMoLoRA engine.
+
+Two concerns, two dataclasses:
+- `AdapterLayout` is what the model inside vLLM's worker needs to allocate the resident
+  adapter tensors (experts, rank, target layers, number of version slots). It travels to the
+  worker inside the HF config (`hf_overrides`), so it must stay JSON-serialisable.
+- `EngineConfig` is what a caller of `SMoLoRAEngine` chooses: the model folder, the first
+  checkpoint, the vLLM scheduler knobs we allow, and the serving defaults.
+
+Neither starts anything; `engine.py` turns an `EngineConfig` into vLLM engine arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES, INSTRUCTION_DIM
+
+#: The architecture name our vLLM model class is registered under.
+ARCHITECTURE = "SMoLoRALlavaForConditionalGeneration"
+#: The key under which `AdapterLayout` travels in the HF config.
+HF_CONFIG_KEY = "smolora_engine"
+#: The key of our per-request dict in `SamplingParams.extra_args`.
+EXTRA_ARGS_KEY = "smolora"
+#: The `mm_processor_kwargs` key that tags a request's image with its request key.
+MM_KEY = "smolora_key"
+
+#: Target-module suffixes the engine knows how to route (vLLM fuses gate/up into one linear).
+SUPPORTED_TARGETS = frozenset(DEFAULT_TARGET_MODULES)
+
+VuRouting = Literal["pinned", "per_step"]
+
+
+class EngineConfigError(ValueError):
+    """An engine configuration cannot serve SMoLoRA correctly; the message says what to change."""
+
+
+@dataclass
+class AdapterLayout:
+    """Shape of the adapter tensors resident in the engine.
+
+    Attributes:
+        enabled: False builds the plain base model (no adapter tensors, no routing hook).
+        num_experts: E; experts 0..E/2-1 are VU, E/2..E-1 are IF experts.
+        rank: total rank r; each expert has rank r / E.
+        instruction_dim: width of the instruction embedding the IF gate reads.
+        target_modules: adapted module suffixes (subset of `SUPPORTED_TARGETS`).
+        num_slots: how many checkpoint versions are resident at once (stacked slots).
+        trace_step_routes: in `per_step` mode, how many decode steps' VU routes are kept per
+            request for the trace (0 keeps none; the prefill route is always kept).
+    """
+
+    enabled: bool = True
+    num_experts: int = 8
+    rank: int = 128
+    instruction_dim: int = INSTRUCTION_DIM
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    num_slots: int = 2
+    trace_step_routes: int = 0
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.num_experts < 2 or self.num_experts % 2:
+            raise EngineConfigError(f"num_experts must be even and >= 2, got {self.num_experts}")
+        if self.rank < self.num_experts or self.rank % self.num_experts:
+            raise EngineConfigError(f"rank ({self.rank}) must be a positive multiple of num_experts ({self.num_experts})")
+        if self.instruction_dim <= 0:
+            raise EngineConfigError(f"instruction_dim must be positive, got {self.instruction_dim}")
+        unknown = set(self.target_modules) - SUPPORTED_TARGETS
+        if unknown or not self.target_modules:
+            raise EngineConfigError(
+                f"target_modules {sorted(unknown) or '[]'} cannot be routed by the engine; "
+                f"choose a non-empty subset of {sorted(SUPPORTED_TARGETS)}"
+            )
+        if not 1 <= self.num_slots <= 16:
+            raise EngineConfigError(f"num_slots must be in [1, 16], got {self.num_slots}")
+        if self.trace_step_routes < 0:
+            raise EngineConfigError(f"trace_step_routes must be >= 0, got {self.trace_step_routes}")
+
+    @property
+    def experts_per_group(self) -> int:
+        """E/2."""
+        return self.num_experts // 2
+
+    @property
+    def expert_rank(self) -> int:
+        """r / E."""
+        return self.rank // self.num_experts
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterLayout":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise EngineConfigError(f"unknown adapter layout keys {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_smolora_config(cls, adapter_config: dict[str, Any], num_slots: int, trace_step_routes: int) -> "AdapterLayout":
+        """The layout a checkpoint's `SMoLoRAConfig` dict needs."""
+        return cls(
+            enabled=True,
+            num_experts=int(adapter_config["num_experts"]),
+            rank=int(adapter_config["rank"]),
+            instruction_dim=int(adapter_config.get("instruction_dim", INSTRUCTION_DIM)),
+            target_modules=tuple(adapter_config.get("target_modules", DEFAULT_TARGET_MODULES)),
+            num_slots=num_slots,
+            trace_step_routes=trace_step_routes,
+        )
+
+
+@dataclass
+class EngineConfig:
+    """How to start a `SMoLoRAEngine`.
+
+    Attributes:
+        model_dir: the LLaVA-architecture base-model folder (HF format).
+        checkpoint: the SMoLoRA checkpoint folder to serve first; None with
+            `adapters=True` needs `layout`.
+        adapters: False serves the base model only (no routing hook at all).
+        layout: adapter layout; None derives it from `checkpoint`'s manifest.
+        num_slots: checkpoint versions resident at once (in-flight requests keep theirs).
+        vu_routing: default VU routing of requests that do not choose one.
+        trace_step_routes: see `AdapterLayout.trace_step_routes`.
+        max_num_seqs: concurrent requests per step (vLLM persistent-batch rows).
+        max_model_len: context limit; None takes the model's.
+        max_num_batched_tokens: token budget per step; None lets vLLM choose (at least
+            max_model_len without chunked prefill). It must be >= max_model_len because
+            prompts are never split (see `chunked_prefill`).
+        chunked_prefill: must stay False with adapters: a prompt's VU route is the argmax of
+            a mean over the whole prompt and applies to every prompt token, so a prompt split
+            across steps cannot reproduce it (tests/server/engine prove it). Allowed for
+            `adapters=False`.
+        kv_cache_bytes: KV-cache size (vLLM `kv_cache_memory_bytes`).
+        dtype: model dtype ("float32", "bfloat16", ...).
+        enforce_eager: must be True with adapters (per-step routing state is Python-side).
+        seed: vLLM seed.
+        trace_batch_window: how many finished requests' traces one RPC may fetch at most.
+        extra_engine_args: further vLLM engine arguments, passed through last (for example
+            `{"disable_log_stats": False}`); they may not override the SMoLoRA invariants.
+    """
+
+    model_dir: Path
+    checkpoint: Path | None = None
+    adapters: bool = True
+    layout: AdapterLayout | None = None
+    num_slots: int = 2
+    vu_routing: VuRouting = "pinned"
+    trace_step_routes: int = 0
+    max_num_seqs: int = 16
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
+    chunked_prefill: bool = False
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    seed: int = 0
+    trace_batch_window: int = 256
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if self.checkpoint is not None:
+            self.checkpoint = Path(self.checkpoint)
+        if not (self.model_dir / "config.json").is_file():
+            raise EngineConfigError(f"{self.model_dir}: no config.json; pass a HF LLaVA model folder")
+        if self.vu_routing not in ("pinned", "per_step"):
+            raise EngineConfigError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
+        if self.adapters:
+            if self.checkpoint is None and self.layout is None:
+                raise EngineConfigError("adapters=True needs a checkpoint or an explicit layout")
+            if self.chunked_prefill:
+                raise EngineConfigError(
+                    "chunked_prefill=True cannot serve SMoLoRA exactly: the VU route of every prompt "
+                    "token is decided by the mean over the whole prompt, which a split prompt has not "
+                    "seen yet. Keep chunked_prefill=False (prompts are scheduled whole)."
+                )
+            if not self.enforce_eager:
+                raise EngineConfigError("enforce_eager must be True with adapters: routing state is per step, in Python")
+        if self.max_num_seqs < 1:
+            raise EngineConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_num_batched_tokens is not None:
+            if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+                raise EngineConfigError(
+                    f"max_num_batched_tokens ({self.max_num_batched_tokens}) < max_model_len "
+                    f"({self.max_model_len}): without chunked prefill a long prompt could never be scheduled"
+                )
+        if self.kv_cache_bytes <= 0:
+            raise EngineConfigError("kv_cache_bytes must be positive")
+        if self.trace_batch_window < 1:
+            raise EngineConfigError("trace_batch_window must be >= 1")
+        forbidden = {"enable_prefix_caching", "enable_chunked_prefill", "async_scheduling", "hf_overrides",
+                     "logits_processors", "worker_extension_cls", "model"} & set(self.extra_engine_args)
+        if forbidden:
+            raise EngineConfigError(f"extra_engine_args may not set {sorted(forbidden)}; they are fixed by the engine")

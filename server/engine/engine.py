@@ -1,0 +1,413 @@
+"""`SMoLoRAEngine`: the `EngineClient` on vLLM's `AsyncLLM` with our registered architecture.
+
+What it does:
+- starts `AsyncLLM` for a LLaVA folder under our architecture (`hf_overrides`), with the
+  row tracker as a logits processor and our worker extension, prefix caching and chunked
+  prefill off, async scheduling off (so a finished request never runs an extra step that
+  would count in its trace), eager mode;
+- turns a `GenerateRequest` into a vLLM prompt + `SamplingParams` whose `extra_args` carry
+  the request key, version slot, instruction embedding and VU-routing mode, and whose image
+  carries the same key (`mm_processor_kwargs`) for the projector;
+- streams token deltas, then fetches the routing trace in a batched RPC;
+- loads checkpoint versions into free slots while serving, activates them, reports health.
+
+Version semantics: a request keeps the version it started with (its slot stays pinned until
+it finishes); loading copies into another slot between engine steps; activation only changes
+what new requests get. A corrupt or mismatched checkpoint is refused before anything is
+copied and the serving version keeps serving.
+
+What it does not do: HTTP, chat templating, image decoding, instruction extraction or
+embedding (the server's job), sampling beyond temperature/top-p.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from smolora.adapters.checkpoint import CheckpointError, base_model_fingerprint, latest_version, load_checkpoint, read_manifest
+from smolora.server.engine.checkpoint_fit import check_fit
+from smolora.server.engine.config import (
+    ARCHITECTURE,
+    EXTRA_ARGS_KEY,
+    HF_CONFIG_KEY,
+    MM_KEY,
+    AdapterLayout,
+    EngineConfig,
+    EngineConfigError,
+)
+from smolora.server.engine.protocol import (
+    EngineHealth,
+    EngineUnavailableError,
+    GenerateChunk,
+    GenerateRequest,
+    InvalidRequestError,
+    LayerRoute,
+    RequestTrace,
+    VersionInfo,
+    VersionLoadError,
+    VersionNotResidentError,
+)
+from smolora.server.engine.row_tracker import ROW_TRACKER
+from smolora.server.engine.traces import TraceCollector
+from smolora.server.engine.versions import VersionTable
+from smolora.server.engine.worker_extension import WORKER_EXTENSION
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_layout(config: EngineConfig) -> AdapterLayout:
+    """The adapter layout to allocate: explicit, or from the first checkpoint's manifest."""
+    if not config.adapters:
+        return AdapterLayout(enabled=False)
+    if config.layout is not None:
+        return config.layout
+    assert config.checkpoint is not None
+    manifest = read_manifest(config.checkpoint)
+    if manifest.adapter_kind != "smolora":
+        raise EngineConfigError(f"{config.checkpoint}: adapter_kind {manifest.adapter_kind!r} is not 'smolora'")
+    return AdapterLayout.from_smolora_config(manifest.adapter_config, config.num_slots, config.trace_step_routes)
+
+
+def engine_args(config: EngineConfig, layout: AdapterLayout) -> dict[str, Any]:
+    """vLLM engine arguments for a config (also used by benchmarks to start `LLM`)."""
+    overrides: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+    args: dict[str, Any] = dict(
+        model=str(config.model_dir),
+        hf_overrides=overrides,
+        dtype=config.dtype,
+        enforce_eager=config.enforce_eager,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=config.chunked_prefill,
+        max_num_seqs=config.max_num_seqs,
+        kv_cache_memory_bytes=config.kv_cache_bytes,
+        limit_mm_per_prompt={"image": 1},
+        seed=config.seed,
+        async_scheduling=False,
+    )
+    if config.max_model_len is not None:
+        args["max_model_len"] = config.max_model_len
+    if config.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if layout.enabled:
+        overrides[HF_CONFIG_KEY] = layout.to_dict()
+        args["logits_processors"] = [ROW_TRACKER]
+        args["worker_extension_cls"] = WORKER_EXTENSION
+    args.update(config.extra_engine_args)
+    return args
+
+
+def _instruction_list(instruction: Any, dim: int) -> list[float]:
+    try:
+        values = [float(v) for v in (instruction.tolist() if hasattr(instruction, "tolist") else instruction)]
+    except (TypeError, ValueError):
+        raise InvalidRequestError("instruction must be a sequence of floats (the instruction embedding)") from None
+    if len(values) != dim:
+        raise InvalidRequestError(f"instruction embedding has {len(values)} dims; this engine's adapters read {dim}")
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidRequestError("instruction embedding contains NaN or inf")
+    return values
+
+
+def _trace_from_raw(raw: dict[str, Any], version: int, request: GenerateRequest) -> RequestTrace:
+    layers = [
+        LayerRoute(
+            layer=e["layer"], vu_expert=int(e["vu_expert"]), if_expert=int(e["if_expert"]),
+            w_vu=float(e["w_vu"]), w_if=float(e["w_if"]), vu_steps=e.get("vu_steps"),
+        )
+        for e in raw["layers"]
+    ]
+    return RequestTrace(
+        version=version,
+        vu_routing=raw["vu_routing"],
+        instruction_source=request.instruction_source,
+        instruction_similarity=request.instruction_similarity,
+        layers=layers,
+        exact=bool(raw.get("exact", True)),
+    )
+
+
+class SMoLoRAEngine:
+    """vLLM `AsyncLLM` serving a LLaVA model with routed SMoLoRA adapters.
+
+    Create with `await SMoLoRAEngine.start(config)` inside the event loop that will use it.
+    """
+
+    def __init__(self, config: EngineConfig, llm: Any, layout: AdapterLayout, attach_info: dict[str, Any] | None, fingerprint: str | None) -> None:
+        self.config = config
+        self.layout = layout
+        self._llm = llm
+        self._attach = attach_info or {}
+        self._fingerprint = fingerprint
+        self._expected_shapes = {k: tuple(v) for k, v in self._attach.get("expected_shapes", {}).items()}
+        self._versions = VersionTable(layout.num_slots) if layout.enabled else None
+        self._keys = itertools.count(1)
+        self._load_lock = asyncio.Lock()
+        self._in_flight = 0
+        self._traces = TraceCollector(self._fetch_traces, max_batch=config.trace_batch_window)
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, config: EngineConfig) -> "SMoLoRAEngine":
+        """Start vLLM, attach the hook and load `config.checkpoint`.
+
+        vLLM's engine start (tens of seconds) runs on the calling event loop, which it blocks:
+        its async client binds to that loop.
+
+        Raises:
+            EngineConfigError: the configuration cannot serve SMoLoRA correctly.
+            VersionLoadError: the first checkpoint was refused.
+        """
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        layout = resolve_layout(config)
+        fingerprint = await asyncio.to_thread(base_model_fingerprint, config.model_dir) if layout.enabled else None
+        if layout.enabled and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+            # The row tracker uses the V1 model runner's logits-processor interface; vLLM 0.32
+            # defaults to "Model Runner V2" on GPUs with Triton.
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            logger.info("set VLLM_USE_V2_MODEL_RUNNER=0 (SMoLoRA routing needs the V1 model runner)")
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, layout)))
+        attach = None
+        try:
+            if layout.enabled and llm.vllm_config.use_v2_model_runner:
+                raise EngineConfigError("SMoLoRA routing needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER or set it to 0")
+            if layout.enabled:
+                attach = (await llm.collective_rpc("smolora_attach"))[0]
+            engine = cls(config, llm, layout, attach, fingerprint)
+            if layout.enabled and config.checkpoint is not None:
+                await engine.load_version(config.checkpoint, activate=True)
+        except BaseException:
+            llm.shutdown()
+            raise
+        logger.info("SMoLoRA engine ready (adapters=%s, slots=%d)", layout.enabled, layout.num_slots)
+        return engine
+
+    async def shutdown(self) -> None:
+        """Stop vLLM's engine core and its processes."""
+        if not self._closed:
+            self._closed = True
+            self._llm.shutdown()
+
+    @property
+    def vllm(self) -> Any:
+        """The underlying `vllm.v1.engine.async_llm.AsyncLLM` (for tests and diagnostics)."""
+        return self._llm
+
+    @property
+    def trace_rpc_count(self) -> int:
+        """How many trace RPCs were issued so far (batching makes it far below requests)."""
+        return self._traces.rpc_count
+
+    def _check_open(self) -> None:
+        if self._closed or self._llm.errored:
+            raise EngineUnavailableError("the engine is not running; restart the server")
+
+    # -- generation ---------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream one request (see `EngineClient.generate`)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_open()
+        use_adapter = self.layout.enabled and request.instruction is not None
+        if request.instruction is not None and not self.layout.enabled:
+            raise InvalidRequestError("this engine serves the base model only; send no instruction")
+        request_id = request.request_id or uuid.uuid4().hex
+        key = next(self._keys)
+        slot: int | None = None
+        version: int | None = None
+        extra: dict[str, Any] | None = None
+        if use_adapter:
+            assert self._versions is not None
+            instruction = _instruction_list(request.instruction, self.layout.instruction_dim)
+            slot, version = self._versions.acquire(request.version)
+            extra = {EXTRA_ARGS_KEY: {"key": key, "slot": slot, "instruction": instruction,
+                                      "vu_routing": request.vu_routing or self.config.vu_routing}}
+        elif request.version is not None:
+            raise InvalidRequestError("a version was named but no instruction embedding was given")
+        try:
+            try:
+                params = SamplingParams(
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    max_tokens=request.max_tokens,
+                    seed=request.seed,
+                    stop_token_ids=request.stop_token_ids,
+                    ignore_eos=request.ignore_eos,
+                    output_kind=RequestOutputKind.DELTA,
+                    extra_args=extra,
+                )
+            except ValueError as e:
+                raise InvalidRequestError(str(e)) from e
+            prompt: dict[str, Any] = (
+                {"prompt": request.prompt} if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
+            )
+            if request.image is not None:
+                prompt["multi_modal_data"] = {"image": request.image}
+                if use_adapter:
+                    prompt["mm_processor_kwargs"] = {MM_KEY: key}
+            self._in_flight += 1
+            try:
+                async for chunk in self._stream(prompt, params, request_id, key, version, request, use_adapter):
+                    yield chunk
+            finally:
+                self._in_flight -= 1
+        finally:
+            if slot is not None and self._versions is not None:
+                self._versions.release(slot)
+
+    async def _stream(self, prompt: dict[str, Any], params: Any, request_id: str, key: int, version: int | None,
+                      request: GenerateRequest, use_adapter: bool) -> AsyncIterator[GenerateChunk]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        prompt_tokens: int | None = None
+        try:
+            async for out in self._llm.generate(prompt, params, request_id):
+                if prompt_tokens is None and out.prompt_token_ids is not None:
+                    prompt_tokens = len(out.prompt_token_ids)
+                completion = out.outputs[0]
+                if not out.finished:
+                    yield GenerateChunk(request_id, list(completion.token_ids), completion.text, version=version)
+                    continue
+                trace = None
+                if use_adapter and request.trace and version is not None:
+                    raw = await self._traces.fetch(key)
+                    trace = _trace_from_raw(raw, version, request) if raw is not None else None
+                reason = completion.finish_reason if completion.finish_reason in ("stop", "length", "abort") else "stop"
+                yield GenerateChunk(request_id, list(completion.token_ids), completion.text, finished=True,
+                                    finish_reason=reason, version=version, trace=trace, prompt_tokens=prompt_tokens)
+        except EngineDeadError as e:
+            raise EngineUnavailableError(f"the engine core died: {e}") from e
+        except (VLLMClientError, ValueError) as e:  # input validation (e.g. image/placeholder mismatch, too long)
+            raise InvalidRequestError(str(e)) from e
+
+    async def _fetch_traces(self, keys: list[int]) -> dict[Any, Any]:
+        return (await self._llm.collective_rpc("smolora_fetch_traces", args=(keys,)))[0]
+
+    # -- versions -----------------------------------------------------------------------------
+    def _require_adapters(self) -> VersionTable:
+        if self._versions is None:
+            raise InvalidRequestError("this engine was started without adapters")
+        return self._versions
+
+    async def load_version(self, path: str | Path, activate: bool = True) -> VersionInfo:
+        """Load a checkpoint folder into a free slot without disturbing in-flight requests.
+
+        Raises:
+            VersionLoadError: corrupt, unknown format, other base model, or other layout
+                (nothing was copied; the serving versions are untouched).
+            NoFreeSlotError: every slot is active or serving requests.
+        """
+        versions = self._require_adapters()
+        self._check_open()
+        path = Path(path)
+        async with self._load_lock:
+            t0 = time.perf_counter()
+            try:
+                ckpt = await asyncio.to_thread(load_checkpoint, path, self._fingerprint)
+                check_fit(ckpt.manifest, ckpt.tensors, self.layout, self._expected_shapes)
+            except CheckpointError as e:
+                raise VersionLoadError(f"{path}: {e}", type(e).__name__) from e
+            manifest = ckpt.manifest
+            del ckpt
+            if manifest.version is None:
+                raise VersionLoadError(f"{path}: manifest has no version; publish it with publish_checkpoint", "CheckpointError")
+            existing = versions.slot_of(manifest.version)
+            if existing is not None and versions.info(existing).path == path.resolve():
+                info = versions.info(existing)
+            else:
+                if existing is not None:
+                    raise VersionLoadError(f"{path}: version {manifest.version} is already loaded from another folder", "CheckpointError")
+                slot = versions.reserve_for_load()
+                t1 = time.perf_counter()
+                try:
+                    res = (await self._llm.collective_rpc(
+                        "smolora_load_slot",
+                        args=(slot, str(path), self._fingerprint, {"version": manifest.version, "path": str(path)}),
+                    ))[0]
+                except BaseException:
+                    versions.abandon(slot)
+                    raise
+                if not res.get("ok"):
+                    versions.abandon(slot)
+                    raise VersionLoadError(f"{path}: {res.get('message')}", str(res.get("error")))
+                versions.install(slot, manifest.version, path.resolve(), manifest.tasks, manifest.instruction_types)
+                info = versions.info(slot)
+                logger.info("loaded version %d (%s) into slot %d: verified in %.3f s, copied in %.3f s",
+                            manifest.version, path, slot, t1 - t0, time.perf_counter() - t1)
+            if activate:
+                versions.activate(manifest.version)
+                info = versions.info(versions.slot_of(manifest.version))  # type: ignore[arg-type]
+            return info
+
+    async def load_latest(self, registry: str | Path, activate: bool = True) -> VersionInfo:
+        """Load (if needed) and activate the registry's latest version."""
+        entry = latest_version(registry)
+        if entry is None:
+            raise VersionNotResidentError(f"{registry}: no complete checkpoint version")
+        return await self.load_version(entry.path, activate=activate)
+
+    async def activate(self, version: int) -> VersionInfo:
+        """Make a resident version the default for new requests."""
+        versions = self._require_adapters()
+        slot = versions.activate(version)
+        return versions.info(slot)
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Resident versions, by slot (empty without adapters)."""
+        return self._versions.resident() if self._versions is not None else []
+
+    def active_version(self) -> VersionInfo | None:
+        """The version new requests get by default."""
+        if self._versions is None or self._versions.active_version is None:
+            return None
+        return self._versions.info(self._versions.slot_of(self._versions.active_version))  # type: ignore[arg-type]
+
+    # -- health -------------------------------------------------------------------------------
+    async def health(self) -> EngineHealth:
+        """Liveness (the engine core answers) and adapter state."""
+        ok = not self._closed and not self._llm.errored
+        detail: dict[str, Any] = {}
+        if ok:
+            try:
+                await self._llm.check_health()
+                if self.layout.enabled:
+                    detail = (await self._llm.collective_rpc("smolora_stats"))[0]
+            except Exception as e:  # a dead core raises here
+                ok = False
+                detail = {"error": f"{type(e).__name__}: {e}"}
+        resident = {v.slot: v.version for v in self.list_versions() if v.slot is not None}
+        active = self._versions.active_version if self._versions is not None else None
+        return EngineHealth(ok=ok, adapters=self.layout.enabled, active_version=active,
+                            resident_versions=resident, in_flight=self._in_flight, detail=detail)
+
+
+async def collect(engine: Any, request: GenerateRequest) -> GenerateChunk:
+    """Run a request to completion; returns its final chunk with all token ids and text."""
+    ids: list[int] = []
+    text = ""
+    last: GenerateChunk | None = None
+    async for chunk in engine.generate(request):
+        ids.extend(chunk.token_ids)
+        text += chunk.text
+        last = chunk
+    assert last is not None and last.finished
+    last.token_ids, last.text = ids, text
+    return last
+
+
+async def collect_all(engine: Any, requests: Sequence[GenerateRequest]) -> list[GenerateChunk]:
+    """`collect` all requests concurrently; results in request order."""
+    return list(await asyncio.gather(*(collect(engine, r) for r in requests)))

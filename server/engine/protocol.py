@@ -1,0 +1,273 @@
+"""The engine seam the HTTP layer uses: request/response types, typed errors, and the
+`EngineClient` protocol.
+
+`SMoLoRAEngine` (`engine.py`) implements it on vLLM; a test or another server can hold this
+seam without reaching into vLLM. Nothing here imports vLLM or torch models.
+
+Version semantics (see README): a request is served, from its first to its last token, by
+exactly one checkpoint version -- the one it named, or the active version when it started --
+and its result names that version. Loading a version never disturbs in-flight requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from PIL import Image
+
+VuRouting = Literal["pinned", "per_step"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+# -- errors --------------------------------------------------------------------------------
+class EngineError(Exception):
+    """Base of the engine's typed errors; `code` is a stable machine-readable name."""
+
+    code = "engine_error"
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request is malformed (the message says which field and why)."""
+
+    code = "invalid_request"
+
+
+class VersionNotResidentError(EngineError, LookupError):
+    """The named checkpoint version is not loaded in the engine."""
+
+    code = "version_not_loaded"
+
+
+class NoFreeSlotError(EngineError):
+    """Every version slot is active or serving in-flight requests; retry when they finish."""
+
+    code = "no_free_slot"
+
+
+class VersionLoadError(EngineError):
+    """A checkpoint was refused (corrupt, unknown format, other base model, other layout).
+
+    Attributes:
+        reason: the underlying error class name (e.g. "IntegrityError").
+    """
+
+    code = "version_refused"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is not running (not started, shut down, or its core died)."""
+
+    code = "engine_unavailable"
+
+
+# -- requests and results ------------------------------------------------------------------
+@dataclass
+class GenerateRequest:
+    """One generation request.
+
+    Attributes:
+        prompt: the chat-formatted prompt (text with one `<image>` where the image goes) or
+            its token ids.
+        image: the request's image (at most one), or None for text-only.
+        instruction: the 384-d instruction embedding that routes the IF experts; None serves
+            the request with the base model only (no adapter, no trace).
+        instruction_source: how the instruction was chosen (e.g. "explicit", "type:vqa",
+            "extracted", "snapped:vqa_short"), echoed in the trace.
+        instruction_similarity: similarity of a snapped instruction, echoed in the trace.
+        max_tokens: generation limit.
+        temperature, top_p, seed: sampling (temperature 0 is greedy).
+        stop_token_ids: extra stop tokens.
+        ignore_eos: keep generating past EOS (benchmarks; EOS stops otherwise).
+        version: checkpoint version to serve with; None takes the active version.
+        vu_routing: "pinned" or "per_step"; None takes the engine default.
+        trace: whether to return the routing trace.
+        request_id: caller's id (a unique one is made when None).
+    """
+
+    prompt: str | list[int]
+    image: Image.Image | None = None
+    instruction: Sequence[float] | Any | None = None
+    instruction_source: str = "explicit"
+    instruction_similarity: float | None = None
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    version: int | None = None
+    vu_routing: VuRouting | None = None
+    trace: bool = True
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, str) and not self.prompt:
+            raise InvalidRequestError("prompt must not be empty")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise InvalidRequestError("prompt token ids must not be empty")
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.vu_routing not in (None, "pinned", "per_step"):
+            raise InvalidRequestError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
+        if self.image is not None and not isinstance(self.image, Image.Image):
+            raise InvalidRequestError("image must be a PIL image (decode it before calling the engine)")
+
+
+@dataclass
+class LayerRoute:
+    """One adapted layer's routing decision for a request.
+
+    Attributes:
+        layer: canonical layer name (e.g. "layers.0.mlp.gate_proj", "projector.linear_1").
+        vu_expert: VU expert id (in [0, E/2)); in "per_step" mode, the prefill route.
+        if_expert: IF expert id (global, in [E/2, E)).
+        w_vu, w_if: mean fusion weights over the request's processed tokens.
+        vu_steps: "per_step" mode only, if recorded: the VU route of each decode step.
+    """
+
+    layer: str
+    vu_expert: int
+    if_expert: int
+    w_vu: float
+    w_if: float
+    vu_steps: list[int] | None = None
+
+
+@dataclass
+class RequestTrace:
+    """Routing trace of one request.
+
+    Attributes:
+        version: the checkpoint version that served it.
+        vu_routing: the VU routing mode it ran with.
+        instruction_source, instruction_similarity: echoed from the request.
+        layers: per adapted layer, in model order.
+        exact: False if the engine saw the prompt split across steps (never with the
+            supported configuration).
+    """
+
+    version: int
+    vu_routing: VuRouting
+    instruction_source: str
+    instruction_similarity: float | None
+    layers: list[LayerRoute]
+    exact: bool = True
+
+    def routes(self) -> list[tuple[str, int, int]]:
+        """(layer, vu_expert, if_expert) per layer, handy for comparisons."""
+        return [(r.layer, r.vu_expert, r.if_expert) for r in self.layers]
+
+
+@dataclass
+class GenerateChunk:
+    """A streamed piece of a generation; the last one has `finished=True`.
+
+    Attributes:
+        request_id: the request's id.
+        token_ids: new token ids since the previous chunk.
+        text: new text since the previous chunk.
+        finished: True on the last chunk.
+        finish_reason: "stop" / "length" / "abort" on the last chunk.
+        version: the checkpoint version serving the request (None for base requests).
+        trace: on the last chunk, when asked for and the request used an adapter.
+        prompt_tokens: prompt length in tokens (image placeholders included).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    version: int | None = None
+    trace: RequestTrace | None = None
+    prompt_tokens: int | None = None
+
+
+@dataclass
+class VersionInfo:
+    """A checkpoint version known to the engine.
+
+    Attributes:
+        version: registry version number (manifest `version`).
+        path: the checkpoint folder.
+        tasks: tasks learned, in order.
+        slot: the resident slot, or None once evicted.
+        active: whether new requests without a version get this one.
+        in_flight: requests being served by it now.
+        instruction_types: the checkpoint's instruction table (`InstructionTable.to_list()`).
+    """
+
+    version: int
+    path: Path
+    tasks: list[str]
+    slot: int | None
+    active: bool = False
+    in_flight: int = 0
+    instruction_types: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EngineHealth:
+    """Liveness and state of the engine.
+
+    Attributes:
+        ok: the engine core answers.
+        adapters: whether SMoLoRA adapters are enabled.
+        active_version: the active version number (None without adapters).
+        resident_versions: version numbers resident, by slot.
+        in_flight: requests being generated now.
+        detail: worker counters (e.g. "partial_prefills", which must stay 0).
+    """
+
+    ok: bool
+    adapters: bool
+    active_version: int | None
+    resident_versions: dict[int, int]
+    in_flight: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What the HTTP layer needs from an engine."""
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream a generation; raises `InvalidRequestError`, `VersionNotResidentError`,
+        `EngineUnavailableError`."""
+        ...
+
+    async def load_version(self, path: str | Path, activate: bool = True) -> VersionInfo:
+        """Load a checkpoint folder into a free slot (no restart, in-flight requests keep
+        their version); raises `VersionLoadError`, `NoFreeSlotError`."""
+        ...
+
+    async def load_latest(self, registry: str | Path, activate: bool = True) -> VersionInfo:
+        """Load the registry's `latest` version (no-op if resident; activates it)."""
+        ...
+
+    async def activate(self, version: int) -> VersionInfo:
+        """Make a resident version the default for new requests."""
+        ...
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Resident versions, by slot."""
+        ...
+
+    async def health(self) -> EngineHealth:
+        """Liveness and state."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop the engine and its processes."""
+        ...

@@ -1,0 +1,1 @@
+"""Tests of smolora.clients (client, CLI, load generator) against the HTTP layer."""

@@ -1,0 +1,1 @@
+"""End-to-end tests: the real server (subprocess) with the real engine on the tiny model."""

@@ -1,0 +1,1 @@
+"""HTTP-layer tests (server/api and the server/*.py modules around it), engine held by a double."""

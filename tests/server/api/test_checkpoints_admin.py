@@ -1,0 +1,176 @@
+"""Checkpoint admin endpoints, the registry watcher, /ready and /health (engine held by `ScriptedEngine`)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from smolora.server.api.checkpoints.serving import VersionManager
+from smolora.server.metrics import Metrics
+from smolora.server.registry_watch import RegistryWatcher
+from tests.server.api.conftest import running_app
+from tests.server.api.helpers import HashingEmbedder, instruction_types, publish_version, user_message, wait_until
+from tests.server.api.scripted_engine import ScriptedEngine
+
+ADMIN = {"Authorization": "Bearer adm"}
+
+
+def _registry(tmp_path: Path, n: int) -> Path:
+    emb = HashingEmbedder()
+    for i in range(n):
+        publish_version(tmp_path / "reg", f"task{i + 1}", instruction_types(emb))
+    return tmp_path / "reg"
+
+
+def test_admin_needs_the_admin_key_and_is_off_without_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reg = _registry(tmp_path, 1)
+    with running_app(tiny_model_dir, reg, admin_api_key="adm", api_keys=("inf",)) as (client, _, _):
+        assert client.get("/admin/checkpoints").status_code == 401
+        assert client.get("/admin/checkpoints", headers={"Authorization": "Bearer inf"}).status_code == 401
+        assert client.get("/admin/checkpoints", headers=ADMIN).status_code == 200
+    with running_app(tiny_model_dir, reg) as (client, _, _):
+        r = client.get("/admin/checkpoints", headers=ADMIN)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_load_activate_rollback_unload(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reg = _registry(tmp_path, 3)
+    with running_app(tiny_model_dir, reg, admin_api_key="adm", max_resident_versions=2,
+                     initial_version=1) as (client, engine, _):
+        listing = client.get("/admin/checkpoints", headers=ADMIN).json()
+        assert listing["active"] == 1 and listing["latest"] == 3
+        assert [(v["version"], v["resident"]) for v in listing["versions"]] == [(1, True), (2, False), (3, False)]
+        r = client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 2})
+        assert r.status_code == 200 and r.json()["loaded"]["version"] == 2 and r.json()["active"] == 1
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llava", "tiny-llava@1", "tiny-llava@2"]
+        r = client.post("/admin/checkpoints/activate", headers=ADMIN, json={"version": 2})
+        assert r.json()["active"] == 2
+        chat = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()],
+                                                         "max_tokens": 1})
+        assert chat.json()["smolora"]["version"] == 2
+        # Activating v3 (not resident) loads it; only 2 may be resident, so the oldest inactive (v1) goes.
+        r = client.post("/admin/checkpoints/activate", headers=ADMIN, json={"version": 3})
+        assert r.json()["active"] == 3
+        assert [v.version for v in engine.resident_versions()] == [2, 3]
+        r = client.post("/admin/checkpoints/rollback", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["active"] == 2
+        r = client.post("/admin/checkpoints/rollback", headers=ADMIN)
+        assert r.json()["active"] == 1  # v1 is published, so it is loaded again
+        r = client.post("/admin/checkpoints/rollback", headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "no_previous_version"
+        r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "version_active"
+        r = client.delete("/admin/checkpoints/2", headers=ADMIN)
+        assert r.status_code == 200 and [v.version for v in engine.resident_versions()] == [1]
+        r = client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 9})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+        r = client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": "two"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "version"
+
+
+def test_corrupt_published_version_is_refused_with_422(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reg = _registry(tmp_path, 2)
+    bad = next(reg.glob("v0002-*"))
+    (bad / "adapter.safetensors").write_bytes(b"tampered")
+    with running_app(tiny_model_dir, reg, admin_api_key="adm", initial_version=1) as (client, _, _):
+        r = client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 2})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "checkpoint_rejected"
+        assert "sha256" in r.json()["error"]["message"]
+        metrics = client.get("/metrics").text
+        assert 'smolora_checkpoint_loads_total{result="error"} 1.0' in metrics
+
+
+def test_not_ready_until_a_version_is_published_then_the_watcher_activates_it(tiny_model_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    reg = tmp_path / "empty-registry"
+    with running_app(tiny_model_dir, reg, ready=False, watch_registry=True, watch_interval_s=0.05) as (client, _, _):
+        wait_until(lambda: client.app.state.smolora.started, what="start-up")
+        assert client.get("/health").status_code == 200
+        r = client.get("/ready")
+        assert r.status_code == 503 and "no checkpoint version is active" in r.json()["reason"]
+        chat = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]})
+        assert chat.status_code == 503 and chat.headers["Retry-After"] == "1"
+        publish_version(reg, "first", instruction_types(HashingEmbedder()))
+        wait_until(lambda: client.get("/ready").status_code == 200, what="the watcher to pick up v1")
+        publish_version(reg, "second", instruction_types(HashingEmbedder()))
+        wait_until(lambda: client.get("/ready").json().get("active_version") == 2, what="v2 to become active")
+        assert 'smolora_checkpoint_active_version 2.0' in client.get("/metrics").text
+
+
+def test_health_reports_a_dead_engine_and_a_failed_start(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reg = _registry(tmp_path, 1)
+    with running_app(tiny_model_dir, reg) as (client, engine, _):
+        engine.dead = True
+        assert client.get("/health").status_code == 503
+        assert client.get("/ready").status_code == 503
+    with running_app(tmp_path / "no-model-here", reg, ready=False) as (client, _, _):
+        wait_until(lambda: client.app.state.smolora.started, what="start-up to fail")
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        chat = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]})
+        assert chat.status_code == 503 and chat.json()["error"]["code"] == "not_ready"
+
+
+def test_watcher_skips_a_bad_version_once_and_keeps_going(tmp_path: Path) -> None:
+    reg = _registry(tmp_path, 1)
+
+    async def go() -> None:
+        engine = ScriptedEngine()
+        manager = VersionManager(engine, reg, Metrics(), max_resident=4)
+        await manager.load_initial(None)
+        watcher = RegistryWatcher(manager, interval_s=1.0, activate=False)
+        await watcher.prime()
+        assert await watcher.poll_once() == []
+        emb = HashingEmbedder()
+        bad = publish_version(reg, "bad", instruction_types(emb))
+        (bad.path / "adapter.safetensors").write_bytes(b"x")
+        publish_version(reg, "good", instruction_types(emb))
+        assert await watcher.poll_once() == [3]
+        assert watcher.failed == {2} and manager.active() == 1  # activate=False keeps v1 active
+        assert await watcher.poll_once() == []
+        shutil.rmtree(reg)
+        assert await watcher.poll_once() == []  # a vanished folder is not an error
+
+    asyncio.run(go())
+
+
+def test_rollback_works_when_the_engine_started_with_a_version_active(tmp_path: Path) -> None:
+    reg = _registry(tmp_path, 2)
+
+    async def go() -> None:
+        engine = ScriptedEngine()
+        await engine.load_version(next(reg.glob("v0001-*")))
+        await engine.activate_version(1)  # like the vLLM engine, which starts on its first checkpoint
+        manager = VersionManager(engine, reg, Metrics(), max_resident=2)
+        await manager.load_initial(1)
+        await manager.activate(2)
+        assert (await manager.rollback()).version == 1 and manager.history == [1]
+
+    asyncio.run(go())
+
+
+def test_watcher_retries_a_version_refused_for_lack_of_a_free_slot(tmp_path: Path) -> None:
+    from smolora.server.api.engine_protocol import EngineBusyError
+
+    reg = _registry(tmp_path, 1)
+
+    class BusyOnce(ScriptedEngine):
+        busy = True
+
+        async def load_version(self, path: Path):  # type: ignore[override]
+            if self.busy and "v0002" in str(path):
+                self.busy = False
+                raise EngineBusyError("all slots busy")
+            return await super().load_version(path)
+
+    async def go() -> None:
+        manager = VersionManager(BusyOnce(), reg, Metrics(), max_resident=4)
+        await manager.load_initial(None)
+        watcher = RegistryWatcher(manager, interval_s=1.0, activate=True)
+        await watcher.prime()
+        publish_version(reg, "later", instruction_types(HashingEmbedder()))
+        assert await watcher.poll_once() == [] and not watcher.failed
+        assert await watcher.poll_once() == [2] and manager.active() == 2
+
+    asyncio.run(go())

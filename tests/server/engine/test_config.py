@@ -1,0 +1,33 @@
+"""Engine configuration refuses what cannot serve SMoLoRA exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smolora.server.engine.config import AdapterLayout, EngineConfig, EngineConfigError
+
+
+@pytest.fixture()
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+def test_chunked_prefill_is_refused_with_adapters(model_dir: Path) -> None:
+    with pytest.raises(EngineConfigError, match="chunked_prefill"):
+        EngineConfig(model_dir=model_dir, layout=AdapterLayout(), chunked_prefill=True)
+    EngineConfig(model_dir=model_dir, adapters=False, chunked_prefill=True)  # fine for the base model
+
+
+def test_other_invariants(model_dir: Path) -> None:
+    with pytest.raises(EngineConfigError, match="enforce_eager"):
+        EngineConfig(model_dir=model_dir, layout=AdapterLayout(), enforce_eager=False)
+    with pytest.raises(EngineConfigError, match="max_num_batched_tokens"):
+        EngineConfig(model_dir=model_dir, layout=AdapterLayout(), max_model_len=256, max_num_batched_tokens=128)
+    with pytest.raises(EngineConfigError, match="extra_engine_args"):
+        EngineConfig(model_dir=model_dir, layout=AdapterLayout(), extra_engine_args={"enable_prefix_caching": True})
+    with pytest.raises(EngineConfigError, match="target_modules"):
+        AdapterLayout(target_modules=("self_attn.q_proj",))
+    assert AdapterLayout.from_dict(AdapterLayout(num_slots=3).to_dict()).num_slots == 3

@@ -1,0 +1,254 @@
+"""The real vLLM engine (AsyncLLM + our registered architecture) against the reference
+`adapters/` implementation, request by request: tokens, routes, fusion weights; hot-loading
+under load; refusal of corrupt and mismatched checkpoints.
+
+All tests share two engines (see conftest): `engine` (SMoLoRA, version 1 active) and
+`base_engine` (adapters disabled, chunked prefill on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from smolora.adapters.checkpoint import TENSORS
+from smolora.adapters.reference_generate import ReferenceResult
+from smolora.server.engine.config import ARCHITECTURE
+from smolora.server.engine.engine import collect, collect_all
+from smolora.server.engine.protocol import (
+    EngineClient,
+    GenerateChunk,
+    GenerateRequest,
+    InvalidRequestError,
+    VersionLoadError,
+    VersionNotResidentError,
+)
+
+from engine_testlib import LoopThread, Workload, make_adapter, make_workload, publish
+
+pytestmark = pytest.mark.engine
+
+
+def _requests(w: Workload, vu_routing: str | None, version: int | None = None) -> list[GenerateRequest]:
+    return [
+        GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=vu_routing, version=version,  # type: ignore[arg-type]
+                        instruction_source="explicit")
+        for p, im, u, m in zip(w.prompts, w.images, w.instructions, w.max_tokens)
+    ]
+
+
+async def _staggered(engine: Any, requests: list[GenerateRequest]) -> list[GenerateChunk]:
+    """Request i is submitted once request i-1 has streamed its first token, so requests
+    arrive at different engine steps and prefill next to other requests' decodes."""
+    started = [asyncio.Event() for _ in requests]
+    results: list[GenerateChunk | None] = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        if i:
+            await started[i - 1].wait()
+        ids: list[int] = []
+        last = None
+        async for chunk in engine.generate(requests[i]):
+            ids.extend(chunk.token_ids)
+            if chunk.token_ids:
+                started[i].set()
+            last = chunk
+        started[i].set()
+        assert last is not None and last.finished
+        last.token_ids = ids
+        results[i] = last
+
+    await asyncio.gather(*(one(i) for i in range(len(requests))))
+    return results  # type: ignore[return-value]
+
+
+def _assert_matches_reference(results: list[GenerateChunk], refs: list[ReferenceResult], version: int, per_step: bool) -> None:
+    for i, (got, ref) in enumerate(zip(results, refs)):
+        assert got.token_ids == ref.token_ids, f"request {i}: tokens differ"
+        assert got.version == version
+        trace = got.trace
+        assert trace is not None and trace.exact and trace.version == version
+        assert trace.routes() == [(r["layer"], r["vu_expert"], r["if_expert"]) for r in ref.trace], f"request {i}: routes differ"
+        for mine, theirs in zip(trace.layers, ref.trace):
+            assert mine.w_vu == pytest.approx(theirs["w_vu"], abs=1e-4)
+            assert mine.w_if == pytest.approx(theirs["w_if"], abs=1e-4)
+            if per_step and not mine.layer.startswith("projector."):
+                assert mine.vu_steps == ref.vu_steps[mine.layer], f"request {i}: per-step routes differ at {mine.layer}"
+
+
+def _assert_routes_differ(results: list[GenerateChunk]) -> None:
+    routes = [tuple(r.trace.routes()) for r in results if r.trace is not None]
+    assert len(set(routes)) > 1, "every request took the same route: the test would not exercise routing"
+    vu = {tuple(l.vu_expert for l in r.trace.layers) for r in results if r.trace}
+    if_ = {tuple(l.if_expert for l in r.trace.layers) for r in results if r.trace}
+    assert len(vu) > 1 and len(if_) > 1
+
+
+def test_engine_is_vllm_with_our_architecture(engine: Any) -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert isinstance(engine, EngineClient)
+    assert isinstance(engine.vllm, AsyncLLM)
+    cfg = engine.vllm.vllm_config
+    assert cfg.model_config.architectures == [ARCHITECTURE]
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.scheduler_config.enable_chunked_prefill is False
+    assert cfg.scheduler_config.async_scheduling is False
+    assert cfg.use_v2_model_runner is False
+
+
+def test_base_engine_matches_hf_with_chunked_prefill(loop: LoopThread, base_engine: Any, tiny_model_dir: Path) -> None:
+    """Adapters disabled: greedy tokens equal HF transformers, with every image prompt split
+    across steps by vLLM's chunked prefill (32-token budget)."""
+    from smolora.adapters.tiny_llava import load_llava
+
+    w = make_workload(8, seed=3, text_only=2)
+    reqs = [GenerateRequest(prompt=p, image=im, max_tokens=m) for p, im, m in zip(w.prompts, w.images, w.max_tokens)]
+    results = loop.run(_staggered(base_engine, reqs))
+    model, processor = load_llava(tiny_model_dir)
+    for i, (p, im, m) in enumerate(zip(w.prompts, w.images, w.max_tokens)):
+        inputs = processor(text=p, images=im, return_tensors="pt") if im is not None else processor(text=p, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=m, do_sample=False)
+        ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert results[i].token_ids == ref, f"request {i}"
+        assert results[i].trace is None and results[i].version is None
+
+
+@pytest.mark.parametrize("vu_routing", ["pinned", "per_step"])
+def test_mixed_batch_matches_reference(loop: LoopThread, engine: Any, version1: Any, vu_routing: str) -> None:
+    """10 staggered concurrent requests (8 images, 2 text-only, different instructions and
+    lengths) in one engine: tokens and routes equal the reference, request by request."""
+    _, smodel, processor = version1
+    w = make_workload(10, seed=11 if vu_routing == "pinned" else 12, text_only=2)
+    results = loop.run(_staggered(engine, _requests(w, vu_routing, version=1)))
+    refs = w.reference(smodel, processor, vu_routing)
+    _assert_matches_reference(results, refs, version=1, per_step=vu_routing == "per_step")
+    _assert_routes_differ(results)
+    health = loop.run(engine.health())
+    assert health.ok and health.detail["partial_prefills"] == 0
+
+
+def test_pinned_and_per_step_share_a_batch(loop: LoopThread, engine: Any, version1: Any) -> None:
+    """The routing mode is per request: both modes interleaved in one batch still match."""
+    _, smodel, processor = version1
+    w = make_workload(8, seed=21, text_only=1)
+    modes = ["pinned" if i % 2 else "per_step" for i in range(8)]
+    reqs = [GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=mode)  # type: ignore[arg-type]
+            for p, im, u, m, mode in zip(w.prompts, w.images, w.instructions, w.max_tokens, modes)]
+    results = loop.run(_staggered(engine, reqs))
+    for i, mode in enumerate(modes):
+        one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
+        _assert_matches_reference([results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step")
+
+
+def test_traces_are_fetched_in_batches(loop: LoopThread, engine: Any) -> None:
+    """16 requests submitted together cost fewer trace RPCs than requests."""
+    w = make_workload(16, seed=31, text_only=0)
+    before = engine.trace_rpc_count
+    results = loop.run(collect_all(engine, _requests(w, None)))
+    assert all(r.trace is not None and r.trace.layers for r in results)
+    assert engine.trace_rpc_count - before < len(results)
+
+
+def test_invalid_requests_are_refused(loop: LoopThread, engine: Any) -> None:
+    bad_dim = GenerateRequest(prompt="USER: hi ASSISTANT:", instruction=[0.0] * 10, max_tokens=2)
+    with pytest.raises(InvalidRequestError, match="384"):
+        loop.run(collect(engine, bad_dim))
+    unknown = GenerateRequest(prompt="USER: hi ASSISTANT:", instruction=[0.0] * 384, max_tokens=2, version=99)
+    with pytest.raises(VersionNotResidentError):
+        loop.run(collect(engine, unknown))
+    with pytest.raises(InvalidRequestError):
+        GenerateRequest(prompt="USER: hi ASSISTANT:", max_tokens=0)
+
+
+def test_hot_load_under_load(loop: LoopThread, engine: Any, version1: Any, registry: Path, tiny_model_dir: Path) -> None:
+    """Publish version 2 while 6 requests stream on version 1: all complete with version-1
+    outputs (equal to the version-1 reference), later requests get version 2 (equal to the
+    version-2 reference). Then a corrupt and a mismatched version are refused and version 2
+    keeps serving."""
+    _, smodel1, processor = version1
+    smodel2, _ = make_adapter(tiny_model_dir, seed=2)
+    w_old = make_workload(6, seed=41, text_only=1)
+    w_old.max_tokens = [24] * 6
+    w_new = make_workload(6, seed=42, text_only=1)
+    assert engine.active_version().version == 1
+
+    async def scenario() -> tuple[list[GenerateChunk], list[GenerateChunk], Any, dict[int, int]]:
+        first_tokens = [asyncio.Event() for _ in range(6)]
+        old_results: list[GenerateChunk | None] = [None] * 6
+
+        async def stream(i: int, req: GenerateRequest) -> None:
+            ids: list[int] = []
+            last = None
+            async for chunk in engine.generate(req):
+                ids.extend(chunk.token_ids)
+                first_tokens[i].set()
+                last = chunk
+            assert last is not None
+            last.token_ids = ids
+            old_results[i] = last
+
+        tasks = [asyncio.create_task(stream(i, r)) for i, r in enumerate(_requests(w_old, "pinned"))]
+        await asyncio.gather(*(e.wait() for e in first_tokens))
+        # Freeze the running requests in the engine (they keep their rows and KV cache) so
+        # the publish + load below deterministically happens while all six are in flight.
+        await engine.vllm.pause_generation(mode="keep", clear_cache=False)
+        entry = await asyncio.to_thread(publish, registry, tiny_model_dir, smodel2, "task2")
+        info = await engine.load_latest(registry)
+        in_flight_on_v1 = {v.version: v.in_flight for v in engine.list_versions()}
+        new_tasks = asyncio.gather(*(collect(engine, r) for r in _requests(w_new, "pinned")))
+        await engine.vllm.resume_generation()
+        new_results = await new_tasks
+        await asyncio.gather(*tasks)
+        assert entry.version == info.version == 2
+        return old_results, list(new_results), info, in_flight_on_v1  # type: ignore[return-value]
+
+    old, new, info, in_flight = loop.run(scenario())
+    assert info.active and in_flight[1] > 0, "the load must happen while version-1 requests are in flight"
+    _assert_matches_reference(old, w_old.reference(smodel1, processor, "pinned"), version=1, per_step=False)
+    _assert_matches_reference(new, w_new.reference(smodel2, processor, "pinned"), version=2, per_step=False)
+    assert {v.version for v in engine.list_versions()} == {1, 2}
+
+    # A corrupt version (published, then its tensors damaged) is refused; v2 keeps serving.
+    smodel3, _ = make_adapter(tiny_model_dir, seed=3)
+    bad = publish(registry, tiny_model_dir, smodel3, "task3")
+    data = bytearray((bad.path / TENSORS).read_bytes())
+    data[-64:] = bytes(64)
+    (bad.path / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(VersionLoadError) as err:
+        loop.run(engine.load_latest(registry))
+    assert err.value.reason == "IntegrityError"
+    # A checkpoint with another adapter layout (rank 8) is refused too.
+    smodel4, _ = make_adapter(tiny_model_dir, seed=4, rank=8)
+    other = publish(registry, tiny_model_dir, smodel4, "task4")
+    with pytest.raises(VersionLoadError) as err2:
+        loop.run(engine.load_version(other.path))
+    assert err2.value.reason == "CheckpointMismatchError"
+    assert engine.active_version().version == 2
+    again = loop.run(collect(engine, _requests(w_new, "pinned")[0]))
+    assert again.version == 2 and again.token_ids == new[0].token_ids
+    shutil.rmtree(bad.path)
+    shutil.rmtree(other.path)
+
+
+def test_preempted_requests_match_reference(loop: LoopThread, preempting_engine: Any, version1: Any) -> None:
+    """With a KV cache too small for the batch, vLLM preempts and recomputes requests; their
+    tokens and traces (pinned and per-step routes, fusion means) still equal the reference."""
+    _, smodel, processor = version1
+    w = make_workload(10, seed=51, text_only=1)
+    w.max_tokens = [30] * 10
+    modes = ["pinned" if i % 2 else "per_step" for i in range(10)]
+    reqs = [GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=mode)  # type: ignore[arg-type]
+            for p, im, u, m, mode in zip(w.prompts, w.images, w.instructions, w.max_tokens, modes)]
+    results = loop.run(collect_all(preempting_engine, reqs))
+    stats = loop.run(preempting_engine.health()).detail
+    assert stats["recomputed_requests"] > 0, "the KV cache was large enough: no preemption happened"
+    for i, mode in enumerate(modes):
+        one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
+        _assert_matches_reference([results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step")

@@ -1,0 +1,198 @@
+"""Command line of the training package: `python -m smolora.training <command> ...`.
+
+Commands:
+  build-data  generate mini-CVIT into a folder
+  pretrain    align a tiny LLaVA base on generic descriptions (the frozen base)
+  train       train one method over the task sequence, publishing after every task
+  evaluate    evaluate a published checkpoint (or the bare base) on tasks
+  report      collect method results into a table (Markdown + JSON) and plots
+
+This module parses arguments and prints; the work is in the library modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from smolora.training.config import METHOD_NAMES, AdapterSizes, EvalConfig, OptimConfig, RunConfig
+from smolora.training.data.tasks import UPSTREAM_ORDER
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-data", help="generate mini-CVIT")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--train-per-task", type=int, default=2000)
+    p.add_argument("--test-per-task", type=int, default=100)
+    p.add_argument("--pretrain-size", type=int, default=8000)
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="align a base model on generic descriptions")
+    p.add_argument("--data", required=True, type=Path, help="built mini-CVIT folder")
+    p.add_argument("--out", required=True, type=Path, help="base model folder to write")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--init", type=Path, default=None, help="start from this LLaVA folder instead of a preset")
+    p.add_argument("--train-modules", choices=("all", "projector"), default="all")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="built mini-CVIT (or CVIT-layout) folder")
+    p.add_argument("--base", required=True, type=Path, help="frozen base model folder")
+    p.add_argument("--setting", choices=("single", "multi"), default="single")
+    p.add_argument("--tasks", type=_tasks, default=UPSTREAM_ORDER, help="comma-separated task order")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one method over the task sequence")
+    p.add_argument("--method", choices=METHOD_NAMES, required=True)
+    p.add_argument("--out", required=True, type=Path, help="run folder (results, matrix, registry)")
+    p.add_argument("--registry", type=Path, default=None, help="checkpoint registry (default OUT/registry)")
+    _add_run_args(p)
+    p.add_argument("--paper-defaults", action="store_true", help="the paper's hyper-parameters for real LLaVA models")
+    p.add_argument("--steps-per-task", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--router-balance-weight", type=float, default=None)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--replay-size", type=int, default=100)
+    p.add_argument("--replay-ratio", type=float, default=0.25)
+    p.add_argument("--few-shot", type=_tasks, default=("5", "10"))
+    p.add_argument("--few-shot-steps", type=int, default=30)
+    p.add_argument("--no-unseen", action="store_true")
+    p.add_argument("--no-robustness", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a published SMoLoRA/LoRA/MoELoRA checkpoint or the base")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder or registry (uses latest)")
+    _add_run_args(p)
+    p.add_argument("--split", default="test", choices=("test", "test_heldout"))
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="results table and plots from run folders")
+    p.add_argument("--runs", required=True, type=Path, help="folder with one sub-folder per method")
+    p.add_argument("--out", required=True, type=Path, help="output prefix folder")
+    p.add_argument("--name", default="mini_cvit")
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The `RunConfig` of a `train` command line."""
+    optim = OptimConfig.paper() if args.paper_defaults else OptimConfig()
+    sizes = AdapterSizes.paper() if args.paper_defaults else AdapterSizes()
+    if args.steps_per_task is not None or args.epochs is not None:
+        optim.steps_per_task, optim.epochs = args.steps_per_task, args.epochs
+    optim.batch_size = _pick(args.batch_size, optim.batch_size)
+    optim.grad_accum = _pick(args.grad_accum, optim.grad_accum)
+    optim.lr = _pick(args.lr, optim.lr)
+    optim.__post_init__()
+    sizes = AdapterSizes(
+        rank=_pick(args.rank, sizes.rank),
+        alpha=_pick(args.alpha, sizes.alpha),
+        num_experts=_pick(args.num_experts, sizes.num_experts),
+        lora_rank=_pick(args.lora_rank, sizes.lora_rank),
+        lora_alpha=_pick(args.lora_alpha, sizes.lora_alpha),
+        dropout=sizes.dropout,
+        router_balance_weight=_pick(args.router_balance_weight, sizes.router_balance_weight),
+    )
+    ev = EvalConfig(
+        test_limit=args.test_limit,
+        batch_size=args.eval_batch_size,
+        unseen=not args.no_unseen,
+        few_shot=tuple(int(k) for k in args.few_shot),
+        few_shot_steps=args.few_shot_steps,
+        robustness=not args.no_robustness,
+    )
+    return RunConfig(
+        method=args.method, data_root=args.data, base_dir=args.base, out_dir=args.out, setting=args.setting,
+        tasks=args.tasks, seed=args.seed, train_limit=args.train_limit, registry=args.registry, device=args.device,
+        dtype=args.dtype, num_threads=args.threads, replay_size=args.replay_size, replay_ratio=args.replay_ratio,
+        optim=optim, adapter=sizes, eval=ev,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smolora.training", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_build, _add_pretrain, _add_train, _add_evaluate, _add_report):
+        add(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress = not args.no_progress
+
+    if args.command == "build-data":
+        from smolora.training.data.mini_cvit import MiniCVITConfig, build_mini_cvit
+
+        cfg = MiniCVITConfig(
+            seed=args.seed, image_size=args.image_size, train_per_task=args.train_per_task,
+            test_per_task=args.test_per_task, pretrain_size=args.pretrain_size,
+        )
+        print(build_mini_cvit(args.out, cfg, progress=progress))
+    elif args.command == "pretrain":
+        from smolora.training.pretrain import PretrainConfig, pretrain_base
+
+        cfg = PretrainConfig(
+            data_root=args.data, out_dir=args.out, preset=args.preset, init_dir=args.init, train_modules=args.train_modules,
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_threads=args.threads,
+            device=args.device,
+        )
+        print(pretrain_base(cfg, progress=progress))
+    elif args.command == "train":
+        from smolora.training.trainer import train_method
+
+        res = train_method(run_config_from_args(args), progress=progress)
+        print(json.dumps({k: res.get(k) for k in ("method", "AP", "MAP", "BWT", "MIF", "runtime_s")}, indent=1))
+    elif args.command == "evaluate":
+        from smolora.training.checkpoint_eval import evaluate_checkpoint
+
+        res = evaluate_checkpoint(
+            args.checkpoint, args.base, args.data, args.setting, args.tasks, args.split, args.test_limit,
+            args.eval_batch_size, args.device, progress,
+        )
+        print(json.dumps(res, indent=1))
+    elif args.command == "report":
+        from smolora.training.report import write_report
+
+        paths = write_report(args.runs, args.out, args.name)
+        print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""mini-CVIT data: procedural scenes, task generators, the LLaVA/CVIT JSON format, batching."""
