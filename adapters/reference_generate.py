@@ -61,11 +61,14 @@ def generate_batch(
     if any(with_images) and not all(with_images):
         raise ValueError("a reference batch must be all-image or all-text; run mixed requests one at a time")
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     kwargs: dict[str, Any] = {"text": [r.prompt for r in requests], "return_tensors": "pt", "padding": True}
     if all(with_images) and requests:
         kwargs["images"] = [r.image for r in requests]
-    inputs = processor(**kwargs)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = processor(**kwargs)
+    finally:
+        tokenizer.padding_side = side
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     ctx = RoutingContext(torch.stack([r.instruction for r in requests]), vu_routing=vu_routing)
 
@@ -77,7 +80,6 @@ def generate_batch(
     with smodel.routing(ctx):
         ctx.set_token_mask(mask)
         out = model(**inputs, position_ids=pos, use_cache=True)
-        ctx.set_token_mask(None)
         past = out.past_key_values
         for _ in range(max_new_tokens):
             nxt = out.logits[:, -1].argmax(-1)  # [B]
@@ -89,6 +91,9 @@ def generate_batch(
                 break
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
             pos = pos[:, -1:] + 1
+            # Rows already past EOS are still fed (the batch stays rectangular) but are not
+            # real tokens: they must not count in route means or fusion-weight averages.
+            ctx.set_token_mask((~done)[:, None])
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
             past = out.past_key_values
     traces = ctx.trace()
@@ -96,7 +101,8 @@ def generate_batch(
         ReferenceResult(
             token_ids=outputs[i],
             trace=traces[i],
-            vu_steps={n: [int(s[i]) for s in r.vu_steps] for n, r in ctx.routes.items() if r.vu_steps},
+            # Row i was really fed for len(outputs[i]) - 1 decode steps; later steps were padding.
+            vu_steps={n: [int(s[i]) for s in r.vu_steps[: len(outputs[i]) - 1]] for n, r in ctx.routes.items() if r.vu_steps},
         )
         for i in range(b)
     ]
@@ -108,6 +114,7 @@ def generate_one_by_one(
     requests: Sequence[ReferenceRequest],
     max_new_tokens: int,
     vu_routing: VuRouting = "pinned",
+    eos_token_id: int | None = None,
 ) -> list[ReferenceResult]:
     """Serve requests one at a time, as the reference code does (no padding at all)."""
-    return [generate_batch(smodel, processor, [r], max_new_tokens, vu_routing)[0] for r in requests]
+    return [generate_batch(smodel, processor, [r], max_new_tokens, vu_routing, eos_token_id)[0] for r in requests]

@@ -1,84 +1,77 @@
-"""The main job on the embedded default model.
+"""The main job on the embedded default model: train it if absent, then serve it.
 
-Today: build the embedded LLaVA model (if absent), attach a SMoLoRA adapter, and run a
-routed greedy generation for one generated image under two different instructions,
-printing the answer and the per-layer routes. Training the default model and serving it
-over HTTP plug in here as `training/` and `server/` land.
+Steps, each skipped when its output already exists (so a second run goes straight to
+serving, and an interrupted run resumes):
+  1. build the mini-CVIT data (`python -m smolora.training build-data`);
+  2. align the embedded base model on generic image descriptions (`... pretrain`);
+  3. train SMoLoRA over the six upstream tasks, publishing a checkpoint version into the
+     registry after each task (`... train --method smolora`; the trainer resumes after the
+     last published task);
+  4. serve the base + registry on the OpenAI-compatible endpoint
+     (`python -m smolora.server serve`), which also hot-loads later versions.
+Each step is its own process: this module only orchestrates, it imports neither the
+trainer nor the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 log = logging.getLogger("smolora.quickstart")
 
-INSTRUCTIONS = (
-    "Answer the question using a single word or phrase.",
-    "Provide a one-sentence caption for the provided image.",
-)
 
-
-def _demo_image(size: int):
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), (235, 235, 245))
-    d = ImageDraw.Draw(img)
-    d.ellipse((size * 0.1, size * 0.2, size * 0.5, size * 0.6), fill=(220, 40, 40))
-    d.rectangle((size * 0.55, size * 0.5, size * 0.9, size * 0.85), fill=(40, 60, 220))
-    return img
-
-
-def ensure_model(workdir: Path, preset_name: str, seed: int) -> Path:
-    """Build the embedded model folder once; later runs reuse it."""
-    from smolora.adapters.tiny_llava import build_tiny_llava, get_preset
-
-    model_dir = workdir / "models" / f"{preset_name}-seed{seed}"
-    if not (model_dir / "config.json").is_file():
-        log.info("building the %s model into %s", preset_name, model_dir)
-        build_tiny_llava(get_preset(preset_name), model_dir, seed=seed)
-    return model_dir
+def _run(argv: list[str]) -> None:
+    log.info("running: %s", " ".join(argv))
+    subprocess.run([sys.executable, "-m", *argv], check=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from smolora.adapters.checkpoint import list_versions
+    from smolora.adapters.tiny_llava import get_preset
 
-    from smolora.adapters.instructions import InstructionEncoder
-    from smolora.adapters.reference_generate import ReferenceRequest, generate_one_by_one
-    from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
-    from smolora.adapters.tiny_llava import get_preset, load_llava
+    preset = get_preset(args.preset)
+    work = Path(args.workdir)
+    data = work / "data" / f"mini_cvit-{preset.image_size}px-seed{args.seed}"
+    base = work / "models" / f"base-{args.preset}-seed{args.seed}"
+    run_dir = work / "runs" / f"smolora-{args.preset}-seed{args.seed}"
+    registry = work / "registry" / f"{args.preset}-seed{args.seed}"
 
-    t0 = time.perf_counter()
-    model_dir = ensure_model(Path(args.workdir), args.preset, args.seed)
-    model, processor = load_llava(model_dir)
-    smodel = SMoLoRAModel(model, SMoLoRAConfig(num_experts=8, rank=64, alpha=128), seed=args.seed)
-    encoder = InstructionEncoder()
-    image = _demo_image(get_preset(args.preset).image_size)
-    question = "What colour is the circle?"
-    reqs = []
-    for instruction in INSTRUCTIONS:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{instruction}"}]}]
-        prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
-        reqs.append(ReferenceRequest(prompt, image, encoder.encode([instruction])[0]))
-    with torch.no_grad():
-        results = generate_one_by_one(smodel, processor, reqs, max_new_tokens=args.max_tokens)
-    print(f"model: {model_dir} ({args.preset}, untrained base + fresh SMoLoRA adapter)")
-    for instruction, res in zip(INSTRUCTIONS, results):
-        text = processor.tokenizer.decode(res.token_ids, skip_special_tokens=True)
-        print(f"\ninstruction: {instruction}\nanswer: {text!r}")
-        print("  layer                       VU  IF   w_vu  w_if")
-        for t in res.trace:
-            print(f"  {t['layer']:<26} {t['vu_expert']:>3} {t['if_expert']:>3}  {t['w_vu']:.2f}  {t['w_if']:.2f}")
-    print(f"\ndone in {time.perf_counter() - t0:.1f}s")
+    if not (data / "single").is_dir():
+        _run(["smolora.training", "build-data", "--out", str(data), "--seed", str(args.seed),
+              "--image-size", str(preset.image_size), "--train-per-task", str(args.train_per_task),
+              "--test-per-task", str(args.test_per_task)])
+    if not (base / "config.json").is_file():
+        _run(["smolora.training", "pretrain", "--data", str(data), "--out", str(base), "--preset", args.preset,
+              "--steps", str(args.pretrain_steps), "--seed", str(args.seed)])
+    if len(list_versions(registry)) < 6 or args.force_train:
+        _run(["smolora.training", "train", "--method", "smolora", "--data", str(data), "--base", str(base),
+              "--out", str(run_dir), "--registry", str(registry), "--seed", str(args.seed),
+              "--steps-per-task", str(args.steps_per_task), "--test-limit", str(args.test_per_task),
+              "--no-unseen", "--no-robustness"])
+    versions = list_versions(registry)
+    log.info("registry %s holds %d versions (latest %s)", registry, len(versions), versions[-1].name if versions else None)
+    if args.no_serve:
+        return 0
+    _run(["smolora.server", "serve", "--model", str(base), "--registry", str(registry),
+          "--host", args.host, "--port", str(args.port), "--served-model-name", f"smolora-{args.preset}"])
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quickstart", help="build the embedded model and run a routed generation")
-    p.add_argument("--workdir", default=".cache/smolora", help="where models and checkpoints live")
+    p = sub.add_parser("quickstart", help="train the embedded default model if absent, then serve it")
+    p.add_argument("--workdir", default=".cache/smolora", help="where data, models, runs and the registry live")
     p.add_argument("--preset", default="small", help="embedded model size: tiny, small or wide")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--train-per-task", type=int, default=1000, help="training examples per task")
+    p.add_argument("--test-per-task", type=int, default=50, help="test examples per task")
+    p.add_argument("--pretrain-steps", type=int, default=800, help="base alignment steps")
+    p.add_argument("--steps-per-task", type=int, default=120, help="SMoLoRA training steps per task")
+    p.add_argument("--force-train", action="store_true", help="run the trainer even if the registry is complete")
+    p.add_argument("--no-serve", action="store_true", help="stop after training")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=run)

@@ -103,10 +103,15 @@ class RoutingContext:
             )
         b, t = x.shape[0], x.shape[1]
         owners = torch.arange(b, device=x.device).repeat_interleave(t)
-        if self.token_mask is not None and self.token_mask.shape == (b, t):
+        if self.token_mask is None:
+            valid = torch.ones(b * t, dtype=torch.bool, device=x.device)
+        elif tuple(self.token_mask.shape) == (b, t):
             valid = self.token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
         else:
-            valid = torch.ones(b * t, dtype=torch.bool, device=x.device)
+            raise ValueError(
+                f"token mask of shape {tuple(self.token_mask.shape)} does not fit a layer input of "
+                f"[{b}, {t}] tokens: call ctx.set_token_mask(...) before each forward"
+            )
         return TokenLayout(owners, valid, b)
 
     def image_layout(self, x: Tensor) -> TokenLayout:

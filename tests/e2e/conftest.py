@@ -64,7 +64,7 @@ class RemoteServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> "RemoteServer":
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        env = dict(os.environ)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

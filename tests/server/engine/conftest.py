@@ -1,5 +1,5 @@
-"""Fixtures for the engine tests: a tiny LLaVA model, published SMoLoRA checkpoint versions,
-and real vLLM engines shared per session.
+"""Fixtures for the engine tests: published SMoLoRA checkpoint versions of the tiny LLaVA model
+(`tiny_model_dir`, from tests/conftest.py) and real vLLM engines shared per session.
 
 Engines run inside one background event-loop thread (vLLM's `AsyncLLM` keeps its output
 handler task on the loop that created it), so synchronous tests drive them with
@@ -14,15 +14,9 @@ from typing import Any
 
 import pytest
 
-from engine_testlib import LoopThread, make_adapter, publish
 from smolora.adapters.checkpoint import RegistryEntry
 from smolora.adapters.smolora import SMoLoRAModel
-from smolora.adapters.tiny_llava import build_tiny_llava, get_preset
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llava(get_preset("tiny"), tmp_path_factory.mktemp("tiny_llava"), seed=0)
+from tests.server.engine.engine_testlib import LoopThread, make_adapter, publish
 
 
 @pytest.fixture(scope="session")

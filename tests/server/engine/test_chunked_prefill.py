@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from engine_testlib import make_adapter, make_workload
 from smolora.adapters.smolora import RoutingContext
+from tests.server.engine.engine_testlib import make_adapter, make_workload
 
 
 def _text_routes(smodel, inputs, length: int, u: torch.Tensor) -> dict[str, int]:

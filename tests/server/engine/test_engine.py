@@ -29,7 +29,7 @@ from smolora.server.engine.protocol import (
     VersionNotResidentError,
 )
 
-from engine_testlib import LoopThread, Workload, make_adapter, make_workload, publish
+from tests.server.engine.engine_testlib import LoopThread, Workload, make_adapter, make_workload, publish
 
 pytestmark = pytest.mark.engine
 

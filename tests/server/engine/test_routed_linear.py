@@ -13,7 +13,7 @@ from torch import nn
 from smolora.adapters.smolora import RoutingContext, SMoLoRAConfig, SMoLoRALinear
 from smolora.server.engine.config import AdapterLayout
 from smolora.server.engine.routed_linear import RoutedAdapter
-from smolora.server.engine.row_state import RowRoutingState, StepScope
+from smolora.server.engine.row_state import RowRoutingState
 
 D_IN, D_OUT, E, RANK = 24, 20, 4, 8
 
