@@ -7,38 +7,25 @@ router is a bias-free linear on the token itself (no instruction input).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from smolora.adapters.adapter_model import AdapterModel
-from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES
+from smolora.adapters.baselines.lora import LoRAConfig
 
 
 @dataclass
-class MoELoRAConfig:
-    """MoELoRA hyper-parameters: E experts sharing total rank r."""
+class MoELoRAConfig(LoRAConfig):
+    """MoELoRA hyper-parameters: `LoRAConfig` plus E experts sharing the total rank r."""
 
     num_experts: int = 8
-    rank: int = 128
-    alpha: float = 256.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    init_std: float = 0.01
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        super().__post_init__()
         if self.num_experts < 1 or self.rank % self.num_experts:
             raise ValueError(f"rank ({self.rank}) must be a positive multiple of num_experts ({self.num_experts})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
 
 
 class MoELoRALinear(nn.Module):

