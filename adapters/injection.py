@@ -9,18 +9,12 @@ not do: define any adapter math (see `smolora/`, `baselines/`).
 from __future__ import annotations
 
 import re
-from typing import Callable, Protocol
+from typing import Callable
 
 from torch import nn
 
 _DECODER_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(\w+)$")
 _PROJECTOR = re.compile(r"(?:^|\.)(?:multi_modal_projector|mm_projector)\.(\w+)$")
-
-
-class AdapterLayer(Protocol):
-    """What every adapter wrapper exposes: the frozen base linear it wraps."""
-
-    base: nn.Linear
 
 
 def canonical_layer_name(qualified_name: str) -> str:
