@@ -10,7 +10,7 @@ speed, and does not sample: greedy only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -37,6 +37,57 @@ class ReferenceResult:
     token_ids: list[int]
     trace: list[dict[str, Any]] = field(default_factory=list)
     vu_steps: dict[str, list[int]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: torch.nn.Module,
+    inputs: dict[str, Tensor],
+    max_new_tokens: int,
+    eos_token_id: int,
+    set_token_mask: Callable[[Tensor | None], None] | None = None,
+) -> list[list[int]]:
+    """Greedy-decode a left-padded batch with the KV cache (any HF LLaVA, adapted or not).
+
+    Position ids follow the attention mask, so padding does not shift positions.
+    `set_token_mask` (e.g. `RoutingContext.set_token_mask`) is told which tokens are real
+    before every forward: the prompt's at prefill, then each row while it has not reached
+    EOS (rows past EOS are still fed, to keep the batch rectangular, but must not count in
+    route means or fusion averages).
+
+    Args:
+        model: the model, in eval mode.
+        inputs: `input_ids`, `attention_mask` (`[B, T]`) and optionally `pixel_values`,
+            on the model's device.
+        max_new_tokens: decoding budget.
+        eos_token_id: stops a row once generated.
+        set_token_mask: optional real-token hook.
+
+    Returns:
+        Generated token ids per row (EOS included when reached).
+    """
+    hook = set_token_mask or (lambda mask: None)
+    mask = inputs["attention_mask"]
+    device = mask.device
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    b = mask.shape[0]
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool)
+    hook(mask)
+    out = model(**inputs, position_ids=pos, use_cache=True)
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)  # [B]
+        for i in range(b):
+            if not done[i]:
+                outputs[i].append(int(nxt[i]))
+                done[i] = int(nxt[i]) == eos_token_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+        pos = pos[:, -1:] + 1
+        hook((~done)[:, None].to(device))
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+    return outputs
 
 
 @torch.no_grad()
@@ -72,30 +123,9 @@ def generate_batch(
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     ctx = RoutingContext(torch.stack([r.instruction for r in requests]), vu_routing=vu_routing)
 
-    mask = inputs["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
     b = len(requests)
-    outputs: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool)
     with smodel.routing(ctx):
-        ctx.set_token_mask(mask)
-        out = model(**inputs, position_ids=pos, use_cache=True)
-        past = out.past_key_values
-        for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)  # [B]
-            for i in range(b):
-                if not done[i]:
-                    outputs[i].append(int(nxt[i]))
-                    done[i] = int(nxt[i]) == eos
-            if bool(done.all()) or len(outputs[0]) == max_new_tokens:
-                break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
-            pos = pos[:, -1:] + 1
-            # Rows already past EOS are still fed (the batch stays rectangular) but are not
-            # real tokens: they must not count in route means or fusion-weight averages.
-            ctx.set_token_mask((~done)[:, None])
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+        outputs = greedy_decode(model, dict(inputs), max_new_tokens, eos, ctx.set_token_mask)
     traces = ctx.trace()
     return [
         ReferenceResult(

@@ -12,9 +12,22 @@ Measures, in one run on one machine:
 
 Engine rounds alternate routed/base (both engines stay up) and the best round of each
 counts (other processes on a shared CPU only ever slow a round down); the paired per-round
-ratios are logged too. `--curve-presets wide` adds the routed/base ratio of
-wider models (`width_curve`): at small widths the fixed per-op cost of the routed layers
-dominates. Usage:
+ratios are logged too. Every round sends images neither engine has seen (see
+`run_engines`).
+
+`--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`).
+
+Where the routed engine's time goes (small preset, 16 decoding requests, one worker thread
+on a shared 2-core CPU; in-process decode-forward timings at rank 128, rank 32 and base):
+- weight bytes: a routed linear reads the A and B of every expert some request routes to,
+  once per step; with 16 requests that is every expert, r_total * (d_in + d_out) floats
+  per adapted sublayer against d_in * d_out for the base weight (~50% more weight bytes
+  over the decoder's linears at hidden 256, ~15% at `wide`, ~4% at LLaVA-7B widths):
+  ~0.5 ms of a ~2.3 ms base decode forward;
+- per-op cost: ~10 small ops per routed linear, ~0.1 ms per linear, ~0.9 ms per forward;
+  the same on the grouped-matmul path and on a padded-`bmm` decode path (tried, not kept:
+  faster in isolation, no difference inside the engine).
+At small widths these fixed costs dominate `routed_vs_base`. Usage:
 
     python bench/engine.py            # small preset, 16 requests x 128 tokens, 7 rounds, + wide
 """
@@ -143,14 +156,18 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
     base = await SMoLoRAEngine.start(EngineConfig(adapters=False, **common))
     out: dict[str, Any] = {}
     try:
-        r_reqs = requests(prompts, images, instr, args.max_tokens)
-        b_reqs = requests(prompts, images, None, args.max_tokens)
-        await tokens_per_s(routed, r_reqs)  # warm-up
-        await tokens_per_s(base, b_reqs)
+        await tokens_per_s(routed, requests(prompts, images, instr, args.max_tokens))  # warm-up
+        await tokens_per_s(base, requests(prompts, images, None, args.max_tokens))
         routed_tps, base_tps = [], []
-        for _ in range(args.rounds):
-            routed_tps.append(await tokens_per_s(routed, r_reqs))
-            base_tps.append(await tokens_per_s(base, b_reqs))
+        size = images[0].size[0]
+        for i in range(args.rounds):
+            # Fresh images every round, as real traffic has: vLLM's multimodal processor cache
+            # keys an image by its content and processor kwargs, which carry a routed
+            # request's own key, so repeated images would let only the base engine skip
+            # preprocessing.
+            _, round_images, _ = workload(args.requests, size, seed=1000 + i)
+            routed_tps.append(await tokens_per_s(routed, requests(prompts, round_images, instr, args.max_tokens)))
+            base_tps.append(await tokens_per_s(base, requests(prompts, round_images, None, args.max_tokens)))
             logger.info("%s round: routed %.1f tok/s, base %.1f tok/s", model_dir.name, routed_tps[-1], base_tps[-1])
         # Best round of each: on a shared machine other processes only ever slow a round down.
         out["routed"], out["base"] = max(routed_tps), max(base_tps)

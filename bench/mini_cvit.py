@@ -12,6 +12,7 @@ Usage (the full table, single-type instructions, small preset):
 
     python bench/mini_cvit.py
     python bench/mini_cvit.py --preset tiny --tasks sqa,textvqa --steps-per-task 5   # quick
+    python bench/mini_cvit.py --report-only "smolora_learned re-trained after ..."  # table from cached runs
 
 Data, the aligned base and per-method run folders are cached under --cache; a re-run
 resumes from the last published task of each method. `runtime_s` is the wall time of this
@@ -30,6 +31,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from smolora.training.config import METHOD_NAMES
 from smolora.training.data.mini_cvit import MiniCVITConfig, build_mini_cvit
@@ -51,18 +53,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(UPSTREAM_ORDER))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--steps-per-task", type=int, default=120)
+    p.add_argument("--steps-per-task", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--test-limit", type=int, default=100)
     p.add_argument("--few-shot-steps", type=int, default=30)
-    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--pretrain-steps", type=int, default=3500)
+    p.add_argument("--pretrain-size", type=int, default=24000, help="generic descriptions for base alignment")
+    p.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast, float32 weights)")
     p.add_argument("--base", type=Path, default=None, help="an aligned base folder to reuse instead of aligning one")
-    p.add_argument("--router-balance-weight", type=float, default=0.01, help="learned router's load-balancing loss")
     p.add_argument("--train-per-task", type=int, default=2000)
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--name", default="mini_cvit")
+    p.add_argument("--report-only", metavar="NOTE", default=None,
+                   help="train nothing: rebuild the table from the cached runs (e.g. after re-training one "
+                        "method), keep the timing fields of the existing result file, and record NOTE")
     return p.parse_args(argv)
 
 
@@ -72,10 +78,8 @@ def method_command(args: argparse.Namespace, method: str, data: Path, base: Path
         "--data", str(data), "--base", str(base), "--out", str(runs / method), "--setting", args.setting,
         "--tasks", args.tasks, "--seed", str(args.seed), "--threads", "1", "--steps-per-task", str(args.steps_per_task),
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--test-limit", str(args.test_limit),
-        "--few-shot-steps", str(args.few_shot_steps),
+        "--few-shot-steps", str(args.few_shot_steps), "--dtype", "float32" if args.fp32 else "bfloat16",
     ]
-    if method == "smolora_learned" and args.router_balance_weight > 0:
-        cmd += ["--router-balance-weight", str(args.router_balance_weight)]
     return cmd
 
 
@@ -95,13 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
-    data_cfg = MiniCVITConfig(seed=args.seed, train_per_task=args.train_per_task)
+    data_cfg = MiniCVITConfig(seed=args.seed, train_per_task=args.train_per_task, pretrain_size=args.pretrain_size)
     data = build_mini_cvit(args.cache / f"mini_cvit-seed{args.seed}", data_cfg)
-    base = args.base or args.cache / f"base-{args.preset}-seed{args.seed}-steps{args.pretrain_steps}"
+    precision = "fp32" if args.fp32 else "bf16"
+    base = args.base or args.cache / f"base-{args.preset}-seed{args.seed}-steps{args.pretrain_steps}-{precision}"
     pretrain_s = 0.0
     if args.base is None and not (base / "alignment.json").is_file():
         t0 = time.perf_counter()
-        pretrain_base(PretrainConfig(data_root=data, out_dir=base, preset=args.preset, steps=args.pretrain_steps, seed=args.seed))
+        # One thread: two are ~1.5x faster on an idle 2-core machine but several times
+        # slower as soon as anything else runs (spinning OpenMP threads).
+        pretrain_base(PretrainConfig(
+            data_root=data, out_dir=base, preset=args.preset, steps=args.pretrain_steps, seed=args.seed,
+            num_threads=1, autocast_bf16=not args.fp32,
+        ))
         pretrain_s = time.perf_counter() - t0
     runs = args.cache / f"runs-{args.name}-{args.setting}-{base.name}-seed{args.seed}"
     runs.mkdir(parents=True, exist_ok=True)
@@ -117,24 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         return method, time.perf_counter() - t0, rc
 
     ordered = [m for m in SCHEDULE if m in methods] + [m for m in methods if m not in SCHEDULE]
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        outcomes = list(pool.map(run_one, ordered))
-    failed = [m for m, _, rc in outcomes if rc != 0]
+    out_json = args.out / f"{args.name}.json"
+    command = " ".join(shlex.quote(a) for a in ["python", "bench/mini_cvit.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.report_only is None:
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            outcomes = list(pool.map(run_one, ordered))
+        timing: dict[str, Any] = {
+            "command": command,
+            "runtime_s": time.perf_counter() - start,
+            "pretrain_s": pretrain_s,
+            "base_cached": pretrain_s == 0.0,
+            "method_wall_s": {m: round(s, 1) for m, s, _ in outcomes},
+            "failed": [m for m, _, rc in outcomes if rc != 0],
+        }
+    else:  # the table from cached runs; timings stay those of the run that trained them
+        keys = ("command", "runtime_s", "pretrain_s", "base_cached", "method_wall_s", "failed")
+        previous = json.loads(out_json.read_text()) if out_json.is_file() else {}
+        timing = {k: previous.get(k) for k in keys}
+        timing["notes"] = [*previous.get("notes", []), f"{args.report_only} (table rebuilt by: {command})"]
     results = load_results(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     report_paths = write_report(runs, args.out, args.name)
     payload = {
-        "command": " ".join(shlex.quote(a) for a in ["python", "bench/mini_cvit.py", *(argv if argv is not None else sys.argv[1:])]),
-        "runtime_s": time.perf_counter() - start,
+        **timing,
         "setting": args.setting,
         "preset": args.preset,
-        "pretrain_s": pretrain_s,
-        "base_cached": pretrain_s == 0.0,
         "base": str(base),
         "base_alignment": _alignment(base),
         "cpu_count": os.cpu_count(),
-        "method_wall_s": {m: round(s, 1) for m, s, _ in outcomes},
-        "failed": failed,
         "methods": {
             m: {
                 "AP": r.get("AP"), "MAP": r.get("MAP"), "BWT": r.get("BWT"), "MIF": r.get("MIF"),
@@ -145,12 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             for m, r in results.items() if m in methods
         },
     }
-    out_json = args.out / f"{args.name}.json"
     out_json.write_text(json.dumps(payload, indent=1))
     print(out_json)
     for p in report_paths:
         print(p)
-    return 1 if failed else 0
+    return 1 if timing["failed"] else 0
 
 
 if __name__ == "__main__":

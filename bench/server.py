@@ -4,29 +4,29 @@ What it measures, in one run on one machine:
 - throughput (output tokens/s) and time to first token of the same streaming chat load
   (N requests, one synthetic PNG image as a data URL + a question each, `concurrency`
   in flight, `max_tokens`, greedy) through
-  A. our server: `python -m smolora.server serve` (FastAPI + SMoLoRAEngine on vLLM), and
+  A. our server in base-only mode: `python -m smolora.server serve --no-adapters`
+     (FastAPI + SMoLoRAEngine on vLLM with adapters disabled: no routing hook, no
+     instruction embedding, no checkpoint version), and
   B. vLLM's own OpenAI server: `python -m vllm.entrypoints.openai.api_server` on the same
      model folder under our registered architecture (`--hf-overrides`), no adapter layout
      in the HF config, so vLLM builds the plain base model;
-  both with the same vLLM knobs as our engine (eager, no prefix caching, no chunked
-  prefill, no async scheduling, same max_model_len / max_num_seqs / KV-cache bytes / dtype /
-  seed). The load is `clients/loadgen.py` (`run_load`), so both sides are measured by one
-  client with one definition of TTFT and tokens/s (from the servers' `usage`).
-- bad input: the table of `tests/server/api/test_bad_input.py` (`CASES`) posted to our
-  real server; counts the cases and how many got a 5xx, then checks that a normal request
-  still succeeds.
+  both with the same vLLM knobs (eager, no prefix caching, no chunked prefill, no async
+  scheduling, same max_model_len / max_num_seqs / KV-cache bytes / dtype / seed): the same
+  model with adapters disabled under the same engine flags, so the ratios measure our HTTP
+  layer against vLLM's. The load is `clients/loadgen.py` (`run_load`), so both sides are
+  measured by one client with one definition of TTFT and tokens/s (from the servers'
+  `usage`). Every request runs to `max_tokens` on both sides (compare `output_tokens` per
+  round); the prompts differ by about one token per request (each side renders the chat
+  template itself; see `prompt_tokens`).
+- bad input: the table of `smolora.clients.bad_requests` (`CASES`) posted to our real
+  server (base-only, so cases about versions and instructions get `adapters_disabled`
+  answers and show up as status differences); counts the cases and how many got a 5xx,
+  then checks that a normal request still succeeds.
 
-Our server cannot serve the base model: its chat path needs an active checkpoint
-version and always sends the instruction embedding, which an engine built with
-`adapters=False` refuses. So side A serves a published SMoLoRA checkpoint (routing on),
-and its numbers include the routed adapters and the per-request instruction embedding;
-the ratios are therefore a conservative bound on the HTTP layer's overhead. The generated
-text differs between the sides (adapters on vs off) but every request runs to
-`max_tokens` on both (compare `output_tokens` per round); the prompts differ by about one
-token per request (each side renders the chat template itself; see `prompt_tokens`).
 On a 2-core machine the client, the HTTP front-end and vLLM's engine core share the CPU,
-so a starved front-end coalesces stream deltas and TTFT moves towards e2e latency; run
-enough requests per round (e.g. `--num-requests 128`) that a round lasts seconds.
+so a starved front-end coalesces stream deltas and TTFT moves towards e2e latency; the
+defaults (128 requests per round, 3 rounds per side) make a round last several seconds,
+which 32-request rounds (~2 s) did not: their p50 TTFT swung 2-3x between rounds.
 
 Only one server runs at a time (2 cores): each round starts a server on a free port
 (`--port 0` + `--port-file` for ours, a port bound and released here for vLLM), polls
@@ -35,7 +35,7 @@ stops the server's process group. Rounds alternate A B A B ...; the medians over
 give the ratios. Targets (reported, never asserted): throughput >= 0.9x vllm serve,
 p50 TTFT <= 1.2x. Usage:
 
-    python bench/server.py                          # small preset, 32 requests, 2 rounds each
+    python bench/server.py                          # small preset, 128 requests, 3 rounds each
     python bench/server.py --preset tiny --num-requests 16 --rounds 1
 """
 
@@ -57,18 +57,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
+import openai
+
+from smolora.clients.bad_requests import API_KEY, MODEL, probe_bad_requests
+from smolora.clients.loadgen import LoadgenConfig, LoadReport, run_load
+from smolora.server.engine.config import ARCHITECTURE
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `tests.*` (the bad-input table, the checkpoint helper) live beside bench/
-    sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-import openai  # noqa: E402
-
-from smolora.clients.loadgen import LoadgenConfig, LoadReport, run_load  # noqa: E402
-from smolora.server.engine.config import ARCHITECTURE  # noqa: E402
-
-API_KEY = "sk-test"  # the key the bad-input table authenticates with
-SERVED_NAME = "tiny-llava"  # the model name the bad-input table uses
+SERVED_NAME = MODEL  # the model name the bad-input table uses
 
 
 @dataclass(frozen=True)
@@ -84,15 +81,15 @@ class BenchConfig:
         max_model_len, max_num_seqs, kv_cache_bytes, dtype, seed: the vLLM knobs both sides share
             (max_model_len None = the preset's max_positions).
         start_timeout_s: how long a server may take to become ready.
-        cache_dir: where the model folder and registry are cached.
+        cache_dir: where the model folder is cached.
         out: the JSON result file.
     """
 
     preset: str = "small"
-    num_requests: int = 32
+    num_requests: int = 128
     concurrency: int = 8
     max_tokens: int = 64
-    rounds: int = 2
+    rounds: int = 3
     max_model_len: int | None = None
     max_num_seqs: int = 8
     kv_cache_bytes: int = 128 * 1024 * 1024
@@ -103,27 +100,18 @@ class BenchConfig:
     out: Path = ROOT / "bench" / "results" / "server.json"
 
 
-# -- model and registry --------------------------------------------------------------------------
-def prepare_model(cfg: BenchConfig) -> tuple[Path, Path]:
-    """The base-model folder and a registry with one published SMoLoRA checkpoint (cached)."""
-    from smolora.adapters.checkpoint import latest_version
+# -- model -----------------------------------------------------------------------------------------
+def prepare_model(cfg: BenchConfig) -> Path:
+    """The base-model folder (built once, cached)."""
     from smolora.adapters.tiny_llava import build_tiny_llava, get_preset
 
     model_dir = cfg.cache_dir / f"model-{cfg.preset}"
-    registry = cfg.cache_dir / f"registry-{cfg.preset}"
     if not (model_dir / "config.json").is_file():
         print(f"building the {cfg.preset} model in {model_dir}", flush=True)
         tmp = Path(tempfile.mkdtemp(dir=cfg.cache_dir, prefix="model-tmp-"))
         build_tiny_llava(get_preset(cfg.preset), tmp, seed=0)
         tmp.replace(model_dir)
-    registry.mkdir(parents=True, exist_ok=True)
-    if latest_version(registry) is None:
-        from smolora.adapters.instructions import InstructionEncoder
-        from tests.e2e.conftest import publish_smolora
-
-        print(f"publishing a SMoLoRA checkpoint in {registry}", flush=True)
-        publish_smolora(registry, model_dir, InstructionEncoder(), "vqa", seed=1)
-    return model_dir, registry
+    return model_dir
 
 
 # -- servers ---------------------------------------------------------------------------------------
@@ -198,18 +186,22 @@ def context_len(cfg: BenchConfig) -> int:
     return cfg.max_model_len or get_preset(cfg.preset).max_positions
 
 
-def our_server(cfg: BenchConfig, model_dir: Path, registry: Path, workdir: Path) -> Server:
+def our_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
     port_file = workdir / "ours.port"
     port_file.unlink(missing_ok=True)
     key_file = workdir / "api.keys"
     key_file.write_text(API_KEY + "\n")
     opts = {"max_model_len": context_len(cfg), "max_num_seqs": cfg.max_num_seqs,
             "kv_cache_bytes": cfg.kv_cache_bytes, "dtype": cfg.dtype, "seed": cfg.seed}
-    cmd = [sys.executable, "-m", "smolora.server", "serve", "--model", str(model_dir), "--registry", str(registry),
+    cmd = [sys.executable, "-m", "smolora.server", "serve", "--model", str(model_dir), "--no-adapters",
            "--port", "0", "--port-file", str(port_file), "--api-key-file", str(key_file),
-           "--served-model-name", SERVED_NAME, "--no-watch", "--log-level", "warning",
+           "--served-model-name", SERVED_NAME, "--log-level", "warning",
            "--max-concurrent-requests", str(max(cfg.concurrency, cfg.max_num_seqs)),
-           "--max-waiting-requests", str(cfg.num_requests + 16)]
+           "--max-waiting-requests", str(cfg.num_requests + 16),
+           # The limits `clients/bad_requests.py` assumes (the tests' app), so the
+           # bad-input table is checked status for status (the load's images are tiny).
+           "--max-images", "2", "--max-image-bytes", "200000", "--max-image-pixels", str(256 * 256),
+           "--max-request-bytes", "2000000", "--max-n", "4"]
     for k, v in opts.items():
         cmd += ["--engine-option", f"{k}={json.dumps(v)}"]
     return Server("ours", cmd, workdir, "/ready",
@@ -248,28 +240,7 @@ def load(cfg: BenchConfig, url: str, api_key: str | None) -> LoadReport:
 
 def bad_inputs(url: str) -> dict[str, Any]:
     """Post every case of the bad-input table; count 5xx and status mismatches; then a good request."""
-    from tests.server.api.test_bad_input import CASES, ok_body
-
-    five_xx: list[str] = []
-    mismatched: list[str] = []
-    with httpx.Client(base_url=url, timeout=120) as client:
-        for name, req, status, *_ in CASES:
-            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
-            if "headers" in req:
-                headers = {"Content-Type": "application/json", **req["headers"]}
-            if "json" in req:
-                r = client.post("/v1/chat/completions", json=req["json"], headers=headers)
-            else:
-                r = client.post("/v1/chat/completions", content=req["content"], headers=headers)
-            if r.status_code >= 500:
-                five_xx.append(f"{name}:{r.status_code}")
-            elif r.status_code != status:
-                # limits differ from the test app's (image bytes, n, auth), so some cases may pass
-                mismatched.append(f"{name}:{r.status_code}!={status}")
-        ok = client.post("/v1/chat/completions", json=ok_body(), headers={"Authorization": f"Bearer {API_KEY}"})
-        still_ok = ok.status_code == 200 and bool(ok.json()["choices"][0]["message"]["content"])
-    return {"cases": len(CASES), "five_xx": five_xx, "status_differs_from_test_app": mismatched,
-            "normal_request_ok_after": still_ok}
+    return probe_bad_requests(url)
 
 
 def summary(r: LoadReport) -> dict[str, Any]:
@@ -285,14 +256,15 @@ def median_of(rounds: list[dict[str, Any]], key: str) -> float:
 
 def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, registry = prepare_model(cfg)
+    model_dir = prepare_model(cfg)
+    load_before = os.getloadavg()  # other jobs on the machine skew both sides; recorded, not corrected
     rounds: dict[str, list[dict[str, Any]]] = {"ours": [], "vllm": []}
     bad: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
         for i in range(cfg.rounds):
             for side in ("ours", "vllm"):
-                srv = our_server(cfg, model_dir, registry, work) if side == "ours" else vllm_server(cfg, model_dir, work)
+                srv = our_server(cfg, model_dir, work) if side == "ours" else vllm_server(cfg, model_dir, work)
                 t0 = time.perf_counter()
                 srv.start(cfg.start_timeout_s)
                 started = time.perf_counter() - t0
@@ -328,12 +300,14 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
         "vllm_serve_output_tokens_per_s": vllm_tps,
         "ours_ttft_p50_s": ours_ttft,
         "vllm_serve_ttft_p50_s": vllm_ttft,
-        "ours_mode": "SMoLoRA checkpoint served (routing on); our chat path cannot serve the base model",
+        "ours_mode": "base model, adapters disabled (serve --no-adapters)",
         "vllm_serve_mode": "base model (no adapter layout in the HF config)",
         "bad_input": bad,
         "rounds": rounds,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                 "load_average_1_5_15_min_at_start": [round(x, 2) for x in load_before],
+                 "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 

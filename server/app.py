@@ -5,6 +5,9 @@ controller, image loader, then, in a background task so that `/health` answers a
 the prompt renderer (tokenizer), the instruction encoder (MiniLM), the engine (from
 `engine_factory`, an async context manager), the start-up checkpoint version and the
 registry watcher. `/ready` turns 200 once all of that is up and a version is active.
+With adapters off (`settings.adapters=False`, base-only serving) only the renderer and the
+engine come up -- no instruction encoder, no version manager, no watcher, no checkpoint
+admin routes -- and `/ready` turns 200 once the engine is up.
 On shutdown the watcher stops and the engine context exits.
 
 `GuardMiddleware` bounds request bodies (413 before any parsing) and counts chat
@@ -133,6 +136,17 @@ async def _bring_up(state: ServerState, engine_factory: EngineFactory, embedder_
     s = state.settings
     try:
         state.renderer = await asyncio.to_thread(PromptRenderer.from_model_dir, s.model_dir)
+        if not s.adapters:
+            async with engine_factory(s) as engine:
+                state.engine = engine
+                state.started = True
+                log.info("serving %s (base model, adapters disabled)", s.served_model_name)
+                try:
+                    await stop.wait()
+                finally:
+                    state.engine = None
+            return
+        assert s.registry_dir is not None
         embedder = await asyncio.to_thread(embedder_factory)
         state.resolver = InstructionResolver(embedder, s.snap_threshold, s.default_instruction)
         async with engine_factory(s) as engine:
@@ -215,6 +229,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory, *,
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_request_bytes)
     app.include_router(chat_router)
     app.include_router(models_router)
-    app.include_router(checkpoints_router)
+    if settings.adapters:
+        app.include_router(checkpoints_router)  # base-only serving has no checkpoint versions to manage
     app.include_router(health_router)
     return app

@@ -1,5 +1,8 @@
 """`python -m smolora.server serve --model DIR --registry DIR ...`: run the HTTP server.
 
+`--no-adapters` (instead of `--registry`) serves the base model with adapters disabled:
+no checkpoint registry, no instruction encoder, no checkpoint admin routes.
+
 Builds `ServerSettings` from arguments (API keys from files or, read once here at start-up,
 the environment variables `SMOLORA_API_KEYS` (comma-separated) and
 `SMOLORA_ADMIN_API_KEY`, so keys never appear in `ps`), creates the app with the vLLM
@@ -46,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     d = ServerSettings.__dataclass_fields__
     s.add_argument("--model", required=True, type=Path, help="base-model folder (HF LLaVA layout)")
-    s.add_argument("--registry", required=True, type=Path, help="checkpoint registry folder")
+    s.add_argument("--registry", type=Path, help="checkpoint registry folder (required unless --no-adapters)")
+    s.add_argument("--no-adapters", action="store_true",
+                   help="serve the base model with SMoLoRA adapters disabled (no registry, no versions, no routing)")
     s.add_argument("--served-model-name", default="", help="model name clients use (default: the model folder's name)")
     s.add_argument("--host", default=d["host"].default)
     s.add_argument("--port", type=int, default=d["port"].default, help="0 = any free port (see --port-file)")
@@ -87,7 +92,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     keys = _read_key_file(args.api_key_file) or [k.strip() for k in env.get("SMOLORA_API_KEYS", "").split(",") if k.strip()]
     admin = (_read_key_file(args.admin_api_key_file) or [env.get("SMOLORA_ADMIN_API_KEY", "").strip()])[0] or None
     return ServerSettings(
-        model_dir=args.model, registry_dir=args.registry, served_model_name=args.served_model_name,
+        model_dir=args.model, registry_dir=args.registry, adapters=not args.no_adapters,
+        served_model_name=args.served_model_name,
         host=args.host, port=args.port, api_keys=tuple(keys), admin_api_key=admin,
         initial_version=args.initial_version, watch_registry=not args.no_watch, watch_interval_s=args.watch_interval,
         watch_activate=not args.no_watch_activate, max_resident_versions=args.max_resident_versions,
@@ -118,8 +124,8 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
         await asyncio.sleep(0.05)
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
-        log.info("listening on http://%s:%d (model %s, registry %s)", settings.host, port,
-                 settings.served_model_name, settings.registry_dir)
+        log.info("listening on http://%s:%d (model %s, %s)", settings.host, port, settings.served_model_name,
+                 f"registry {settings.registry_dir}" if settings.adapters else "adapters disabled")
         if port_file is not None:
             tmp = port_file.with_suffix(port_file.suffix + ".tmp")
             tmp.write_text(str(port))

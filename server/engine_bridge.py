@@ -2,20 +2,22 @@
 
 `VllmServingEngine` wraps a started `SMoLoRAEngine` (the engine's `EngineClient`):
 - `generate` maps a `GenerationInput` onto the engine's `GenerateRequest` (one image, the
-  384-d instruction embedding, sampling, version, trace) and its `GenerateChunk`s onto
-  `GenerationDelta`s; the engine's typed errors become the seam's errors. The engine
-  stops on tokens only, so stop strings are applied here (`StopStringMatcher`): the
-  request is aborted at the first stop string (its routing trace is then not fetched).
+  384-d instruction embedding, sampling with stop strings, version, trace) and its
+  `GenerateChunk`s onto `GenerationDelta`s; the engine's typed errors become the seam's
+  errors. Stop strings are applied by the engine (vLLM), so a request cut by one finishes
+  there with reason "stop" and keeps its routing trace. An input without an instruction
+  embedding and version (base-only mode) is served by the base model with adapters off.
 - versions: `load_version` loads without activating, `activate_version` activates,
-  `unload_version` withdraws a version from service (the engine has no unload: its slot
-  is reused by a later load, least recently loaded first), `resident_versions` lists what
-  the engine holds minus withdrawn versions.
+  `unload_version` frees the version's slot in the engine (refused for the active version
+  and for one pinned by in-flight requests), `resident_versions` lists what the engine holds.
 - `check_health` asks the engine core.
 
-`vllm_engine_factory(settings)` starts the engine on the model folder and the first
-checkpoint version (the one named by `initial_version`, else the registry's latest,
-waiting for one to be published if the registry is empty), and shuts it down on exit.
-Engine options (`--engine-option KEY=VALUE`) are `EngineConfig` fields.
+`vllm_engine_factory(settings)` starts the engine on the model folder: with adapters, on
+the first checkpoint version (the one named by `initial_version`, else the registry's
+latest, waiting for one to be published if the registry is empty); without adapters
+(`settings.adapters=False`), on the base model alone (no registry, no routing hook). It
+shuts the engine down on exit. Engine options (`--engine-option KEY=VALUE`) are
+`EngineConfig` fields.
 
 Nothing else in the HTTP layer imports `server/engine/`.
 """
@@ -36,7 +38,6 @@ from smolora.server.api.engine_protocol import (CheckpointRejectedError, EngineB
                                                 EngineInputError, GenerationDelta, GenerationInput, LayerRoute,
                                                 UnknownVersionError, VersionInfo)
 from smolora.server.settings import ServerSettings
-from smolora.server.stop_strings import StopStringMatcher
 
 log = logging.getLogger("smolora.server.engine_bridge")
 
@@ -69,52 +70,43 @@ class VllmServingEngine:
     def __init__(self, engine: Any):
         self.engine = engine
         self.max_model_len = int(engine.vllm.model_config.max_model_len)
-        self._withdrawn: set[int] = set()
         self._loaded: dict[int, tuple[float, float]] = {}
         now = time.time()
         for v in engine.list_versions():
             self._loaded[v.version] = (now, 0.0)
-        from smolora.server.engine.protocol import GenerateRequest
-
-        self._native_stop = "stop" in {f.name for f in dataclasses.fields(GenerateRequest)}
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationDelta]:
         from smolora.server.engine.protocol import EngineError as NativeEngineError
         from smolora.server.engine.protocol import GenerateRequest
 
-        if request.version in self._withdrawn:
-            raise UnknownVersionError(f"version {request.version} was unloaded")
         if len(request.images) > self.max_images_per_prompt:
             raise EngineInputError(f"this engine takes at most {self.max_images_per_prompt} image per request")
+        if (request.instruction_embedding is None) != (request.version is None):
+            raise EngineInputError("an instruction embedding and a version go together (both None = base model)")
         sp = request.sampling
-        kwargs: dict[str, Any] = dict(
-            prompt=request.prompt, image=request.images[0] if request.images else None,
-            instruction=list(request.instruction_embedding), max_tokens=sp.max_tokens, temperature=sp.temperature,
-            top_p=sp.top_p, seed=sp.seed, version=request.version, trace=request.trace, request_id=request.request_id)
-        if self._native_stop and sp.stop:
-            kwargs["stop"] = list(sp.stop)
+        base_only = request.instruction_embedding is None
         try:
-            native = GenerateRequest(**kwargs)
+            native = GenerateRequest(
+                prompt=request.prompt, image=request.images[0] if request.images else None,
+                instruction=None if base_only else list(request.instruction_embedding or ()),
+                max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
+                stop=list(sp.stop) or None, version=request.version, trace=request.trace and not base_only,
+                request_id=request.request_id)
         except NativeEngineError as e:
             raise _map_engine_error(e) from None
-        matcher = StopStringMatcher(() if self._native_stop else sp.stop)
         stream = self.engine.generate(native)
         try:
             async for chunk in stream:
-                text, hit = matcher.feed(chunk.text)
                 n = len(chunk.token_ids)
-                if hit:
-                    yield GenerationDelta(text=text, num_tokens=n, finish_reason="stop")
-                    return
                 if not chunk.finished:
-                    if text or n:
-                        yield GenerationDelta(text=text, num_tokens=n)
+                    if chunk.text or n:
+                        yield GenerationDelta(text=chunk.text, num_tokens=n)
                     continue
                 if chunk.finish_reason == "abort":
                     raise EngineBusyError("the engine aborted the request")
                 yield GenerationDelta(
-                    text=text + matcher.flush(), num_tokens=n, finish_reason=chunk.finish_reason or "stop",
-                    prompt_tokens=chunk.prompt_tokens, trace=_routes(chunk.trace) if request.trace else None)
+                    text=chunk.text, num_tokens=n, finish_reason=chunk.finish_reason or "stop",
+                    prompt_tokens=chunk.prompt_tokens, trace=_routes(chunk.trace) if native.trace else None)
                 return
         except NativeEngineError as e:
             raise _map_engine_error(e) from None
@@ -129,32 +121,28 @@ class VllmServingEngine:
             info = await self.engine.load_version(path, activate=False)
         except NativeEngineError as e:
             raise _map_engine_error(e) from None
-        self._withdrawn.discard(info.version)
         self._loaded[info.version] = (time.time(), time.perf_counter() - t0)
         return self._info(info)
 
     async def activate_version(self, version: int) -> None:
         from smolora.server.engine.protocol import EngineError as NativeEngineError
 
-        if version in self._withdrawn:
-            raise UnknownVersionError(f"version {version} was unloaded; load it again first")
         try:
             await self.engine.activate(version)
         except NativeEngineError as e:
             raise _map_engine_error(e) from None
 
     async def unload_version(self, version: int) -> None:
-        if not any(v.version == version for v in self.resident_versions()):
-            raise UnknownVersionError(f"version {version} is not resident")
-        if self.active_version() == version:
-            raise EngineError(f"version {version} is active")
-        self._withdrawn.add(version)
+        from smolora.server.engine.protocol import EngineError as NativeEngineError
+
+        try:
+            await self.engine.unload_version(version)
+        except NativeEngineError as e:
+            raise _map_engine_error(e) from None
+        self._loaded.pop(version, None)
 
     def resident_versions(self) -> list[VersionInfo]:
-        present = {v.version for v in self.engine.list_versions()}
-        self._withdrawn &= present  # a withdrawn version whose slot was reused is gone for good
-        infos = [self._info(v) for v in self.engine.list_versions() if v.version not in self._withdrawn]
-        return sorted(infos, key=lambda v: v.version)
+        return sorted((self._info(v) for v in self.engine.list_versions()), key=lambda v: v.version)
 
     def active_version(self) -> int | None:
         v = self.engine.active_version()
@@ -201,15 +189,22 @@ async def first_checkpoint(settings: ServerSettings) -> Path:
         await asyncio.sleep(settings.watch_interval_s)
 
 
-def engine_config(settings: ServerSettings, checkpoint: Path) -> Any:
-    """The engine's `EngineConfig` from the settings (engine options are its fields)."""
+def engine_config(settings: ServerSettings, checkpoint: Path | None) -> Any:
+    """The engine's `EngineConfig` from the settings (engine options are its fields).
+
+    Args:
+        settings: server settings; `settings.adapters=False` gives a base-only engine.
+        checkpoint: the first checkpoint folder (None, and ignored, without adapters).
+    """
     from smolora.server.engine.config import EngineConfig
 
-    fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model_dir", "checkpoint"}
+    fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model_dir", "checkpoint", "adapters"}
     unknown = set(settings.engine_options) - fields
     if unknown:
         raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(fields)}")
     options = dict(settings.engine_options)
+    if not settings.adapters:
+        return EngineConfig(model_dir=settings.model_dir, adapters=False, **options)
     options.setdefault("num_slots", settings.max_resident_versions)
     return EngineConfig(model_dir=settings.model_dir, checkpoint=checkpoint, **options)
 
@@ -219,9 +214,10 @@ async def vllm_engine_factory(settings: ServerSettings) -> AsyncIterator[VllmSer
     """Start the vLLM engine for the server (tens of seconds) and stop it on exit."""
     from smolora.server.engine.engine import SMoLoRAEngine
 
-    checkpoint = await first_checkpoint(settings)
+    checkpoint = await first_checkpoint(settings) if settings.adapters else None
     config = engine_config(settings, checkpoint)
-    log.info("starting the vLLM engine on %s with %s", settings.model_dir, checkpoint.name)
+    log.info("starting the vLLM engine on %s with %s", settings.model_dir,
+             checkpoint.name if checkpoint is not None else "adapters disabled (base model only)")
     engine = await SMoLoRAEngine.start(config)
     try:
         yield VllmServingEngine(engine)

@@ -1,8 +1,9 @@
 """Typed configuration of the HTTP server (`ServerSettings`), validated on construction.
 
 One frozen dataclass groups everything the HTTP layer decides: where the model and the
-checkpoint registry live, listening address, auth keys, request limits (images, tokens,
-queue), instruction snapping and the registry watcher. `server/cli.py` builds it from
+checkpoint registry live (or that adapters are off: base-only serving), listening
+address, auth keys, request limits (images, tokens, queue), instruction snapping and the
+registry watcher. `server/cli.py` builds it from
 command-line arguments; tests build it directly. It does not read environment variables
 (the CLI may, at start-up) and it does not configure the engine's internals beyond the
 few knobs the engine factory receives through it.
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+#: Most stop strings per request (OpenAI's limit; the engine enforces the same).
+MAX_STOP_STRINGS = 4
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -22,7 +26,12 @@ class ServerSettings:
 
     Attributes:
         model_dir: the base-model folder (LLaVA layout: config.json, tokenizer, weights).
-        registry_dir: the checkpoint registry folder (`v0001-<task>/`, ..., `latest`).
+        registry_dir: the checkpoint registry folder (`v0001-<task>/`, ..., `latest`);
+            None (required) when `adapters` is False.
+        adapters: True serves SMoLoRA checkpoint versions from the registry (instruction
+            embedding, routing, versions, admin routes). False serves the base model with
+            adapters disabled: no registry, no instruction encoder, no checkpoint admin
+            routes; a request naming a version or an instruction gets a 4xx.
         served_model_name: the `model` name clients use; default: the model folder's name.
         host: listening address.
         port: listening port (0 = let the OS pick; the CLI logs the bound port).
@@ -49,7 +58,7 @@ class ServerSettings:
         default_max_tokens: completion length when a request names none (capped by the
             context left after the prompt).
         max_n: most choices (`n`) per request.
-        max_stop_sequences: most `stop` strings per request.
+        max_stop_sequences: most `stop` strings per request (1..4, OpenAI's limit).
         max_concurrent_requests: engine requests in flight at once (each choice counts).
         max_waiting_requests: requests waiting for a slot; beyond this a request gets 429.
         queue_timeout_s: a waiting request gets 503 after this long.
@@ -66,7 +75,8 @@ class ServerSettings:
     """
 
     model_dir: Path
-    registry_dir: Path
+    registry_dir: Path | None
+    adapters: bool = True
     served_model_name: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
@@ -86,7 +96,7 @@ class ServerSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     default_max_tokens: int = 256
     max_n: int = 8
-    max_stop_sequences: int = 16
+    max_stop_sequences: int = MAX_STOP_STRINGS
     max_concurrent_requests: int = 64
     max_waiting_requests: int = 256
     queue_timeout_s: float = 60.0
@@ -100,7 +110,8 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
-        object.__setattr__(self, "registry_dir", Path(self.registry_dir))
+        if self.registry_dir is not None:
+            object.__setattr__(self, "registry_dir", Path(self.registry_dir))
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model_dir.name or "model")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
@@ -112,6 +123,12 @@ class ServerSettings:
 
     def _problems(self) -> list[str]:
         p: list[str] = []
+        if self.adapters and self.registry_dir is None:
+            p.append("registry_dir is required when adapters are on (pass --registry, or --no-adapters for the base model)")
+        if not self.adapters and self.registry_dir is not None:
+            p.append("registry_dir must not be set with adapters off (base-only serving reads no checkpoints)")
+        if self.max_stop_sequences > MAX_STOP_STRINGS:
+            p.append(f"max_stop_sequences must be <= {MAX_STOP_STRINGS} (OpenAI's limit, enforced by the engine)")
         if "@" in self.served_model_name or any(c.isspace() for c in self.served_model_name):
             p.append(f"served_model_name {self.served_model_name!r} must not contain '@' (it separates the version) or spaces")
         if not 0 <= self.port <= 65535:

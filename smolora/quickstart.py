@@ -46,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
               "--test-per-task", str(args.test_per_task)])
     if not (base / "config.json").is_file():
         _run(["smolora.training", "pretrain", "--data", str(data), "--out", str(base), "--preset", args.preset,
-              "--steps", str(args.pretrain_steps), "--seed", str(args.seed)])
+              "--steps", str(args.pretrain_steps), "--seed", str(args.seed), "--threads", "1", "--bf16"])
     if len(list_versions(registry)) < 6 or args.force_train:
         _run(["smolora.training", "train", "--method", "smolora", "--data", str(data), "--base", str(base),
               "--out", str(run_dir), "--registry", str(registry), "--seed", str(args.seed),
               "--steps-per-task", str(args.steps_per_task), "--test-limit", str(args.test_per_task),
-              "--no-unseen", "--no-robustness"])
+              "--dtype", "bfloat16", "--no-unseen", "--no-robustness"])
     versions = list_versions(registry)
     log.info("registry %s holds %d versions (latest %s)", registry, len(versions), versions[-1].name if versions else None)
     if args.no_serve:

@@ -34,7 +34,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--train-per-task", type=int, default=2000)
     p.add_argument("--test-per-task", type=int, default=100)
-    p.add_argument("--pretrain-size", type=int, default=8000)
+    p.add_argument("--pretrain-size", type=int, default=24000)
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +50,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +82,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-experts", type=int, default=None)
     p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--router-balance-weight", type=float, default=None)
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--replay-size", type=int, default=100)
     p.add_argument("--replay-ratio", type=float, default=0.25)
@@ -127,7 +127,6 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         lora_rank=_pick(args.lora_rank, sizes.lora_rank),
         lora_alpha=_pick(args.lora_alpha, sizes.lora_alpha),
         dropout=sizes.dropout,
-        router_balance_weight=_pick(args.router_balance_weight, sizes.router_balance_weight),
     )
     ev = EvalConfig(
         test_limit=args.test_limit,
@@ -170,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = PretrainConfig(
             data_root=args.data, out_dir=args.out, preset=args.preset, init_dir=args.init, train_modules=args.train_modules,
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_threads=args.threads,
-            device=args.device,
+            device=args.device, autocast_bf16=args.bf16,
         )
         print(pretrain_base(cfg, progress=progress))
     elif args.command == "train":

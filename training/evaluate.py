@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from smolora.adapters.reference_generate import greedy_decode
 from smolora.training import metrics
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.cvit_json import Example
@@ -79,9 +80,8 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int,
 ) -> list[list[int]]:
-    """Greedy-decode a left-padded batch with the KV cache.
-
-    Position ids follow the attention mask, so padding does not shift positions.
+    """Greedy-decode a left-padded batch under the method's scope (the reference loop,
+    `adapters/reference_generate.greedy_decode`).
 
     Args:
         model: a LLaVA model (adapted or not), in eval mode.
@@ -94,32 +94,14 @@ def greedy_generate(
     Returns:
         Generated token ids per row (EOS included when reached).
     """
-    device = next(model.parameters()).device
-    ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    pixels = batch["pixel_values"].to(device, dtype=next(model.parameters()).dtype)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    b = ids.shape[0]
-    outputs: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool)
+    param = next(model.parameters())
+    inputs = {
+        "input_ids": batch["input_ids"].to(param.device),
+        "attention_mask": batch["attention_mask"].to(param.device),
+        "pixel_values": batch["pixel_values"].to(param.device, dtype=param.dtype),
+    }
     with scope(batch) as set_mask:
-        set_mask(mask)
-        out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos, use_cache=True)
-        set_mask(None)
-        past = out.past_key_values
-        for step in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)  # [B]
-            for i in range(b):
-                if not done[i]:
-                    outputs[i].append(int(nxt[i]))
-                    done[i] = int(nxt[i]) == eos_token_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-    return outputs
+        return greedy_decode(model, inputs, max_new_tokens, eos_token_id, set_mask)
 
 
 def score_predictions(spec: TaskSpec, examples: Sequence[Example], predictions: Sequence[str]) -> TaskResult:

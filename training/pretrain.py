@@ -52,6 +52,8 @@ class PretrainConfig:
         seed: init and data-order seed.
         num_threads: torch CPU threads (None: leave as is).
         device: torch device.
+        autocast_bf16: run forward/backward under bfloat16 autocast (weights and optimizer
+            state stay float32); about 1.5x faster on CPUs with AVX-512 BF16 / AMX.
     """
 
     data_root: Path
@@ -68,6 +70,7 @@ class PretrainConfig:
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
+    autocast_bf16: bool = False
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
@@ -126,7 +129,8 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         batch = encoder.collate_train([data[i] for i in order[: cfg.batch_size]])
         del order[: cfg.batch_size]
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        loss = model(**tensors).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+            loss = model(**tensors).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()

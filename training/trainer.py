@@ -115,6 +115,7 @@ class ContinualTrainer:
     def train_stage(self, index: int, stage: Stage, steps: int | None = None) -> dict[str, Any]:
         """Train one stage; returns its log (steps, mean loss of the last 10%, seconds)."""
         run, opt_cfg, method = self.run, self.run.optim, self.method
+        method.prepare_task(index, stage.name, stage.examples, self._probe)
         method.begin_task(index, stage.name)
         total = steps if steps is not None else opt_cfg.stage_steps(len(stage.examples))
         if self.method.joint and steps is None and opt_cfg.steps_per_task is not None:
@@ -156,6 +157,31 @@ class ContinualTrainer:
         method.end_task(index, stage.name, stage.examples)
         tail = losses[-max(1, len(losses) // 10) :]
         return {"stage": index, "name": stage.name, "steps": total, "loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def _probe(self, examples: list[Example], with_answers: bool) -> None:
+        """A no-grad eval-mode forward of `examples` under the method's scope (see `Probe`)."""
+        was_training = self.model.training
+        self.model.eval()
+        for i in range(0, len(examples), self.run.eval.batch_size):
+            chunk = examples[i : i + self.run.eval.batch_size]
+            batch = self.encoder.collate_train(chunk) if with_answers else self.encoder.collate_generate(chunk)
+            tensors = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+            mask = tensors["attention_mask"]
+            with self._autocast(), self.method.scope(batch) as set_mask:
+                set_mask(mask)
+                self.model(**tensors, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+        self.model.train(was_training)
+
+    def _state_path(self) -> Path:
+        return self.run.out_dir / "method_state.pt"
+
+    def _save_run_state(self) -> None:
+        state = self.method.run_state()
+        if state is not None:
+            tmp = self._state_path().with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(self._state_path())
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate(self, task: str, examples: list[Example]) -> TaskResult:
@@ -214,6 +240,8 @@ class ContinualTrainer:
             same_run = m.training.get("run_key") == key and m.base_model.get("fingerprint") == self.fingerprint
             if same_run and m.training.get("stage") == len(done):
                 done.append(entry)
+        if done and self._state_path().is_file():
+            self.method.load_run_state(torch.load(self._state_path(), weights_only=True))
         for i, entry in enumerate(done):
             ck = load_checkpoint(entry.path, expected_fingerprint=self.fingerprint)
             stage = self.stages[i]
@@ -246,6 +274,7 @@ class ContinualTrainer:
             self.rows.append(row)
             self.stage_log.append(log)
             self._publish(index, row, log)
+            self._save_run_state()
             self._write_matrix()
             logger.info("%s stage %d (%s): %s", self.method.name, index + 1, stage.name, {t: r["score"] for t, r in row.items()})
         results = self._final(time.perf_counter() - start)

@@ -1,8 +1,9 @@
 """The seam between the HTTP layer and the engine: exactly what the API needs, nothing more.
 
 `ServingEngine` is a `typing.Protocol`: generate a token stream for one prepared request
-(chat-formatted prompt, decoded images, 384-d instruction embedding, a checkpoint
-version, sampling options, trace flag), and manage resident checkpoint versions (load a
+(chat-formatted prompt, decoded images, 384-d instruction embedding and a checkpoint
+version -- both None in base-only mode --, sampling options with stop strings, trace
+flag), and manage resident checkpoint versions (load a
 published folder, activate, unload, list), plus a health probe. The data classes here are
 plain values that cross the seam; the exceptions are the engine-side failures the HTTP
 layer maps onto status codes.
@@ -53,8 +54,9 @@ class GenerationInput:
         request_id: unique id; the engine keys per-request routing state by it.
         prompt: chat-formatted prompt with one `<image>` placeholder per image.
         images: decoded RGB images, in placeholder order.
-        instruction_embedding: `[384]` MiniLM embedding that routes the IF experts.
-        version: the resident checkpoint version that must serve it.
+        instruction_embedding: `[384]` MiniLM embedding that routes the IF experts; None
+            serves the base model with adapters off (base-only mode).
+        version: the resident checkpoint version that must serve it; None in base-only mode.
         sampling: sampling options.
         trace: whether the final output must carry the routing trace.
     """
@@ -62,8 +64,8 @@ class GenerationInput:
     request_id: str
     prompt: str
     images: tuple[Image.Image, ...]
-    instruction_embedding: tuple[float, ...]
-    version: int
+    instruction_embedding: tuple[float, ...] | None
+    version: int | None
     sampling: SamplingOptions
     trace: bool = False
 
@@ -189,7 +191,12 @@ class ServingEngine(Protocol):
         ...
 
     async def unload_version(self, version: int) -> None:
-        """Drop a resident, inactive version."""
+        """Free the slot of a resident, inactive version.
+
+        Raises:
+            UnknownVersionError: not resident.
+            EngineError: active, or in-flight requests are pinned to it.
+        """
         ...
 
     def resident_versions(self) -> Sequence[VersionInfo]:

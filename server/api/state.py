@@ -4,7 +4,8 @@
 at once), and the parts that come up in the background after the process starts: the
 instruction resolver (MiniLM), the prompt renderer (tokenizer), the engine and the
 checkpoint version manager. `require_serving` is the one check a serving endpoint makes
-before touching them; `/ready` reports the same conditions.
+before touching them; `/ready` reports the same conditions. With adapters off (base-only
+serving) the resolver and the version manager stay None and are not waited for.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class ServerState:
         """Why the server cannot serve inference now, or None when it can."""
         if self.startup_error:
             return f"start-up failed: {self.startup_error}"
+        if not self.settings.adapters:
+            if self.engine is None or self.renderer is None:
+                return "the server is starting (loading the engine and tokenizer)"
+            return None
         if self.engine is None or self.versions is None or self.resolver is None or self.renderer is None:
             return "the server is starting (loading the engine, tokenizer and instruction encoder)"
         if self.engine.active_version() is None:
@@ -67,8 +72,13 @@ class ServerState:
                     f"({self.settings.registry_dir}) or load one through the admin API")
         return None
 
-    def require_serving(self) -> tuple[ServingEngine, "VersionManager", InstructionResolver, PromptRenderer]:
+    def require_serving(self) -> tuple[ServingEngine, "VersionManager | None", InstructionResolver | None,
+                                       PromptRenderer]:
         """The serving components, or a 503 saying why they are not there.
+
+        Returns:
+            (engine, versions, resolver, renderer); versions and resolver are None with
+            adapters off.
 
         Raises:
             ServiceUnavailableError: starting, failed, or no active version.
@@ -76,7 +86,9 @@ class ServerState:
         reason = self.not_ready_reason()
         if reason is not None:
             raise ServiceUnavailableError(reason, retry_after_s=self.settings.retry_after_s, code="not_ready")
-        assert self.engine and self.versions and self.resolver and self.renderer
+        assert self.engine and self.renderer
+        if self.settings.adapters:
+            assert self.versions and self.resolver
         return self.engine, self.versions, self.resolver, self.renderer
 
     def require_versions(self) -> "VersionManager":

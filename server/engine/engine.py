@@ -8,8 +8,14 @@ What it does:
 - turns a `GenerateRequest` into a vLLM prompt + `SamplingParams` whose `extra_args` carry
   the request key, version slot, instruction embedding and VU-routing mode, and whose image
   carries the same key (`mm_processor_kwargs`) for the projector;
+- passes stop strings to vLLM (`SamplingParams.stop`, the stop string excluded from the
+  output), so a request cut by a stop string finishes in the engine with reason "stop" and
+  its routing trace like any other (vLLM aborts it in the core once its detokenizer sees
+  the string; a step already scheduled may still run, so the trace's mean fusion weights
+  can include a token generated past the stop string and discarded);
 - streams token deltas, then fetches the routing trace in a batched RPC;
-- loads checkpoint versions into free slots while serving, activates them, reports health.
+- loads checkpoint versions into free slots while serving, activates them, unloads inactive
+  unpinned ones (freeing their slot), reports health.
 
 Version semantics: a request keeps the version it started with (its slot stays pinned until
 it finishes); loading copies into another slot between engine steps; activation only changes
@@ -247,6 +253,8 @@ class SMoLoRAEngine:
                     top_p=request.top_p,
                     max_tokens=request.max_tokens,
                     seed=request.seed,
+                    stop=list(request.stop) if request.stop else None,
+                    include_stop_str_in_output=False,
                     stop_token_ids=request.stop_token_ids,
                     ignore_eos=request.ignore_eos,
                     output_kind=RequestOutputKind.DELTA,
@@ -368,6 +376,32 @@ class SMoLoRAEngine:
         versions = self._require_adapters()
         slot = versions.activate(version)
         return versions.info(slot)
+
+    async def unload_version(self, version: int) -> VersionInfo:
+        """Free the slot of a resident, inactive version that no in-flight request is pinned to.
+
+        The slot is freed in the front-end table first (from then on no request can get the
+        version, and a later load may reuse the slot); the worker then forgets the slot's
+        version. In-flight requests of other versions are untouched.
+
+        Returns:
+            The version's info as it was before unloading (`slot` is the freed slot).
+
+        Raises:
+            VersionNotResidentError: not resident.
+            VersionInUseError: the active version, or pinned by in-flight requests.
+        """
+        versions = self._require_adapters()
+        self._check_open()
+        async with self._load_lock:
+            slot = versions.slot_of(version)
+            info = versions.info(slot) if slot is not None else None
+            freed = versions.unload(version)  # raises before anything changes
+            assert info is not None
+            await self._llm.collective_rpc("smolora_unload_slot", args=(freed,))
+            logger.info("unloaded version %d from slot %d", version, freed)
+            info.active, info.in_flight = False, 0
+            return info
 
     def list_versions(self) -> list[VersionInfo]:
         """Resident versions, by slot (empty without adapters)."""

@@ -21,6 +21,9 @@ from PIL import Image
 VuRouting = Literal["pinned", "per_step"]
 FinishReason = Literal["stop", "length", "abort"]
 
+#: Most stop strings one request may carry (OpenAI's limit).
+MAX_STOP_STRINGS = 4
+
 
 # -- errors --------------------------------------------------------------------------------
 class EngineError(Exception):
@@ -61,6 +64,13 @@ class VersionLoadError(EngineError):
         self.reason = reason
 
 
+class VersionInUseError(EngineError):
+    """A resident version cannot be unloaded now: it is the active version, or in-flight
+    requests are pinned to it (activate another version / retry once they finish)."""
+
+    code = "version_in_use"
+
+
 class EngineUnavailableError(EngineError):
     """The engine is not running (not started, shut down, or its core died)."""
 
@@ -83,6 +93,8 @@ class GenerateRequest:
         instruction_similarity: similarity of a snapped instruction, echoed in the trace.
         max_tokens: generation limit.
         temperature, top_p, seed: sampling (temperature 0 is greedy).
+        stop: stop strings (OpenAI semantics): generation ends at the first one, which is not
+            part of the output (`finish_reason` "stop"); at most `MAX_STOP_STRINGS`.
         stop_token_ids: extra stop tokens.
         ignore_eos: keep generating past EOS (benchmarks; EOS stops otherwise).
         version: checkpoint version to serve with; None takes the active version.
@@ -100,6 +112,7 @@ class GenerateRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     version: int | None = None
@@ -120,6 +133,13 @@ class GenerateRequest:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.vu_routing not in (None, "pinned", "per_step"):
             raise InvalidRequestError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                self.stop = [self.stop]
+            if len(self.stop) > MAX_STOP_STRINGS:
+                raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+            if any(not isinstance(s, str) or not s for s in self.stop):
+                raise InvalidRequestError("stop strings must be non-empty strings")
         if self.image is not None and not isinstance(self.image, Image.Image):
             raise InvalidRequestError("image must be a PIL image (decode it before calling the engine)")
 
@@ -258,6 +278,11 @@ class EngineClient(Protocol):
 
     async def activate(self, version: int) -> VersionInfo:
         """Make a resident version the default for new requests."""
+        ...
+
+    async def unload_version(self, version: int) -> VersionInfo:
+        """Free the slot of a resident version (it is no longer servable); raises
+        `VersionNotResidentError`, `VersionInUseError` (active, or pinned by in-flight requests)."""
         ...
 
     def list_versions(self) -> list[VersionInfo]:

@@ -128,6 +128,7 @@ class RoutedAdapter(nn.Module):
             self.fuse_r[slot, j, :h, :r].copy_(torch.einsum("eor,o->er", b[:h], fvu))
             self.fuse_r[slot, j, h:, :r].copy_(torch.einsum("eor,o->er", b[h:], fif))
             state.gate_if[slot, self.columns.start + j].copy_(tensors[f"{name}.gate_if"])
+        self._cached = None  # a cached plan holds copies of slot-derived values (fuse_sorted)
 
     # -- forward ------------------------------------------------------------------------------
     def vu_routes(self, xf: Tensor, step: StepRouting) -> Tensor:

@@ -3,8 +3,9 @@
 The engine keeps `num_slots` versions resident as slots of stacked adapter tensors. This
 table decides which slot a new request uses (the version it names, or the active one), how
 many in-flight requests pin each slot, and which slot a newly loaded version may overwrite
-(never the active one, never one with in-flight requests). It is the single authority on
-slot occupancy: the worker only copies where it is told.
+(never the active one, never one with in-flight requests), and which version may be
+unloaded (same rule). It is the single authority on slot occupancy: the worker only copies
+where it is told.
 
 It does no I/O and knows nothing about vLLM; it is not thread-safe (use it from the event
 loop thread only).
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smolora.server.engine.protocol import NoFreeSlotError, VersionInfo, VersionNotResidentError
+from smolora.server.engine.protocol import NoFreeSlotError, VersionInfo, VersionInUseError, VersionNotResidentError
 
 
 @dataclass
@@ -149,4 +150,24 @@ class VersionTable:
         if slot is None:
             raise VersionNotResidentError(f"version {version} is not loaded; load it before activating it")
         self._active = slot
+        return slot
+
+    def unload(self, version: int) -> int:
+        """Free the slot of `version`; new requests can no longer get it. Returns the slot.
+
+        Raises:
+            VersionNotResidentError: the version is not resident.
+            VersionInUseError: it is the active version, or in-flight requests are pinned to it.
+        """
+        slot = self.slot_of(version)
+        if slot is None:
+            resident = [v.version for v in self.resident()]
+            raise VersionNotResidentError(f"version {version} is not loaded (resident: {resident})")
+        if slot == self._active:
+            raise VersionInUseError(f"version {version} is the active version; activate another version before unloading it")
+        s = self._slots[slot]
+        if s.in_flight:
+            raise VersionInUseError(f"version {version} is serving {s.in_flight} in-flight request(s); "
+                                    "retry once they finish")
+        self._slots[slot] = _Slot()
         return slot

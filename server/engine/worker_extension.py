@@ -7,6 +7,8 @@
   run between engine steps, so a forward never sees a half-copied slot. Which slot is free
   is the front end's call: it counts the in-flight requests of every slot (a finished
   request can sit in the persistent batch until the next step, so the worker cannot tell).
+- `smolora_unload_slot`: forget the version of a slot the front end has freed (its tensors
+  stay until a later load overwrites them; no request can select the slot meanwhile).
 - `smolora_fetch_traces`: routing traces of many requests in one call.
 - `smolora_stats`: counters for health and tests.
 
@@ -88,6 +90,13 @@ class SMoLoRAWorkerExtension:
         state.epoch += 1  # cached routing plans hold copies of slot-derived values
         logger.info("loaded checkpoint %s into slot %d", path, slot)
         return {"ok": True, "slot": slot, "version": ckpt.manifest.version}
+
+    def smolora_unload_slot(self, slot: int) -> dict[str, Any]:
+        """Forget the version held by `slot` (the front end no longer routes requests to it)."""
+        state = self._smolora_model().smolora_state
+        removed = state.slot_versions.pop(int(slot), None)
+        logger.info("unloaded slot %d (%s)", slot, removed)
+        return {"ok": True, "slot": int(slot), "version": removed}
 
     def smolora_fetch_traces(self, keys: list[int]) -> dict[int, Any]:
         """Traces of the given request keys (None for unknown keys)."""

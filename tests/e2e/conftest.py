@@ -1,4 +1,5 @@
-"""The real server for the e2e tests: tiny LLaVA, a published SMoLoRA checkpoint, a subprocess.
+"""The real servers for the e2e tests: tiny LLaVA, a published SMoLoRA checkpoint, a subprocess
+(and a second, base-only one started with `--no-adapters`).
 
 `RemoteServer` starts `python -m smolora.server serve` on a free port (`--port 0` and the
 `--port-file` it writes once listening), polls `/ready`, and on exit stops the process
@@ -53,14 +54,15 @@ def publish_smolora(registry: Path, model_dir: Path, encoder: Any, task: str, se
 class RemoteServer:
     """`python -m smolora.server serve ...` in a subprocess on a free port."""
 
-    def __init__(self, workdir: Path, model_dir: Path, registry: Path, extra: list[str]):
+    def __init__(self, workdir: Path, model_dir: Path, registry: Path | None, extra: list[str]):
         self.port_file = workdir / "port"
         self.log_path = workdir / "server.log"
         key_file = workdir / "admin.key"
         key_file.write_text(ADMIN_KEY + "\n")
-        self.cmd = [sys.executable, "-m", "smolora.server", "serve", "--model", str(model_dir), "--registry",
-                    str(registry), "--port", "0", "--port-file", str(self.port_file), "--admin-api-key-file",
-                    str(key_file), "--served-model-name", "tiny-llava", "--watch-interval", "0.2", *extra]
+        source = ["--registry", str(registry)] if registry is not None else ["--no-adapters"]
+        self.cmd = [sys.executable, "-m", "smolora.server", "serve", "--model", str(model_dir), *source,
+                    "--port", "0", "--port-file", str(self.port_file), "--admin-api-key-file", str(key_file),
+                    "--served-model-name", "tiny-llava", "--watch-interval", "0.2", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> "RemoteServer":
@@ -120,4 +122,14 @@ def remote(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, e2e_r
     extra = ["--engine-option", "max_model_len=256", "--engine-option", f"kv_cache_bytes={64 * 1024 * 1024}",
              "--engine-option", "max_num_seqs=8"]
     with RemoteServer(work, tiny_model_dir, e2e_registry, extra) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def remote_base(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[RemoteServer]:
+    """The same model served with `--no-adapters` (base-only: no registry, no MiniLM)."""
+    work = tmp_path_factory.mktemp("e2e-base-server")
+    extra = ["--engine-option", "max_model_len=256", "--engine-option", f"kv_cache_bytes={32 * 1024 * 1024}",
+             "--engine-option", "max_num_seqs=4"]
+    with RemoteServer(work, tiny_model_dir, None, extra) as srv:
         yield srv

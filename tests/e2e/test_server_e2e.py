@@ -3,8 +3,10 @@
 These prove the HTTP layer and the engine together: OpenAI schema in and out, SSE,
 usage that matches the engine's own prompt count, the routing trace of the serving
 version, snapping to a known instruction type (same embedding -> same routes and tokens),
-hot publishing picked up by the watcher with per-request version choice, typed errors
-with the server still serving, metrics, and the load generator.
+hot publishing picked up by the watcher with per-request version choice, unloading a
+version, stop strings applied by the engine (finish_reason "stop" with the trace), typed
+errors with the server still serving, metrics, and the load generator; and, on a second
+server started with `--no-adapters`, base-only serving.
 """
 
 from __future__ import annotations
@@ -107,6 +109,55 @@ def test_hot_publish_is_picked_up_and_versions_are_selectable(remote: RemoteServ
     r = httpx.post(remote.url + "/admin/checkpoints/rollback", headers=admin)
     assert r.status_code == 200 and r.json()["active"] == 1
     assert _ask(client).model == "tiny-llava@1"
+    # Unloading frees v2's engine slot: it is no longer listed and a request for it gets 404.
+    r = httpx.post(remote.url + "/admin/checkpoints/unload", headers=admin, json={"version": 1})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "version_active"
+    r = httpx.post(remote.url + "/admin/checkpoints/unload", headers=admin, json={"version": 2})
+    assert r.status_code == 200 and r.json() == {"unloaded": 2, "active": 1}
+    assert "tiny-llava@2" not in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError) as e:
+        _ask(client, model="tiny-llava@2")
+    assert e.value.body["code"] == "model_not_found"
+    assert _ask(client).model == "tiny-llava@1"
+
+
+def test_stop_string_is_applied_by_the_engine_and_keeps_the_trace(remote: RemoteServer) -> None:
+    client = _client(remote)
+    full = _ask(client, max_tokens=16, extra_body={"smolora": {"trace": True}})
+    text = full.choices[0].message.content
+    assert len(text) > 6, text
+    start = next(i for i in range(2, len(text) - 2) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
+    stop = text[start:start + 2]
+    cut = _ask(client, max_tokens=16, stop=[stop], extra_body={"smolora": {"trace": True}})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:start]
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
+    assert cut.smolora["trace"][0]["layers"]  # the engine finished the request, so the trace came back
+    routes = lambda r: [(l["layer"], l["vu_expert"], l["if_expert"]) for l in r.smolora["trace"][0]["layers"]]  # noqa: E731
+    assert routes(cut) == routes(full)
+    streamed = _ask(client, max_tokens=16, stop=[stop], stream=True, extra_body={"smolora": {"trace": True}})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:start]
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].smolora["trace"][0]["layers"]
+
+
+def test_base_only_server_serves_the_base_model(remote_base: RemoteServer) -> None:
+    client = _client(remote_base)
+    ready = httpx.get(remote_base.url + "/ready").json()
+    assert ready["adapters"] is False and ready["active_version"] is None
+    assert [m.id for m in client.models.list()] == ["tiny-llava"]
+    resp = _ask(client, extra_body={"smolora": {"trace": True}})
+    assert resp.model == "tiny-llava" and resp.usage.completion_tokens >= 1
+    assert resp.smolora == {"model": "tiny-llava", "adapters": False, "version": None, "version_name": None,
+                            "instruction": None, "trace": None}
+    chunks = list(_ask(client, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == resp.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        _ask(client, model="tiny-llava@1")
+    with pytest.raises(openai.BadRequestError) as e:
+        _ask(client, extra_body={"smolora": {"version": 1}})
+    assert e.value.body["code"] == "adapters_disabled"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.get(remote_base.url + "/admin/checkpoints", headers=admin).status_code == 404
 
 
 def test_metrics_after_traffic(remote: RemoteServer) -> None:

@@ -36,7 +36,7 @@ def _train(data_root: Path, base_dir: Path, out: Path, method: str, *extra: str)
 @pytest.fixture(scope="module")
 def smolora_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path, base_dir: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run") / "smolora_learned"
-    return out, _train(data_root, base_dir, out, "smolora_learned", "--router-balance-weight", "0.01")
+    return out, _train(data_root, base_dir, out, "smolora_learned")
 
 
 def test_publishes_a_complete_checkpoint_per_task(smolora_run: tuple[Path, dict], base_dir: Path) -> None:
@@ -56,13 +56,58 @@ def test_publishes_a_complete_checkpoint_per_task(smolora_run: tuple[Path, dict]
     assert set(ck.tensors) == {f"{layer}.{t}" for layer in m.layers for t in ("lora_A", "lora_B", "gate_vu", "gate_if", "fuse_vu", "fuse_if")}
 
 
-def test_gates_train_in_task_one_only(smolora_run: tuple[Path, dict]) -> None:
+def test_learned_router_gives_tasks_distinct_routes_and_holds_old_ones(smolora_run: tuple[Path, dict]) -> None:
+    """The learned router refits its gates before each task: task 2's instruction gets its
+    own IF expert, and task 1's instruction still routes where it did after task 1."""
+    from smolora.adapters.instructions import InstructionEncoder
+
     out, _ = smolora_run
+    (e1, v1), (e2, v2) = ((v, load_checkpoint(v.path).tensors) for v in list_versions(out / "registry"))
+    m2 = load_checkpoint(e2.path).manifest
+    texts = {t["task"]: t["text"] for t in m2.instruction_types}
+    emb = InstructionEncoder().encode([texts["sqa"], texts["textvqa"]]).float()
+    layers = [k[: -len(".gate_if")] for k in v1 if k.endswith(".gate_if")]
+    assert layers
+    for layer in layers:
+        r1 = (emb @ v1[f"{layer}.gate_if"].float().t()).argmax(-1)
+        r2 = (emb @ v2[f"{layer}.gate_if"].float().t()).argmax(-1)
+        assert int(r2[0]) == int(r1[0]), layer          # task 1's route held after refitting
+        assert int(r2[0]) != int(r2[1]), layer          # the two instructions use different IF experts
+    state = torch.load(out / "method_state.pt", weights_only=True)
+    assert {e["task"] for e in state["route_memory"]} == {"sqa", "textvqa"}
+    for log in state["fit_log"]:
+        for layer, v in log["layers"].items():
+            assert v["fit_accuracy"]["if"] == 1.0, layer
+            # Text layers see the prompt (instruction, question), so tasks separate; the
+            # projector sees only the image, which tasks may share.
+            if "projector" not in layer:
+                assert v["fit_accuracy"]["vu"] == 1.0, layer
+
+
+def test_learned_router_freezes_what_every_task_shares_after_task_one(smolora_run: tuple[Path, dict]) -> None:
+    out, _ = smolora_run
+    v1, v2 = (load_checkpoint(v.path).tensors for v in list_versions(out / "registry"))
+    half = 2  # --num-experts 4
+    fusion = [k for k in v1 if k.rsplit(".", 1)[1] in ("fuse_vu", "fuse_if")]
+    assert fusion and all(torch.equal(v1[k], v2[k]) for k in fusion)
+    proj = [k for k in v1 if k.startswith("projector.") and k.rsplit(".", 1)[1] in ("lora_A", "lora_B", "gate_vu")]
+    assert proj
+    for k in proj:
+        if k.endswith("gate_vu"):
+            assert torch.equal(v1[k], v2[k]), k
+        else:
+            assert torch.equal(v1[k][:half], v2[k][:half]), k          # VU experts frozen
+    text_b = [k for k in v1 if k.startswith("layers.") and k.endswith("lora_B")]
+    assert any(not torch.equal(v1[k], v2[k]) for k in text_b)           # task 2 still learns
+
+
+def test_reference_parity_gates_never_change(tmp_path: Path, data_root: Path, base_dir: Path) -> None:
+    out = tmp_path / "smolora"
+    _train(data_root, base_dir, out, "smolora", "--no-unseen", "--no-robustness", "--few-shot", "1")
     v1, v2 = (load_checkpoint(v.path).tensors for v in list_versions(out / "registry"))
     gates = [k for k in v1 if k.rsplit(".", 1)[1] in ("gate_vu", "gate_if")]
     assert gates and all(torch.equal(v1[k], v2[k]) for k in gates)
-    experts = [k for k in v1 if k.endswith("lora_B")]
-    assert any(not torch.equal(v1[k], v2[k]) for k in experts)
+    assert any(not torch.equal(v1[k], v2[k]) for k in v1 if k.endswith("lora_B"))
 
 
 def test_matrix_and_metrics_are_written(smolora_run: tuple[Path, dict]) -> None:
@@ -90,18 +135,18 @@ def test_resume_from_last_published_task_is_deterministic(
     before = load_checkpoint(last.path).tensors
     shutil.rmtree(last.path)
     (copy / "registry" / "latest").unlink()
-    res2 = _train(data_root, base_dir, copy, "smolora_learned", "--router-balance-weight", "0.01")
+    res2 = _train(data_root, base_dir, copy, "smolora_learned")
     versions = list_versions(copy / "registry")
     assert [v.task for v in versions] == ["sqa", "textvqa"]
     after = load_checkpoint(versions[-1].path).tensors
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert res2["matrix"] == res["matrix"]
     # Nothing left to train: a re-run publishes nothing new.
-    _train(data_root, base_dir, copy, "smolora_learned", "--router-balance-weight", "0.01")
+    _train(data_root, base_dir, copy, "smolora_learned")
     assert len(list_versions(copy / "registry")) == 2
 
 
-@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "smolora_learned"])
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m not in ("smolora_learned", "smolora")])
 def test_every_method_runs(method: str, tmp_path: Path, data_root: Path, base_dir: Path) -> None:
     res = _train(data_root, base_dir, tmp_path / method, method, "--no-unseen", "--no-robustness")
     versions = list_versions(tmp_path / method / "registry")
@@ -113,35 +158,3 @@ def test_every_method_runs(method: str, tmp_path: Path, data_root: Path, base_di
         assert len(versions) == 2 and len(res["matrix"]) == 2
     if method == "dirlora":  # oracle per-task LoRAs cannot forget
         assert res["BWT"] == 0.0
-
-
-def test_learned_gates_move_in_task_one(smolora_run: tuple[Path, dict], base_dir: Path) -> None:
-    from smolora.adapters.smolora import SMoLoRAModel
-    from smolora.adapters.tiny_llava import load_llava
-
-    out, _ = smolora_run
-    v1 = load_checkpoint(list_versions(out / "registry")[0].path).tensors
-    model, _ = load_llava(base_dir)
-    init = SMoLoRAModel(model, SMoLoRAConfig(num_experts=4, rank=8, alpha=16, router_training="learned"), seed=0)
-    start = init.adapter_state_dict()
-    gates = [k for k in v1 if k.rsplit(".", 1)[1] in ("gate_vu", "gate_if")]
-    assert any(not torch.equal(v1[k], start[k]) for k in gates)
-
-
-def test_published_checkpoint_evaluates_like_the_trainer(smolora_run: tuple[Path, dict], data_root: Path, base_dir: Path) -> None:
-    from smolora.training.checkpoint_eval import evaluate_checkpoint
-
-    out, res = smolora_run
-    got = evaluate_checkpoint(out / "registry", base_dir, data_root, "single", ["sqa", "textvqa"], test_limit=4, progress=False)
-    assert got["checkpoint"]["version"] == 2
-    assert {t: r["score"] for t, r in got["tasks"].items()} == {t: r["score"] for t, r in res["final"].items()}
-
-
-def test_routing_report_of_smolora(smolora_run: tuple[Path, dict]) -> None:
-    _, res = smolora_run
-    share = res["routing"]["sharing"]
-    assert share["tasks"] == ["sqa", "textvqa"]
-    for kind in ("vu", "if", "both"):
-        assert share[kind][0][0] == 1.0 and share[kind][0][1] == share[kind][1][0]
-    usage = res["routing"]["usage"]["sqa"]
-    assert all(sum(u["vu"]) == sum(u["if"]) == 4 for u in usage.values())

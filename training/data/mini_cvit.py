@@ -56,7 +56,7 @@ class MiniCVITConfig:
     train_per_task: int = 2000
     test_per_task: int = 100
     few_shot_max: int = 10
-    pretrain_size: int = 8000
+    pretrain_size: int = 24000
     tasks: tuple[str, ...] = UPSTREAM_ORDER
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,13 @@ from smolora.adapters.instructions import InstructionEncoder
 from smolora.training.config import RunConfig
 from smolora.training.data.cvit_json import Example
 from smolora.training.evaluate import MaskHook, no_scope
+
+
+class Probe(Protocol):
+    """Runs a no-grad forward of `examples` through the adapted model under the method's
+    scope: with their answers appended (as in training) or prompts only (as at prefill)."""
+
+    def __call__(self, examples: list[Example], with_answers: bool) -> None: ...
 
 
 class ContinualMethod:
@@ -66,6 +73,10 @@ class ContinualMethod:
         return self.adapter.config.to_dict() if self.adapter is not None else {}  # type: ignore[attr-defined]
 
     # -- one task stage ---------------------------------------------------------------
+    def prepare_task(self, index: int, task: str, examples: list[Example], probe: "Probe") -> None:
+        """Called before `begin_task` with the task's training examples and a way to run
+        no-grad forwards of some of them (e.g. to fit routers); default: nothing."""
+
     def begin_task(self, index: int, task: str) -> None:
         """Called before training task number `index` (0-based)."""
 
@@ -110,6 +121,14 @@ class ContinualMethod:
         `end_task` for the stage, as after training, to rebuild derived state."""
         if self.adapter is not None:
             self.adapter.load_adapter_state_dict(tensors)
+
+    def run_state(self) -> Any:
+        """Method state beyond the published adapter that a resumed run needs (the trainer
+        keeps it in the run folder); None when there is none."""
+        return None
+
+    def load_run_state(self, state: Any) -> None:
+        """Restore what `run_state` returned."""
 
     def snapshot(self) -> Any:
         """Everything needed to undo a later stage (few-shot fine-tunes start from here)."""

@@ -2,21 +2,23 @@
 
 Per batch it opens a `RoutingContext` with the MiniLM embedding of each example's
 instruction template (the reference embeds only the template, never the question) and
-marks the real tokens before each forward. Gates train only in task 1 and only with the
-learned router; later tasks freeze them (`set_gates_trainable(False)`); experts and fusion
-vectors always train.
+marks the real tokens before each forward. Experts and fusion vectors always train.
 
-Learned router, load balancing: the straight-through top-1 router tends to collapse, all
-requests of task 1 on one expert. With `AdapterSizes.router_balance_weight > 0` an
-auxiliary Switch-style loss `(E/2) * sum_k f_k * P_k` per layer and router (f = share of
-requests routed to expert k, P = mean router probability) is added in task 1. Router
-logits are re-computed from the layer inputs captured by forward pre-hooks, so the adapter
-library stays untouched.
+Reference parity (`smolora`): the gates stay the random projections they were initialised
+as (hard argmax gives them no gradient in the reference).
+
+Learned router (`smolora_learned`): before each task the gates are refit by
+`route_fit.py`'s task-balanced assignment (a new instruction gets its own IF expert, each
+task a distinct (VU, IF) pair where possible, earlier tasks' routes held by a route
+memory), then frozen while the task trains; from task 2 on the fusion vectors and the
+projector's VU experts, which every task shares, are frozen too (a deliberate difference
+from the reference's training recipe, for this variant only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterator
 
 import torch
@@ -27,23 +29,12 @@ from smolora.adapters.smolora import RoutingContext, SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.smolora import router as smolora_router
 from smolora.adapters.smolora.config import RouterTraining
 from smolora.training.config import RunConfig
+from smolora.training.data.cvit_json import Example
 from smolora.training.evaluate import MaskHook
-from smolora.training.methods.base import ContinualMethod
+from smolora.training.methods.base import ContinualMethod, Probe
+from smolora.training.methods.route_fit import Kind, RouteEntry, RouteMemory, fit_gate, gate_accuracy, pick_expert
 
-
-def switch_balance_loss(logits: Tensor) -> Tensor:
-    """Switch-Transformer load-balancing loss of one router over a batch.
-
-    Args:
-        logits: `[B, K]` router logits (one row per request).
-
-    Returns:
-        Scalar `K * sum_k f_k P_k`; 1 when balanced, K when collapsed on one expert.
-    """
-    k = logits.shape[-1]
-    probs = torch.softmax(logits.float(), dim=-1)
-    frac = torch.nn.functional.one_hot(probs.argmax(-1), k).float().mean(0)
-    return k * (frac * probs.mean(0)).sum()
+logger = logging.getLogger(__name__)
 
 
 class SMoLoRAMethod(ContinualMethod):
@@ -56,8 +47,6 @@ class SMoLoRAMethod(ContinualMethod):
     def __init__(self, run: RunConfig, instructions: InstructionEncoder):
         super().__init__(run, instructions)
         self._ctx: RoutingContext | None = None
-        self._aux: list[Tensor] = []
-        self._hooks: list[Any] = []
 
     def build_adapter(self, model: nn.Module) -> SMoLoRAModel:
         a = self.run.adapter
@@ -77,41 +66,10 @@ class SMoLoRAMethod(ContinualMethod):
         return self.adapter
 
     def begin_task(self, index: int, task: str) -> None:
-        self.smodel.set_gates_trainable(index == 0)
-        self._remove_hooks()
-        if index == 0 and self.router_training == "learned" and self.run.adapter.router_balance_weight > 0:
-            for layer in self.smodel.layers.values():
-                self._hooks.append(layer.register_forward_pre_hook(self._capture))
-
-    def end_task(self, index: int, task: str, examples: list) -> None:
-        self._remove_hooks()
         self.smodel.set_gates_trainable(False)
 
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self._aux = []
-
-    def _capture(self, layer: nn.Module, args: tuple[Tensor, ...]) -> None:
-        """Pre-hook: router logits of this layer's input, for the balance loss."""
-        ctx = self._ctx
-        if ctx is None or not layer.training or not torch.is_grad_enabled():
-            return
-        x = args[0]
-        layout = ctx.image_layout(x) if layer.image_side else ctx.text_layout(x)  # type: ignore[attr-defined]
-        xf = x.reshape(-1, x.shape[-1])
-        mean = smolora_router.segment_mean(xf, layout.owners, layout.valid, layout.num_segments)  # [B, d_in]
-        vu = smolora_router.gate_logits(layer.gate_vu, mean)  # type: ignore[attr-defined]
-        inst = smolora_router.gate_logits(layer.gate_if, ctx.instruction.to(x.device))  # type: ignore[attr-defined]
-        self._aux.append(switch_balance_loss(vu) + switch_balance_loss(inst))
-
-    def auxiliary_loss(self) -> Tensor | None:
-        if not self._aux:
-            return None
-        loss = torch.stack(self._aux).mean() * self.run.adapter.router_balance_weight
-        self._aux = []
-        return loss
+    def end_task(self, index: int, task: str, examples: list) -> None:
+        self.smodel.set_gates_trainable(False)
 
     def embed(self, instructions: list[str]) -> Tensor:
         """`[B, 384]` MiniLM embeddings of instruction templates."""
@@ -130,7 +88,108 @@ class SMoLoRAMethod(ContinualMethod):
 
 
 class LearnedSMoLoRAMethod(SMoLoRAMethod):
-    """SMoLoRA whose gates learn in task 1 (straight-through top-1)."""
+    """SMoLoRA whose gates are fit to a task-balanced route assignment before every task
+    (see `route_fit.py`) and frozen while it trains."""
 
     name = "smolora_learned"
     router_training: RouterTraining = "learned"
+    #: Training examples whose mean layer inputs are remembered per task and layer.
+    probe_size = 32
+
+    def __init__(self, run: RunConfig, instructions: InstructionEncoder):
+        super().__init__(run, instructions)
+        self.memory = RouteMemory()
+        self.fit_log: list[dict[str, Any]] = []
+        self._grad_hooks: list[Any] = []
+
+    def prepare_task(self, index: int, task: str, examples: list[Example], probe: Probe) -> None:
+        """Assign this task's experts in every layer and refit the gates (see module doc)."""
+        self.memory.truncate(index)
+        texts = sorted({ex.instruction for ex in examples})
+        inst = self.embed(texts).float()
+        step = max(1, len(examples) // self.probe_size)
+        sample = examples[::step][: self.probe_size]
+        half = self.smodel.config.experts_per_group
+        log: dict[str, Any] = {"stage": index, "task": task, "layers": {}}
+        for name, layer in self.smodel.layers.items():  # forward order: each fit sees the routes before it
+            if_expert = self.memory.if_expert_for(name, texts)
+            if if_expert is None:
+                if_expert = pick_expert(self.memory.loads(name, "if", half))
+            self.memory.entries.append(RouteEntry(index, task, name, "if", if_expert, inst, tuple(texts)))
+            kinds: list[tuple[Kind, nn.Parameter]] = [("if", layer.gate_if)]
+            vu_expert: int | None = None
+            if not layer.image_side or index == 0:
+                feats = self._mean_inputs(name, sample, probe)
+                vu_expert = pick_expert(self.memory.loads(name, "vu", half), avoid=self.memory.vu_paired_with(name, if_expert))
+                self.memory.entries.append(RouteEntry(index, task, name, "vu", vu_expert, feats))
+                kinds.append(("vu", layer.gate_vu))
+            acc = {}
+            for kind, gate in kinds:
+                x, y = self.memory.training_set(name, kind)
+                with torch.no_grad():
+                    gate.copy_(fit_gate(gate, x, y))
+                acc[kind] = gate_accuracy(gate, x, y)
+            log["layers"][name] = {"vu": vu_expert, "if": if_expert, "fit_accuracy": acc}
+        self.fit_log.append(log)
+        worst = min(min(v["fit_accuracy"].values()) for v in log["layers"].values())
+        logger.info("%s: routes for task %d (%s) fit; worst remembered-route accuracy %.3f", self.name, index, task, worst)
+
+    def begin_task(self, index: int, task: str) -> None:
+        """Gates frozen; from task 2 on, also what every task shares: the fusion vectors and
+        the projector's VU experts (images alone cannot tell tasks apart, so the projector's
+        VU gate is fit in task 1 only and its experts would otherwise drift under every
+        task, and with them every later layer's inputs and routes)."""
+        super().begin_task(index, task)
+        self._remove_grad_hooks()
+        if index == 0:
+            return
+        half = self.smodel.config.experts_per_group
+        for layer in self.smodel.layers.values():
+            layer.fuse_vu.requires_grad_(False)
+            layer.fuse_if.requires_grad_(False)
+            if layer.image_side:
+                keep = torch.ones(layer.lora_A.shape[0], 1, 1, device=layer.lora_A.device)
+                keep[:half] = 0.0  # VU experts: no update
+                for p in (layer.lora_A, layer.lora_B):
+                    self._grad_hooks.append(p.register_hook(lambda g, k=keep: g * k.to(g.dtype)))
+
+    def end_task(self, index: int, task: str, examples: list) -> None:
+        super().end_task(index, task, examples)
+        self._remove_grad_hooks()
+        for layer in self.smodel.layers.values():
+            layer.fuse_vu.requires_grad_(True)
+            layer.fuse_if.requires_grad_(True)
+
+    def _remove_grad_hooks(self) -> None:
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
+
+    def run_state(self) -> Any:
+        return {"route_memory": self.memory.to_list(), "fit_log": self.fit_log}
+
+    def load_run_state(self, state: Any) -> None:
+        self.memory = RouteMemory.from_list(state.get("route_memory"))
+        self.fit_log = list(state.get("fit_log", []))
+
+    def _mean_inputs(self, layer_name: str, examples: list[Example], probe: Probe) -> Tensor:
+        """Per-request mean inputs of one layer, `[2n, d_in]`: each example with its answer
+        (as in training) and without (as at inference prefill)."""
+        layer = self.smodel.layers[layer_name]
+        got: list[Tensor] = []
+
+        def hook(mod: nn.Module, args: tuple[Tensor, ...]) -> None:
+            ctx = self._ctx
+            assert ctx is not None
+            x = args[0]
+            layout = ctx.image_layout(x) if mod.image_side else ctx.text_layout(x)  # type: ignore[attr-defined]
+            xf = x.detach().reshape(-1, x.shape[-1])
+            got.append(smolora_router.segment_mean(xf, layout.owners, layout.valid, layout.num_segments))
+
+        handle = layer.register_forward_pre_hook(hook)
+        try:
+            probe(examples, with_answers=True)
+            probe(examples, with_answers=False)
+        finally:
+            handle.remove()
+        return torch.cat(got).float()

@@ -16,4 +16,4 @@ router = APIRouter(tags=["inference"])
 @router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """OpenAI chat completions with image parts; see `chat/protocol.py` for the `smolora` extension."""
-    return await ChatService(get_state(request)).create(body)
+    return await ChatService(get_state(request)).create(body, receive=request.receive)

@@ -9,8 +9,16 @@ choice's `finish_reason`, the model as `name@version`, and the `smolora` extensi
 (version, instruction source, and the routing trace when asked for; on the last chunk
 when streaming). It feeds the latency, token, finish and expert-selection metrics.
 
+With adapters off (base-only serving) there is no version and no instruction: the model
+is the plain served name, the instruction embedding is never computed, a request naming a
+version (`name@N`: 404; `smolora.version`: 400) or an instruction (400, code
+`adapters_disabled`) is refused, and the `smolora` object says `"adapters": false` with
+no version, instruction or trace.
+
 Every caller mistake becomes a typed 4xx error before anything is submitted; an engine
-failure after a stream has started becomes an SSE error event followed by `[DONE]`.
+failure after a stream has started becomes an SSE error event followed by `[DONE]`. A
+non-streaming request whose client disconnects is cancelled, which aborts its engine
+requests (a streaming one is aborted when its body iterator is closed).
 It knows nothing of vLLM.
 """
 
@@ -53,11 +61,11 @@ class PreparedChat:
     request_id: str
     created: int
     model_label: str
-    version: VersionInfo
+    version: VersionInfo | None  # None with adapters off
     prompt: str
     prompt_tokens: int
     images: tuple[Image.Image, ...]
-    instruction: ResolvedInstruction
+    instruction: ResolvedInstruction | None  # None with adapters off
     sampling: list[SamplingOptions]
     trace_requested: bool
     engine_trace: bool
@@ -95,6 +103,37 @@ def parse_model_name(model: str, served: str) -> int | None:
         raise NotFoundError(f"the model {model!r} does not exist: {ver!r} is not a version number; {hint}",
                             param="model", code="model_not_found")
     return int(digits)
+
+
+def check_base_only_request(req: ChatCompletionRequest, served: str) -> None:
+    """Refuse what a base-only server (adapters off) cannot honour.
+
+    Raises:
+        NotFoundError: another model name, or `name@N` (there are no versions).
+        InvalidRequestError: `smolora.version`, `smolora.instruction` or
+            `smolora.instruction_type` (code `adapters_disabled`).
+    """
+    name, sep, _ = req.model.partition("@")
+    if name != served or sep:
+        raise NotFoundError(f"the model {req.model!r} does not exist; this server serves the base model {served!r} "
+                            "with adapters disabled (no checkpoint versions); see GET /v1/models", param="model",
+                            code="model_not_found")
+    ext = req.smolora
+    if ext is None:
+        return
+    for field_name in ("version", "instruction", "instruction_type"):
+        if getattr(ext, field_name) is not None:
+            raise InvalidRequestError(f"smolora.{field_name} cannot be honoured: this server serves the base model "
+                                      "with adapters disabled (started with --no-adapters); drop the field",
+                                      param=f"smolora.{field_name}", code="adapters_disabled")
+
+
+async def until_disconnected(receive: Receive) -> None:
+    """Return once the HTTP client has disconnected (call after the body has been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def engine_error_to_api(e: Exception, retry_after_s: int) -> APIError:
@@ -155,7 +194,11 @@ class ChatService:
         engine, versions, resolver, renderer = self.state.require_serving()
         s = self.settings
         ext = req.smolora
-        info = self._resolve_version(req, versions)
+        if versions is None:
+            check_base_only_request(req, s.served_model_name)
+            info = None
+        else:
+            info = self._resolve_version(req, versions)
 
         if req.n > s.max_n or req.n > s.max_concurrent_requests:
             raise InvalidRequestError(f"n={req.n} is over this server's limit of {min(s.max_n, s.max_concurrent_requests)}",
@@ -168,12 +211,15 @@ class ChatService:
         template_messages, image_urls, user_text = self._check_messages(req.messages, renderer)
         images = await self._load_images(image_urls)
 
-        try:
-            instruction = await asyncio.to_thread(
-                resolver.resolve, info.instruction_types, user_text,
-                ext.instruction if ext else None, ext.instruction_type if ext else None)
-        except UnknownInstructionTypeError as e:
-            raise InvalidRequestError(str(e), param="smolora.instruction_type", code="unknown_instruction_type") from None
+        instruction: ResolvedInstruction | None = None
+        if info is not None and resolver is not None:
+            try:
+                instruction = await asyncio.to_thread(
+                    resolver.resolve, info.instruction_types, user_text,
+                    ext.instruction if ext else None, ext.instruction_type if ext else None)
+            except UnknownInstructionTypeError as e:
+                raise InvalidRequestError(str(e), param="smolora.instruction_type",
+                                          code="unknown_instruction_type") from None
 
         prompt = renderer.render(template_messages)
         prompt_tokens = renderer.count_tokens(prompt, len(images))
@@ -190,9 +236,10 @@ class ChatService:
         trace_requested = s.trace_default if (ext is None or ext.trace is None) else ext.trace
         return PreparedChat(
             request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
-            model_label=f"{s.served_model_name}@{info.version}", version=info, prompt=prompt,
-            prompt_tokens=prompt_tokens, images=tuple(images), instruction=instruction, sampling=sampling,
-            trace_requested=trace_requested, engine_trace=trace_requested or s.record_expert_metrics,
+            model_label=s.served_model_name if info is None else f"{s.served_model_name}@{info.version}",
+            version=info, prompt=prompt, prompt_tokens=prompt_tokens, images=tuple(images), instruction=instruction,
+            sampling=sampling, trace_requested=trace_requested and info is not None,
+            engine_trace=info is not None and (trace_requested or s.record_expert_metrics),
             stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
             arrival=arrival)
 
@@ -289,11 +336,19 @@ class ChatService:
         return limit if limit is not None else min(self.settings.default_max_tokens, room)
 
     # --- generation -----------------------------------------------------------------------------
-    async def create(self, req: ChatCompletionRequest) -> Response:
-        """Serve one request: a JSON completion or an SSE stream."""
+    async def create(self, req: ChatCompletionRequest, receive: Receive | None = None) -> Response:
+        """Serve one request: a JSON completion or an SSE stream.
+
+        Args:
+            req: the parsed request.
+            receive: the ASGI receive channel (after the body was read); when given, a
+                non-streaming request is cancelled -- its engine requests aborted -- as soon as
+                the client disconnects.
+        """
         arrival = time.perf_counter()
         prepared = await self.prepare(req, arrival)
-        self.state.metrics.instruction_sources.labels(source=prepared.instruction.source).inc()
+        if prepared.instruction is not None:
+            self.state.metrics.instruction_sources.labels(source=prepared.instruction.source).inc()
         n = len(prepared.sampling)
         if prepared.stream:
             waited = await self.state.admission.acquire(n)
@@ -308,15 +363,37 @@ class ChatService:
             body = self._sse(prepared, waited)
             return LeasedStreamingResponse(body, release, media_type="text/event-stream",
                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
+        work = asyncio.ensure_future(self._complete(prepared, n, choices))
+        if receive is None:
+            await work
+        else:
+            watch = asyncio.ensure_future(until_disconnected(receive))
+            try:
+                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                raise
+            finally:
+                watch.cancel()
+            if not work.done():  # the client left: abort the engine requests
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                log.info("client disconnected; aborted %s", prepared.request_id)
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            work.result()  # re-raises an APIError
+        return JSONResponse(self._completion_body(prepared, choices))
+
+    async def _complete(self, prepared: PreparedChat, n: int, choices: dict[int, "_ChoiceState"]) -> None:
+        """Run a non-streaming request's choices to the end (admission slots held meanwhile)."""
         async with self.state.admission.slot(n) as waited:
-            choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
             try:
                 async with aclosing(self._events(prepared, waited, choices)) as events:
                     async for _ in events:
                         pass
             except Exception as e:
                 raise engine_error_to_api(e, self.settings.retry_after_s) from None
-        return JSONResponse(self._completion_body(prepared, choices))
 
     async def _events(self, prepared: PreparedChat, waited: float, choices: dict[int, _ChoiceState]
                       ) -> AsyncIterator[tuple[int, GenerationDelta]]:
@@ -328,7 +405,8 @@ class ChatService:
         async def run(index: int) -> None:
             inp = GenerationInput(
                 request_id=f"{prepared.request_id}-{index}", prompt=prepared.prompt, images=prepared.images,
-                instruction_embedding=prepared.instruction.embedding, version=prepared.version.version,
+                instruction_embedding=prepared.instruction.embedding if prepared.instruction else None,
+                version=prepared.version.version if prepared.version else None,
                 sampling=prepared.sampling[index], trace=prepared.engine_trace)
             stream: Any = None
             try:
@@ -408,10 +486,14 @@ class ChatService:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _extension(self, prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> dict[str, Any]:
+        if prepared.version is None:  # base-only serving
+            return {"model": prepared.model_label, "adapters": False, "version": None, "version_name": None,
+                    "instruction": None, "trace": None}
         trace = None
         if prepared.trace_requested:
             trace = [{"index": i, "layers": [r.to_dict() for r in (c.trace or ())]} for i, c in sorted(choices.items())]
-        return {"model": prepared.model_label, "version": prepared.version.version,
+        assert prepared.instruction is not None
+        return {"model": prepared.model_label, "adapters": True, "version": prepared.version.version,
                 "version_name": prepared.version.name, "instruction": prepared.instruction.to_trace(), "trace": trace}
 
     def _completion_body(self, prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> dict[str, Any]:

@@ -153,7 +153,12 @@ class VersionManager:
             victim = next((v for v in resident if v.version != active), None)
             if victim is None:
                 raise ConflictError("no room for another resident version", code="no_free_slot")
-            await self.engine.unload_version(victim.version)
+            try:
+                await self.engine.unload_version(victim.version)
+            except EngineError as e:  # e.g. in-flight requests are pinned to it
+                raise ServiceUnavailableError(f"no room for another resident version now: version {victim.version} "
+                                              f"cannot be unloaded ({e})", retry_after_s=self.retry_after_s,
+                                              code="no_free_slot") from None
             log.info("unloaded version %d to make room (max %d resident)", victim.version, self.max_resident)
             resident.remove(victim)
         self._publish_metrics()
@@ -205,11 +210,12 @@ class VersionManager:
             raise ConflictError("there is no earlier active version to roll back to", code="no_previous_version")
 
     async def unload(self, version: int) -> None:
-        """Drop a resident version that is not active.
+        """Unload a resident version that is not active (the engine frees its slot).
 
         Raises:
             NotFoundError: not resident.
-            ConflictError: it is the active version.
+            ConflictError: it is the active version (`version_active`), or in-flight requests
+                are pinned to it (`version_busy`; retry once they finish).
         """
         async with self._lock:
             self.require(version)

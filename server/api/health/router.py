@@ -28,7 +28,8 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 when the engine is loaded and a checkpoint version is active; 503 with the reason otherwise."""
+    """200 when the engine is loaded and a checkpoint version is active (with adapters off: once the
+    engine is up); 503 with the reason otherwise."""
     state = get_state(request)
     reason = state.not_ready_reason()
     if reason is None and state.engine is not None:
@@ -39,8 +40,10 @@ async def ready(request: Request) -> JSONResponse:
     if reason is not None:
         return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503,
                             headers={"Retry-After": str(state.settings.retry_after_s)})
-    assert state.versions is not None
-    return JSONResponse({"status": "ready", "model": state.settings.served_model_name,
+    if state.versions is None:  # base-only serving
+        return JSONResponse({"status": "ready", "model": state.settings.served_model_name, "adapters": False,
+                             "active_version": None, "resident_versions": []})
+    return JSONResponse({"status": "ready", "model": state.settings.served_model_name, "adapters": True,
                          "active_version": state.versions.active(),
                          "resident_versions": [v.version for v in state.versions.resident()]})
 

@@ -1,4 +1,7 @@
-"""GET /v1/models: the served model (its active version) and `name@version` per resident version."""
+"""GET /v1/models: the served model (its active version) and `name@version` per resident version.
+
+With adapters off (base-only serving) the list holds the base model alone.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +19,16 @@ router = APIRouter(tags=["inference"])
 def model_cards(state: ServerState) -> list[dict[str, Any]]:
     """OpenAI model objects: `name` (the active version) and `name@N` for each resident version N."""
     name = state.settings.served_model_name
+    if not state.settings.adapters:
+        return [{"id": name, "object": "model", "created": 0, "owned_by": "smolora", "root": name, "parent": None,
+                 "smolora": {"adapters": False, "active_version": None, "alias_of": None}}]
     versions = state.versions
     active = versions.active() if versions else None
     resident = versions.resident() if versions else []
     created = int(min((v.loaded_at for v in resident), default=0))
     cards: list[dict[str, Any]] = [{
         "id": name, "object": "model", "created": created, "owned_by": "smolora", "root": name, "parent": None,
-        "smolora": {"active_version": active, "alias_of": f"{name}@{active}" if active else None},
+        "smolora": {"adapters": True, "active_version": active, "alias_of": f"{name}@{active}" if active else None},
     }]
     for v in resident:
         cards.append({

@@ -52,6 +52,7 @@ class ScriptedEngine:
         self._hold = threading.Event()
         self._hold.set()
         self.in_flight = 0
+        self.pinned: dict[int, int] = {}  # version -> in-flight requests on it
 
     # --- test hooks -------------------------------------------------------------------------
     def hold(self) -> None:
@@ -66,10 +67,12 @@ class ScriptedEngine:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
-        if request.version not in self._versions:
+        if request.version is not None and request.version not in self._versions:
             raise UnknownVersionError(f"version {request.version} is not resident")
         self.inputs.append(request)
         self.in_flight += 1
+        if request.version is not None:
+            self.pinned[request.version] = self.pinned.get(request.version, 0) + 1
         finished = False
         try:
             while not self._hold.is_set():
@@ -106,6 +109,8 @@ class ScriptedEngine:
                 await asyncio.sleep(0)
         finally:
             self.in_flight -= 1
+            if request.version is not None:
+                self.pinned[request.version] -= 1
             if not finished:
                 self.aborted.append(request.request_id)
 
@@ -113,7 +118,7 @@ class ScriptedEngine:
         return len(request.prompt.split()) + 16 * len(request.images)
 
     def _trace(self, request: GenerationInput) -> tuple[LayerRoute, ...] | None:
-        if not request.trace:
+        if not request.trace or request.instruction_embedding is None:
             return None
         half = self.num_experts // 2
         emb = request.instruction_embedding
@@ -144,6 +149,8 @@ class ScriptedEngine:
             raise UnknownVersionError(f"version {version} is not resident")
         if version == self._active:
             raise EngineError("cannot unload the active version")
+        if self.pinned.get(version):
+            raise EngineError(f"{self.pinned[version]} in-flight request(s) are pinned to version {version}")
         del self._versions[version]
 
     def resident_versions(self) -> list[VersionInfo]:

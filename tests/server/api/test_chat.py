@@ -89,6 +89,8 @@ def test_sampling_options_reach_the_engine(served) -> None:
     assert seeds == [7, 8] and engine.inputs[-1].sampling.temperature == 0.5
     assert body["usage"]["completion_tokens"] == 6
     assert engine.inputs[-1].sampling.stop == ("circle",)
+    r = _post(client, stop=["a", "b", "c", "d", "e"])  # OpenAI allows up to 4 stop strings
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
 
 
 def test_default_max_tokens_is_capped_by_the_context_left(served) -> None:
@@ -197,3 +199,34 @@ def test_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, regis
         assert engine.aborted
         ok = httpx.post(srv.base_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=10)
         assert ok.status_code == 200
+
+
+def test_non_streaming_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, registry: Path) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    from tests.server.api.helpers import wait_until
+
+    engine = ScriptedEngine()
+    settings = ServerSettings(model_dir=tiny_model_dir, registry_dir=registry, served_model_name="tiny-llava",
+                              watch_registry=False, max_concurrent_requests=1, max_waiting_requests=0)
+    app = create_app(settings, scripted_factory(engine), embedder_factory=HashingEmbedder)
+    with ServerThread(app) as srv:
+        srv.wait_ready()
+        engine.hold()
+        payload = json.dumps({"model": "tiny-llava", "messages": [user_message()], "max_tokens": 5}).encode()
+        url = urlsplit(srv.base_url)
+        sock = socket.create_connection((url.hostname, url.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        wait_until(lambda: engine.in_flight == 1, what="the request to reach the engine")
+        request_id = engine.inputs[-1].request_id
+        sock.close()  # the client leaves before any byte of the answer
+        wait_until(lambda: request_id in engine.aborted, what="the engine request to be aborted")
+        assert engine.in_flight == 0
+        engine.release()
+        # the admission slot was released too: the only slot serves the next request
+        ok = httpx.post(srv.base_url + "/v1/chat/completions", json=json.loads(payload), timeout=10)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]

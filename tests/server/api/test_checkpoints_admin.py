@@ -174,3 +174,30 @@ def test_watcher_retries_a_version_refused_for_lack_of_a_free_slot(tmp_path: Pat
         assert await watcher.poll_once() == [2] and manager.active() == 2
 
     asyncio.run(go())
+
+
+def test_unload_refuses_a_version_pinned_by_in_flight_requests_then_frees_it(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    import threading
+
+    reg = _registry(tmp_path, 2)
+    with running_app(tiny_model_dir, reg, admin_api_key="adm", initial_version=2) as (client, engine, _):
+        assert client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 1}).status_code == 200
+        engine.hold()
+        body = {"model": "tiny-llava@1", "messages": [user_message()], "max_tokens": 2}
+        results: list[int] = []
+        t = threading.Thread(target=lambda: results.append(client.post("/v1/chat/completions", json=body).status_code))
+        t.start()
+        wait_until(lambda: engine.pinned.get(1) == 1, what="a request pinned to version 1")
+        r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "version_busy"
+        engine.release()
+        t.join(timeout=30)
+        assert results == [200]
+        r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
+        assert r.status_code == 200 and r.json() == {"unloaded": 1, "active": 2}
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llava", "tiny-llava@2"]
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"

@@ -2,7 +2,8 @@
 
 `FakeEngineClient` imitates the engine's public types (GenerateRequest in, GenerateChunk
 out, typed errors) so that this tests the bridge's mapping only: request fields, deltas,
-stop strings, traces, error types, version bookkeeping. The real engine is exercised by
+stop strings handed to the engine, base-only requests, traces, error types, version
+bookkeeping (unload goes to the engine). The real engine is exercised by
 tests/server/engine and the e2e tests.
 """
 
@@ -33,6 +34,7 @@ class FakeEngineClient:
         self.raise_on_generate: Exception | None = None
         self.closed = 0
         self.ok = True
+        self.unloaded: list[int] = []
 
     async def generate(self, request: ep.GenerateRequest) -> AsyncIterator[ep.GenerateChunk]:
         self.requests.append(request)
@@ -63,6 +65,15 @@ class FakeEngineClient:
             v.active = v.version == version
         return self.versions[version]
 
+    async def unload_version(self, version: int) -> ep.VersionInfo:
+        info = self.versions.get(version)
+        if info is None:
+            raise ep.VersionNotResidentError(f"{version} not loaded")
+        if info.active:
+            raise ep.VersionInUseError(f"{version} is active")
+        self.unloaded.append(version)
+        return self.versions.pop(version)
+
     def list_versions(self) -> list[ep.VersionInfo]:
         return list(self.versions.values())
 
@@ -73,12 +84,12 @@ class FakeEngineClient:
         return ep.EngineHealth(self.ok, True, 1, {0: 1}, 0, {})
 
 
-def _input(stop: tuple[str, ...] = (), trace: bool = True, version: int = 1, images: int = 0) -> GenerationInput:
+def _input(stop: tuple[str, ...] = (), trace: bool = True, version: int | None = 1, images: int = 0) -> GenerationInput:
     from PIL import Image
 
     return GenerationInput("req-1", "USER: hi ASSISTANT:", tuple(Image.new("RGB", (8, 8)) for _ in range(images)),
-                           tuple([0.1] * 384), version, SamplingOptions(max_tokens=5, temperature=0.0, seed=3, stop=stop),
-                           trace)
+                           None if version is None else tuple([0.1] * 384), version,
+                           SamplingOptions(max_tokens=5, temperature=0.0, seed=3, stop=stop), trace)
 
 
 async def _collect(engine: VllmServingEngine, inp: GenerationInput) -> list[Any]:
@@ -100,11 +111,23 @@ def test_generate_maps_request_deltas_and_trace() -> None:
     assert bridge.max_model_len == 128 and bridge.max_images_per_prompt == 1
 
 
-def test_stop_strings_end_the_engine_request() -> None:
+def test_stop_strings_go_to_the_engine() -> None:
     fake = FakeEngineClient()
-    deltas = asyncio.run(_collect(VllmServingEngine(fake), _input(stop=(" is",))))
-    assert "".join(d.text for d in deltas) == "The end" and deltas[-1].finish_reason == "stop"
-    assert fake.closed == 1
+    deltas = asyncio.run(_collect(VllmServingEngine(fake), _input(stop=(" is", "END"))))
+    assert fake.requests[0].stop == [" is", "END"]  # the engine (vLLM) applies them, the bridge does not
+    assert deltas[-1].trace is not None and fake.closed == 1
+    asyncio.run(_collect(VllmServingEngine(fake), _input()))
+    assert fake.requests[1].stop is None
+    with pytest.raises(EngineInputError, match="at most 4"):
+        asyncio.run(_collect(VllmServingEngine(fake), _input(stop=tuple("abcde"))))
+
+
+def test_base_only_input_sends_no_instruction_version_or_trace() -> None:
+    fake = FakeEngineClient()
+    deltas = asyncio.run(_collect(VllmServingEngine(fake), _input(version=None, trace=True)))
+    sent = fake.requests[0]
+    assert sent.instruction is None and sent.version is None and not sent.trace
+    assert deltas[-1].trace is None and deltas[-1].finish_reason == "length"
 
 
 @pytest.mark.parametrize("native,mapped", [
@@ -119,7 +142,7 @@ def test_engine_errors_are_mapped(native: Exception, mapped: type) -> None:
         asyncio.run(_collect(VllmServingEngine(fake), _input()))
 
 
-def test_versions_load_activate_withdraw() -> None:
+def test_versions_load_activate_unload() -> None:
     async def go() -> None:
         fake = FakeEngineClient()
         bridge = VllmServingEngine(fake)
@@ -128,11 +151,11 @@ def test_versions_load_activate_withdraw() -> None:
         await bridge.activate_version(2)
         assert bridge.active_version() == 2
         with pytest.raises(EngineError):
-            await bridge.unload_version(2)
+            await bridge.unload_version(2)  # active
         await bridge.unload_version(1)
-        assert [v.version for v in bridge.resident_versions()] == [2]
+        assert fake.unloaded == [1] and [v.version for v in bridge.resident_versions()] == [2]
         with pytest.raises(UnknownVersionError):
-            await _collect(bridge, _input(version=1))
+            await bridge.unload_version(1)
         with pytest.raises(CheckpointRejectedError):
             await bridge.load_version(Path("/reg/bad"))
         with pytest.raises(EngineBusyError):

@@ -127,3 +127,30 @@ def test_remote_fetch_limits_status_size_and_time() -> None:
     with pytest.raises(ImageError) as e:
         _load("ftp://images.example.com/a.png", allow, _mock_transport(b""))
     assert e.value.code == "invalid_image_url"
+
+
+def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    import smolora.server.images as images
+
+    threaded: list[object] = []
+    real_to_thread = asyncio.to_thread
+
+    async def spy(fn, *args):  # type: ignore[no-untyped-def]
+        threaded.append(fn)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(images.asyncio, "to_thread", spy)
+    limits = ImageLimits(max_bytes=5_000_000, max_pixels=1024 * 1024, formats=("PNG",), max_count=1)
+
+    async def load(data: bytes) -> object:
+        loader = ImageLoader(limits, RemoteImageFetcher((), 1.0, limits.max_bytes), inline_max_pixels=64 * 64)
+        try:
+            return await loader.load(data_url(data))
+        finally:
+            await loader.fetcher.aclose()
+
+    assert asyncio.run(load(image_bytes("PNG", (64, 64)))).size == (64, 64) and threaded == []
+    assert asyncio.run(load(image_bytes("PNG", (65, 64)))).size == (65, 64) and threaded == [images.decode_image]
+    with pytest.raises(ImageError) as e:  # garbage is still reported by decode_image
+        asyncio.run(load(b"not an image"))
+    assert e.value.code == "invalid_image"

@@ -49,3 +49,24 @@ def test_failed_load_leaves_the_slot_empty_and_the_active_version_serving() -> N
 def test_nothing_active_is_an_error() -> None:
     with pytest.raises(VersionNotResidentError):
         VersionTable(1).acquire(None)
+
+
+def test_unload_frees_the_slot_unless_active_or_pinned() -> None:
+    from smolora.server.engine.protocol import VersionInUseError
+
+    table = VersionTable(2)
+    s1 = _load(table, 1)
+    s2 = _load(table, 2, activate=False)
+    with pytest.raises(VersionInUseError, match="active"):
+        table.unload(1)
+    slot, _ = table.acquire(2)
+    with pytest.raises(VersionInUseError, match="in-flight"):
+        table.unload(2)
+    table.release(slot)
+    assert table.unload(2) == s2
+    assert [v.version for v in table.resident()] == [1] and table.active_version == 1
+    with pytest.raises(VersionNotResidentError):
+        table.acquire(2)
+    with pytest.raises(VersionNotResidentError):
+        table.unload(2)
+    assert table.reserve_for_load() == s2 != s1  # the freed slot is the one a load takes

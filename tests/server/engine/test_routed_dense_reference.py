@@ -1,0 +1,143 @@
+"""The routed layer (`RoutedAdapter`, grouped matmuls over the routed experts) against a dense
+per-token reference computed straight from the checkpoint tensors, without vLLM: many
+requests on one or three checkpoint slots, a base request and padding tokens in one decode
+batch, fused and single sublayers (incl. a sublayer in the second half of a fused output),
+the cached plan reused across steps, and a slot reloaded under the same plan key."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from smolora.server.engine.config import AdapterLayout
+from smolora.server.engine.routed_linear import RoutedAdapter
+from smolora.server.engine.row_state import RowRoutingState, StepRouting
+
+D_IN, D_OUT, E, RANK, SLOTS = 24, 20, 4, 8, 3
+SCALING = [2.0, 0.5, 1.5]
+
+
+def _checkpoint(seed: int, names: list[str], d_in: int, d_out: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    r, h = RANK // E, E // 2
+    out = {}
+    for name in names:
+        out[f"{name}.lora_A"] = torch.randn(E, r, d_in, generator=gen) * 0.3
+        out[f"{name}.lora_B"] = torch.randn(E, d_out, r, generator=gen) * 0.3
+        out[f"{name}.gate_vu"] = torch.randn(h, d_in, generator=gen)
+        out[f"{name}.gate_if"] = torch.randn(h, 384, generator=gen)
+        out[f"{name}.fuse_vu"] = torch.randn(d_out, generator=gen)
+        out[f"{name}.fuse_if"] = torch.randn(d_out, generator=gen)
+    return out
+
+
+def _setup(names: list[str], offsets: list[int], d_total: int, n_req: int) -> tuple[RoutedAdapter, RowRoutingState, list[dict[str, torch.Tensor]]]:
+    layout = AdapterLayout(num_experts=E, rank=RANK, instruction_dim=384, num_slots=SLOTS)
+    state = RowRoutingState(layout, max_rows=n_req + 2, device=torch.device("cpu"))
+    adapter = RoutedAdapter(layout, names, offsets, D_IN, D_OUT, d_total, state, False, torch.float32)
+    state.finalize()
+    ckpts = [_checkpoint(10 + s, names, D_IN, D_OUT) for s in range(SLOTS)]
+    for s, ckpt in enumerate(ckpts):
+        adapter.load_slot(s, ckpt, state)
+        state.slot_scaling[s] = SCALING[s]
+        state.slot_versions[s] = {"version": s + 1}
+    return adapter, state, ckpts
+
+
+def _join(state: RowRoutingState, adapter: RoutedAdapter, n_req: int, gen: torch.Generator, slots: list[int]) -> None:
+    """`n_req` SMoLoRA requests (on `slots`, round robin) and one base request, then one
+    packed prefill that pins their VU routes."""
+    added = []
+    for i in range(n_req):
+        extra = {"smolora": {"key": i, "slot": slots[i % len(slots)], "instruction": torch.randn(384, generator=gen).tolist()}}
+        added.append((i, SimpleNamespace(extra_args=extra), [0] * 3, []))
+    added.append((n_req, SimpleNamespace(extra_args=None), [0] * 3, []))
+    state.apply_batch_update(SimpleNamespace(removed=[], moved=[], added=added))
+    rows = n_req + 1
+    x = torch.randn(3 * rows, D_IN, generator=gen) * 3.0
+    step = state.text_step(torch.arange(3).repeat(rows), torch.arange(0, 3 * rows + 1, 3), rows, 3 * rows)
+    adapter.delta(x, step)
+    state.finish_step(step)
+
+
+def _decode_step(state: RowRoutingState, n_req: int, pad: int) -> StepRouting:
+    rows = n_req + 1
+    positions = torch.cat((torch.full((rows,), 3), torch.zeros(pad, dtype=torch.long)))
+    return state.text_step(positions, torch.arange(rows + 1), rows, rows, decode_only=pad == 0)
+
+
+def _dense_reference(x: torch.Tensor, state: RowRoutingState, adapter: RoutedAdapter, ckpts: list[dict[str, torch.Tensor]],
+                     n_req: int, d_total: int, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta `[N, d_total]` and fusion weights `[N, n_sub, 2]`, token by token, from the
+    checkpoint tensors and the routes the row state pinned."""
+    delta = torch.zeros(x.shape[0], d_total)
+    fusion = torch.full((x.shape[0], adapter.n_sub, 2), 0.5)
+    for t in range(n_req):  # tokens t < n_req are the SMoLoRA requests' (row t)
+        slot = slots[t % len(slots)]
+        for j, name in enumerate(adapter.names):
+            col = adapter.columns.start + j
+            hs = []
+            for expert in (int(state.row_vu[t, col]), int(state.row_if[t, col])):
+                a, b = ckpts[slot][f"{name}.lora_A"][expert], ckpts[slot][f"{name}.lora_B"][expert]
+                hs.append(SCALING[slot] * (b @ (a @ x[t])))
+            logits = torch.stack((ckpts[slot][f"{name}.fuse_vu"] @ hs[0], ckpts[slot][f"{name}.fuse_if"] @ hs[1]))
+            w = torch.softmax(logits, dim=0)
+            off = adapter.out_offsets[j]
+            delta[t, off : off + D_OUT] = w[0] * hs[0] + w[1] * hs[1]
+            fusion[t, j] = w
+    return delta, fusion
+
+
+@pytest.mark.parametrize(
+    ("names", "offsets", "d_total"),
+    [
+        (["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT),  # fused gate_up
+        (["layers.0.mlp.up_proj"], [D_OUT], 2 * D_OUT),                                # up only, second half
+        (["layers.0.mlp.down_proj"], [0], D_OUT),
+    ],
+)
+@pytest.mark.parametrize(("slots", "n_req"), [([0, 1, 2], 12), ([1], 24)])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_decode_batch_matches_dense_reference(names: list[str], offsets: list[int], d_total: int,
+                                              slots: list[int], n_req: int, pad: int) -> None:
+    adapter, state, ckpts = _setup(names, offsets, d_total, n_req)
+    gen = torch.Generator().manual_seed(5)
+    _join(state, adapter, n_req, gen, slots)
+    col = adapter.columns.start
+    routes = {(slots[i % len(slots)], int(state.row_vu[i, col]), int(state.row_if[i, col])) for i in range(n_req)}
+    assert len(routes) >= 4, "routes should differ across requests for this test to mean something"
+
+    x = torch.randn(n_req + 1 + pad, D_IN, generator=gen) * 3.0
+    step = _decode_step(state, n_req, pad)
+    assert step.plan_key is not None  # a cacheable decode step
+    got = adapter.delta(x, step)
+    fusion = step.fusion[:, adapter.columns].clone()
+    for _ in range(2):  # the cached plan gives the same result again
+        torch.testing.assert_close(adapter.delta(x, step), got, rtol=0, atol=0)
+
+    want, want_fusion = _dense_reference(x, state, adapter, ckpts, n_req, d_total, slots)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got[n_req:], torch.zeros(1 + pad, d_total))  # base request and padding
+    torch.testing.assert_close(fusion[:n_req], want_fusion[:n_req], atol=1e-5, rtol=1e-4)
+
+
+def test_reloaded_slot_is_seen_under_the_same_plan_key() -> None:
+    """Loading a slot drops the cached plan (it holds copies of slot-derived values)."""
+    names = ["layers.0.mlp.down_proj"]
+    n_req = 6
+    adapter, state, ckpts = _setup(names, [0], D_OUT, n_req)
+    gen = torch.Generator().manual_seed(9)
+    _join(state, adapter, n_req, gen, [0, 1, 2])
+    x = torch.randn(n_req + 1, D_IN, generator=gen)
+    step = _decode_step(state, n_req, 0)
+    before = adapter.delta(x, step)
+    new = _checkpoint(99, names, D_IN, D_OUT)
+    new[f"{names[0]}.gate_if"] = ckpts[1][f"{names[0]}.gate_if"]  # same IF routes as before
+    adapter.load_slot(1, new, state)
+    ckpts[1] = new
+    after = adapter.delta(x, step)
+    want, _ = _dense_reference(x, state, adapter, ckpts, n_req, D_OUT, [0, 1, 2])
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(before, after)
