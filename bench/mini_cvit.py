@@ -12,7 +12,6 @@ Usage (the full table, single-type instructions, small preset):
 
     python bench/mini_cvit.py
     python bench/mini_cvit.py --preset tiny --tasks sqa,textvqa --steps-per-task 5   # quick
-    python bench/mini_cvit.py --report-only "smolora_learned re-trained after ..."  # table from cached runs
 
 Data, the aligned base and per-method run folders are cached under --cache; a re-run
 resumes from the last published task of each method. `runtime_s` is the wall time of this
@@ -66,9 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--name", default="mini_cvit")
-    p.add_argument("--report-only", metavar="NOTE", default=None,
-                   help="train nothing: rebuild the table from the cached runs (e.g. after re-training one "
-                        "method), keep the timing fields of the existing result file, and record NOTE")
     return p.parse_args(argv)
 
 
@@ -129,22 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ordered = [m for m in SCHEDULE if m in methods] + [m for m in methods if m not in SCHEDULE]
     out_json = args.out / f"{args.name}.json"
     command = " ".join(shlex.quote(a) for a in ["python", "bench/mini_cvit.py", *(argv if argv is not None else sys.argv[1:])])
-    if args.report_only is None:
-        with ThreadPoolExecutor(max_workers=args.workers) as pool:
-            outcomes = list(pool.map(run_one, ordered))
-        timing: dict[str, Any] = {
-            "command": command,
-            "runtime_s": time.perf_counter() - start,
-            "pretrain_s": pretrain_s,
-            "base_cached": pretrain_s == 0.0,
-            "method_wall_s": {m: round(s, 1) for m, s, _ in outcomes},
-            "failed": [m for m, _, rc in outcomes if rc != 0],
-        }
-    else:  # the table from cached runs; timings stay those of the run that trained them
-        keys = ("command", "runtime_s", "pretrain_s", "base_cached", "method_wall_s", "failed")
-        previous = json.loads(out_json.read_text()) if out_json.is_file() else {}
-        timing = {k: previous.get(k) for k in keys}
-        timing["notes"] = [*previous.get("notes", []), f"{args.report_only} (table rebuilt by: {command})"]
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        outcomes = list(pool.map(run_one, ordered))
+    timing: dict[str, Any] = {
+        "command": command,
+        "runtime_s": time.perf_counter() - start,
+        "pretrain_s": pretrain_s,
+        "base_cached": pretrain_s == 0.0,
+        "method_wall_s": {m: round(s, 1) for m, s, _ in outcomes},
+        "failed": [m for m, _, rc in outcomes if rc != 0],
+    }
     results = load_results(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     report_paths = write_report(runs, args.out, args.name)

@@ -10,9 +10,7 @@ as (hard argmax gives them no gradient in the reference).
 Learned router (`smolora_learned`): before each task the gates are refit by
 `route_fit.py`'s task-balanced assignment (a new instruction gets its own IF expert, each
 task a distinct (VU, IF) pair where possible, earlier tasks' routes held by a route
-memory), then frozen while the task trains; from task 2 on the fusion vectors and the
-projector's VU experts, which every task shares, are frozen too (a deliberate difference
-from the reference's training recipe, for this variant only).
+memory), then frozen while the task trains.
 """
 
 from __future__ import annotations
@@ -100,7 +98,6 @@ class LearnedSMoLoRAMethod(SMoLoRAMethod):
         super().__init__(run, instructions)
         self.memory = RouteMemory()
         self.fit_log: list[dict[str, Any]] = []
-        self._grad_hooks: list[Any] = []
 
     def prepare_task(self, index: int, task: str, examples: list[Example], probe: Probe) -> None:
         """Assign this task's experts in every layer and refit the gates (see module doc)."""
@@ -115,15 +112,11 @@ class LearnedSMoLoRAMethod(SMoLoRAMethod):
             if_expert = self.memory.if_expert_for(name, texts)
             if if_expert is None:
                 if_expert = pick_expert(self.memory.loads(name, "if", half))
+            vu_expert = pick_expert(self.memory.loads(name, "vu", half), avoid=self.memory.vu_paired_with(name, if_expert))
             self.memory.entries.append(RouteEntry(index, task, name, "if", if_expert, inst, tuple(texts)))
-            kinds: list[tuple[Kind, nn.Parameter]] = [("if", layer.gate_if)]
-            vu_expert: int | None = None
-            if not layer.image_side or index == 0:
-                feats = self._mean_inputs(name, sample, probe)
-                vu_expert = pick_expert(self.memory.loads(name, "vu", half), avoid=self.memory.vu_paired_with(name, if_expert))
-                self.memory.entries.append(RouteEntry(index, task, name, "vu", vu_expert, feats))
-                kinds.append(("vu", layer.gate_vu))
+            self.memory.entries.append(RouteEntry(index, task, name, "vu", vu_expert, self._mean_inputs(name, sample, probe)))
             acc = {}
+            kinds: list[tuple[Kind, nn.Parameter]] = [("if", layer.gate_if), ("vu", layer.gate_vu)]
             for kind, gate in kinds:
                 x, y = self.memory.training_set(name, kind)
                 with torch.no_grad():
@@ -133,37 +126,6 @@ class LearnedSMoLoRAMethod(SMoLoRAMethod):
         self.fit_log.append(log)
         worst = min(min(v["fit_accuracy"].values()) for v in log["layers"].values())
         logger.info("%s: routes for task %d (%s) fit; worst remembered-route accuracy %.3f", self.name, index, task, worst)
-
-    def begin_task(self, index: int, task: str) -> None:
-        """Gates frozen; from task 2 on, also what every task shares: the fusion vectors and
-        the projector's VU experts (images alone cannot tell tasks apart, so the projector's
-        VU gate is fit in task 1 only and its experts would otherwise drift under every
-        task, and with them every later layer's inputs and routes)."""
-        super().begin_task(index, task)
-        self._remove_grad_hooks()
-        if index == 0:
-            return
-        half = self.smodel.config.experts_per_group
-        for layer in self.smodel.layers.values():
-            layer.fuse_vu.requires_grad_(False)
-            layer.fuse_if.requires_grad_(False)
-            if layer.image_side:
-                keep = torch.ones(layer.lora_A.shape[0], 1, 1, device=layer.lora_A.device)
-                keep[:half] = 0.0  # VU experts: no update
-                for p in (layer.lora_A, layer.lora_B):
-                    self._grad_hooks.append(p.register_hook(lambda g, k=keep: g * k.to(g.dtype)))
-
-    def end_task(self, index: int, task: str, examples: list) -> None:
-        super().end_task(index, task, examples)
-        self._remove_grad_hooks()
-        for layer in self.smodel.layers.values():
-            layer.fuse_vu.requires_grad_(True)
-            layer.fuse_if.requires_grad_(True)
-
-    def _remove_grad_hooks(self) -> None:
-        for h in self._grad_hooks:
-            h.remove()
-        self._grad_hooks = []
 
     def run_state(self) -> Any:
         return {"route_memory": self.memory.to_list(), "fit_log": self.fit_log}
