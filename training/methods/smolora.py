@@ -56,18 +56,14 @@ class SMoLoRAMethod(ContinualMethod):
             target_modules=a.target_modules,
             router_training=self.router_training,
         )
-        return SMoLoRAModel(model, cfg, seed=self.run.seed)
+        smodel = SMoLoRAModel(model, cfg, seed=self.run.seed)
+        smodel.set_gates_trainable(False)  # no gate trains by gradient during a task (see module doc)
+        return smodel
 
     @property
     def smodel(self) -> SMoLoRAModel:
         assert isinstance(self.adapter, SMoLoRAModel)
         return self.adapter
-
-    def begin_task(self, index: int, task: str) -> None:
-        self.smodel.set_gates_trainable(False)
-
-    def end_task(self, index: int, task: str, examples: list) -> None:
-        self.smodel.set_gates_trainable(False)
 
     def embed(self, instructions: list[str]) -> Tensor:
         """`[B, 384]` MiniLM embeddings of instruction templates."""

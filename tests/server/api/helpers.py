@@ -9,9 +9,7 @@ on 127.0.0.1 with an OS-picked port in a background thread and stops it cleanly.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import io
 import threading
 import time
 from pathlib import Path
@@ -20,10 +18,10 @@ from typing import Any, Sequence
 import httpx
 import torch
 import uvicorn
-from PIL import Image
 
 from smolora.adapters.checkpoint import CheckpointManifest, RegistryEntry, publish_checkpoint
 from smolora.adapters.instructions import EMBED_DIM, InstructionType
+from smolora.clients.bad_requests import data_url, image_bytes, user_message  # noqa: F401 (re-exported to the tests)
 
 INSTRUCTIONS = {
     "vqa_short": ("Answer the question using a single word or phrase.", "vqa"),
@@ -63,23 +61,6 @@ def publish_version(registry: Path, task: str, types: list[dict[str, Any]], fing
         base_model={"fingerprint": fingerprint, "name": "tiny"}, layers=["layers.0.mlp.up_proj"], tasks=[task],
         instruction_types=types)
     return publish_checkpoint(registry, {"layers.0.mlp.up_proj.A": torch.zeros(8, 4)}, manifest)
-
-
-def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def data_url(data: bytes, media: str = "image/png") -> str:
-    return f"data:{media};base64,{base64.b64encode(data).decode()}"
-
-
-def user_message(text: str | None = "What colour is the circle?", images: Sequence[str] = ()) -> dict[str, Any]:
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in images]
-    if text is not None:
-        parts.append({"type": "text", "text": text})
-    return {"role": "user", "content": parts}
 
 
 def wait_until(predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> None:
