@@ -17,7 +17,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# libnuma1: vLLM's CPU kernels link it. gcc/libc6-dev: Triton compiles small launchers at run time (GPU).
+# libnuma1: vLLM's CPU kernels link it. gcc/libc6-dev: the routed CPU kernel (server/engine/kernels)
+# is built on first use, and Triton compiles small launchers at run time (GPU).
 # Debian package versions are left to the pinned base image's release (pins break on security updates).
 # hadolint ignore=DL3008
 RUN apt-get update \

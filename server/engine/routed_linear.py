@@ -9,11 +9,17 @@ token, each token with its own request's slot, VU expert and IF expert:
   h_vu = s B_v A_v x ; h_if = s B_f A_f x ; (w_vu, w_if) = softmax(f_vu . h_vu, f_if . h_if)
   delta = w_vu h_vu + w_if h_if
 
-Only the two routed experts per token and sublayer are computed: the (token, sublayer,
-expert kind) rows are sorted by (slot, sublayer, expert) group and run through two grouped
-matmuls (`torch.nn.functional.grouped_mm`: one for A, one for B). The fusion logit uses
-`f . (B z) = (B^T f) . z`, so it is read in rank space before B, and the fusion weights
-scale z, so one B matmul produces the fused delta. No Python loop over requests or experts.
+Only the two routed experts per token and sublayer are computed, on one of two paths:
+- small steps (decode; at most `AdapterLayout.cpu_kernel_max_tokens` tokens) on a CPU in
+  float32: the compiled kernel (`cpu_kernel.py`), which walks the tokens once and reads only
+  their two experts' weights. Grouped matmuls would run one tiny matmul per expert group
+  there, and their per-call overhead, not the arithmetic, would set the cost;
+- otherwise: the (token, sublayer, expert kind) rows are sorted by (slot, sublayer, expert)
+  group and run through two grouped matmuls (`torch.nn.functional.grouped_mm`: one for A,
+  one for B).
+Both read the fusion logit in rank space, `f . (B z) = (B^T f) . z`, before B, and scale z
+by the fusion weights, so one B product gives the fused delta. No Python loop over requests
+or experts.
 
 It does not decide rows or prompt tokens (`row_state.py`) or read checkpoints
 (`worker_extension.py`).
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from smolora.server.engine.config import AdapterLayout
+from smolora.server.engine.cpu_kernel import MAX_RANK, RoutedKernel, kernel_available
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 
@@ -90,7 +97,10 @@ class RoutedAdapter(nn.Module):
         self.register_buffer("fuse_r", torch.zeros(s, n, e, r, dtype=torch.float32), persistent=False)
         self.register_buffer("sub_index", torch.arange(n), persistent=False)
         self.register_buffer("sub_row", torch.tensor([off // d_out for off in self.out_offsets]), persistent=False)
+        self.kernel_max_tokens = layout.cpu_kernel_max_tokens
+        self._kernel: RoutedKernel | bool | None = None  # None: not decided yet; False: not usable
         self._cached: tuple[tuple[int, int], _Plan] | None = None
+        self._cached_routes: tuple[tuple[int, int], _Routes] | None = None
 
     # -- loading ------------------------------------------------------------------------------
     def expected_shapes(self, instruction_dim: int) -> dict[str, tuple[int, ...]]:
@@ -129,6 +139,7 @@ class RoutedAdapter(nn.Module):
             self.fuse_r[slot, j, h:, :r].copy_(torch.einsum("eor,o->er", b[h:], fif))
             state.gate_if[slot, self.columns.start + j].copy_(tensors[f"{name}.gate_if"])
         self._cached = None  # a cached plan holds copies of slot-derived values (fuse_sorted)
+        self._cached_routes = None
 
     # -- forward ------------------------------------------------------------------------------
     def vu_routes(self, xf: Tensor, step: StepRouting) -> Tensor:
@@ -179,11 +190,9 @@ class RoutedAdapter(nn.Module):
         key = step.plan_key
         if key is not None and self._cached is not None and self._cached[0] == key:
             return self._cached[1]
-        st = step.state
         n, e = self.n_sub, self.num_experts
-        xf = x if x.dtype == torch.float32 else x.to(torch.float32)
-        tok_vu = self.vu_routes(xf, step)                                       # [N, n]
-        tok_if = st.row_if[step.token_row, self.columns]                        # [N, n] global ids
+        routes = self._routes(x, step)
+        tok_vu, tok_if = routes.vu, routes.if_                                  # [N, n] global ids
         slot_lo, slot_hi = step.slot_range
         group0 = ((step.token_slot_rel[:, None] * n) + self.sub_index[None]) * e   # [N, n]
         keys = torch.cat((group0 + tok_vu, group0 + tok_if)).view(-1)           # [M] kind-major
@@ -219,6 +228,9 @@ class RoutedAdapter(nn.Module):
             step: this forward's token layout.
         """
         ntok, n = x.shape[0], self.n_sub
+        kernel = self._kernel_for(x, y) if ntok <= self.kernel_max_tokens else None
+        if kernel is not None:
+            return self._add_delta_kernel(kernel, x, y, step)
         plan = self._plan(x, step)
         z = F.grouped_mm(x.index_select(0, plan.tok_sorted), plan.lora_a, offs=plan.offs)  # [M, r]
         logit_sorted = torch.linalg.vecdot(z.to(torch.float32), plan.fuse_sorted)           # [M] = s f.(B z)
@@ -227,29 +239,77 @@ class RoutedAdapter(nn.Module):
         coef = w.view(-1)[plan.order] * plan.s_sorted
         out = F.grouped_mm(z * coef[:, None].to(z.dtype), plan.lora_b, offs=plan.offs)      # [M, d_out]
         y.view(ntok * self.rows_per_token, self.d_out).index_add_(0, plan.dest_sorted, out.to(y.dtype))
-        self._record_fusion(w, step)
+        self._record_fusion(w.permute(1, 2, 0), step)
         return y
+
+    def _kernel_for(self, x: Tensor, y: Tensor) -> RoutedKernel | None:
+        """The CPU kernel bound to this layer's tensors, if it can take this call."""
+        kernel = self._kernel
+        if kernel is None:
+            usable = (self.lora_a.device.type == "cpu" and self.lora_a.dtype == torch.float32
+                      and self.rank_padded <= MAX_RANK and kernel_available())
+            kernel = self._kernel = RoutedKernel(self.sub_row, self.lora_a, self.lora_b, self.fuse_r) if usable else False
+        if kernel is False or x.dtype != torch.float32 or x.stride(-1) != 1 or not y.is_contiguous():
+            return None
+        assert isinstance(kernel, RoutedKernel)
+        return kernel
+
+    def _add_delta_kernel(self, kernel: RoutedKernel, x: Tensor, y: Tensor, step: StepRouting) -> Tensor:
+        """`add_delta` through the compiled CPU kernel (float32 on CPU)."""
+        r = self._routes(x, step)
+        if not self.image_side:  # the kernel writes this layer's columns of the step's fusion buffer
+            kernel(x, y, r.slot, r.scale, r.vu, r.if_, step.fusion[:, self.columns], step.fusion.stride(0))
+            return y
+        fusion = torch.empty(x.shape[0], self.n_sub, 2, dtype=torch.float32)
+        kernel(x, y, r.slot, r.scale, r.vu, r.if_, fusion, fusion.stride(0))
+        self._record_fusion(fusion, step)
+        return y
+
+    def _routes(self, x: Tensor, step: StepRouting) -> "_Routes":
+        """Every token's slot, scaling, VU and IF expert; reused like the plan (`_plan`)."""
+        key = step.plan_key
+        if key is not None and self._cached_routes is not None and self._cached_routes[0] == key:
+            return self._cached_routes[1]
+        xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+        routes = _Routes(
+            vu=self.vu_routes(xf, step).contiguous(),                           # [N, n]
+            if_=step.state.row_if[step.token_row, self.columns].contiguous(),   # [N, n] global ids
+            slot=step.token_slot.contiguous(),
+            scale=step.token_scale.to(torch.float32).contiguous(),
+        )
+        self._cached_routes = (key, routes) if key is not None else None
+        return routes
 
     def delta(self, x: Tensor, step: StepRouting) -> Tensor:
         """The SMoLoRA delta alone, `[N, d_total]` (zeros outside adapted sublayers)."""
         y = torch.zeros(x.shape[0], self.d_total, dtype=x.dtype, device=x.device)
         return self.add_delta(x, y, step)
 
-    def _record_fusion(self, w: Tensor, step: StepRouting) -> None:
-        """Fusion weights for the trace: text layers write the step's buffer (summed once
-        per step); the projector, which runs once per image, assigns its rows' means."""
-        wt = w.permute(1, 2, 0)                                                 # [N, n, 2]
+    def _record_fusion(self, wt: Tensor, step: StepRouting) -> None:
+        """Fusion weights `[N, n_sub, 2]` for the trace: text layers write the step's buffer
+        (summed once per step); the projector, which runs once per image, assigns its rows'
+        means."""
         if not self.image_side:
             step.fusion[:, self.columns] = wt
             return
         st = step.state
         act = step.token_active
         r1 = st.max_rows + 1
-        fsum = torch.zeros(r1, self.n_sub, 2, device=w.device).index_add_(0, step.token_row, wt * act[:, None, None])
-        cnt = torch.zeros(r1, device=w.device).index_add_(0, step.token_row, act)
+        fsum = torch.zeros(r1, self.n_sub, 2, device=wt.device).index_add_(0, step.token_row, wt * act[:, None, None])
+        cnt = torch.zeros(r1, device=wt.device).index_add_(0, step.token_row, act)
         rows = step.row_has_prompt
         st.row_fsum[:, self.columns] = torch.where(rows[:, None, None], fsum, st.row_fsum[:, self.columns])
         st.row_count[:, self.columns] = torch.where(rows[:, None], cnt[:, None].expand(r1, self.n_sub), st.row_count[:, self.columns])
+
+
+@dataclass
+class _Routes:
+    """Every token's routing for one step (see `RoutedAdapter._routes`)."""
+
+    vu: Tensor      # [N, n_sub] int64 VU expert
+    if_: Tensor     # [N, n_sub] int64 IF expert (global id)
+    slot: Tensor    # [N] int64 checkpoint slot
+    scale: Tensor   # [N] float32 scaling (0: no adapter)
 
 
 @dataclass

@@ -1,15 +1,20 @@
-"""The routed layer (`RoutedAdapter`, grouped matmuls over the routed experts) against a dense
-per-token reference computed straight from the checkpoint tensors, without vLLM: many
-requests on one or three checkpoint slots, a base request and padding tokens in one decode
-batch, fused and single sublayers (incl. a sublayer in the second half of a fused output),
-the cached plan reused across steps, and a slot reloaded under the same plan key."""
+"""The routed layer (`RoutedAdapter`) against a dense per-token reference computed straight
+from the checkpoint tensors, without vLLM, on both of its paths (the compiled CPU kernel and
+grouped matmuls): many requests on one or three checkpoint slots, a base request and padding
+tokens in one decode batch, fused and single sublayers (incl. a sublayer in the second half
+of a fused output), the cached plan reused across steps, a slot reloaded under the same plan
+key, the kernel's specialised and generic expert ranks, and prompt steps split over threads."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import shutil
+
 import pytest
 import torch
+
+from smolora.server.engine import cpu_kernel
 
 from smolora.server.engine.config import AdapterLayout
 from smolora.server.engine.routed_linear import RoutedAdapter
@@ -17,11 +22,23 @@ from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 D_IN, D_OUT, E, RANK, SLOTS = 24, 20, 4, 8, 3
 SCALING = [2.0, 0.5, 1.5]
+PATHS = ["kernel", "grouped"]
 
 
-def _checkpoint(seed: int, names: list[str], d_in: int, d_out: int) -> dict[str, torch.Tensor]:
+@pytest.fixture(autouse=True)
+def _need_kernel(request: pytest.FixtureRequest) -> None:
+    """Kernel-path cases must really run the kernel: wherever a C compiler exists (CI), it
+    has to build; only a machine without one skips them."""
+    path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
+    if path == "kernel":
+        if shutil.which("cc") is None and shutil.which("gcc") is None:
+            pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
+        assert cpu_kernel.kernel_available(), "a C compiler is present but the routed CPU kernel did not build"
+
+
+def _checkpoint(seed: int, names: list[str], d_in: int, d_out: int, rank: int = RANK) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    r, h = RANK // E, E // 2
+    r, h = rank // E, E // 2
     out = {}
     for name in names:
         out[f"{name}.lora_A"] = torch.randn(E, r, d_in, generator=gen) * 0.3
@@ -33,12 +50,14 @@ def _checkpoint(seed: int, names: list[str], d_in: int, d_out: int) -> dict[str,
     return out
 
 
-def _setup(names: list[str], offsets: list[int], d_total: int, n_req: int) -> tuple[RoutedAdapter, RowRoutingState, list[dict[str, torch.Tensor]]]:
-    layout = AdapterLayout(num_experts=E, rank=RANK, instruction_dim=384, num_slots=SLOTS)
+def _setup(names: list[str], offsets: list[int], d_total: int, n_req: int, path: str = "kernel",
+           rank: int = RANK) -> tuple[RoutedAdapter, RowRoutingState, list[dict[str, torch.Tensor]]]:
+    layout = AdapterLayout(num_experts=E, rank=rank, instruction_dim=384, num_slots=SLOTS,
+                           cpu_kernel_max_tokens=10_000 if path == "kernel" else 0)
     state = RowRoutingState(layout, max_rows=n_req + 2, device=torch.device("cpu"))
     adapter = RoutedAdapter(layout, names, offsets, D_IN, D_OUT, d_total, state, False, torch.float32)
     state.finalize()
-    ckpts = [_checkpoint(10 + s, names, D_IN, D_OUT) for s in range(SLOTS)]
+    ckpts = [_checkpoint(10 + s, names, D_IN, D_OUT, rank) for s in range(SLOTS)]
     for s, ckpt in enumerate(ckpts):
         adapter.load_slot(s, ckpt, state)
         state.slot_scaling[s] = SCALING[s]
@@ -100,9 +119,10 @@ def _dense_reference(x: torch.Tensor, state: RowRoutingState, adapter: RoutedAda
 )
 @pytest.mark.parametrize(("slots", "n_req"), [([0, 1, 2], 12), ([1], 24)])
 @pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize("path", PATHS)
 def test_decode_batch_matches_dense_reference(names: list[str], offsets: list[int], d_total: int,
-                                              slots: list[int], n_req: int, pad: int) -> None:
-    adapter, state, ckpts = _setup(names, offsets, d_total, n_req)
+                                              slots: list[int], n_req: int, pad: int, path: str) -> None:
+    adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path)
     gen = torch.Generator().manual_seed(5)
     _join(state, adapter, n_req, gen, slots)
     col = adapter.columns.start
@@ -123,11 +143,12 @@ def test_decode_batch_matches_dense_reference(names: list[str], offsets: list[in
     torch.testing.assert_close(fusion[:n_req], want_fusion[:n_req], atol=1e-5, rtol=1e-4)
 
 
-def test_reloaded_slot_is_seen_under_the_same_plan_key() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_reloaded_slot_is_seen_under_the_same_plan_key(path: str) -> None:
     """Loading a slot drops the cached plan (it holds copies of slot-derived values)."""
     names = ["layers.0.mlp.down_proj"]
     n_req = 6
-    adapter, state, ckpts = _setup(names, [0], D_OUT, n_req)
+    adapter, state, ckpts = _setup(names, [0], D_OUT, n_req, path)
     gen = torch.Generator().manual_seed(9)
     _join(state, adapter, n_req, gen, [0, 1, 2])
     x = torch.randn(n_req + 1, D_IN, generator=gen)
@@ -141,3 +162,48 @@ def test_reloaded_slot_is_seen_under_the_same_plan_key() -> None:
     want, _ = _dense_reference(x, state, adapter, ckpts, n_req, D_OUT, [0, 1, 2])
     torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("rank", [32, 64, 128, 48])  # expert ranks 8, 16, 32 (specialised) and 12 (generic)
+@pytest.mark.parametrize("path", ["kernel"])
+def test_kernel_ranks_match_dense_reference(rank: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
+    calls = []
+    real = cpu_kernel.RoutedKernel.__call__
+    monkeypatch.setattr(cpu_kernel.RoutedKernel, "__call__", lambda self, x, *a: (calls.append(x.shape[0]), real(self, x, *a))[1])
+    n_req, slots = 10, [0, 2]
+    adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path, rank)
+    gen = torch.Generator().manual_seed(rank)
+    _join(state, adapter, n_req, gen, slots)
+    x = torch.randn(n_req + 1, D_IN, generator=gen) * 3.0
+    got = adapter.delta(x, _decode_step(state, n_req, 0))
+    want, _ = _dense_reference(x, state, adapter, ckpts, n_req, d_total, slots)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert calls == [3 * (n_req + 1), n_req + 1], "both the prompt step and the decode step ran the kernel"
+
+
+def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt step large enough to be split over threads: the kernel pins the same VU routes
+    and adds the same delta as grouped matmuls."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
+    monkeypatch.setattr(cpu_kernel, "MIN_TOKENS_PER_THREAD", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
+    n_req, prompt = 9, 7
+    results = {}
+    for path in PATHS:
+        adapter, state, _ = _setup(names, offsets, d_total, n_req, path)
+        gen = torch.Generator().manual_seed(3)
+        added = [(i, SimpleNamespace(extra_args={"smolora": {"key": i, "slot": i % SLOTS, "instruction": torch.randn(384, generator=gen).tolist()}}),
+                  [0] * prompt, []) for i in range(n_req)]
+        state.apply_batch_update(SimpleNamespace(removed=[], moved=[], added=added))
+        x = torch.randn(prompt * n_req, D_IN, generator=gen) * 3.0
+        step = state.text_step(torch.arange(prompt).repeat(n_req), torch.arange(0, prompt * n_req + 1, prompt), n_req, prompt * n_req)
+        delta = adapter.delta(x, step)
+        results[path] = (delta, state.row_vu[:n_req].clone(), step.fusion.clone())
+    (dk, vk, fk), (dg, vg, fg) = results["kernel"], results["grouped"]
+    assert torch.equal(vk, vg)
+    assert len({tuple(r.tolist()) for r in vk}) > 1, "routes should differ across requests"
+    torch.testing.assert_close(dk, dg, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fk, fg, atol=1e-5, rtol=1e-4)

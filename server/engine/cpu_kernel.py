@@ -1,0 +1,176 @@
+"""The routed layer's CPU kernel (`kernels/routed_delta.c`): built once per machine with the
+system C compiler, loaded with ctypes, called with the tensors' data pointers.
+
+Why a kernel: on a CPU, a small decode batch spreads its tokens over many experts, so the
+grouped-matmul path runs one tiny matmul per (slot, sublayer, expert) group and its cost is
+the per-call overhead, not the arithmetic. The kernel walks the tokens once and touches only
+their two routed experts. It needs no torch headers (plain C, built in well under a second),
+so a missing compiler only means the torch path is used (`load_kernel` returns None and
+says why once).
+
+Large steps (prefill) are split by tokens over `torch.get_num_threads()` threads: ctypes
+releases the GIL during the call and tokens write disjoint rows, so the chunks run in
+parallel without an OpenMP runtime of our own beside torch's.
+
+The shared object is cached under `$SMOLORA_KERNEL_CACHE` (default
+`~/.cache/smolora/kernels`), keyed by the source, the flags, the compiler and this CPU's
+feature flags (it is built with `-march=native`), and written atomically, so concurrent
+workers and test processes share one build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "routed_delta.c"
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+#: Ranks above this fall back to the torch path (the kernel keeps z on the stack).
+MAX_RANK = 256
+#: Steps with at least this many tokens per thread are split over threads.
+MIN_TOKENS_PER_THREAD = 64
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SMOLORA_KERNEL_CACHE") or Path.home() / ".cache" / "smolora" / "kernels")
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
+
+
+@lru_cache(maxsize=1)
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (no compiler, or the build failed; logged once)."""
+    if os.environ.get("SMOLORA_CPU_KERNEL", "1") == "0":
+        logger.info("routed CPU kernel disabled by SMOLORA_CPU_KERNEL=0; using the torch path")
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: routed layers use the (slower) torch path on CPU")
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature())).encode()).hexdigest()[:20]
+        target = _cache_dir() / f"routed_delta-{key}.so"
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("routed CPU kernel unavailable (%s): using the torch path", detail.strip()[:500])
+        return None
+    fn = lib.smolora_routed_delta_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_I64] * 6 + [_PTR] * 4 + [_PTR, _I64, _PTR, _I64] + [_PTR] * 5 + [_I64]
+    return lib
+
+
+def kernel_available() -> bool:
+    """True when the routed CPU kernel can be used in this process."""
+    return load_kernel() is not None
+
+
+@lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smolora-kernel")
+
+
+class RoutedKernel:
+    """The kernel bound to one routed linear's resident tensors (their storage never moves:
+    slots are loaded in place), so a call passes only the step's pointers.
+
+    Args:
+        sub_row: `[n_sub]` int64, each sublayer's output row within a token's output row.
+        lora_a: `[S, n_sub, E, d_in, rp]`; lora_b: `[S, n_sub, E, rp, d_out]`;
+            fuse_r: `[S, n_sub, E, rp]`; all float32, contiguous.
+
+    Raises:
+        RuntimeError: if the kernel is not available.
+    """
+
+    def __init__(self, sub_row: Tensor, lora_a: Tensor, lora_b: Tensor, fuse_r: Tensor) -> None:
+        lib = load_kernel()
+        if lib is None:
+            raise RuntimeError("routed CPU kernel is not available")
+        for t in (sub_row, lora_a, lora_b, fuse_r):
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("routed kernel tensors must be contiguous CPU tensors")
+        _, n_sub, n_exp, d_in, rp = lora_a.shape
+        if rp > MAX_RANK:
+            raise ValueError(f"rank {rp} exceeds the kernel's maximum {MAX_RANK}")
+        self._fn = lib.smolora_routed_delta_f32
+        self._tensors = (sub_row, lora_a, lora_b, fuse_r)  # keep the storage alive
+        self._head = (n_sub, n_exp, rp, d_in, lora_b.shape[-1],
+                      sub_row.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), fuse_r.data_ptr())
+        self.n_sub = n_sub
+
+    def __call__(self, x: Tensor, y: Tensor, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
+                 fusion: Tensor, fusion_stride: int) -> None:
+        """Add the routed delta of every token to `y` in place and write the fusion weights.
+
+        Args:
+            x: `[N, d_in]` float32, unit stride along d_in.
+            y: `[N, rows_per_token * d_out]` float32, unit stride along the row.
+            tok_slot: `[N]` int64 slot of each token; tok_scale: `[N]` float32 (0: no adapter).
+            tok_vu, tok_if: `[N, n_sub]` int64 expert ids (IF ids are global, >= E/2); contiguous.
+            fusion: float32; token t's (w_vu, w_if) of sublayer j go to flat element
+                `t * fusion_stride + 2 j` and `+ 1` from `fusion`'s first element.
+            fusion_stride: elements between consecutive tokens' fusion weights.
+        """
+        ntok = x.shape[0]
+        threads = min(torch.get_num_threads(), ntok // MIN_TOKENS_PER_THREAD)
+        if threads <= 1:
+            self._fn(ntok, *self._head, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), tok_slot.data_ptr(),
+                     tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride)
+            return
+        xs, ys, n = x.stride(0), y.stride(0), self.n_sub
+        f32, i64 = 4, 8
+
+        def run(lo: int, hi: int) -> int:
+            return self._fn(
+                hi - lo, *self._head,
+                x.data_ptr() + lo * xs * f32, xs, y.data_ptr() + lo * ys * f32, ys,
+                tok_slot.data_ptr() + lo * i64, tok_scale.data_ptr() + lo * f32,
+                tok_vu.data_ptr() + lo * n * i64, tok_if.data_ptr() + lo * n * i64,
+                fusion.data_ptr() + lo * fusion_stride * f32, fusion_stride,
+            )
+
+        bounds = [ntok * i // threads for i in range(threads + 1)]
+        list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
+
+
+def kernel_supports(x: Tensor, y: Tensor, lora_a: Tensor) -> bool:
+    """Whether these tensors can go through the kernel (CPU, float32, unit inner strides)."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype == torch.float32 and lora_a.dtype == torch.float32
+        and x.stride(-1) == 1 and y.is_contiguous() and lora_a.shape[-1] <= MAX_RANK
+    )
