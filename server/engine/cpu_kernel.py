@@ -3,8 +3,8 @@ system C compiler, loaded with ctypes, called with the tensors' data pointers.
 
 Why a kernel: on a CPU, a small decode batch spreads its tokens over many experts, so the
 grouped-matmul path runs one tiny matmul per (slot, sublayer, expert) group and its cost is
-the per-call overhead, not the arithmetic. The kernel walks the tokens once and touches only
-their two routed experts. It needs no torch headers (plain C, built in well under a second),
+the per-call overhead, not the arithmetic. The kernel buckets the (token, sublayer, kind)
+rows by expert itself and reads each routed expert's A and B once per call. It needs no torch headers (plain C, built in well under a second),
 so a missing compiler only means the torch path is used (`load_kernel` returns None and
 says why once).
 
@@ -44,6 +44,7 @@ MAX_RANK = 256
 #: Steps with at least this many tokens per thread are split over threads.
 MIN_TOKENS_PER_THREAD = 64
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ERRORS = {1: "rank above the kernel's maximum", 2: "expert or slot index out of range", 3: "out of memory"}
 
 
 def _cpu_signature() -> str:
@@ -90,7 +91,7 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     fn = lib.smolora_routed_delta_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [_I64] * 6 + [_PTR] * 4 + [_PTR, _I64, _PTR, _I64] + [_PTR] * 5 + [_I64]
+    fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR, _I64, _PTR, _I64] + [_PTR] * 5 + [_I64]
     return lib
 
 
@@ -124,12 +125,12 @@ class RoutedKernel:
         for t in (sub_row, lora_a, lora_b, fuse_r):
             if not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("routed kernel tensors must be contiguous CPU tensors")
-        _, n_sub, n_exp, d_in, rp = lora_a.shape
+        n_slot, n_sub, n_exp, d_in, rp = lora_a.shape
         if rp > MAX_RANK:
             raise ValueError(f"rank {rp} exceeds the kernel's maximum {MAX_RANK}")
         self._fn = lib.smolora_routed_delta_f32
         self._tensors = (sub_row, lora_a, lora_b, fuse_r)  # keep the storage alive
-        self._head = (n_sub, n_exp, rp, d_in, lora_b.shape[-1],
+        self._head = (n_slot, n_sub, n_exp, rp, d_in, lora_b.shape[-1],
                       sub_row.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), fuse_r.data_ptr())
         self.n_sub = n_sub
 
@@ -149,8 +150,10 @@ class RoutedKernel:
         ntok = x.shape[0]
         threads = min(torch.get_num_threads(), ntok // MIN_TOKENS_PER_THREAD)
         if threads <= 1:
-            self._fn(ntok, *self._head, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), tok_slot.data_ptr(),
-                     tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride)
+            rc = self._fn(ntok, *self._head, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), tok_slot.data_ptr(),
+                          tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride)
+            if rc:
+                raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
             return
         xs, ys, n = x.stride(0), y.stride(0), self.n_sub
         f32, i64 = 4, 8
@@ -165,12 +168,6 @@ class RoutedKernel:
             )
 
         bounds = [ntok * i // threads for i in range(threads + 1)]
-        list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
-
-
-def kernel_supports(x: Tensor, y: Tensor, lora_a: Tensor) -> bool:
-    """Whether these tensors can go through the kernel (CPU, float32, unit inner strides)."""
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype == torch.float32 and lora_a.dtype == torch.float32
-        and x.stride(-1) == 1 and y.is_contiguous() and lora_a.shape[-1] <= MAX_RANK
-    )
+        for rc in _pool(threads).map(run, bounds[:-1], bounds[1:]):
+            if rc:
+                raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")

@@ -338,11 +338,14 @@ class RowRoutingState:
         return step
 
     def finish_step(self, step: "StepRouting") -> None:
-        """After the forward: add the step's fusion weights and token counts to the rows."""
-        act = step.token_active
-        self.row_fsum.index_add_(0, step.token_row, step.fusion * act[:, None, None])
-        cnt = torch.zeros(self.max_rows + 1, device=act.device).index_add_(0, step.token_row, act)
-        self.row_count += cnt[:, None] * self.text_columns_f[None, :]
+        """After the forward: add the step's fusion weights and token counts to the rows.
+
+        Tokens without an adapter (padding, base requests) add their placeholder weights to
+        rows that are never rendered (the null row, or a base request's row, which counts no
+        tokens and is cleared when reused), so no mask is applied here.
+        """
+        self.row_fsum.index_add_(0, step.token_row, step.fusion)
+        self.row_count += step.count_delta()
 
     def image_step(self, keys: list[int], patches: int) -> "StepRouting":
         """Token layout of a projector call: `len(keys)` images of `patches` tokens each."""
@@ -425,6 +428,7 @@ class StepRouting:
     is_prompt: Tensor
     positions: Tensor | None = None
     _pairs: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _count_delta: Tensor | None = None
 
     def __post_init__(self) -> None:
         st = self.state
@@ -458,6 +462,15 @@ class StepRouting:
         # Routes change only with the batch or a prefill: then layers may reuse last step's plan.
         reusable = self.positions is not None and not self.has_prompt and self.per_step_decode is None
         self.plan_key: tuple[int, int] | None = (st.epoch, self.n_tokens) if reusable else None
+
+    def count_delta(self) -> Tensor:
+        """`[R+1, C]`: this step's adapter tokens per row, in the text columns (computed once;
+        a steady decode step is reused, see `RowRoutingState.text_step`)."""
+        if self._count_delta is None:
+            st = self.state
+            cnt = torch.zeros(st.max_rows + 1, device=self.token_row.device).index_add_(0, self.token_row, self.token_active)
+            self._count_delta = cnt[:, None] * st.text_columns_f[None, :]
+        return self._count_delta
 
     def pair_index(self, n_sub: int) -> tuple[Tensor, Tensor]:
         """For the 2*N*n_sub (expert kind, token, sublayer) rows of a routed layer, flattened

@@ -1,4 +1,4 @@
-/* SMoLoRA routed delta for a batch of tokens, float32, one CPU thread.
+/* SMoLoRA routed delta for a batch of tokens, float32.
  *
  * For every token t (scale s_t; 0 means "no adapter": the token is skipped) and every fused
  * sublayer j, with the token's VU expert v and IF expert f in its checkpoint slot:
@@ -8,17 +8,22 @@
  *   (w_v, w_f) = softmax(l_v, l_f)
  *   y_t[sub j] += s_t (w_v B_v z_v + w_f B_f z_f)
  *
- * Only the two routed experts are touched, so per token the work is 2 (d_in + d_out) rp
- * multiply-adds and no weight is gathered or copied. Layouts are RoutedAdapter's buffers:
- *   lora_a [S, n_sub, E, d_in, rp]   (column r of A_e^T is contiguous per input row)
+ * Only the two routed experts are touched. The (token, sublayer, kind) rows are bucketed by
+ * expert group (a counting sort), and each group's A and B are read once for all of its rows:
+ * inside a model forward the base weights evict the adapters from the core's caches between
+ * calls, so reading an expert once per call instead of once per token is what keeps the
+ * cost down. Layouts are RoutedAdapter's buffers:
+ *   lora_a [S, n_sub, E, d_in, rp]   (row i of A_e^T holds the rp weights x_i meets)
  *   lora_b [S, n_sub, E, rp, d_out]
  *   fuse_r [S, n_sub, E, rp]          (B_e^T fuse of the expert's group)
  * Fusion weights (w_vu, w_if) of token t, sublayer j go to fusion[t * fusion_stride + 2 j + {0,1}]
- * (0.5 each for tokens without adapter). The caller checks shapes, dtypes and contiguity
- * (server/engine/cpu_kernel.py).
+ * (0.5 each for tokens without adapter). Returns 0, or 1 for a rank above MAX_RANK, 2 for an
+ * expert or slot out of range, 3 when out of memory. The caller checks shapes, dtypes and
+ * contiguity (server/engine/cpu_kernel.py).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define MAX_RANK 256
 
@@ -57,42 +62,37 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
         for (int k = 0; k < NV; ++k) store8(z + 8 * k, (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])); \
     }
 
-/* out += B0^T u + B1^T v over the two routed experts, B [rp, d_out]: eight outputs at a
- * time are loaded once, get all 2 rp products in registers, and are stored once. */
-#define DEFINE_EXPAND(RP)                                                                     \
-    static void expand_##RP(float *restrict out, const float *restrict b0,                    \
-                            const float *restrict b1, const float *restrict u,                \
-                            const float *restrict v, int64_t d_out) {                         \
+/* For the rows of one expert group: out_i += B^T c_i, B [rp, d_out], c_i the row's scaled
+ * z. Sixteen outputs at a time, the rp B vectors of that block stay in registers across
+ * the group's rows, so B is read once per call. */
+#define DEFINE_EXPAND_ROWS(RP)                                                                \
+    static void expand_rows_##RP(float *const *outs, const float *const *cs, int64_t nrows,   \
+                                 const float *restrict b, int64_t d_out) {                    \
         int64_t o = 0;                                                                        \
         for (; o + 16 <= d_out; o += 16) {                                                    \
-            v16f acc0 = load16(out + o), acc1 = splat16(0.0f);                                \
-            for (int r = 0; r < RP; ++r) {                                                    \
-                acc0 += splat16(u[r]) * load16(b0 + r * d_out + o);                           \
-                acc1 += splat16(v[r]) * load16(b1 + r * d_out + o);                           \
+            v16f bb[RP];                                                                      \
+            for (int r = 0; r < RP; ++r) bb[r] = load16(b + r * d_out + o);                   \
+            for (int64_t i = 0; i < nrows; ++i) {                                             \
+                const float *c = cs[i];                                                       \
+                v16f acc = load16(outs[i] + o);                                               \
+                for (int r = 0; r < RP; ++r) acc += splat16(c[r]) * bb[r];                    \
+                store16(outs[i] + o, acc);                                                    \
             }                                                                                 \
-            store16(out + o, acc0 + acc1);                                                    \
         }                                                                                     \
-        for (; o + 8 <= d_out; o += 8) {                                                      \
-            v8f acc0 = load8(out + o), acc1 = splat8(0.0f);                                   \
-            for (int r = 0; r < RP; ++r) {                                                    \
-                acc0 += splat8(u[r]) * load8(b0 + r * d_out + o);                             \
-                acc1 += splat8(v[r]) * load8(b1 + r * d_out + o);                             \
+        for (; o < d_out; ++o)                                                                \
+            for (int64_t i = 0; i < nrows; ++i) {                                             \
+                float acc = outs[i][o];                                                       \
+                for (int r = 0; r < RP; ++r) acc += cs[i][r] * b[r * d_out + o];              \
+                outs[i][o] = acc;                                                             \
             }                                                                                 \
-            store8(out + o, acc0 + acc1);                                                     \
-        }                                                                                     \
-        for (; o < d_out; ++o) {                                                              \
-            float acc = out[o];                                                               \
-            for (int r = 0; r < RP; ++r) acc += u[r] * b0[r * d_out + o] + v[r] * b1[r * d_out + o]; \
-            out[o] = acc;                                                                     \
-        }                                                                                     \
     }
 
 DEFINE_SHRINK(1)
 DEFINE_SHRINK(2)
 DEFINE_SHRINK(4)
-DEFINE_EXPAND(8)
-DEFINE_EXPAND(16)
-DEFINE_EXPAND(32)
+DEFINE_EXPAND_ROWS(8)
+DEFINE_EXPAND_ROWS(16)
+DEFINE_EXPAND_ROWS(32)
 
 static void shrink_any(const float *restrict x, const float *restrict a, int64_t d_in, int64_t rp,
                        float *restrict z) {
@@ -104,13 +104,15 @@ static void shrink_any(const float *restrict x, const float *restrict a, int64_t
     }
 }
 
-static void expand_any(float *restrict out, const float *restrict b0, const float *restrict b1,
-                       const float *restrict u, const float *restrict v, int64_t rp, int64_t d_out) {
-    for (int64_t r = 0; r < rp; ++r) {
-        const float *restrict p = b0 + r * d_out;
-        const float *restrict q = b1 + r * d_out;
-        for (int64_t o = 0; o < d_out; ++o) out[o] += u[r] * p[o] + v[r] * q[o];
-    }
+static void expand_rows_any(float *const *outs, const float *const *cs, int64_t nrows,
+                            const float *restrict b, int64_t rp, int64_t d_out) {
+    for (int64_t i = 0; i < nrows; ++i)
+        for (int64_t r = 0; r < rp; ++r) {
+            const float c = cs[i][r];
+            const float *restrict br = b + r * d_out;
+            float *restrict out = outs[i];
+            for (int64_t o = 0; o < d_out; ++o) out[o] += c * br[o];
+        }
 }
 
 static void shrink(const float *restrict x, const float *restrict a, int64_t d_in, int64_t rp, float *restrict z) {
@@ -122,53 +124,127 @@ static void shrink(const float *restrict x, const float *restrict a, int64_t d_i
     }
 }
 
-static void expand2(float *restrict out, const float *restrict b0, const float *restrict b1,
-                    const float *restrict u, const float *restrict v, int64_t rp, int64_t d_out) {
+/* Ask for the next expert's weights while this one computes: inside a model forward they
+ * are rarely still in the core's caches, and each expert is only a few dozen KiB. */
+static void prefetch_range(const float *p, int64_t n) {
+    const char *c = (const char *)p;
+    for (int64_t off = 0; off < n * (int64_t)sizeof(float); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+static int64_t next_group(const int64_t *start, int64_t g, int64_t n_groups) {
+    for (++g; g < n_groups; ++g)
+        if (start[g] != start[g + 1]) return g;
+    return -1;
+}
+
+static void expand_rows(float *const *outs, const float *const *cs, int64_t nrows,
+                        const float *restrict b, int64_t rp, int64_t d_out) {
     switch (rp) {
-        case 8: expand_8(out, b0, b1, u, v, d_out); break;
-        case 16: expand_16(out, b0, b1, u, v, d_out); break;
-        case 32: expand_32(out, b0, b1, u, v, d_out); break;
-        default: expand_any(out, b0, b1, u, v, rp, d_out);
+        case 8: expand_rows_8(outs, cs, nrows, b, d_out); break;
+        case 16: expand_rows_16(outs, cs, nrows, b, d_out); break;
+        case 32: expand_rows_32(outs, cs, nrows, b, d_out); break;
+        default: expand_rows_any(outs, cs, nrows, b, rp, d_out);
     }
 }
 
 int smolora_routed_delta_f32(
-    int64_t n_tok, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
+    int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
     const int64_t *sub_row, const float *lora_a, const float *lora_b, const float *fuse_r,
     const float *x, int64_t x_stride, float *y, int64_t y_stride,
     const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
     float *fusion, int64_t fusion_stride)
 {
     if (rp > MAX_RANK) return 1;
-    float z[2][MAX_RANK];
+    if (n_tok <= 0) return 0;
+    const int64_t n_groups = n_slot * n_sub * n_exp;
+    const int64_t n_rows = n_tok * n_sub * 2;    /* row r = (t * n_sub + j) * 2 + kind */
+    int64_t *start = calloc((size_t)(n_groups + 1), sizeof *start);
+    int64_t *group = malloc((size_t)n_rows * sizeof *group);
+    int64_t *order = malloc((size_t)n_rows * sizeof *order);
+    float *z = malloc((size_t)(n_rows * rp) * sizeof *z);
+    float *logit = malloc((size_t)n_rows * sizeof *logit);
+    float **outs = malloc((size_t)n_rows * sizeof *outs);
+    const float **cs = malloc((size_t)n_rows * sizeof *cs);
+    int rc = 0;
+    if (!start || !group || !order || !z || !logit || !outs || !cs) { rc = 3; goto done; }
+
+    /* Bucket the rows of tokens with an adapter by expert group (counting sort). */
     for (int64_t t = 0; t < n_tok; ++t) {
-        const float s = tok_scale[t];
         float *fus = fusion + t * fusion_stride;
-        if (s == 0.0f) {
-            for (int64_t j = 0; j < n_sub; ++j) { fus[2 * j] = 0.5f; fus[2 * j + 1] = 0.5f; }
-            continue;
-        }
-        const float *xt = x + t * x_stride;
         const int64_t slot = tok_slot[t];
         for (int64_t j = 0; j < n_sub; ++j) {
-            const int64_t group0 = (slot * n_sub + j) * n_exp;
-            const int64_t g[2] = {group0 + tok_vu[t * n_sub + j], group0 + tok_if[t * n_sub + j]};
-            float logit[2];
+            const int64_t r = (t * n_sub + j) * 2;
+            group[r] = group[r + 1] = -1;
+            if (tok_scale[t] == 0.0f) { fus[2 * j] = 0.5f; fus[2 * j + 1] = 0.5f; continue; }
+            const int64_t e[2] = {tok_vu[t * n_sub + j], tok_if[t * n_sub + j]};
             for (int k = 0; k < 2; ++k) {
-                shrink(xt, lora_a + g[k] * d_in * rp, d_in, rp, z[k]);
-                const float *f = fuse_r + g[k] * rp;
-                float acc = 0.0f;
-                for (int64_t r = 0; r < rp; ++r) acc += f[r] * z[k][r];
-                logit[k] = s * acc;
+                if (slot < 0 || slot >= n_slot || e[k] < 0 || e[k] >= n_exp) { rc = 2; goto done; }
+                group[r + k] = (slot * n_sub + j) * n_exp + e[k];
+                start[group[r + k] + 1] += 1;
             }
-            const float w_vu = 1.0f / (1.0f + expf(logit[1] - logit[0]));
+        }
+    }
+    for (int64_t g = 0; g < n_groups; ++g) start[g + 1] += start[g];
+    {
+        int64_t *fill = malloc((size_t)n_groups * sizeof *fill);
+        if (!fill) { rc = 3; goto done; }
+        for (int64_t g = 0; g < n_groups; ++g) fill[g] = start[g];
+        for (int64_t r = 0; r < n_rows; ++r)
+            if (group[r] >= 0) order[fill[group[r]]++] = r;
+        free(fill);
+    }
+
+    /* Shrink: z_r = A_g^T x_t and the fusion logit, group by group (A_g read once). */
+    int64_t first = next_group(start, -1, n_groups);
+    if (first >= 0) prefetch_range(lora_a + first * d_in * rp, d_in * rp);
+    for (int64_t g = 0; g < n_groups; ++g) {
+        if (start[g] == start[g + 1]) continue;
+        const int64_t nx = next_group(start, g, n_groups);
+        if (nx >= 0) prefetch_range(lora_a + nx * d_in * rp, d_in * rp);
+        else if (first >= 0) prefetch_range(lora_b + first * rp * d_out, rp * d_out);
+        const float *a = lora_a + g * d_in * rp;
+        const float *f = fuse_r + g * rp;
+        for (int64_t i = start[g]; i < start[g + 1]; ++i) {
+            const int64_t r = order[i], t = r / (2 * n_sub);
+            float *zr = z + r * rp;
+            shrink(x + t * x_stride, a, d_in, rp, zr);
+            float acc = 0.0f;
+            for (int64_t q = 0; q < rp; ++q) acc += f[q] * zr[q];
+            logit[r] = tok_scale[t] * acc;
+        }
+    }
+
+    /* Fusion: the 2-way softmax per (token, sublayer); z is scaled by s w. */
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const float s = tok_scale[t];
+        if (s == 0.0f) continue;
+        float *fus = fusion + t * fusion_stride;
+        for (int64_t j = 0; j < n_sub; ++j) {
+            const int64_t r = (t * n_sub + j) * 2;
+            const float w_vu = 1.0f / (1.0f + expf(logit[r + 1] - logit[r]));
             fus[2 * j] = w_vu;
             fus[2 * j + 1] = 1.0f - w_vu;
             const float c0 = s * w_vu, c1 = s * (1.0f - w_vu);
-            for (int64_t r = 0; r < rp; ++r) { z[0][r] *= c0; z[1][r] *= c1; }
-            expand2(y + t * y_stride + sub_row[j] * d_out, lora_b + g[0] * rp * d_out, lora_b + g[1] * rp * d_out,
-                    z[0], z[1], rp, d_out);
+            for (int64_t q = 0; q < rp; ++q) { z[r * rp + q] *= c0; z[(r + 1) * rp + q] *= c1; }
         }
     }
-    return 0;
+
+    /* Expand: y_t[sub j] += B_g^T (s w z_r), group by group (B_g read once). Within a group
+     * every row is a different token, so the output rows never alias. */
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t n = start[g + 1] - start[g];
+        if (n == 0) continue;
+        const int64_t nx = next_group(start, g, n_groups);
+        if (nx >= 0) prefetch_range(lora_b + nx * rp * d_out, rp * d_out);
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t r = order[start[g] + i], t = r / (2 * n_sub), j = (r / 2) % n_sub;
+            outs[i] = y + t * y_stride + sub_row[j] * d_out;
+            cs[i] = z + r * rp;
+        }
+        expand_rows(outs, cs, n, lora_b + g * rp * d_out, rp, d_out);
+    }
+
+done:
+    free(start); free(group); free(order); free(z); free(logit); free(outs); free(cs);
+    return rc;
 }
