@@ -17,17 +17,18 @@ ratios are logged too. Every round sends images neither engine has seen (see
 
 `--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`).
 
-Where the routed engine's time goes (small preset, 16 decoding requests, one worker thread
-on a shared 2-core CPU; in-process decode-forward timings at rank 128, rank 32 and base):
-- weight bytes: a routed linear reads the A and B of every expert some request routes to,
-  once per step; with 16 requests that is every expert, r_total * (d_in + d_out) floats
-  per adapted sublayer against d_in * d_out for the base weight (~50% more weight bytes
-  over the decoder's linears at hidden 256, ~15% at `wide`, ~4% at LLaVA-7B widths):
-  ~0.5 ms of a ~2.3 ms base decode forward;
-- per-op cost: ~10 small ops per routed linear, ~0.1 ms per linear, ~0.9 ms per forward;
-  the same on the grouped-matmul path and on a padded-`bmm` decode path (tried, not kept:
-  faster in isolation, no difference inside the engine).
-At small widths these fixed costs dominate `routed_vs_base`. Usage:
+Where the routed engine's time goes (small preset, E=8, rank 128, 16 requests x 128
+tokens, idle 2-core CPU; per-call timers inside vLLM's worker, per round of 2048 tokens):
+routed 588 ms vs base 498 ms wall. The routed layers' CPU kernel takes ~41 ms over the
+~1016 decode calls (~40 us each inside the forward, ~15-20 us when its weights are still in
+cache) and ~15-29 ms over the prefill calls; fusion/trace bookkeeping ~4 ms; the rest is
+spread (routing state, projector adapters, request set-up). The kernel is compute-bound
+when hot (~46 GFMA/s on one core, as fast as the base matmuls): at hidden 256 a token's two
+rank-16 experts on gate/up/down add ~17% to the MLP's multiply-adds, so routing cannot get
+much closer to base at this width; at `wide` (hidden 1024) the ratio is ~0.94. Tried and dropped: OpenMP inside the kernel sharing torch's libgomp (no gain
+in decode), token-major kernel (re-reads each expert per token: 2.5x slower in the forward
+than in isolation), grouped matmuls (one tiny matmul per expert group: 0.72 overall).
+Usage:
 
     python bench/engine.py            # small preset, 16 requests x 128 tokens, 7 rounds, + wide
 """
