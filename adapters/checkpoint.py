@@ -31,6 +31,8 @@ from typing import Any, Callable
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from smolora.adapters.config_dicts import config_from_dict
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "adapter.safetensors"
@@ -100,12 +102,7 @@ class CheckpointManifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CheckpointManifest":
-        data = _migrate(dict(data))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise UnknownFormatError(f"manifest has unknown keys {sorted(unknown)} for format_version {FORMAT_VERSION}")
-        return cls(**data)
+        return config_from_dict(cls, _migrate(dict(data)), UnknownFormatError, f"manifest (format_version {FORMAT_VERSION})")
 
 
 # Migrations from older format versions: version -> function producing the next version.

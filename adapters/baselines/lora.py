@@ -7,13 +7,14 @@ task; SeqLoRA is one `LoRAModel` trained task after task. No routing here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from smolora.adapters.adapter_model import AdapterModel
+from smolora.adapters.config_dicts import config_to_dict
 from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES
 
 
@@ -35,9 +36,7 @@ class LoRAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+        return config_to_dict(self)
 
 
 class LoRALinear(nn.Module):

@@ -7,9 +7,10 @@ add fields with defaults, never rename them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from smolora.adapters.config_dicts import config_from_dict, config_to_dict
 
 VuRouting = Literal["pinned", "per_step"]
 RouterTraining = Literal["frozen_random", "learned"]
@@ -100,15 +101,9 @@ class SMoLoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SMoLoRAConfig":
         """Build from a manifest dict; unknown keys are an error (they mean a newer format)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown SMoLoRA config keys: {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, ValueError, "SMoLoRA config")

@@ -12,11 +12,11 @@ Neither starts anything; `engine.py` turns an `EngineConfig` into vLLM engine ar
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from smolora.adapters.config_dicts import config_from_dict, config_to_dict
 from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES, INSTRUCTION_DIM
 
 #: The architecture name our vLLM model class is registered under.
@@ -100,17 +100,11 @@ class AdapterLayout:
         return self.rank // self.num_experts
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterLayout":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise EngineConfigError(f"unknown adapter layout keys {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, EngineConfigError, "adapter layout")
 
     @classmethod
     def from_smolora_config(cls, adapter_config: dict[str, Any], num_slots: int, trace_step_routes: int,
