@@ -53,10 +53,9 @@ class AdapterLayout:
             request for the trace (0 keeps none; the prefill route is always kept).
         cpu_kernel_max_tokens: forward steps of at most this many tokens run the routed layers
             through the compiled CPU kernel (`cpu_kernel.py`; float32 on CPU, when a C compiler
-            is present); larger steps use grouped matmuls. 0 never uses the kernel. The
-            kernel reads each token's two experts' weights per token, which is cheap while an
-            expert fits in cache (measured faster than grouped matmuls at every step size up
-            to 1300 tokens for hidden 256 and 1024); lower it for very wide models.
+            is present); larger steps use grouped matmuls. 0 never uses the kernel. Measured
+            faster than grouped matmuls at every step size up to 1300 tokens at hidden 256
+            and 1024.
     """
 
     enabled: bool = True
