@@ -11,8 +11,9 @@ Measures, in one run on one machine:
   (`hotload_s`, target < 2 s).
 
 Engine rounds alternate routed/base (both engines stay up) and the best round of each
-counts (other processes on a shared CPU only ever slow a round down); the paired per-round
-ratios are logged too. Every round sends images neither engine has seen (see
+counts (other processes on a shared CPU only ever slow a round down); the median of the
+paired per-round ratios is written too (`routed_vs_base_paired_median`), and which engine
+runs first alternates by round. Every round sends images neither engine has seen (see
 `run_engines`).
 
 `--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`).
@@ -25,12 +26,14 @@ cache) and ~15-29 ms over the prefill calls; fusion/trace bookkeeping ~4 ms; the
 spread (routing state, projector adapters, request set-up). The kernel is compute-bound
 when hot (~46 GFMA/s on one core, as fast as the base matmuls): at hidden 256 a token's two
 rank-16 experts on gate/up/down add ~17% to the MLP's multiply-adds, so routing cannot get
-much closer to base at this width; at `wide` (hidden 1024) the ratio is ~0.94. Tried and dropped: OpenMP inside the kernel sharing torch's libgomp (no gain
-in decode), token-major kernel (re-reads each expert per token: 2.5x slower in the forward
-than in isolation), grouped matmuls (one tiny matmul per expert group: 0.72 overall).
+much closer to base at this width; at `wide` (hidden 1024) the ratio is ~0.94. Running the
+kernel on torch's OpenMP threads gave +2-4% (paired medians of two A/B runs: 0.79 -> 0.83,
+0.83 -> 0.85). Tried and dropped: a token-major kernel (re-reads each expert per token:
+2.5x slower in the forward than in isolation), grouped matmuls (one tiny matmul per expert
+group: 0.72 overall).
 Usage:
 
-    python bench/engine.py            # small preset, 16 requests x 128 tokens, 7 rounds, + wide
+    python bench/engine.py            # small preset, 16 requests x 128 tokens, 11 rounds, + wide
 """
 
 from __future__ import annotations
@@ -167,11 +170,16 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
             # request's own key, so repeated images would let only the base engine skip
             # preprocessing.
             _, round_images, _ = workload(args.requests, size, seed=1000 + i)
-            routed_tps.append(await tokens_per_s(routed, requests(prompts, round_images, instr, args.max_tokens)))
-            base_tps.append(await tokens_per_s(base, requests(prompts, round_images, None, args.max_tokens)))
+            # Which engine goes first alternates, so neither always runs right after the other.
+            for which in (("routed", "base") if i % 2 == 0 else ("base", "routed")):
+                if which == "routed":
+                    routed_tps.append(await tokens_per_s(routed, requests(prompts, round_images, instr, args.max_tokens)))
+                else:
+                    base_tps.append(await tokens_per_s(base, requests(prompts, round_images, None, args.max_tokens)))
             logger.info("%s round: routed %.1f tok/s, base %.1f tok/s", model_dir.name, routed_tps[-1], base_tps[-1])
         # Best round of each: on a shared machine other processes only ever slow a round down.
         out["routed"], out["base"] = max(routed_tps), max(base_tps)
+        out["paired_median"] = statistics.median(r / b for r, b in zip(routed_tps, base_tps))
         logger.info("%s: paired routed/base ratios per round %s (median %.3f)", model_dir.name,
                     [round(r / b, 3) for r, b in zip(routed_tps, base_tps)],
                     statistics.median(r / b for r, b in zip(routed_tps, base_tps)))
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=256)
@@ -234,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(["python", "bench/engine.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
         "preset": args.preset,
         "routed_vs_base": eng["routed"] / eng["base"],
+        "routed_vs_base_paired_median": eng["paired_median"],
         "routed_vs_hf_reference": eng["routed"] / hf,
         "hotload_s": eng["hotload_s"],
         "tokens_per_s": {"routed": eng["routed"], "base": eng["base"], "hf_reference": hf},

@@ -8,9 +8,10 @@ rows by expert itself and reads each routed expert's A and B once per call. It n
 so a missing compiler only means the torch path is used (`load_kernel` returns None and
 says why once).
 
-Large steps (prefill) are split by tokens over `torch.get_num_threads()` threads: ctypes
-releases the GIL during the call and tokens write disjoint rows, so the chunks run in
-parallel without an OpenMP runtime of our own beside torch's.
+Calls with enough work run on OpenMP threads. The library is linked with `-fopenmp`, and
+its `libgomp.so.1` resolves to the copy torch has already loaded (same soname), so these
+are torch's own intra-op threads (`torch.set_num_threads` applies), not a second pool. If
+the compiler cannot build with OpenMP, the kernel is built single-threaded.
 
 The shared object is cached under `$SMOLORA_KERNEL_CACHE` (default
 `~/.cache/smolora/kernels`), keyed by the source, the flags, the compiler and this CPU's
@@ -28,7 +29,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,10 +39,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "routed_delta.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+OPENMP_FLAGS = ("-fopenmp",)
 #: Ranks above this fall back to the torch path (the kernel keeps z on the stack).
 MAX_RANK = 256
-#: Steps with at least this many tokens per thread are split over threads.
-MIN_TOKENS_PER_THREAD = 64
+#: Calls with at least this many multiply-adds (rows x (d_in + d_out) x rank) use threads
+#: (`SMOLORA_KERNEL_PARALLEL_WORK` overrides it).
+MIN_PARALLEL_WORK = int(os.environ.get("SMOLORA_KERNEL_PARALLEL_WORK", 1 << 18))
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ERRORS = {1: "rank above the kernel's maximum", 2: "expert or slot index out of range", 3: "out of memory"}
 
@@ -64,7 +66,12 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, text=True)
+        cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]
+        try:
+            subprocess.run([*cmd[:1], *OPENMP_FLAGS, *cmd[1:]], check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as exc:
+            logger.warning("routed CPU kernel: no OpenMP build (%s); building it single-threaded", exc.stderr.strip()[:300])
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
 
 
@@ -80,7 +87,7 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature())).encode()).hexdigest()[:20]
+        key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(FLAGS + OPENMP_FLAGS), version, _cpu_signature())).encode()).hexdigest()[:20]
         target = _cache_dir() / f"routed_delta-{key}.so"
         if not target.exists():
             _build(compiler, target)
@@ -91,18 +98,13 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     fn = lib.smolora_routed_delta_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR, _I64, _PTR, _I64] + [_PTR] * 5 + [_I64]
+    fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR, _I64, _PTR, _I64] + [_PTR] * 5 + [_I64, _I64]
     return lib
 
 
 def kernel_available() -> bool:
     """True when the routed CPU kernel can be used in this process."""
     return load_kernel() is not None
-
-
-@lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smolora-kernel")
 
 
 class RoutedKernel:
@@ -147,27 +149,8 @@ class RoutedKernel:
                 `t * fusion_stride + 2 j` and `+ 1` from `fusion`'s first element.
             fusion_stride: elements between consecutive tokens' fusion weights.
         """
-        ntok = x.shape[0]
-        threads = min(torch.get_num_threads(), ntok // MIN_TOKENS_PER_THREAD)
-        if threads <= 1:
-            rc = self._fn(ntok, *self._head, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), tok_slot.data_ptr(),
-                          tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride)
-            if rc:
-                raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
-            return
-        xs, ys, n = x.stride(0), y.stride(0), self.n_sub
-        f32, i64 = 4, 8
-
-        def run(lo: int, hi: int) -> int:
-            return self._fn(
-                hi - lo, *self._head,
-                x.data_ptr() + lo * xs * f32, xs, y.data_ptr() + lo * ys * f32, ys,
-                tok_slot.data_ptr() + lo * i64, tok_scale.data_ptr() + lo * f32,
-                tok_vu.data_ptr() + lo * n * i64, tok_if.data_ptr() + lo * n * i64,
-                fusion.data_ptr() + lo * fusion_stride * f32, fusion_stride,
-            )
-
-        bounds = [ntok * i // threads for i in range(threads + 1)]
-        for rc in _pool(threads).map(run, bounds[:-1], bounds[1:]):
-            if rc:
-                raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
+        rc = self._fn(x.shape[0], *self._head, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), tok_slot.data_ptr(),
+                      tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride,
+                      MIN_PARALLEL_WORK)
+        if rc:
+            raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")

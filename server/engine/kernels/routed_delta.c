@@ -17,13 +17,19 @@
  *   lora_b [S, n_sub, E, rp, d_out]
  *   fuse_r [S, n_sub, E, rp]          (B_e^T fuse of the expert's group)
  * Fusion weights (w_vu, w_if) of token t, sublayer j go to fusion[t * fusion_stride + 2 j + {0,1}]
- * (0.5 each for tokens without adapter). Returns 0, or 1 for a rank above MAX_RANK, 2 for an
+ * (0.5 each for tokens without adapter). Calls with at least min_parallel_work multiply-adds
+ * (rows x (d_in + d_out) x rp) run on the OpenMP threads: experts split over threads for
+ * A, output columns for B. Built against the libgomp torch has loaded (same soname), they
+ * are torch's own intra-op threads. Returns 0, or 1 for a rank above MAX_RANK, 2 for an
  * expert or slot out of range, 3 when out of memory. The caller checks shapes, dtypes and
  * contiguity (server/engine/cpu_kernel.py).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_RANK 256
 
@@ -67,9 +73,9 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
  * the group's rows, so B is read once per call. */
 #define DEFINE_EXPAND_ROWS(RP)                                                                \
     static void expand_rows_##RP(float *const *outs, const float *const *cs, int64_t nrows,   \
-                                 const float *restrict b, int64_t d_out) {                    \
-        int64_t o = 0;                                                                        \
-        for (; o + 16 <= d_out; o += 16) {                                                    \
+                                 const float *restrict b, int64_t d_out, int64_t o0, int64_t o1) { \
+        int64_t o = o0;                                                                       \
+        for (; o + 16 <= o1; o += 16) {                                                       \
             v16f bb[RP];                                                                      \
             for (int r = 0; r < RP; ++r) bb[r] = load16(b + r * d_out + o);                   \
             for (int64_t i = 0; i < nrows; ++i) {                                             \
@@ -79,7 +85,7 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
                 store16(outs[i] + o, acc);                                                    \
             }                                                                                 \
         }                                                                                     \
-        for (; o < d_out; ++o)                                                                \
+        for (; o < o1; ++o)                                                                   \
             for (int64_t i = 0; i < nrows; ++i) {                                             \
                 float acc = outs[i][o];                                                       \
                 for (int r = 0; r < RP; ++r) acc += cs[i][r] * b[r * d_out + o];              \
@@ -105,13 +111,13 @@ static void shrink_any(const float *restrict x, const float *restrict a, int64_t
 }
 
 static void expand_rows_any(float *const *outs, const float *const *cs, int64_t nrows,
-                            const float *restrict b, int64_t rp, int64_t d_out) {
+                            const float *restrict b, int64_t rp, int64_t d_out, int64_t o0, int64_t o1) {
     for (int64_t i = 0; i < nrows; ++i)
         for (int64_t r = 0; r < rp; ++r) {
             const float c = cs[i][r];
             const float *restrict br = b + r * d_out;
             float *restrict out = outs[i];
-            for (int64_t o = 0; o < d_out; ++o) out[o] += c * br[o];
+            for (int64_t o = o0; o < o1; ++o) out[o] += c * br[o];
         }
 }
 
@@ -138,12 +144,12 @@ static int64_t next_group(const int64_t *start, int64_t g, int64_t n_groups) {
 }
 
 static void expand_rows(float *const *outs, const float *const *cs, int64_t nrows,
-                        const float *restrict b, int64_t rp, int64_t d_out) {
+                        const float *restrict b, int64_t rp, int64_t d_out, int64_t o0, int64_t o1) {
     switch (rp) {
-        case 8: expand_rows_8(outs, cs, nrows, b, d_out); break;
-        case 16: expand_rows_16(outs, cs, nrows, b, d_out); break;
-        case 32: expand_rows_32(outs, cs, nrows, b, d_out); break;
-        default: expand_rows_any(outs, cs, nrows, b, rp, d_out);
+        case 8: expand_rows_8(outs, cs, nrows, b, d_out, o0, o1); break;
+        case 16: expand_rows_16(outs, cs, nrows, b, d_out, o0, o1); break;
+        case 32: expand_rows_32(outs, cs, nrows, b, d_out, o0, o1); break;
+        default: expand_rows_any(outs, cs, nrows, b, rp, d_out, o0, o1);
     }
 }
 
@@ -152,7 +158,7 @@ int smolora_routed_delta_f32(
     const int64_t *sub_row, const float *lora_a, const float *lora_b, const float *fuse_r,
     const float *x, int64_t x_stride, float *y, int64_t y_stride,
     const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
-    float *fusion, int64_t fusion_stride)
+    float *fusion, int64_t fusion_stride, int64_t min_parallel_work)
 {
     if (rp > MAX_RANK) return 1;
     if (n_tok <= 0) return 0;
@@ -195,13 +201,12 @@ int smolora_routed_delta_f32(
     }
 
     /* Shrink: z_r = A_g^T x_t and the fusion logit, group by group (A_g read once). */
-    int64_t first = next_group(start, -1, n_groups);
-    if (first >= 0) prefetch_range(lora_a + first * d_in * rp, d_in * rp);
+    const int parallel = n_rows * (d_in + d_out) * rp >= min_parallel_work;
+    #pragma omp parallel for schedule(dynamic, 1) if (parallel)
     for (int64_t g = 0; g < n_groups; ++g) {
         if (start[g] == start[g + 1]) continue;
         const int64_t nx = next_group(start, g, n_groups);
         if (nx >= 0) prefetch_range(lora_a + nx * d_in * rp, d_in * rp);
-        else if (first >= 0) prefetch_range(lora_b + first * rp * d_out, rp * d_out);
         const float *a = lora_a + g * d_in * rp;
         const float *f = fuse_r + g * rp;
         for (int64_t i = start[g]; i < start[g + 1]; ++i) {
@@ -215,6 +220,7 @@ int smolora_routed_delta_f32(
     }
 
     /* Fusion: the 2-way softmax per (token, sublayer); z is scaled by s w. */
+    #pragma omp parallel for if (parallel)
     for (int64_t t = 0; t < n_tok; ++t) {
         const float s = tok_scale[t];
         if (s == 0.0f) continue;
@@ -229,19 +235,32 @@ int smolora_routed_delta_f32(
         }
     }
 
-    /* Expand: y_t[sub j] += B_g^T (s w z_r), group by group (B_g read once). Within a group
-     * every row is a different token, so the output rows never alias. */
-    for (int64_t g = 0; g < n_groups; ++g) {
-        const int64_t n = start[g + 1] - start[g];
-        if (n == 0) continue;
-        const int64_t nx = next_group(start, g, n_groups);
-        if (nx >= 0) prefetch_range(lora_b + nx * rp * d_out, rp * d_out);
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t r = order[start[g] + i], t = r / (2 * n_sub), j = (r / 2) % n_sub;
-            outs[i] = y + t * y_stride + sub_row[j] * d_out;
-            cs[i] = z + r * rp;
+    /* Expand: y_t[sub j] += B_g^T (s w z_r), group by group (B_g read once). Threads split
+     * the output columns (blocks of 16), so no two write the same element: a token's VU and
+     * IF rows sit in different groups but add into the same output row. */
+    for (int64_t i = 0; i < start[n_groups]; ++i) {
+        const int64_t r = order[i], t = r / (2 * n_sub), j = (r / 2) % n_sub;
+        outs[i] = y + t * y_stride + sub_row[j] * d_out;
+        cs[i] = z + r * rp;
+    }
+    #pragma omp parallel if (parallel)
+    {
+        int nt = 1, me = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        me = omp_get_thread_num();
+#endif
+        const int64_t blocks = d_out / 16;
+        const int64_t o0 = 16 * (blocks * me / nt);
+        const int64_t o1 = me == nt - 1 ? d_out : 16 * (blocks * (me + 1) / nt);
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const int64_t n = start[g + 1] - start[g];
+            if (n == 0 || o0 >= o1) continue;
+            const int64_t nx = next_group(start, g, n_groups);
+            if (nx >= 0)
+                for (int64_t q = 0; q < rp; ++q) prefetch_range(lora_b + (nx * rp + q) * d_out + o0, o1 - o0);
+            expand_rows(outs + start[g], cs + start[g], n, lora_b + g * rp * d_out, rp, d_out, o0, o1);
         }
-        expand_rows(outs, cs, n, lora_b + g * rp * d_out, rp, d_out);
     }
 
 done:

@@ -182,13 +182,16 @@ def test_kernel_ranks_match_dense_reference(rank: int, path: str, monkeypatch: p
     assert calls == [3 * (n_req + 1), n_req + 1], "both the prompt step and the decode step ran the kernel"
 
 
-def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A prompt step large enough to be split over threads: the kernel pins the same VU routes
-    and adds the same delta as grouped matmuls."""
+def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monkeypatch: pytest.MonkeyPatch,
+                                                                           request: pytest.FixtureRequest) -> None:
+    """A prompt step run on three OpenMP threads (experts split for A, output columns for B):
+    the kernel pins the same VU routes and adds the same delta as grouped matmuls."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
-    monkeypatch.setattr(cpu_kernel, "MIN_TOKENS_PER_THREAD", 8)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(cpu_kernel, "MIN_PARALLEL_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # the kernel runs on torch's OpenMP threads
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
     n_req, prompt = 9, 7
     results = {}
