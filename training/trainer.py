@@ -90,6 +90,7 @@ class ContinualTrainer:
         self.instructions = instructions or InstructionEncoder()
         self.method: ContinualMethod = build_method(run, self.instructions)
         self.method.attach(self.model)
+        self.method.probe = self._probe
         self.model.eval()
         self.train_sets = {t: load_split(run.data_root, run.setting, t, "train", run.train_limit) for t in run.tasks}
         self.test_sets = {t: load_split(run.data_root, run.setting, t, "test", run.eval.test_limit) for t in run.tasks}

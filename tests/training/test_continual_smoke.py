@@ -84,6 +84,36 @@ def test_learned_router_gives_tasks_distinct_routes_and_holds_old_ones(smolora_r
                 assert v["fit_accuracy"]["vu"] == 1.0, layer
 
 
+def test_learned_router_keeps_earlier_tasks_parameters(smolora_run: tuple[Path, dict]) -> None:
+    """Task 2 trains only the experts it owns: task 1's experts and the (shared) fusion
+    vectors are bit-identical after task 2, projector VU experts never train, and task 2's
+    own experts did train."""
+    out, _ = smolora_run
+    v1, v2 = (load_checkpoint(v.path).tensors for v in list_versions(out / "registry"))
+    state = torch.load(out / "method_state.pt", weights_only=True)
+    half = 2  # --num-experts 4
+    routes: dict[tuple[int, str], list[int]] = {}
+    for e in state["route_memory"]:
+        routes.setdefault((e["stage"], e["layer"]), []).append(e["expert"] + (half if e["kind"] == "if" else 0))
+    layers = sorted({layer for _, layer in routes})
+    assert layers
+    changed = 0
+    for layer in layers:
+        for t in ("fuse_vu", "fuse_if"):
+            assert torch.equal(v1[f"{layer}.{t}"], v2[f"{layer}.{t}"]), (layer, t)
+        for e in routes[(0, layer)]:
+            for t in ("lora_A", "lora_B"):
+                assert torch.equal(v1[f"{layer}.{t}"][e], v2[f"{layer}.{t}"][e]), (layer, e)
+        changed += sum(not torch.equal(v1[f"{layer}.lora_B"][e], v2[f"{layer}.lora_B"][e]) for e in routes[(1, layer)])
+        if layer.startswith("projector."):
+            assert torch.count_nonzero(v2[f"{layer}.lora_B"][:half]) == 0, layer
+            assert len(routes[(0, layer)]) == 1  # IF only: no VU route is remembered there
+    assert changed > 0
+    # Every text layer remembers each task's prompt-only mean inputs for its VU gate.
+    vu = [e for e in state["route_memory"] if e["kind"] == "vu"]
+    assert vu and all(e["feats"].shape[0] > 0 and not e["layer"].startswith("projector.") for e in vu)
+
+
 def test_reference_parity_gates_never_change(tmp_path: Path, data_root: Path, base_dir: Path) -> None:
     out = tmp_path / "smolora"
     _train(data_root, base_dir, out, "smolora", "--no-unseen", "--no-robustness", "--few-shot", "1")

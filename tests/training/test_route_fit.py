@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from smolora.training.methods.route_fit import RouteEntry, RouteMemory, fit_gate, gate_accuracy, pick_expert
+from smolora.training.methods.route_fit import RouteEntry, RouteMemory, fit_gate, fit_gate_fresh, gate_accuracy, pick_expert
 
 
 def test_pick_expert_prefers_free_then_least_loaded_then_lowest() -> None:
@@ -53,3 +53,35 @@ def test_memory_loads_pairs_reuse_and_truncation() -> None:
     assert [(e.stage, e.expert, e.texts) for e in again.entries] == [(e.stage, e.expert, e.texts) for e in mem.entries]
     mem.truncate(2)
     assert {e.task for e in mem.entries} == {"sqa", "vqa"}
+
+
+def test_fit_gate_fresh_is_regularised_deterministic_and_start_free() -> None:
+    gen = torch.Generator().manual_seed(1)
+    common = torch.randn(64, generator=gen) * 5
+    scales = torch.rand(64, generator=gen) * 10 + 0.1       # uneven dimensions, as in hidden states
+    centres = torch.randn(3, 64, generator=gen)
+    feats = torch.cat([(common + c + 0.2 * torch.randn(30, 64, generator=gen)) * scales for c in centres])
+    targets = torch.tensor([1] * 30 + [3] * 30 + [0] * 30)
+    gate = fit_gate_fresh(4, feats, targets)
+    assert gate.shape == (4, 64) and gate.dtype == torch.float32
+    assert gate_accuracy(gate, feats, targets) == 1.0
+    fresh = torch.cat([(common + c + 0.2 * torch.randn(10, 64, generator=gen)) * scales for c in centres])
+    assert gate_accuracy(gate, fresh, torch.tensor([1] * 10 + [3] * 10 + [0] * 10)) == 1.0
+    assert torch.equal(fit_gate_fresh(4, feats, targets), gate)   # same data, same gate
+    assert torch.equal(fit_gate_fresh(4, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), torch.zeros(4, 64))
+
+
+def test_memory_owned_experts_exclude_reused_ones_and_training_set_stops_at_a_stage() -> None:
+    mem = RouteMemory([
+        _entry(0, "sqa", "if", 0, ("letter",)), _entry(0, "sqa", "vu", 0),
+        _entry(1, "vqa", "if", 1, ("word",)), _entry(1, "vqa", "vu", 1),
+        _entry(2, "gqa", "if", 1, ("word",)), _entry(2, "gqa", "vu", 2),
+    ])
+    layer = "layers.0.mlp.up_proj"
+    half = 4
+    assert mem.owned(layer, 0, half) == [0, 4]
+    assert mem.owned(layer, 1, half) == [1, 5]
+    assert mem.owned(layer, 2, half) == [2]          # IF expert 1 (global 5) belongs to stage 1
+    assert mem.owned("other.layer", 2, half) == []
+    feats, targets = mem.training_set(layer, "vu", upto=1)
+    assert feats.shape == (4, 8) and targets.tolist() == [0, 0, 1, 1]

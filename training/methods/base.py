@@ -49,6 +49,9 @@ class ContinualMethod:
     adapter_kind = "lora"
     trains = True
     joint = False
+    #: The trainer's no-grad forward (see `Probe`), set by the trainer before any stage
+    #: (also when resuming, where `end_task` runs without `prepare_task`).
+    probe: "Probe | None" = None
 
     def __init__(self, run: RunConfig, instructions: InstructionEncoder):
         self.run = run
