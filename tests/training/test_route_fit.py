@@ -35,12 +35,17 @@ def _entry(stage: int, task: str, kind: str, expert: int, texts: tuple[str, ...]
     return RouteEntry(stage, task, "layers.0.mlp.up_proj", kind, expert, torch.randn(2, 8), texts)  # type: ignore[arg-type]
 
 
-def test_memory_loads_pairs_reuse_and_truncation() -> None:
-    mem = RouteMemory([
+def _three_task_memory() -> RouteMemory:
+    """SQA (own instruction), then VQA and GQA sharing one instruction."""
+    return RouteMemory([
         _entry(0, "sqa", "if", 0, ("letter",)), _entry(0, "sqa", "vu", 0),
         _entry(1, "vqa", "if", 1, ("word",)), _entry(1, "vqa", "vu", 1),
         _entry(2, "gqa", "if", 1, ("word",)), _entry(2, "gqa", "vu", 2),
     ])
+
+
+def test_memory_loads_pairs_reuse_and_truncation() -> None:
+    mem = _three_task_memory()
     layer = "layers.0.mlp.up_proj"
     assert mem.loads(layer, "if", 4) == [1, 2, 0, 0]
     assert mem.if_expert_for(layer, ["word"]) == 1 and mem.if_expert_for(layer, ["caption"]) is None
@@ -72,11 +77,7 @@ def test_fit_gate_fresh_is_regularised_deterministic_and_start_free() -> None:
 
 
 def test_memory_owned_experts_exclude_reused_ones_and_training_set_stops_at_a_stage() -> None:
-    mem = RouteMemory([
-        _entry(0, "sqa", "if", 0, ("letter",)), _entry(0, "sqa", "vu", 0),
-        _entry(1, "vqa", "if", 1, ("word",)), _entry(1, "vqa", "vu", 1),
-        _entry(2, "gqa", "if", 1, ("word",)), _entry(2, "gqa", "vu", 2),
-    ])
+    mem = _three_task_memory()
     layer = "layers.0.mlp.up_proj"
     half = 4
     assert mem.owned(layer, 0, half) == [0, 4]
