@@ -174,16 +174,20 @@ def test_official_openai_client_over_a_real_socket(tiny_model_dir: Path, registr
             openai.OpenAI(base_url=srv.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def _one_slot_server(tiny_model_dir: Path, registry: Path, engine: ScriptedEngine) -> ServerThread:
+    """A server (not yet started) on the scripted engine that admits one request and queues none."""
+    settings = ServerSettings(model_dir=tiny_model_dir, registry_dir=registry, served_model_name="tiny-llava",
+                              watch_registry=False, max_concurrent_requests=1, max_waiting_requests=0)
+    return ServerThread(create_app(settings, scripted_factory(engine), embedder_factory=HashingEmbedder))
+
+
 def test_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, registry: Path) -> None:
     import httpx
 
     from tests.server.api.helpers import wait_until
 
     engine = ScriptedEngine()
-    settings = ServerSettings(model_dir=tiny_model_dir, registry_dir=registry, served_model_name="tiny-llava",
-                              watch_registry=False, max_concurrent_requests=1, max_waiting_requests=0)
-    app = create_app(settings, scripted_factory(engine), embedder_factory=HashingEmbedder)
-    with ServerThread(app) as srv:
+    with _one_slot_server(tiny_model_dir, registry, engine) as srv:
         srv.wait_ready()
         engine.hold()
         body = {"model": "tiny-llava", "messages": [user_message()], "stream": True, "max_tokens": 5}
@@ -210,10 +214,7 @@ def test_non_streaming_client_disconnect_aborts_the_engine_request(tiny_model_di
     from tests.server.api.helpers import wait_until
 
     engine = ScriptedEngine()
-    settings = ServerSettings(model_dir=tiny_model_dir, registry_dir=registry, served_model_name="tiny-llava",
-                              watch_registry=False, max_concurrent_requests=1, max_waiting_requests=0)
-    app = create_app(settings, scripted_factory(engine), embedder_factory=HashingEmbedder)
-    with ServerThread(app) as srv:
+    with _one_slot_server(tiny_model_dir, registry, engine) as srv:
         srv.wait_ready()
         engine.hold()
         payload = json.dumps({"model": "tiny-llava", "messages": [user_message()], "max_tokens": 5}).encode()
