@@ -4,9 +4,9 @@ system C compiler, loaded with ctypes, called with the tensors' data pointers.
 Why a kernel: on a CPU, a small decode batch spreads its tokens over many experts, so the
 grouped-matmul path runs one tiny matmul per (slot, sublayer, expert) group and its cost is
 the per-call overhead, not the arithmetic. The kernel buckets the (token, sublayer, kind)
-rows by expert itself and reads each routed expert's A and B once per call. It needs no torch headers (plain C, built in well under a second),
-so a missing compiler only means the torch path is used (`load_kernel` returns None and
-says why once).
+rows by expert itself and reads each routed expert's A and B once per call. It needs no
+torch headers (plain C, built in well under a second), so a missing compiler only means the
+torch path is used (`load_kernel` returns None and says why once).
 
 Calls with enough work run on OpenMP threads. The library is linked with `-fopenmp`, and
 its `libgomp.so.1` resolves to the copy torch has already loaded (same soname), so these
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels") / "routed_delta.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 OPENMP_FLAGS = ("-fopenmp",)
-#: Ranks above this fall back to the torch path (the kernel keeps z on the stack).
+#: Ranks above this use the grouped torch path (the C side checks the same bound).
 MAX_RANK = 256
 #: Calls with at least this many multiply-adds (rows x (d_in + d_out) x rank) use threads
 #: (`SMOLORA_KERNEL_PARALLEL_WORK` overrides it).
@@ -134,7 +134,6 @@ class RoutedKernel:
         self._tensors = (sub_row, lora_a, lora_b, fuse_r)  # keep the storage alive
         self._head = (n_slot, n_sub, n_exp, rp, d_in, lora_b.shape[-1],
                       sub_row.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), fuse_r.data_ptr())
-        self.n_sub = n_sub
 
     def __call__(self, x: Tensor, y: Tensor, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
                  fusion: Tensor, fusion_stride: int) -> None:

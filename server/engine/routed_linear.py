@@ -10,11 +10,11 @@ token, each token with its own request's slot, VU expert and IF expert:
   delta = w_vu h_vu + w_if h_if
 
 Only the two routed experts per token and sublayer are computed, on one of two paths:
-- small steps (decode; at most `AdapterLayout.cpu_kernel_max_tokens` tokens) on a CPU in
-  float32: the compiled kernel (`cpu_kernel.py`), which walks the tokens once and reads only
-  their two experts' weights. Grouped matmuls would run one tiny matmul per expert group
-  there, and their per-call overhead, not the arithmetic, would set the cost;
-- otherwise: the (token, sublayer, expert kind) rows are sorted by (slot, sublayer, expert)
+- on a CPU in float32 (steps of at most `AdapterLayout.cpu_kernel_max_tokens` tokens): the
+  compiled kernel (`cpu_kernel.py`), which buckets the rows by expert itself and reads each
+  routed expert once per call. Grouped matmuls would run one tiny matmul per expert group
+  there, and in decode their per-call overhead, not the arithmetic, would set the cost;
+- otherwise (GPU, bf16, larger steps): the (token, sublayer, expert kind) rows are sorted by (slot, sublayer, expert)
   group and run through two grouped matmuls (`torch.nn.functional.grouped_mm`: one for A,
   one for B).
 Both read the fusion logit in rank space, `f . (B z) = (B^T f) . z`, before B, and scale z
