@@ -83,16 +83,24 @@ def fit_gate(gate: Tensor, feats: Tensor, targets: Tensor, steps: int = 300, lr:
         return gate.clone()
     x = feats.detach().float()
     scale = x.pow(2).mean().sqrt().clamp_min(1e-6)
-    w = (gate.detach().float() * scale).clone().requires_grad_(True)
+    w = _softmax_regression(gate.detach().float() * scale, x / scale, targets, steps, lr, l2=0.0)
+    return (w / scale).to(gate.dtype)
+
+
+def _softmax_regression(w0: Tensor, xs: Tensor, targets: Tensor, steps: int, lr: float, l2: float) -> Tensor:
+    """`steps` full-batch Adam steps of softmax cross-entropy on `xs @ W^T` from `w0` (plus
+    `l2` times the mean squared row norm when `l2` is non-zero); returns the detached `W`."""
+    w = w0.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
-    xs = x / scale
     with torch.enable_grad():
         for _ in range(steps):
             loss = torch.nn.functional.cross_entropy(xs @ w.t(), targets)
+            if l2:
+                loss = loss + l2 * w.pow(2).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return (w.detach() / scale).to(gate.dtype)
+    return w.detach()
 
 
 def fit_gate_fresh(
@@ -122,16 +130,7 @@ def fit_gate_fresh(
         return torch.zeros(num_experts, d)
     x = feats.detach().float()
     scale = x.pow(2).mean(0).sqrt().clamp_min(1e-6)  # [d]
-    xs = x / scale
-    w = torch.zeros(num_experts, d, requires_grad=True)
-    opt = torch.optim.Adam([w], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(xs @ w.t(), targets) + l2 * w.pow(2).sum(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return w.detach() / scale
+    return _softmax_regression(torch.zeros(num_experts, d), x / scale, targets, steps, lr, l2) / scale
 
 
 @dataclass
