@@ -99,6 +99,9 @@ def load_kernel() -> ctypes.CDLL | None:
     fn = lib.smolora_routed_delta_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR, _I64, _PTR, _I64] + [_PTR] * 5 + [_I64, _I64]
+    sums = lib.smolora_row_sums_f32
+    sums.restype = ctypes.c_int
+    sums.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR]
     return lib
 
 
@@ -131,6 +134,7 @@ class RoutedKernel:
         if rp > MAX_RANK:
             raise ValueError(f"rank {rp} exceeds the kernel's maximum {MAX_RANK}")
         self._fn = lib.smolora_routed_delta_f32
+        self._sums = lib.smolora_row_sums_f32
         self._tensors = (sub_row, lora_a, lora_b, fuse_r)  # keep the storage alive
         self._head = (n_slot, n_sub, n_exp, rp, d_in, lora_b.shape[-1],
                       sub_row.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), fuse_r.data_ptr())
@@ -153,3 +157,19 @@ class RoutedKernel:
                       MIN_PARALLEL_WORK)
         if rc:
             raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
+
+    def row_sums(self, x: Tensor, row: Tensor, weight: Tensor, n_rows: int) -> Tensor:
+        """`[n_rows, d]` float32: `sums[row[t]] += weight[t] * x[t]` over the tokens (those with
+        weight 0 are skipped), in one pass without temporaries.
+
+        Args:
+            x: `[N, d]` float32, unit stride along d; row: `[N]` int64 in `[0, n_rows)`;
+            weight: `[N]` float32; both contiguous.
+        """
+        out = torch.empty(n_rows, x.shape[1], dtype=torch.float32)
+        row, weight = row.contiguous(), weight.contiguous()
+        rc = self._sums(x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), row.data_ptr(), weight.data_ptr(), n_rows,
+                        out.data_ptr())
+        if rc:
+            raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
+        return out

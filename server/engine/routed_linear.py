@@ -155,8 +155,12 @@ class RoutedAdapter(nn.Module):
         gates = self.gate_vu.view(-1, self.d_in)  # [S*n*h, d_in]
         if step.has_prompt:
             r1 = st.max_rows + 1
-            sums = torch.zeros(r1, self.d_in, dtype=torch.float32, device=xf.device)
-            sums.index_add_(0, step.token_row, xf * step.is_prompt_f[:, None])
+            kernel = self._kernel
+            if isinstance(kernel, RoutedKernel) and xf.device.type == "cpu" and xf.stride(-1) == 1:
+                sums = kernel.row_sums(xf, step.token_row, step.is_prompt_f, r1)
+            else:
+                sums = torch.zeros(r1, self.d_in, dtype=torch.float32, device=xf.device)
+                sums.index_add_(0, step.token_row, xf * step.is_prompt_f[:, None])
             mean = sums / step.prompt_count[:, None]                            # [R+1, d_in]
             logits = (mean @ gates.t()).view(r1, self.num_slots, n, h)
             logits = logits.gather(1, st.row_slot.view(r1, 1, 1, 1).expand(r1, 1, n, h)).squeeze(1)

@@ -66,3 +66,22 @@ def test_rank_above_the_stack_buffer_is_refused() -> None:
     rp = cpu_kernel.MAX_RANK + 4
     with pytest.raises(ValueError, match="exceeds"):
         cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 4, rp), torch.zeros(1, 1, 2, rp, 4), torch.zeros(1, 1, 2, rp))
+
+
+def test_row_sums_match_index_add() -> None:
+    """The prompt-mean sums skip zero-weight tokens and equal torch's index_add_, including
+    a strided input (a column slice) and rows that get no token."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    gen = torch.Generator().manual_seed(0)
+    kernel = cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 24, 8),
+                                     torch.zeros(1, 1, 2, 8, 4), torch.zeros(1, 1, 2, 8))
+    x = torch.randn(50, 40, generator=gen)[:, 3:27]                       # [50, 24], row stride 40
+    row = torch.sort(torch.randint(0, 5, (50,), generator=gen)).values   # rows 0..4 of 7
+    weight = (torch.rand(50, generator=gen) < 0.7).float() * 2.0
+    expected = torch.zeros(7, 24).index_add_(0, row, x * weight[:, None])
+    got = kernel.row_sums(x, row, weight, 7)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[5:], torch.zeros(2, 24))
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.row_sums(x, torch.full((50,), 9), weight, 7)
