@@ -36,14 +36,14 @@ and an `InstructionTable`; it neither loads MiniLM nor knows about HTTP.
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from smolora.adapters.instructions import EMBED_DIM, InstructionTable
+from smolora.server.embedding_batcher import BatchedEncoder, Embedder
 
 InstructionSourceName = Literal["type", "explicit", "snapped", "extracted"]
 ExtractionRule = Literal["trailing_imperative", "whole_text", "default"]
@@ -59,10 +59,6 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)")
 _WORD = re.compile(r"[A-Za-z']+")
 
 
-class Embedder(Protocol):
-    """Anything that turns texts into `[n, 384]` embeddings (e.g. `InstructionEncoder`)."""
-
-    def encode(self, texts: Sequence[str]) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -170,12 +166,12 @@ class InstructionResolver:
         self.embedder = embedder
         self.snap_threshold = snap_threshold
         self.default_instruction = default_instruction
-        self._lock = threading.Lock()  # the encoder's LRU cache is not thread-safe
+        # Concurrent requests share encode calls; one encode at a time (its LRU cache is not thread-safe).
+        self.encoder = BatchedEncoder(embedder)
 
     def embed(self, text: str) -> Tensor:
         """`[384]` embedding of one text."""
-        with self._lock:
-            return self.embedder.encode([text])[0]
+        return self.encoder.encode_one(text)
 
     def resolve(self, table: InstructionTable, user_text: str, instruction: str | None = None,
                 instruction_type: str | None = None) -> ResolvedInstruction:
