@@ -463,8 +463,9 @@ class ChatService:
             completed = True
         finally:
             for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                t.cancel()  # a cancelled task aborts its engine request in its own `finally`
+            # Metrics first, without awaiting: when a streaming client leaves, Starlette cancels
+            # the response's scope and every await in it (this one included) is cancelled again.
             now = time.perf_counter()
             metrics.e2e_latency.observe(now - prepared.arrival)
             engine_queue = choices[0].queue_seconds or 0.0
@@ -474,6 +475,7 @@ class ChatService:
                 metrics.observe_finish(c.finish_reason if completed and c.finish_reason else "abort")
                 if c.trace:
                     metrics.observe_routes(c.trace)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
     def _prompt_tokens(prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> int:

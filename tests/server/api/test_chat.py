@@ -201,6 +201,10 @@ def test_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, regis
         wait_until(lambda: engine.in_flight == 0, what="the engine request to be aborted")
         engine.release()
         assert engine.aborted
+        # ... and counted as aborted (Starlette cancels every await of the response's scope, so
+        # the metrics must be recorded before the cleanup awaits anything)
+        metrics = httpx.get(srv.base_url + "/metrics").text
+        assert 'smolora_request_finish_total{reason="abort"} 1.0' in metrics
         ok = httpx.post(srv.base_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=10)
         assert ok.status_code == 200
 
