@@ -12,28 +12,39 @@ Measures, in one run on one machine:
 
 Engine rounds alternate routed/base (both engines stay up) and the best round of each
 counts (other processes on a shared CPU only ever slow a round down); the median of the
-paired per-round ratios is written too (`routed_vs_base_paired_median`), and which engine
-runs first alternates by round. Every round sends images neither engine has seen (see
-`run_engines`).
+paired per-round ratios is written too (`routed_vs_base_paired_median`, with its quartiles
+in `routed_vs_base_paired_quartiles`: the spread a single run has on this machine), and
+which engine runs first alternates by round. Every round sends images neither engine has
+seen (see `run_engines`).
 
 `--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`).
 
 Where the routed engine's time goes (small preset, E=8, rank 128, 16 requests x 128
-tokens, idle 2-core CPU; per-call timers inside vLLM's worker, per round of 2048 tokens):
-routed 588 ms vs base 498 ms wall. The routed layers' CPU kernel takes ~41 ms over the
-~1016 decode calls (~40 us each inside the forward, ~15-20 us when its weights are still in
-cache) and ~15-29 ms over the prefill calls; fusion/trace bookkeeping ~4 ms; the rest is
-spread (routing state, projector adapters, request set-up). The kernel is compute-bound
-when hot (~46 GFMA/s on one core, as fast as the base matmuls): at hidden 256 a token's two
-rank-16 experts on gate/up/down add ~17% to the MLP's multiply-adds, so routing cannot get
-much closer to base at this width; at `wide` (hidden 1024) the ratio is ~0.94. Running the
-kernel on torch's OpenMP threads gave +2-4% (paired medians of two A/B runs: 0.79 -> 0.83,
-0.83 -> 0.85). Tried and dropped: a token-major kernel (re-reads each expert per token:
-2.5x slower in the forward than in isolation), grouped matmuls (one tiny matmul per expert
-group: 0.72 overall).
+tokens, 2-core CPU; per-call timers inside vLLM's worker, 10 rounds): the forward takes
+~75 ms more per round of 2048 tokens than the base engine's (~420 ms per round). The
+routed layers' CPU kernel is ~45 ms of that: ~30 ms in ~1016 decode calls (gate/up ~35-43
+us, down ~23-26 us per call inside the forward, against ~15 and ~9 us when the weights are
+in cache) and ~8 ms in prefill; the Python around it ~6 ms; prompt means ~2.5 ms;
+fusion/trace bookkeeping ~4 ms; the base layers run a few percent slower next to the
+adapters (caches shared). Decode is bound by memory, not arithmetic: with 16 requests
+every expert of every sublayer is touched each step, and E=8 rank-16 experts on
+gate/up/down are ~45% of the base model's weight bytes at hidden 256 (but only ~12% of
+its multiply-adds per token, 17% of the MLP's). At `wide` (hidden 1024) the ratio is ~0.93-0.94.
+
+Measured and kept: A applied to blocks of up to four rows in 16-wide vectors (bit-identical
+results; prefill calls 1.3-1.8x faster, decode ~20% in isolation); no software prefetch
+(10-15% faster than prefetching the next expert); prompt sums in C; the kernel on torch's
+OpenMP threads (+2-4%). Measured and dropped: expert weights stored as bfloat16 (exact
+widening in the kernel, half the bytes: +2-4% paired, not worth rounding every checkpoint),
+page-stride or bulk prefetch (slower or within noise), transparent huge pages for the
+experts (no change), a token-major kernel (re-reads each expert per token: 2.5x slower in
+the forward), grouped matmuls (one tiny matmul per expert group: 0.72 overall), two OpenMP
+threads for the worker (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`: both engines slower and erratic).
+Traces on vs off: 0.995 (paired median).
+
 Usage:
 
-    python bench/engine.py            # small preset, 16 requests x 128 tokens, 11 rounds, + wide
+    python bench/engine.py            # small preset, 16 requests x 128 tokens, 31 rounds, + wide
 """
 
 from __future__ import annotations
@@ -179,7 +190,9 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
             logger.info("%s round: routed %.1f tok/s, base %.1f tok/s", model_dir.name, routed_tps[-1], base_tps[-1])
         # Best round of each: on a shared machine other processes only ever slow a round down.
         out["routed"], out["base"] = max(routed_tps), max(base_tps)
-        out["paired_median"] = statistics.median(r / b for r, b in zip(routed_tps, base_tps))
+        paired = [r / b for r, b in zip(routed_tps, base_tps)]
+        out["paired_median"] = statistics.median(paired)
+        out["paired_quartiles"] = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
         logger.info("%s: paired routed/base ratios per round %s (median %.3f)", model_dir.name,
                     [round(r / b, 3) for r, b in zip(routed_tps, base_tps)],
                     statistics.median(r / b for r, b in zip(routed_tps, base_tps)))
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=256)
@@ -243,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         "preset": args.preset,
         "routed_vs_base": eng["routed"] / eng["base"],
         "routed_vs_base_paired_median": eng["paired_median"],
+        "routed_vs_base_paired_quartiles": eng["paired_quartiles"],
         "routed_vs_hf_reference": eng["routed"] / hf,
         "hotload_s": eng["hotload_s"],
         "tokens_per_s": {"routed": eng["routed"], "base": eng["base"], "hf_reference": hf},
