@@ -156,6 +156,33 @@ def test_traces_are_fetched_in_batches(loop: LoopThread, engine: Any) -> None:
     assert engine.trace_rpc_count - before < len(results)
 
 
+def test_closing_a_stream_aborts_the_request_in_the_engine(loop: LoopThread, engine: Any) -> None:
+    """What the HTTP layer does when a client leaves: close the stream after its first chunk.
+    The engine stops generating long before the request's token limit, and the request
+    leaves the engine (no row, nothing in flight). (An e2e version over HTTP is not
+    deterministic: the tiny model can finish all its tokens before the server sees the
+    client go; the HTTP side is tested with a held test double in tests/server/api.)"""
+    limit = 110  # the engine's context is 128 tokens
+    req = GenerateRequest(prompt="USER: hi ASSISTANT:", instruction=[0.05] * 384, max_tokens=limit, ignore_eos=True)
+
+    async def first_chunk_then_close() -> tuple[Any, Any, int]:
+        steps_before = (await engine.health()).detail["steps_run"]
+        stream = engine.generate(req)
+        first = await stream.__anext__()
+        await stream.aclose()
+        for _ in range(500):
+            health = await engine.health()
+            if health.in_flight == 0 and health.detail["live_requests"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return first, health, health.detail["steps_run"] - steps_before
+
+    first, health, steps = loop.run(first_chunk_then_close())
+    assert first.token_ids and not first.finished
+    assert health.in_flight == 0 and health.detail["live_requests"] == 0
+    assert steps < limit // 2, f"the engine ran {steps} steps for a request closed after its first token"
+
+
 def test_invalid_requests_are_refused(loop: LoopThread, engine: Any) -> None:
     bad_dim = GenerateRequest(prompt="USER: hi ASSISTANT:", instruction=[0.0] * 10, max_tokens=2)
     with pytest.raises(InvalidRequestError, match="384"):
