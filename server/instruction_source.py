@@ -59,8 +59,6 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)")
 _WORD = re.compile(r"[A-Za-z']+")
 
 
-
-
 @dataclass(frozen=True)
 class ExtractedInstruction:
     """The instruction text found in a user message, and the rule that found it."""
@@ -163,7 +161,6 @@ class InstructionResolver:
     """
 
     def __init__(self, embedder: Embedder, snap_threshold: float, default_instruction: str):
-        self.embedder = embedder
         self.snap_threshold = snap_threshold
         self.default_instruction = default_instruction
         # Concurrent requests share encode calls; one encode at a time (its LRU cache is not thread-safe).

@@ -75,13 +75,23 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
 
 
+def find_compiler() -> str | None:
+    """The C compiler the kernel is built with: `$CC`, else `cc`, else `gcc` (None: none)."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _check(rc: int) -> None:
+    if rc:
+        raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
+
+
 @lru_cache(maxsize=1)
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel, or None (no compiler, or the build failed; logged once)."""
     if os.environ.get("SMOLORA_CPU_KERNEL", "1") == "0":
         logger.info("routed CPU kernel disabled by SMOLORA_CPU_KERNEL=0; using the torch path")
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     if compiler is None:
         logger.warning("no C compiler found: routed layers use the (slower) torch path on CPU")
         return None
@@ -155,8 +165,7 @@ class RoutedKernel:
         rc = self._fn(x.shape[0], *self._head, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), tok_slot.data_ptr(),
                       tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride,
                       MIN_PARALLEL_WORK)
-        if rc:
-            raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
+        _check(rc)
 
     def row_sums(self, x: Tensor, row: Tensor, weight: Tensor, n_rows: int) -> Tensor:
         """`[n_rows, d]` float32: `sums[row[t]] += weight[t] * x[t]` over the tokens (those with
@@ -164,12 +173,11 @@ class RoutedKernel:
 
         Args:
             x: `[N, d]` float32, unit stride along d; row: `[N]` int64 in `[0, n_rows)`;
-            weight: `[N]` float32; both contiguous.
+            weight: `[N]` float32.
         """
         out = torch.empty(n_rows, x.shape[1], dtype=torch.float32)
         row, weight = row.contiguous(), weight.contiguous()
         rc = self._sums(x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), row.data_ptr(), weight.data_ptr(), n_rows,
                         out.data_ptr())
-        if rc:
-            raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
+        _check(rc)
         return out

@@ -4,7 +4,6 @@ tested against the dense reference in `test_routed_dense_reference.py`."""
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def _fresh_kernel_cache() -> Iterator[None]:
 
 
 def test_builds_once_into_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
+    if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("SMOLORA_KERNEL_CACHE", str(tmp_path))
     assert cpu_kernel.load_kernel() is not None
@@ -61,7 +60,7 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_rank_above_the_stack_buffer_is_refused() -> None:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
+    if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
     rp = cpu_kernel.MAX_RANK + 4
     with pytest.raises(ValueError, match="exceeds"):
@@ -71,7 +70,7 @@ def test_rank_above_the_stack_buffer_is_refused() -> None:
 def test_row_sums_match_index_add() -> None:
     """The prompt-mean sums skip zero-weight tokens and equal torch's index_add_, including
     a strided input (a column slice) and rows that get no token."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
+    if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
     gen = torch.Generator().manual_seed(0)
     kernel = cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 24, 8),

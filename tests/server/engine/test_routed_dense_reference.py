@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import shutil
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ def _need_kernel(request: pytest.FixtureRequest) -> None:
     has to build; only a machine without one skips them."""
     path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
     if path == "kernel":
-        if shutil.which("cc") is None and shutil.which("gcc") is None:
+        if cpu_kernel.find_compiler() is None:
             pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
         assert cpu_kernel.kernel_available(), "a C compiler is present but the routed CPU kernel did not build"
 
@@ -186,7 +185,7 @@ def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monk
                                                                            request: pytest.FixtureRequest) -> None:
     """A prompt step run on three OpenMP threads (experts split for A, output columns for B):
     the kernel pins the same VU routes and adds the same delta as grouped matmuls."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
+    if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
     monkeypatch.setattr(cpu_kernel, "MIN_PARALLEL_WORK", 0)
     threads = torch.get_num_threads()
