@@ -29,7 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -108,7 +108,7 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     fn = lib.smolora_routed_delta_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR, _I64, _PTR, _I64] + [_PTR] * 5 + [_I64, _I64]
+    fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR] * 5 + [_I64, _I64] + [_PTR, _I64, _PTR, _I64]
     sums = lib.smolora_row_sums_f32
     sums.restype = ctypes.c_int
     sums.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR]
@@ -149,23 +149,30 @@ class RoutedKernel:
         self._head = (n_slot, n_sub, n_exp, rp, d_in, lora_b.shape[-1],
                       sub_row.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), fuse_r.data_ptr())
 
-    def __call__(self, x: Tensor, y: Tensor, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
-                 fusion: Tensor, fusion_stride: int) -> None:
-        """Add the routed delta of every token to `y` in place and write the fusion weights.
+    def bind(self, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor, fusion: Tensor,
+             fusion_stride: int) -> "BoundStep":
+        """The kernel bound to one step's routes: the returned callable takes only `(x, y)`, so
+        a step that is reused (steady decoding) pays no per-call argument packing.
 
         Args:
-            x: `[N, d_in]` float32, unit stride along d_in.
-            y: `[N, rows_per_token * d_out]` float32, unit stride along the row.
             tok_slot: `[N]` int64 slot of each token; tok_scale: `[N]` float32 (0: no adapter).
             tok_vu, tok_if: `[N, n_sub]` int64 expert ids (IF ids are global, >= E/2); contiguous.
             fusion: float32; token t's (w_vu, w_if) of sublayer j go to flat element
                 `t * fusion_stride + 2 j` and `+ 1` from `fusion`'s first element.
             fusion_stride: elements between consecutive tokens' fusion weights.
         """
-        rc = self._fn(x.shape[0], *self._head, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), tok_slot.data_ptr(),
-                      tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride,
-                      MIN_PARALLEL_WORK)
-        _check(rc)
+        return BoundStep(self, tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride)
+
+    def __call__(self, x: Tensor, y: Tensor, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
+                 fusion: Tensor, fusion_stride: int) -> None:
+        """Add the routed delta of every token to `y` in place and write the fusion weights
+        (see `bind` for the step arguments).
+
+        Args:
+            x: `[N, d_in]` float32, unit stride along d_in.
+            y: `[N, rows_per_token * d_out]` float32, unit stride along the row.
+        """
+        self.bind(tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride)(x, y)
 
     def row_sums(self, x: Tensor, row: Tensor, weight: Tensor, n_rows: int) -> Tensor:
         """`[n_rows, d]` float32: `sums[row[t]] += weight[t] * x[t]` over the tokens (those with
@@ -181,3 +188,21 @@ class RoutedKernel:
                         out.data_ptr())
         _check(rc)
         return out
+
+
+class BoundStep:
+    """`RoutedKernel.bind`'s result: call it with `(x, y)`; it holds the step's tensors alive."""
+
+    __slots__ = ("_call", "_n_tok", "_keep")
+
+    def __init__(self, kernel: RoutedKernel, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
+                 fusion: Tensor, fusion_stride: int) -> None:
+        self._n_tok = tok_slot.shape[0]
+        self._keep = (kernel, tok_slot, tok_scale, tok_vu, tok_if, fusion)
+        self._call = partial(kernel._fn, self._n_tok, *kernel._head, tok_slot.data_ptr(), tok_scale.data_ptr(),
+                             tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr(), fusion_stride, MIN_PARALLEL_WORK)
+
+    def __call__(self, x: Tensor, y: Tensor) -> None:
+        if x.shape[0] != self._n_tok:
+            raise ValueError(f"bound to {self._n_tok} tokens, called with {x.shape[0]}")
+        _check(self._call(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)))

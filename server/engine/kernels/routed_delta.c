@@ -20,6 +20,8 @@
  *   lora_a [S, n_sub, E, d_in, rp]   (row i of A_e^T holds the rp weights x_i meets)
  *   lora_b [S, n_sub, E, rp, d_out]
  *   fuse_r [S, n_sub, E, rp]          (B_e^T fuse of the expert's group)
+ * The arguments are ordered layer (shapes, weights), then step (routes, fusion buffer), then
+ * call (x, y), so the caller binds the first two once per step (cpu_kernel.py).
  * Fusion weights (w_vu, w_if) of token t, sublayer j go to fusion[t * fusion_stride + 2 j + {0,1}]
  * (0.5 each for tokens without adapter). Calls with at least min_parallel_work multiply-adds
  * (rows x (d_in + d_out) x rp) run on the OpenMP threads: experts split over threads for
@@ -200,9 +202,9 @@ static void expand_rows(float *const *outs, const float *const *cs, int64_t nrow
 int smolora_routed_delta_f32(
     int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
     const int64_t *sub_row, const float *lora_a, const float *lora_b, const float *fuse_r,
-    const float *x, int64_t x_stride, float *y, int64_t y_stride,
     const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
-    float *fusion, int64_t fusion_stride, int64_t min_parallel_work)
+    float *fusion, int64_t fusion_stride, int64_t min_parallel_work,
+    const float *x, int64_t x_stride, float *y, int64_t y_stride)
 {
     if (rp > MAX_RANK) return 1;
     if (n_tok <= 0) return 0;

@@ -168,8 +168,8 @@ def test_reloaded_slot_is_seen_under_the_same_plan_key(path: str) -> None:
 def test_kernel_ranks_match_dense_reference(rank: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
     calls = []
-    real = cpu_kernel.RoutedKernel.__call__
-    monkeypatch.setattr(cpu_kernel.RoutedKernel, "__call__", lambda self, x, *a: (calls.append(x.shape[0]), real(self, x, *a))[1])
+    real = cpu_kernel.RoutedKernel.bind
+    monkeypatch.setattr(cpu_kernel.RoutedKernel, "bind", lambda self, slot, *a: (calls.append(slot.shape[0]), real(self, slot, *a))[1])
     n_req, slots = 10, [0, 2]
     adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path, rank)
     gen = torch.Generator().manual_seed(rank)
@@ -209,3 +209,28 @@ def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monk
     assert len({tuple(r.tolist()) for r in vk}) > 1, "routes should differ across requests"
     torch.testing.assert_close(dk, dg, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fk, fg, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["kernel"])
+def test_steady_decode_binds_the_kernel_once_and_reads_each_steps_input(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steady decoding reuses one step layout; the kernel is bound to its routes once, and
+    every later step's new activations still get their own, correct delta."""
+    names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
+    binds: list[int] = []
+    real = cpu_kernel.RoutedKernel.bind
+    monkeypatch.setattr(cpu_kernel.RoutedKernel, "bind", lambda self, slot, *a: (binds.append(slot.shape[0]), real(self, slot, *a))[1])
+    n_req, slots = 8, [0, 1]
+    adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path)
+    gen = torch.Generator().manual_seed(21)
+    _join(state, adapter, n_req, gen, slots)
+    binds.clear()
+    first = _decode_step(state, n_req, 0)
+    for _ in range(3):
+        step = _decode_step(state, n_req, 0)
+        assert step is first  # vLLM's batch did not change: the same layout is reused
+        x = torch.randn(n_req + 1, D_IN, generator=gen) * 3.0
+        got = adapter.delta(x, step)
+        want, _ = _dense_reference(x, state, adapter, ckpts, n_req, d_total, slots)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        state.finish_step(step)
+    assert binds == [n_req + 1]
