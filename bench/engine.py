@@ -29,14 +29,25 @@ fusion/trace bookkeeping ~4 ms; the base layers run a few percent slower next to
 adapters (caches shared). Decode is bound by memory, not arithmetic: with 16 requests
 every expert of every sublayer is touched each step, and E=8 rank-16 experts on
 gate/up/down are ~45% of the base model's weight bytes at hidden 256 (but only ~12% of
-its multiply-adds per token, 17% of the MLP's). At `wide` (hidden 1024) the ratio is ~0.93-0.94.
+its multiply-adds per token, 17% of the MLP's). At `wide` (hidden 1024) the ratio is ~0.92-0.94.
+With the experts evicted to DRAM, a gate/up + down decode pair takes ~88 us, within ~1.5x
+of streaming the same bytes with plain loads; sampled with py-spy, both engines' workers
+wait ~25% of the time for vLLM's engine core, the routed kernel is ~6% of the routed
+worker's samples and the Python around the adapters ~2.5%.
 
 Measured and kept: A applied to blocks of up to four rows in 16-wide vectors (bit-identical
 results; prefill calls 1.3-1.8x faster, decode ~20% in isolation); no software prefetch
 (10-15% faster than prefetching the next expert); prompt sums in C; the kernel on torch's
-OpenMP threads (+2-4%). Measured and dropped: expert weights stored as bfloat16 (exact
-widening in the kernel, half the bytes: +2-4% paired, not worth rounding every checkpoint),
-page-stride or bulk prefetch (slower or within noise), transparent huge pages for the
+OpenMP threads (+2-4%); the kernel bound once to a reused decode step's routes, called
+with only x and y (+0.8% paired median, +1.7% best rounds; 21 rounds). Measured and dropped: expert weights stored as
+bfloat16 (exact widening in the kernel, half the bytes, identical tokens on a checkpoint of
+bfloat16 values: +1.1% in 31 paired rounds, +2-4% in earlier shorter runs; not worth
+rounding every published checkpoint), page-stride or bulk prefetch (slower or within
+noise), prefetching the experts' B during the A pass (cold experts: 3% faster to 5% slower
+per call), prefetching the experts before the base matmul (the kernel ~12 us faster, the
+matmul plus the prefetch ~15-20 us slower: same bytes over the same bus), B tiled per 16
+outputs so it streams sequentially (cold: 35 us against 26 us for gate/up's B; the 16
+row streams of the plain layout keep more loads in flight), transparent huge pages for the
 experts (no change), a token-major kernel (re-reads each expert per token: 2.5x slower in
 the forward), grouped matmuls (one tiny matmul per expert group: 0.72 overall), two OpenMP
 threads for the worker (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`: both engines slower and erratic).
