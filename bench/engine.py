@@ -33,7 +33,10 @@ its multiply-adds per token, 17% of the MLP's). At `wide` (hidden 1024) the rati
 With the experts evicted to DRAM, a gate/up + down decode pair takes ~88 us, within ~1.5x
 of streaming the same bytes with plain loads; sampled with py-spy, both engines' workers
 wait ~25% of the time for vLLM's engine core, the routed kernel is ~6% of the routed
-worker's samples and the Python around the adapters ~2.5%.
+worker's samples and the Python around the adapters ~2.5%. With the kernel's calls made
+no-ops (everything else of the routed engine kept: routes, bookkeeping, traces), the engine
+runs at 0.97-0.98 of the base engine (21 paired rounds), so the kernel and its memory
+traffic are ~85% of what routing costs.
 
 Measured and kept: A applied to blocks of up to four rows in 16-wide vectors (bit-identical
 results; prefill calls 1.3-1.8x faster, decode ~20% in isolation); no software prefetch
@@ -47,7 +50,9 @@ noise), prefetching the experts' B during the A pass (cold experts: 3% faster to
 per call), prefetching the experts before the base matmul (the kernel ~12 us faster, the
 matmul plus the prefetch ~15-20 us slower: same bytes over the same bus), B tiled per 16
 outputs so it streams sequentially (cold: 35 us against 26 us for gate/up's B; the 16
-row streams of the plain layout keep more loads in flight), transparent huge pages for the
+row streams of the plain layout keep more loads in flight), B rank-major across experts so
+each row stream is E times longer (cold: 25 us against 31 us in isolation, but 1-3% slower
+in the engine, 25 paired rounds), transparent huge pages for the
 experts (no change), a token-major kernel (re-reads each expert per token: 2.5x slower in
 the forward), grouped matmuls (one tiny matmul per expert group: 0.72 overall), two OpenMP
 threads for the worker (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`: both engines slower and erratic).
