@@ -30,10 +30,10 @@ adapters (caches shared). Decode is bound by memory, not arithmetic: with 16 req
 every expert of every sublayer is touched each step, and E=8 rank-16 experts on
 gate/up/down are ~45% of the base model's weight bytes at hidden 256 (but only ~12% of
 its multiply-adds per token, 17% of the MLP's). At `wide` (hidden 1024) the ratio is ~0.92-0.94.
-With the experts evicted to DRAM, a gate/up + down decode pair takes ~88 us, within ~1.5x
-of streaming the same bytes with plain loads; sampled with py-spy, both engines' workers
-wait ~25% of the time for vLLM's engine core, the routed kernel is ~6% of the routed
-worker's samples and the Python around the adapters ~2.5%. With the kernel's calls made
+With the experts evicted to DRAM, a gate/up + down decode pair takes ~88 us, about 2x the
+~43 us plain loads need to stream the same bytes (B alone: 26-31 us against ~18-21 us);
+sampled with py-spy, both engines' workers wait ~25% of the time for vLLM's engine core,
+the routed kernel is ~6% of the routed worker's samples and the Python around the adapters ~2.5%. With the kernel's calls made
 no-ops (everything else of the routed engine kept: routes, bookkeeping, traces), the engine
 runs at 0.97-0.98 of the base engine (21 paired rounds), so the kernel and its memory
 traffic are ~85% of what routing costs.
