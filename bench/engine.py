@@ -17,7 +17,8 @@ in `routed_vs_base_paired_quartiles`: the spread a single run has on this machin
 which engine runs first alternates by round. Every round sends images neither engine has
 seen (see `run_engines`).
 
-`--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`).
+`--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`), and
+`--curve-dtypes bfloat16` that of the same model served in bfloat16 (`dtype_curve`).
 
 Where the routed engine's time goes (small preset, E=8, rank 128, 16 requests x 128
 tokens, 2-core CPU; per-call timers inside vLLM's worker, 10 rounds): the forward takes
@@ -177,12 +178,13 @@ def hf_reference_tokens_per_s(smodel: SMoLoRAModel, processor: Any, prompts: lis
 
 
 async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path, v1_path: Path, smodel_next: SMoLoRAModel | None,
-                      prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor]) -> dict[str, Any]:
+                      prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor],
+                      dtype: str = "float32") -> dict[str, Any]:
     """Routed vs base tokens/s (best of alternating rounds); hot-load if `smodel_next`."""
     # One spare row, so the hot-load probe is admitted while `args.requests` requests stream
     # (otherwise its latency would be the wait for a streaming request to finish).
     common = dict(model_dir=model_dir, max_num_seqs=args.requests + 1, max_model_len=args.max_model_len,
-                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mib << 20)
+                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mib << 20, dtype=dtype)
     routed = await SMoLoRAEngine.start(EngineConfig(checkpoint=v1_path, num_slots=2, **common))
     base = await SMoLoRAEngine.start(EngineConfig(adapters=False, **common))
     out: dict[str, Any] = {}
@@ -224,18 +226,21 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
     return out
 
 
-def width_point(args: argparse.Namespace, preset_name: str, cfg: SMoLoRAConfig, tmp: Path) -> float:
-    """routed / base tokens/s for another preset (the width curve)."""
+def curve_point(args: argparse.Namespace, preset_name: str, cfg: SMoLoRAConfig, tmp: Path, dtype: str = "float32") -> dict[str, Any]:
+    """Routed and base tokens/s for another preset (the width curve) or model dtype (the
+    dtype curve): the same model (seed 0) and checkpoint as the headline, in a fresh pair
+    of engines, without the hot-load."""
     preset = get_preset(preset_name)
-    model_dir = build_tiny_llava(preset, tmp / preset_name, seed=0)
-    registry = tmp / f"registry-{preset_name}"
+    name = f"{preset_name}-{dtype}"
+    model_dir = build_tiny_llava(preset, tmp / name, seed=0)
+    registry = tmp / f"registry-{name}"
     smodel, _ = make_adapter(model_dir, 1, cfg)
     v1 = publish(registry, model_dir, smodel, "task1")
     del smodel
     prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
-    eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, None, prompts, images, instr))
-    logger.info("%s: routed %.1f tok/s, base %.1f tok/s", preset_name, eng["routed"], eng["base"])
-    return eng["routed"] / eng["base"]
+    eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, None, prompts, images, instr, dtype=dtype))
+    logger.info("%s: routed %.1f tok/s, base %.1f tok/s", name, eng["routed"], eng["base"])
+    return eng
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument("--curve-presets", default="wide", help="comma-separated presets whose routed/base ratio is added as width_curve ('' for none)")
+    parser.add_argument("--curve-dtypes", default="bfloat16",
+                        help="comma-separated model dtypes whose routed/base ratio (main preset) is added as dtype_curve ('' for none)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -266,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, smodel_next, prompts, images, instr))
         hf = hf_reference_tokens_per_s(smodel, processor, prompts, images, instr, args.max_tokens)
         del smodel, smodel_next
-        curve = {p: width_point(args, p, cfg, Path(tmp)) for p in args.curve_presets.split(",") if p}
+        widths = {p: curve_point(args, p, cfg, Path(tmp)) for p in args.curve_presets.split(",") if p}
+        dtypes = {d: curve_point(args, args.preset, cfg, Path(tmp), dtype=d) for d in args.curve_dtypes.split(",") if d}
     result: dict[str, Any] = {
         "command": " ".join(["python", "bench/engine.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
         "preset": args.preset,
@@ -277,8 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         "hotload_s": eng["hotload_s"],
         "tokens_per_s": {"routed": eng["routed"], "base": eng["base"], "hf_reference": hf},
     }
-    if curve:
-        result["width_curve"] = {args.preset: result["routed_vs_base"], **curve}
+    if widths:
+        result["width_curve"] = {args.preset: result["routed_vs_base"], **{p: e["routed"] / e["base"] for p, e in widths.items()}}
+    if dtypes:
+        result["dtype_curve"] = {"float32": result["routed_vs_base"], **{
+            d: {"routed_vs_base": e["routed"] / e["base"], "routed_vs_base_paired_median": e["paired_median"],
+                "tokens_per_s": {"routed": e["routed"], "base": e["base"]}}
+            for d, e in dtypes.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

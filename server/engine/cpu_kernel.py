@@ -4,7 +4,9 @@ system C compiler, loaded with ctypes, called with the tensors' data pointers.
 Why a kernel: on a CPU, a small decode batch spreads its tokens over many experts, so the
 grouped-matmul path runs one tiny matmul per (slot, sublayer, expert) group and its cost is
 the per-call overhead, not the arithmetic. The kernel buckets the (token, sublayer, kind)
-rows by expert itself and reads each routed expert's A and B once per call. It needs no
+rows by expert itself and reads each routed expert's A and B once per call. It serves
+float32 and bfloat16 models (bfloat16: experts widened exactly as they are read, float32
+arithmetic, one rounding per output element). It needs no
 torch headers (plain C, built in well under a second), so a missing compiler only means the
 torch path is used (`load_kernel` returns None and says why once).
 
@@ -42,6 +44,8 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 OPENMP_FLAGS = ("-fopenmp",)
 #: Ranks above this use the grouped torch path (the C side checks the same bound).
 MAX_RANK = 256
+#: Model dtypes the kernel serves.
+DTYPES = frozenset({torch.float32, torch.bfloat16})
 #: Calls with at least this many multiply-adds (rows x (d_in + d_out) x rank) use threads
 #: (`SMOLORA_KERNEL_PARALLEL_WORK` overrides it).
 MIN_PARALLEL_WORK = int(os.environ.get("SMOLORA_KERNEL_PARALLEL_WORK", 1 << 18))
@@ -106,9 +110,9 @@ def load_kernel() -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or str(exc)
         logger.warning("routed CPU kernel unavailable (%s): using the torch path", detail.strip()[:500])
         return None
-    fn = lib.smolora_routed_delta_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR] * 5 + [_I64, _I64] + [_PTR, _I64, _PTR, _I64]
+    for fn in (lib.smolora_routed_delta_f32, lib.smolora_routed_delta_bf16):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [_I64] * 7 + [_PTR] * 4 + [_PTR] * 5 + [_I64, _I64] + [_PTR, _I64, _PTR, _I64]
     sums = lib.smolora_row_sums_f32
     sums.restype = ctypes.c_int
     sums.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR]
@@ -126,11 +130,14 @@ class RoutedKernel:
 
     Args:
         sub_row: `[n_sub]` int64, each sublayer's output row within a token's output row.
-        lora_a: `[S, n_sub, E, d_in, rp]`; lora_b: `[S, n_sub, E, rp, d_out]`;
-            fuse_r: `[S, n_sub, E, rp]`; all float32, contiguous.
+        lora_a: `[S, n_sub, E, d_in, rp]`; lora_b: `[S, n_sub, E, rp, d_out]`: in the model
+            dtype (`DTYPES`), which calls' `x` and `y` must have too;
+            fuse_r: `[S, n_sub, E, rp]` float32; all contiguous.
 
     Raises:
         RuntimeError: if the kernel is not available.
+        ValueError: tensors that are not contiguous CPU tensors, a dtype it does not serve,
+            or a rank above `MAX_RANK`.
     """
 
     def __init__(self, sub_row: Tensor, lora_a: Tensor, lora_b: Tensor, fuse_r: Tensor) -> None:
@@ -143,7 +150,11 @@ class RoutedKernel:
         n_slot, n_sub, n_exp, d_in, rp = lora_a.shape
         if rp > MAX_RANK:
             raise ValueError(f"rank {rp} exceeds the kernel's maximum {MAX_RANK}")
-        self._fn = lib.smolora_routed_delta_f32
+        if lora_a.dtype not in DTYPES or lora_b.dtype != lora_a.dtype or fuse_r.dtype != torch.float32:
+            raise ValueError(f"routed kernel needs lora_a/lora_b in one of {sorted(map(str, DTYPES))} and float32 "
+                             f"fuse_r, got {lora_a.dtype}, {lora_b.dtype}, {fuse_r.dtype}")
+        self.dtype = lora_a.dtype
+        self._fn = lib.smolora_routed_delta_f32 if self.dtype == torch.float32 else lib.smolora_routed_delta_bf16
         self._sums = lib.smolora_row_sums_f32
         self._tensors = (sub_row, lora_a, lora_b, fuse_r)  # keep the storage alive
         self._head = (n_slot, n_sub, n_exp, rp, d_in, lora_b.shape[-1],
@@ -169,9 +180,11 @@ class RoutedKernel:
         (see `bind` for the step arguments).
 
         Args:
-            x: `[N, d_in]` float32, unit stride along d_in.
-            y: `[N, rows_per_token * d_out]` float32, unit stride along the row.
+            x: `[N, d_in]` in the kernel's dtype, unit stride along d_in.
+            y: `[N, rows_per_token * d_out]` in the kernel's dtype, unit stride along the row.
         """
+        if x.dtype != self.dtype or y.dtype != self.dtype:
+            raise ValueError(f"kernel built for {self.dtype} got x {x.dtype}, y {y.dtype}")
         self.bind(tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride)(x, y)
 
     def row_sums(self, x: Tensor, row: Tensor, weight: Tensor, n_rows: int) -> Tensor:

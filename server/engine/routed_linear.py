@@ -10,11 +10,11 @@ token, each token with its own request's slot, VU expert and IF expert:
   delta = w_vu h_vu + w_if h_if
 
 Only the two routed experts per token and sublayer are computed, on one of two paths:
-- on a CPU in float32 (steps of at most `AdapterLayout.cpu_kernel_max_tokens` tokens): the
+- on a CPU in float32 or bfloat16 (steps of at most `AdapterLayout.cpu_kernel_max_tokens` tokens): the
   compiled kernel (`cpu_kernel.py`), which buckets the rows by expert itself and reads each
   routed expert once per call. Grouped matmuls would run one tiny matmul per expert group
   there, and in decode their per-call overhead, not the arithmetic, would set the cost;
-- otherwise (GPU, bf16, larger steps): the (token, sublayer, expert kind) rows are sorted by (slot, sublayer, expert)
+- otherwise (GPU, other dtypes, larger steps): the (token, sublayer, expert kind) rows are sorted by (slot, sublayer, expert)
   group and run through two grouped matmuls (`torch.nn.functional.grouped_mm`: one for A,
   one for B).
 Both read the fusion logit in rank space, `f . (B z) = (B^T f) . z`, before B, and scale z
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from smolora.server.engine.config import AdapterLayout
-from smolora.server.engine.cpu_kernel import MAX_RANK, BoundStep, RoutedKernel, kernel_available
+from smolora.server.engine.cpu_kernel import DTYPES, MAX_RANK, BoundStep, RoutedKernel, kernel_available
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 
@@ -136,6 +136,7 @@ class RoutedAdapter(nn.Module):
             self.gate_vu[slot, j].copy_(tensors[f"{name}.gate_vu"])
             fvu = tensors[f"{name}.fuse_vu"].to(torch.float32)
             fif = tensors[f"{name}.fuse_if"].to(torch.float32)
+            b = b.to(self.lora_b.dtype).to(torch.float32)  # the B the layer multiplies with (bf16 models round it)
             self.fuse_r[slot, j, :h, :r].copy_(torch.einsum("eor,o->er", b[:h], fvu))
             self.fuse_r[slot, j, h:, :r].copy_(torch.einsum("eor,o->er", b[h:], fif))
             state.gate_if[slot, self.columns.start + j].copy_(tensors[f"{name}.gate_if"])
@@ -252,20 +253,26 @@ class RoutedAdapter(nn.Module):
         self._record_fusion(w.permute(1, 2, 0), step)
         return y
 
+    @property
+    def uses_cpu_kernel(self) -> bool:
+        """True once this layer has run a step through the compiled CPU kernel (diagnostics)."""
+        return isinstance(self._kernel, RoutedKernel)
+
     def _kernel_for(self, x: Tensor, y: Tensor) -> RoutedKernel | None:
         """The CPU kernel bound to this layer's tensors, if it can take this call."""
         kernel = self._kernel
         if kernel is None:
-            usable = (self.lora_a.device.type == "cpu" and self.lora_a.dtype == torch.float32
+            usable = (self.lora_a.device.type == "cpu" and self.lora_a.dtype in DTYPES
                       and self.rank_padded <= MAX_RANK and kernel_available())
             kernel = self._kernel = RoutedKernel(self.sub_row, self.lora_a, self.lora_b, self.fuse_r) if usable else False
-        if kernel is False or x.dtype != torch.float32 or x.stride(-1) != 1 or not y.is_contiguous():
+        dtype = self.lora_a.dtype
+        if kernel is False or x.dtype != dtype or y.dtype != dtype or x.stride(-1) != 1 or not y.is_contiguous():
             return None
         assert isinstance(kernel, RoutedKernel)
         return kernel
 
     def _add_delta_kernel(self, kernel: RoutedKernel, x: Tensor, y: Tensor, step: StepRouting) -> Tensor:
-        """`add_delta` through the compiled CPU kernel (float32 on CPU)."""
+        """`add_delta` through the compiled CPU kernel (float32 or bfloat16 on CPU)."""
         r = self._routes(x, step)
         if not self.image_side:  # the kernel writes this layer's columns of the step's fusion buffer
             call = kernel.bind(r.slot, r.scale, r.vu, r.if_, step.fusion[:, self.columns], step.fusion.stride(0))

@@ -104,9 +104,15 @@ class SMoLoRAWorkerExtension:
 
     def smolora_stats(self) -> dict[str, Any]:
         """Counters: rows in use, parked traces, split prompts seen, requests that came back
-        into the batch (and were recomputed after preemption), steps run."""
-        state = self._smolora_model().smolora_state
+        into the batch (and were recomputed after preemption), steps run; routed layers, and
+        how many of them have run on the compiled CPU kernel."""
+        model = self._smolora_model()
+        state = model.smolora_state
+        adapters = model.routed_adapters()
         return {
+            "routed_layers": len(adapters),
+            "cpu_kernel_layers": sum(a.uses_cpu_kernel for a in adapters),
+            "adapter_dtype": str(adapters[0].lora_a.dtype).removeprefix("torch.") if adapters else None,
             "live_requests": sum(k is not None for k in state.keys),
             "parked_traces": len(state.parked),
             "partial_prefills": state.partial_prefills,

@@ -1,4 +1,4 @@
-/* SMoLoRA routed delta for a batch of tokens, float32.
+/* SMoLoRA routed delta for a batch of tokens, for float32 and bfloat16 models.
  *
  * For every token t (scale s_t; 0 means "no adapter": the token is skipped) and every fused
  * sublayer j, with the token's VU expert v and IF expert f in its checkpoint slot:
@@ -22,6 +22,10 @@
  *   fuse_r [S, n_sub, E, rp]          (B_e^T fuse of the expert's group)
  * The arguments are ordered layer (shapes, weights), then step (routes, fusion buffer), then
  * call (x, y), so the caller binds the first two once per step (cpu_kernel.py).
+ * bfloat16 models (smolora_routed_delta_bf16): x, y, lora_a and lora_b hold bfloat16; the
+ * experts are widened exactly to float32 as they are read, all arithmetic is float32 as
+ * for float32 models, and each output element is rounded to bfloat16 once, after both
+ * experts' contributions are summed (y = bf16(y + delta), round to nearest even).
  * Fusion weights (w_vu, w_if) of token t, sublayer j go to fusion[t * fusion_stride + 2 j + {0,1}]
  * (0.5 each for tokens without adapter). Calls with at least min_parallel_work multiply-adds
  * (rows x (d_in + d_out) x rp) run on the OpenMP threads: experts split over threads for
@@ -33,6 +37,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -51,12 +56,51 @@ static inline v16f load16(const float *p) { v16f v; __builtin_memcpy(&v, p, size
 static inline void store16(float *p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
 static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 
+/* bfloat16: the top 16 bits of a float32. Widening is exact (a shift); narrowing rounds to
+ * nearest even and keeps NaNs quiet NaNs (as torch does). */
+typedef uint16_t bf16_t;
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline float widen1(bf16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, sizeof f); return f; }
+static inline v16f widen16(const bf16_t *p) {
+    v16h h; memcpy(&h, p, sizeof h);
+    const v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f f; memcpy(&f, &u, sizeof f); return f;
+}
+static inline void narrow16(bf16_t *p, v16f v) {
+    v16u u; memcpy(&u, &v, sizeof u);
+    const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const v16u nan = (v16u)((v16i)(u & 0x7fffffffu) > (v16i){0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000});
+    const v16u out = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+    const v16h h = __builtin_convertvector(out, v16h);
+    memcpy(p, &h, sizeof h);
+}
+static inline bf16_t narrow1(float f) {
+    uint32_t u; memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    return (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Expert weights are read through these, per weight type W (f32: float, bf16: bf16_t). */
+typedef float wt_f32;
+typedef bf16_t wt_bf16;
+static inline v16f wload16_f32(const float *p) { return load16(p); }
+static inline v16f wload16_bf16(const bf16_t *p) { return widen16(p); }
+static inline v8f wload8_f32(const float *p) { return load8(p); }
+static inline v8f wload8_bf16(const bf16_t *p) {
+    v8f v; for (int k = 0; k < 8; ++k) v[k] = widen1(p[k]); return v;
+}
+static inline float wload1_f32(const float *p) { return *p; }
+static inline float wload1_bf16(const bf16_t *p) { return widen1(*p); }
+
 /* z = A^T x for one expert, A [d_in, rp] (row i holds the rp weights x_i meets), for rp =
  * 8 NV (used for rank 8): the rp accumulators live in NV vector registers, four sets of them
- * to break the add dependency chain along d_in. */
-#define DEFINE_SHRINK(NV)                                                                     \
-    static void shrink_v##NV(const float *restrict x, const float *restrict a, int64_t d_in,  \
-                             float *restrict z) {                                             \
+ * to break the add dependency chain along d_in. W: the weights' type (f32 or bf16). */
+#define DEFINE_SHRINK(W, NV)                                                                  \
+    static void shrink_v##NV##_##W(const float *restrict x, const wt_##W *restrict a,         \
+                                   int64_t d_in, float *restrict z) {                         \
         const int64_t rp = 8 * NV;                                                            \
         v8f acc[4][NV];                                                                       \
         for (int u = 0; u < 4; ++u)                                                           \
@@ -65,11 +109,11 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
         for (; i + 4 <= d_in; i += 4)                                                         \
             for (int u = 0; u < 4; ++u) {                                                     \
                 const v8f xi = splat8(x[i + u]);                                              \
-                for (int k = 0; k < NV; ++k) acc[u][k] += xi * load8(a + (i + u) * rp + 8 * k); \
+                for (int k = 0; k < NV; ++k) acc[u][k] += xi * wload8_##W(a + (i + u) * rp + 8 * k); \
             }                                                                                 \
         for (; i < d_in; ++i) {                                                               \
             const v8f xi = splat8(x[i]);                                                      \
-            for (int k = 0; k < NV; ++k) acc[0][k] += xi * load8(a + i * rp + 8 * k);         \
+            for (int k = 0; k < NV; ++k) acc[0][k] += xi * wload8_##W(a + i * rp + 8 * k);   \
         }                                                                                     \
         for (int k = 0; k < NV; ++k) store8(z + 8 * k, (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])); \
     }
@@ -77,9 +121,9 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
 /* z = A^T x for TB rows of one group at once, rp = 16 NV: A is read once per block of rows.
  * Each row keeps the same four partial sums along d_in as shrink_v* (bit-identical), so
  * the block size only changes how many independent FMA chains are in flight. */
-#define DEFINE_SHRINK16_ROWS(NV, TB)                                                          \
-    static void shrink16_##NV##_##TB(const float *const *xs, const float *restrict a,         \
-                                     int64_t d_in, float *const *zs) {                        \
+#define DEFINE_SHRINK16_ROWS(W, NV, TB)                                                       \
+    static void shrink16_##W##_##NV##_##TB(const float *const *xs, const wt_##W *restrict a,  \
+                                           int64_t d_in, float *const *zs) {                  \
         const int64_t rp = 16 * NV;                                                           \
         v16f acc[TB][4][NV];                                                                  \
         for (int t = 0; t < TB; ++t)                                                          \
@@ -89,7 +133,7 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
         for (; i + 4 <= d_in; i += 4)                                                         \
             for (int u = 0; u < 4; ++u) {                                                     \
                 v16f ak[NV];                                                                  \
-                for (int k = 0; k < NV; ++k) ak[k] = load16(a + (i + u) * rp + 16 * k);       \
+                for (int k = 0; k < NV; ++k) ak[k] = wload16_##W(a + (i + u) * rp + 16 * k);  \
                 for (int t = 0; t < TB; ++t) {                                                \
                     const v16f xi = splat16(xs[t][i + u]);                                    \
                     for (int k = 0; k < NV; ++k) acc[t][u][k] += xi * ak[k];                  \
@@ -97,7 +141,7 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
             }                                                                                 \
         for (; i < d_in; ++i) {                                                               \
             v16f ak[NV];                                                                      \
-            for (int k = 0; k < NV; ++k) ak[k] = load16(a + i * rp + 16 * k);                 \
+            for (int k = 0; k < NV; ++k) ak[k] = wload16_##W(a + i * rp + 16 * k);            \
             for (int t = 0; t < TB; ++t) {                                                    \
                 const v16f xi = splat16(xs[t][i]);                                            \
                 for (int k = 0; k < NV; ++k) acc[t][0][k] += xi * ak[k];                      \
@@ -111,13 +155,13 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
 /* For the rows of one expert group: out_i += B^T c_i, B [rp, d_out], c_i the row's scaled
  * z. Sixteen outputs at a time, the rp B vectors of that block stay in registers across
  * the group's rows, so B is read once per call. */
-#define DEFINE_EXPAND_ROWS(RP)                                                                \
-    static void expand_rows_##RP(float *const *outs, const float *const *cs, int64_t nrows,   \
-                                 const float *restrict b, int64_t d_out, int64_t o0, int64_t o1) { \
+#define DEFINE_EXPAND_ROWS(W, RP)                                                             \
+    static void expand_rows_##W##_##RP(float *const *outs, const float *const *cs, int64_t nrows, \
+                                       const wt_##W *restrict b, int64_t d_out, int64_t o0, int64_t o1) { \
         int64_t o = o0;                                                                       \
         for (; o + 16 <= o1; o += 16) {                                                       \
             v16f bb[RP];                                                                      \
-            for (int r = 0; r < RP; ++r) bb[r] = load16(b + r * d_out + o);                   \
+            for (int r = 0; r < RP; ++r) bb[r] = wload16_##W(b + r * d_out + o);              \
             for (int64_t i = 0; i < nrows; ++i) {                                             \
                 const float *c = cs[i];                                                       \
                 v16f acc = load16(outs[i] + o);                                               \
@@ -128,83 +172,104 @@ static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
         for (; o < o1; ++o)                                                                   \
             for (int64_t i = 0; i < nrows; ++i) {                                             \
                 float acc = outs[i][o];                                                       \
-                for (int r = 0; r < RP; ++r) acc += cs[i][r] * b[r * d_out + o];              \
+                for (int r = 0; r < RP; ++r) acc += cs[i][r] * wload1_##W(b + r * d_out + o); \
                 outs[i][o] = acc;                                                             \
             }                                                                                 \
     }
 
-DEFINE_SHRINK(1)
-DEFINE_SHRINK16_ROWS(1, 1)
-DEFINE_SHRINK16_ROWS(1, 2)
-DEFINE_SHRINK16_ROWS(1, 3)
-DEFINE_SHRINK16_ROWS(1, 4)
-DEFINE_SHRINK16_ROWS(2, 1)
-DEFINE_SHRINK16_ROWS(2, 2)
-DEFINE_EXPAND_ROWS(8)
-DEFINE_EXPAND_ROWS(16)
-DEFINE_EXPAND_ROWS(32)
+/* Any rank, and the per-rank dispatch: shrink_rows_W computes z_t = A^T x_t for n rows
+ * sharing one expert's A (`xs`, `zs`: the rows' inputs and outputs); expand_rows_W adds
+ * B^T c_i to each row's output columns [o0, o1). */
+#define DEFINE_DISPATCH(W)                                                                    \
+    static void shrink_any_##W(const float *restrict x, const wt_##W *restrict a, int64_t d_in, \
+                               int64_t rp, float *restrict z) {                               \
+        for (int64_t r = 0; r < rp; ++r) z[r] = 0.0f;                                         \
+        for (int64_t i = 0; i < d_in; ++i) {                                                  \
+            const float xi = x[i];                                                            \
+            const wt_##W *restrict ai = a + i * rp;                                           \
+            for (int64_t r = 0; r < rp; ++r) z[r] += xi * wload1_##W(ai + r);                 \
+        }                                                                                     \
+    }                                                                                         \
+    static void expand_rows_any_##W(float *const *outs, const float *const *cs, int64_t nrows, \
+                                    const wt_##W *restrict b, int64_t rp, int64_t d_out,      \
+                                    int64_t o0, int64_t o1) {                                 \
+        for (int64_t i = 0; i < nrows; ++i)                                                   \
+            for (int64_t r = 0; r < rp; ++r) {                                                \
+                const float c = cs[i][r];                                                     \
+                const wt_##W *restrict br = b + r * d_out;                                    \
+                float *restrict out = outs[i];                                                \
+                for (int64_t o = o0; o < o1; ++o) out[o] += c * wload1_##W(br + o);           \
+            }                                                                                 \
+    }                                                                                         \
+    static void shrink_rows_##W(const float *const *xs, const wt_##W *restrict a, int64_t d_in, \
+                                int64_t rp, float *const *zs, int64_t n) {                    \
+        int64_t i = 0;                                                                        \
+        if (rp == 16) {                                                                       \
+            for (; i + 4 <= n; i += 4) shrink16_##W##_1_4(xs + i, a, d_in, zs + i);           \
+            switch (n - i) {                                                                  \
+                case 3: shrink16_##W##_1_3(xs + i, a, d_in, zs + i); break;                   \
+                case 2: shrink16_##W##_1_2(xs + i, a, d_in, zs + i); break;                   \
+                case 1: shrink16_##W##_1_1(xs + i, a, d_in, zs + i); break;                   \
+            }                                                                                 \
+            return;                                                                           \
+        }                                                                                     \
+        if (rp == 32) {                                                                       \
+            for (; i + 2 <= n; i += 2) shrink16_##W##_2_2(xs + i, a, d_in, zs + i);           \
+            if (i < n) shrink16_##W##_2_1(xs + i, a, d_in, zs + i);                           \
+            return;                                                                           \
+        }                                                                                     \
+        for (; i < n; ++i) {                                                                  \
+            if (rp == 8) shrink_v1_##W(xs[i], a, d_in, zs[i]);                                \
+            else shrink_any_##W(xs[i], a, d_in, rp, zs[i]);                                   \
+        }                                                                                     \
+    }                                                                                         \
+    static void expand_rows_##W(float *const *outs, const float *const *cs, int64_t nrows,    \
+                                const wt_##W *restrict b, int64_t rp, int64_t d_out,          \
+                                int64_t o0, int64_t o1) {                                     \
+        switch (rp) {                                                                         \
+            case 8: expand_rows_##W##_8(outs, cs, nrows, b, d_out, o0, o1); break;            \
+            case 16: expand_rows_##W##_16(outs, cs, nrows, b, d_out, o0, o1); break;          \
+            case 32: expand_rows_##W##_32(outs, cs, nrows, b, d_out, o0, o1); break;          \
+            default: expand_rows_any_##W(outs, cs, nrows, b, rp, d_out, o0, o1);              \
+        }                                                                                     \
+    }
 
-static void shrink_any(const float *restrict x, const float *restrict a, int64_t d_in, int64_t rp,
-                       float *restrict z) {
-    for (int64_t r = 0; r < rp; ++r) z[r] = 0.0f;
-    for (int64_t i = 0; i < d_in; ++i) {
-        const float xi = x[i];
-        const float *restrict ai = a + i * rp;
-        for (int64_t r = 0; r < rp; ++r) z[r] += xi * ai[r];
+#define DEFINE_WEIGHT_TYPE(W)                                                                 \
+    DEFINE_SHRINK(W, 1)                                                                       \
+    DEFINE_SHRINK16_ROWS(W, 1, 1)                                                             \
+    DEFINE_SHRINK16_ROWS(W, 1, 2)                                                             \
+    DEFINE_SHRINK16_ROWS(W, 1, 3)                                                             \
+    DEFINE_SHRINK16_ROWS(W, 1, 4)                                                             \
+    DEFINE_SHRINK16_ROWS(W, 2, 1)                                                             \
+    DEFINE_SHRINK16_ROWS(W, 2, 2)                                                             \
+    DEFINE_EXPAND_ROWS(W, 8)                                                                  \
+    DEFINE_EXPAND_ROWS(W, 16)                                                                 \
+    DEFINE_EXPAND_ROWS(W, 32)                                                                 \
+    DEFINE_DISPATCH(W)
+
+DEFINE_WEIGHT_TYPE(f32)
+DEFINE_WEIGHT_TYPE(bf16)
+
+/* x [n_tok, >= d_in] with row stride x_stride (a token's d_in inputs contiguous), y
+ * [n_tok, > max(sub_row) * d_out] with row stride y_stride, in the model dtype; strides in
+ * elements. bfloat16 models widen x to a float32 copy and sum the delta in a float32 buffer
+ * before the one rounding into y. */
+static void widen_rows(const bf16_t *x, int64_t x_stride, int64_t n, int64_t d, float *out) {
+    for (int64_t t = 0; t < n; ++t) {
+        const bf16_t *xt = x + t * x_stride;
+        float *ot = out + t * d;
+        int64_t i = 0;
+        for (; i + 16 <= d; i += 16) store16(ot + i, widen16(xt + i));
+        for (; i < d; ++i) ot[i] = widen1(xt[i]);
     }
 }
 
-static void expand_rows_any(float *const *outs, const float *const *cs, int64_t nrows,
-                            const float *restrict b, int64_t rp, int64_t d_out, int64_t o0, int64_t o1) {
-    for (int64_t i = 0; i < nrows; ++i)
-        for (int64_t r = 0; r < rp; ++r) {
-            const float c = cs[i][r];
-            const float *restrict br = b + r * d_out;
-            float *restrict out = outs[i];
-            for (int64_t o = o0; o < o1; ++o) out[o] += c * br[o];
-        }
-}
-
-/* z_t = A^T x_t for n rows sharing one expert's A (`xs`, `zs`: the rows' inputs and outputs). */
-static void shrink_rows(const float *const *xs, const float *restrict a, int64_t d_in, int64_t rp,
-                        float *const *zs, int64_t n) {
-    int64_t i = 0;
-    if (rp == 16) {
-        for (; i + 4 <= n; i += 4) shrink16_1_4(xs + i, a, d_in, zs + i);
-        switch (n - i) {
-            case 3: shrink16_1_3(xs + i, a, d_in, zs + i); break;
-            case 2: shrink16_1_2(xs + i, a, d_in, zs + i); break;
-            case 1: shrink16_1_1(xs + i, a, d_in, zs + i); break;
-        }
-        return;
-    }
-    if (rp == 32) {
-        for (; i + 2 <= n; i += 2) shrink16_2_2(xs + i, a, d_in, zs + i);
-        if (i < n) shrink16_2_1(xs + i, a, d_in, zs + i);
-        return;
-    }
-    for (; i < n; ++i) {
-        if (rp == 8) shrink_v1(xs[i], a, d_in, zs[i]);
-        else shrink_any(xs[i], a, d_in, rp, zs[i]);
-    }
-}
-
-static void expand_rows(float *const *outs, const float *const *cs, int64_t nrows,
-                        const float *restrict b, int64_t rp, int64_t d_out, int64_t o0, int64_t o1) {
-    switch (rp) {
-        case 8: expand_rows_8(outs, cs, nrows, b, d_out, o0, o1); break;
-        case 16: expand_rows_16(outs, cs, nrows, b, d_out, o0, o1); break;
-        case 32: expand_rows_32(outs, cs, nrows, b, d_out, o0, o1); break;
-        default: expand_rows_any(outs, cs, nrows, b, rp, d_out, o0, o1);
-    }
-}
-
-int smolora_routed_delta_f32(
-    int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
-    const int64_t *sub_row, const float *lora_a, const float *lora_b, const float *fuse_r,
+static int routed_delta(
+    int bf16, int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
+    const int64_t *sub_row, const void *lora_a, const void *lora_b, const float *fuse_r,
     const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
     float *fusion, int64_t fusion_stride, int64_t min_parallel_work,
-    const float *x, int64_t x_stride, float *y, int64_t y_stride)
+    const void *x_in, int64_t x_stride, void *y_out, int64_t y_stride)
 {
     if (rp > MAX_RANK) return 1;
     if (n_tok <= 0) return 0;
@@ -217,8 +282,20 @@ int smolora_routed_delta_f32(
     float *logit = malloc((size_t)n_rows * sizeof *logit);
     float **outs = malloc((size_t)n_rows * sizeof *outs);
     const float **cs = malloc((size_t)n_rows * sizeof *cs);
+    /* float32 views of x and y: the tensors themselves, or (bf16) a widened copy of x and a
+     * zeroed delta buffer of y's adapted columns. */
+    int64_t y_cols = 0;
+    for (int64_t j = 0; j < n_sub; ++j) y_cols = sub_row[j] + 1 > y_cols ? sub_row[j] + 1 : y_cols;
+    y_cols *= d_out;
+    float *xw = bf16 ? malloc((size_t)(n_tok * d_in) * sizeof *xw) : NULL;
+    float *yd = bf16 ? calloc((size_t)(n_tok * y_cols), sizeof *yd) : NULL;
     int rc = 0;
-    if (!start || !group || !order || !z || !logit || !outs || !cs) { rc = 3; goto done; }
+    if (!start || !group || !order || !z || !logit || !outs || !cs || (bf16 && (!xw || !yd))) { rc = 3; goto done; }
+    if (bf16) widen_rows((const bf16_t *)x_in, x_stride, n_tok, d_in, xw);
+    const float *x = bf16 ? xw : (const float *)x_in;
+    const int64_t xs_ = bf16 ? d_in : x_stride;
+    float *y = bf16 ? yd : (float *)y_out;
+    const int64_t ys_ = bf16 ? y_cols : y_stride;
 
     /* Bucket the rows of tokens with an adapter by expert group (counting sort). */
     for (int64_t t = 0; t < n_tok; ++t) {
@@ -259,10 +336,11 @@ int smolora_routed_delta_f32(
             float *zs[CHUNK];
             for (int64_t k = 0; k < n; ++k) {
                 const int64_t r = order[i0 + k];
-                xs[k] = x + (r / (2 * n_sub)) * x_stride;
+                xs[k] = x + (r / (2 * n_sub)) * xs_;
                 zs[k] = z + r * rp;
             }
-            shrink_rows(xs, lora_a + g * d_in * rp, d_in, rp, zs, n);
+            if (bf16) shrink_rows_bf16(xs, (const bf16_t *)lora_a + g * d_in * rp, d_in, rp, zs, n);
+            else shrink_rows_f32(xs, (const float *)lora_a + g * d_in * rp, d_in, rp, zs, n);
             for (int64_t k = 0; k < n; ++k) {
                 const int64_t r = order[i0 + k];
                 float acc = 0.0f;
@@ -293,7 +371,7 @@ int smolora_routed_delta_f32(
      * IF rows sit in different groups but add into the same output row. */
     for (int64_t i = 0; i < start[n_groups]; ++i) {
         const int64_t r = order[i], t = r / (2 * n_sub), j = (r / 2) % n_sub;
-        outs[i] = y + t * y_stride + sub_row[j] * d_out;
+        outs[i] = y + t * ys_ + sub_row[j] * d_out;
         cs[i] = z + r * rp;
     }
     #pragma omp parallel if (parallel)
@@ -309,13 +387,55 @@ int smolora_routed_delta_f32(
         for (int64_t g = 0; g < n_groups; ++g) {
             const int64_t n = start[g + 1] - start[g];
             if (n == 0 || o0 >= o1) continue;
-            expand_rows(outs + start[g], cs + start[g], n, lora_b + g * rp * d_out, rp, d_out, o0, o1);
+            if (bf16) expand_rows_bf16(outs + start[g], cs + start[g], n, (const bf16_t *)lora_b + g * rp * d_out, rp, d_out, o0, o1);
+            else expand_rows_f32(outs + start[g], cs + start[g], n, (const float *)lora_b + g * rp * d_out, rp, d_out, o0, o1);
+        }
+    }
+
+    /* bf16: y = bf16(y + delta), once per adapted output element. */
+    if (bf16) {
+        #pragma omp parallel for if (parallel)
+        for (int64_t t = 0; t < n_tok; ++t) {
+            if (tok_scale[t] == 0.0f) continue;
+            for (int64_t j = 0; j < n_sub; ++j) {
+                bf16_t *yt = (bf16_t *)y_out + t * y_stride + sub_row[j] * d_out;
+                const float *dt = yd + t * y_cols + sub_row[j] * d_out;
+                int64_t o = 0;
+                for (; o + 16 <= d_out; o += 16) narrow16(yt + o, widen16(yt + o) + load16(dt + o));
+                for (; o < d_out; ++o) yt[o] = narrow1(widen1(yt[o]) + dt[o]);
+            }
         }
     }
 
 done:
-    free(start); free(group); free(order); free(z); free(logit); free(outs); free(cs);
+    free(start); free(group); free(order); free(z); free(logit); free(outs); free(cs); free(xw); free(yd);
     return rc;
+}
+
+int smolora_routed_delta_f32(
+    int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
+    const int64_t *sub_row, const float *lora_a, const float *lora_b, const float *fuse_r,
+    const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
+    float *fusion, int64_t fusion_stride, int64_t min_parallel_work,
+    const float *x, int64_t x_stride, float *y, int64_t y_stride)
+{
+    return routed_delta(0, n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out, sub_row, lora_a, lora_b, fuse_r,
+                        tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride, min_parallel_work,
+                        x, x_stride, y, y_stride);
+}
+
+/* The same for bfloat16 models: lora_a, lora_b, x and y hold bfloat16 (fuse_r, tok_scale
+ * and fusion stay float32). */
+int smolora_routed_delta_bf16(
+    int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
+    const int64_t *sub_row, const bf16_t *lora_a, const bf16_t *lora_b, const float *fuse_r,
+    const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
+    float *fusion, int64_t fusion_stride, int64_t min_parallel_work,
+    const bf16_t *x, int64_t x_stride, bf16_t *y, int64_t y_stride)
+{
+    return routed_delta(1, n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out, sub_row, lora_a, lora_b, fuse_r,
+                        tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride, min_parallel_work,
+                        x, x_stride, y, y_stride);
 }
 
 /* Weighted row sums for the prompt means: sums[row[t]] += w[t] x_t for every token t with

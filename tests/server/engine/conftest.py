@@ -16,7 +16,7 @@ import pytest
 
 from smolora.adapters.checkpoint import RegistryEntry
 from smolora.adapters.smolora import SMoLoRAModel
-from tests.server.engine.engine_testlib import LoopThread, make_adapter, publish
+from tests.server.engine.engine_testlib import LoopThread, make_adapter, publish, running_engine
 
 
 @pytest.fixture(scope="session")
@@ -37,21 +37,11 @@ def loop() -> Iterator[LoopThread]:
     lt.close()
 
 
-def _running_engine(loop: LoopThread, **config: Any) -> Iterator[Any]:
-    """Start a `SMoLoRAEngine` with this `EngineConfig`, yield it, shut it down."""
-    from smolora.server.engine.config import EngineConfig
-    from smolora.server.engine.engine import SMoLoRAEngine
-
-    eng = loop.run(SMoLoRAEngine.start(EngineConfig(**config)))
-    yield eng
-    loop.run(eng.shutdown())
-
-
 @pytest.fixture(scope="session")
 def engine(loop: LoopThread, tiny_model_dir: Path, version1: tuple[RegistryEntry, SMoLoRAModel, Any]) -> Iterator[Any]:
     """The shared SMoLoRA engine: version 1 active, 2 slots, a tight token budget (128 per
     step, so staggered prompts queue up behind each other instead of all prefilling at once)."""
-    yield from _running_engine(
+    yield from running_engine(
         loop, model_dir=tiny_model_dir, checkpoint=version1[0].path, num_slots=2, trace_step_routes=16,
         max_num_seqs=16, max_model_len=128, max_num_batched_tokens=128, kv_cache_bytes=64 * 1024 * 1024,
     )
@@ -61,7 +51,7 @@ def engine(loop: LoopThread, tiny_model_dir: Path, version1: tuple[RegistryEntry
 def base_engine(loop: LoopThread, tiny_model_dir: Path) -> Iterator[Any]:
     """The same model with adapters disabled and vLLM's chunked prefill on, with a budget of
     32 tokens per step so every image prompt is split across steps."""
-    yield from _running_engine(
+    yield from running_engine(
         loop, model_dir=tiny_model_dir, adapters=False, chunked_prefill=True,
         max_num_seqs=16, max_model_len=128, max_num_batched_tokens=32, kv_cache_bytes=64 * 1024 * 1024,
     )
@@ -71,7 +61,7 @@ def base_engine(loop: LoopThread, tiny_model_dir: Path) -> Iterator[Any]:
 def preempting_engine(loop: LoopThread, tiny_model_dir: Path, version1: tuple[RegistryEntry, SMoLoRAModel, Any]) -> Iterator[Any]:
     """A SMoLoRA engine whose KV cache (256 tokens, 32-token blocks) is too small for its
     requests, so vLLM preempts running requests and later recomputes them."""
-    yield from _running_engine(
+    yield from running_engine(
         loop, model_dir=tiny_model_dir, checkpoint=version1[0].path, num_slots=1, trace_step_routes=32,
         max_num_seqs=16, max_model_len=128, max_num_batched_tokens=128, kv_cache_bytes=256 * 1024,
         extra_engine_args={"block_size": 32},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,3 +113,13 @@ def make_workload(n: int, seed: int, text_only: int = 2, image_size: int = 32) -
             prompts.append(f"USER: {q} ASSISTANT:")
             imgs.append(None)
     return Workload(prompts, imgs, random_instructions(n, seed), [6 + (i * 3) % 7 for i in range(n)])
+
+
+def running_engine(loop: LoopThread, **config: Any) -> Iterator[Any]:
+    """Start a `SMoLoRAEngine` with this `EngineConfig`, yield it, shut it down."""
+    from smolora.server.engine.config import EngineConfig
+    from smolora.server.engine.engine import SMoLoRAEngine
+
+    eng = loop.run(SMoLoRAEngine.start(EngineConfig(**config)))
+    yield eng
+    loop.run(eng.shutdown())

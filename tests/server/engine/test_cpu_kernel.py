@@ -84,3 +84,62 @@ def test_row_sums_match_index_add() -> None:
     assert torch.equal(got[5:], torch.zeros(2, 24))
     with pytest.raises(RuntimeError, match="out of range"):
         kernel.row_sums(x, torch.full((50,), 9), weight, 7)
+
+
+def _kernel_case(dtype: torch.dtype, seed: int = 0) -> dict:
+    """A fused two-sublayer layer (4 experts, 2 slots) and a batch of 9 tokens: one without
+    adapter, widths with vector tails (d_in 40, d_out 36), x a strided column slice."""
+    gen = torch.Generator().manual_seed(seed)
+    s, n_sub, e, d_in, rp, d_out, n = 2, 2, 4, 40, 16, 36, 9
+    a = (torch.randn(s, n_sub, e, d_in, rp, generator=gen) * 0.3).to(dtype)
+    b = (torch.randn(s, n_sub, e, rp, d_out, generator=gen) * 0.3).to(dtype)
+    fuse = torch.randn(s, n_sub, e, rp, generator=gen)
+    x = (torch.randn(n, d_in + 5, generator=gen) * 2.0).to(dtype)[:, 2 : 2 + d_in]
+    y = torch.randn(n, n_sub * d_out, generator=gen).to(dtype)
+    scale = torch.full((n,), 1.5)
+    scale[4] = 0.0  # a token without adapter: its outputs stay as they are
+    return dict(
+        sub_row=torch.arange(n_sub), a=a, b=b, fuse=fuse, x=x, y=y,
+        tok_slot=torch.randint(0, s, (n,), generator=gen), tok_scale=scale,
+        tok_vu=torch.randint(0, e // 2, (n, n_sub), generator=gen), tok_if=torch.randint(e // 2, e, (n, n_sub), generator=gen),
+    )
+
+
+def _run(kernel: cpu_kernel.RoutedKernel, c: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    fusion = torch.zeros(x.shape[0], c["sub_row"].numel(), 2)
+    kernel(x, y, c["tok_slot"], c["tok_scale"], c["tok_vu"], c["tok_if"], fusion, fusion.stride(0))
+    return fusion
+
+
+def test_bfloat16_kernel_is_the_float32_kernel_rounded_once() -> None:
+    """For a bfloat16 model the kernel widens the experts and x exactly, does the float32
+    kernel's arithmetic in the same order, and rounds each output once: bit for bit,
+    `bf16(y + delta)` with delta from the float32 kernel on the widened tensors and torch's
+    rounding (nearest even; NaN stays NaN; tokens without adapter are left untouched)."""
+    if cpu_kernel.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    c = _kernel_case(torch.bfloat16)
+    c["y"][2, 7] = float("nan")
+    k16 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+    k32 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"])
+    delta = torch.zeros(c["y"].shape)
+    fusion32 = _run(k32, c, c["x"].float(), delta)
+    got = c["y"].clone()
+    fusion16 = _run(k16, c, c["x"], got)
+    want = (c["y"].float() + delta).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got[4], c["y"][4]) and bool(delta.abs().sum() > 0)
+    torch.testing.assert_close(fusion16, fusion32, rtol=0, atol=0)
+
+
+def test_kernel_refuses_mismatched_dtypes() -> None:
+    if cpu_kernel.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    c = _kernel_case(torch.bfloat16)
+    with pytest.raises(ValueError, match="lora_a/lora_b"):
+        cpu_kernel.RoutedKernel(c["sub_row"], c["a"].half(), c["b"].half(), c["fuse"])
+    with pytest.raises(ValueError, match="lora_a/lora_b"):
+        cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"].float(), c["fuse"])
+    k16 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+    with pytest.raises(ValueError, match="built for torch.bfloat16"):
+        _run(k16, c, c["x"].float(), c["y"].float())

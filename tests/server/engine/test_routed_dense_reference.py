@@ -20,6 +20,7 @@ from smolora.server.engine.routed_linear import RoutedAdapter
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 D_IN, D_OUT, E, RANK, SLOTS = 24, 20, 4, 8, 3
+D_OUT_BF16 = 40  # bf16 grouped matmuls need multiples of 8; 40 leaves the kernel a tail
 SCALING = [2.0, 0.5, 1.5]
 PATHS = ["kernel", "grouped"]
 
@@ -50,13 +51,14 @@ def _checkpoint(seed: int, names: list[str], d_in: int, d_out: int, rank: int = 
 
 
 def _setup(names: list[str], offsets: list[int], d_total: int, n_req: int, path: str = "kernel",
-           rank: int = RANK) -> tuple[RoutedAdapter, RowRoutingState, list[dict[str, torch.Tensor]]]:
+           rank: int = RANK, dtype: torch.dtype = torch.float32, d_out: int = D_OUT,
+           ) -> tuple[RoutedAdapter, RowRoutingState, list[dict[str, torch.Tensor]]]:
     layout = AdapterLayout(num_experts=E, rank=rank, instruction_dim=384, num_slots=SLOTS,
                            cpu_kernel_max_tokens=10_000 if path == "kernel" else 0)
     state = RowRoutingState(layout, max_rows=n_req + 2, device=torch.device("cpu"))
-    adapter = RoutedAdapter(layout, names, offsets, D_IN, D_OUT, d_total, state, False, torch.float32)
+    adapter = RoutedAdapter(layout, names, offsets, D_IN, d_out, d_total, state, False, dtype)
     state.finalize()
-    ckpts = [_checkpoint(10 + s, names, D_IN, D_OUT, rank) for s in range(SLOTS)]
+    ckpts = [_checkpoint(10 + s, names, D_IN, d_out, rank) for s in range(SLOTS)]
     for s, ckpt in enumerate(ckpts):
         adapter.load_slot(s, ckpt, state)
         state.slot_scaling[s] = SCALING[s]
@@ -64,7 +66,8 @@ def _setup(names: list[str], offsets: list[int], d_total: int, n_req: int, path:
     return adapter, state, ckpts
 
 
-def _join(state: RowRoutingState, adapter: RoutedAdapter, n_req: int, gen: torch.Generator, slots: list[int]) -> None:
+def _join(state: RowRoutingState, adapter: RoutedAdapter, n_req: int, gen: torch.Generator, slots: list[int],
+          dtype: torch.dtype = torch.float32) -> None:
     """`n_req` SMoLoRA requests (on `slots`, round robin) and one base request, then one
     packed prefill that pins their VU routes."""
     added = []
@@ -74,7 +77,7 @@ def _join(state: RowRoutingState, adapter: RoutedAdapter, n_req: int, gen: torch
     added.append((n_req, SimpleNamespace(extra_args=None), [0] * 3, []))
     state.apply_batch_update(SimpleNamespace(removed=[], moved=[], added=added))
     rows = n_req + 1
-    x = torch.randn(3 * rows, D_IN, generator=gen) * 3.0
+    x = (torch.randn(3 * rows, D_IN, generator=gen) * 3.0).to(dtype)
     step = state.text_step(torch.arange(3).repeat(rows), torch.arange(0, 3 * rows + 1, 3), rows, 3 * rows)
     adapter.delta(x, step)
     state.finish_step(step)
@@ -103,7 +106,7 @@ def _dense_reference(x: torch.Tensor, state: RowRoutingState, adapter: RoutedAda
             logits = torch.stack((ckpts[slot][f"{name}.fuse_vu"] @ hs[0], ckpts[slot][f"{name}.fuse_if"] @ hs[1]))
             w = torch.softmax(logits, dim=0)
             off = adapter.out_offsets[j]
-            delta[t, off : off + D_OUT] = w[0] * hs[0] + w[1] * hs[1]
+            delta[t, off : off + adapter.d_out] = w[0] * hs[0] + w[1] * hs[1]
             fusion[t, j] = w
     return delta, fusion
 
@@ -179,6 +182,39 @@ def test_kernel_ranks_match_dense_reference(rank: int, path: str, monkeypatch: p
     want, _ = _dense_reference(x, state, adapter, ckpts, n_req, d_total, slots)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert calls == [3 * (n_req + 1), n_req + 1], "both the prompt step and the decode step ran the kernel"
+
+
+@pytest.mark.parametrize("rank", [64, 48])  # expert ranks 16 and 12 (zero-padded to 16 in bf16)
+@pytest.mark.parametrize("path", PATHS)
+def test_bfloat16_layer_matches_dense_reference(rank: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 model: the layer stores the experts in bfloat16, and its output is the
+    base output plus the dense reference's delta (computed in float32 from the bfloat16
+    values it multiplies with), rounded to bfloat16. The kernel path is within one rounding
+    of it (only the float32 summation order differs); grouped matmuls, which round their
+    products to bfloat16, within a couple of bf16 steps of the delta."""
+    names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT_BF16], 2 * D_OUT_BF16
+    calls = []
+    real = cpu_kernel.RoutedKernel.bind
+    monkeypatch.setattr(cpu_kernel.RoutedKernel, "bind", lambda self, slot, *a: (calls.append(slot.shape[0]), real(self, slot, *a))[1])
+    n_req, slots = 10, [0, 2]
+    adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path, rank, dtype=torch.bfloat16, d_out=D_OUT_BF16)
+    assert adapter.lora_a.dtype == adapter.lora_b.dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(rank)
+    _join(state, adapter, n_req, gen, slots, dtype=torch.bfloat16)
+    col = adapter.columns.start
+    assert len({(slots[i % 2], int(state.row_vu[i, col]), int(state.row_if[i, col])) for i in range(n_req)}) >= 4
+    x = (torch.randn(n_req + 1, D_IN, generator=gen) * 3.0).to(torch.bfloat16)
+    base = torch.randn(n_req + 1, d_total, generator=gen).to(torch.bfloat16)
+    got = adapter.add_delta(x, base.clone(), _decode_step(state, n_req, 0))
+    stored = [{k: (v.to(torch.bfloat16).float() if k.endswith(("lora_A", "lora_B")) else v) for k, v in c.items()} for c in ckpts]
+    delta, _ = _dense_reference(x.float(), state, adapter, stored, n_req, d_total, slots)
+    want = (base.float() + delta).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and bool((want != base).any())
+    if path == "kernel":  # one rounding of y + delta: at most one bf16 step apart
+        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=2.0**-7)
+    else:  # products rounded to bf16 on the way: errors scale with the delta, not with y + delta
+        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-6, atol=2.0**-6 * float(delta.abs().max()))
+    assert calls == ([3 * (n_req + 1), n_req + 1] if path == "kernel" else []), "the kernel path ran the kernel, the grouped path did not"
 
 
 def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monkeypatch: pytest.MonkeyPatch,
