@@ -38,6 +38,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -65,9 +68,14 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 static inline float widen1(bf16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, sizeof f); return f; }
 static inline v16f widen16(const bf16_t *p) {
+#ifdef __AVX512F__  /* one zero-extending load and a shift (generic vectors split it in halves) */
+    const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    v16f f; memcpy(&f, &u, sizeof f); return f;
+#else
     v16h h; memcpy(&h, p, sizeof h);
     const v16u u = __builtin_convertvector(h, v16u) << 16;
     v16f f; memcpy(&f, &u, sizeof f); return f;
+#endif
 }
 static inline void narrow16(bf16_t *p, v16f v) {
     v16u u; memcpy(&u, &v, sizeof u);
