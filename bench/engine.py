@@ -56,7 +56,17 @@ each row stream is E times longer (cold: 25 us against 31 us in isolation, but 1
 in the engine, 25 paired rounds), transparent huge pages for the
 experts (no change), a token-major kernel (re-reads each expert per token: 2.5x slower in
 the forward), grouped matmuls (one tiny matmul per expert group: 0.72 overall), two OpenMP
-threads for the worker (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`: both engines slower and erratic).
+threads for the worker (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`: both engines slower and erratic); a helper thread on
+the second core reading each layer's experts just before use (cold decode pair 67 -> 60 us,
+but base matmuls plus kernels 411 -> 462 us: the helper's reads compete with the worker's);
+prefetching the next expert group's B (and A) while computing the current one, every
+block or one block in four (cold pair -10 to -15%, from L3 +10 to +17%: the prefetch
+instructions cost more than they hide once the experts are cached, and in the engine they
+mostly are); letting the compiler fuse multiply-adds (`-ffp-contract=fast`; the build is ISO
+C11, so it does not by default): hot no change, cold -11% in isolation, but 0.945 (best
+rounds) / 0.995 (paired median) of the unfused kernel in the engine, 21 rounds; for
+bfloat16, splitting each 64-byte load of B into its even and odd outputs (one operation per
+16 outputs instead of two): hot no change, cold 25% slower.
 Traces on vs off: 0.995 (paired median).
 
 Usage:
