@@ -69,6 +69,13 @@ bfloat16, splitting each 64-byte load of B into its even and odd outputs (one op
 16 outputs instead of two): hot no change, cold 25% slower.
 Traces on vs off: 0.995 (paired median).
 
+bfloat16 models: before the kernel served them, routed/base was 0.40 (grouped matmuls, 5
+rounds). The kernel keeps the experts in bf16 and widens them as it reads; isolated decode
+pair (gate/up + down, 16 tokens): 35.9 us hot against 33-34 us for float32 (42.6 us when
+generic vectors split each widening in halves; AVX-512 zero-extending loads fixed that),
+about the same as float32 cold (half the bytes, but latency-bound). Tried and dropped for
+bf16: a narrowing store through AVX-512 (no measurable change).
+
 Usage:
 
     python bench/engine.py            # small preset, 16 requests x 128 tokens, 31 rounds, + wide
