@@ -184,7 +184,7 @@ def test_kernel_ranks_match_dense_reference(rank: int, path: str, monkeypatch: p
     assert calls == [3 * (n_req + 1), n_req + 1], "both the prompt step and the decode step ran the kernel"
 
 
-@pytest.mark.parametrize("rank", [64, 48])  # expert ranks 16 and 12 (zero-padded to 16 in bf16)
+@pytest.mark.parametrize("rank", [64, 48, 96])  # expert ranks 16, 12 (zero-padded to 16 in bf16) and 24 (generic)
 @pytest.mark.parametrize("path", PATHS)
 def test_bfloat16_layer_matches_dense_reference(rank: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bfloat16 model: the layer stores the experts in bfloat16, and its output is the
