@@ -191,7 +191,7 @@ def test_bfloat16_layer_matches_dense_reference(rank: int, path: str, monkeypatc
     base output plus the dense reference's delta (computed in float32 from the bfloat16
     values it multiplies with), rounded to bfloat16. The kernel path is within one rounding
     of it (only the float32 summation order differs); grouped matmuls, which round their
-    products to bfloat16, within a couple of bf16 steps of the delta."""
+    products to bfloat16 on the way, within a few bf16 steps of the largest delta."""
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT_BF16], 2 * D_OUT_BF16
     calls = []
     real = cpu_kernel.RoutedKernel.bind
@@ -213,7 +213,7 @@ def test_bfloat16_layer_matches_dense_reference(rank: int, path: str, monkeypatc
     if path == "kernel":  # one rounding of y + delta: at most one bf16 step apart
         torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=2.0**-7)
     else:  # products rounded to bf16 on the way: errors scale with the delta, not with y + delta
-        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-6, atol=2.0**-6 * float(delta.abs().max()))
+        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-5, atol=2.0**-5 * float(delta.abs().max()))
     assert calls == ([3 * (n_req + 1), n_req + 1] if path == "kernel" else []), "the kernel path ran the kernel, the grouped path did not"
 
 
