@@ -52,7 +52,7 @@ class AdapterLayout:
         trace_step_routes: in `per_step` mode, how many decode steps' VU routes are kept per
             request for the trace (0 keeps none; the prefill route is always kept).
         cpu_kernel_max_tokens: forward steps of at most this many tokens run the routed layers
-            through the compiled CPU kernel (`cpu_kernel.py`; float32 on CPU, when a C compiler
+            through the compiled CPU kernel (`cpu_kernel.py`; float32 or bfloat16 on CPU, when a C compiler
             is present); larger steps use grouped matmuls. 0 never uses the kernel. Measured
             faster than grouped matmuls at every step size up to 1300 tokens at hidden 256
             and 1024.
