@@ -76,7 +76,11 @@ rounds). The kernel keeps the experts in bf16 and widens them as it reads; isola
 pair (gate/up + down, 16 tokens): 35.9 us hot against 33-34 us for float32 (42.6 us when
 generic vectors split each widening in halves; AVX-512 zero-extending loads fixed that),
 about the same as float32 cold (half the bytes, but latency-bound). Tried and dropped for
-bf16: a narrowing store through AVX-512 (no measurable change).
+bf16: a narrowing store through AVX-512 (no measurable change). Not built yet: AVX512-BF16
+dot products (`vdpbf16ps`, two bf16 products per lane per instruction) on experts stored
+pair-interleaved along the reduction; a standalone microbenchmark of a gate/up decode
+call's core loops (16 groups of 4 rows, hot): 11.3 us with widening + float32 FMAs
+against 6.35 us. It needs kernel-only expert layouts and rounds z to bf16 before B.
 
 Usage:
 

@@ -86,20 +86,21 @@ def test_row_sums_match_index_add() -> None:
         kernel.row_sums(x, torch.full((50,), 9), weight, 7)
 
 
-def _kernel_case(dtype: torch.dtype, seed: int = 0) -> dict:
-    """A fused two-sublayer layer (4 experts, 2 slots) and a batch of 9 tokens: one without
-    adapter, widths with vector tails (d_in 40, d_out 36), x a strided column slice."""
+def _kernel_case(dtype: torch.dtype, seed: int = 0, sub_rows: tuple[int, ...] = (0, 1)) -> dict:
+    """A fused linear of two sublayers, `sub_rows` of them adapted (4 experts, 2 slots), and a
+    batch of 9 tokens: one without adapter, widths with vector tails (d_in 40, d_out 36), x a
+    strided column slice."""
     gen = torch.Generator().manual_seed(seed)
-    s, n_sub, e, d_in, rp, d_out, n = 2, 2, 4, 40, 16, 36, 9
+    s, n_sub, e, d_in, rp, d_out, n = 2, len(sub_rows), 4, 40, 16, 36, 9
     a = (torch.randn(s, n_sub, e, d_in, rp, generator=gen) * 0.3).to(dtype)
     b = (torch.randn(s, n_sub, e, rp, d_out, generator=gen) * 0.3).to(dtype)
     fuse = torch.randn(s, n_sub, e, rp, generator=gen)
     x = (torch.randn(n, d_in + 5, generator=gen) * 2.0).to(dtype)[:, 2 : 2 + d_in]
-    y = torch.randn(n, n_sub * d_out, generator=gen).to(dtype)
+    y = torch.randn(n, 2 * d_out, generator=gen).to(dtype)
     scale = torch.full((n,), 1.5)
     scale[4] = 0.0  # a token without adapter: its outputs stay as they are
     return dict(
-        sub_row=torch.arange(n_sub), a=a, b=b, fuse=fuse, x=x, y=y,
+        sub_row=torch.tensor(sub_rows), a=a, b=b, fuse=fuse, x=x, y=y,
         tok_slot=torch.randint(0, s, (n,), generator=gen), tok_scale=scale,
         tok_vu=torch.randint(0, e // 2, (n, n_sub), generator=gen), tok_if=torch.randint(e // 2, e, (n, n_sub), generator=gen),
     )
@@ -111,14 +112,16 @@ def _run(kernel: cpu_kernel.RoutedKernel, c: dict, x: torch.Tensor, y: torch.Ten
     return fusion
 
 
-def test_bfloat16_kernel_is_the_float32_kernel_rounded_once() -> None:
+@pytest.mark.parametrize("sub_rows", [(0, 1), (0,), (1,)])  # gate+up, gate only, up only
+def test_bfloat16_kernel_is_the_float32_kernel_rounded_once(sub_rows: tuple[int, ...]) -> None:
     """For a bfloat16 model the kernel widens the experts and x exactly, does the float32
     kernel's arithmetic in the same order, and rounds each output once: bit for bit,
     `bf16(y + delta)` with delta from the float32 kernel on the widened tensors and torch's
-    rounding (nearest even; NaN stays NaN; tokens without adapter are left untouched)."""
+    rounding (nearest even; NaN stays NaN; tokens without adapter and sublayers without
+    experts are left untouched)."""
     if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
-    c = _kernel_case(torch.bfloat16)
+    c = _kernel_case(torch.bfloat16, sub_rows=sub_rows)
     c["y"][2, 7] = float("nan")
     k16 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
     k32 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"])
@@ -129,6 +132,9 @@ def test_bfloat16_kernel_is_the_float32_kernel_rounded_once() -> None:
     want = (c["y"].float() + delta).to(torch.bfloat16)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got[4], c["y"][4]) and bool(delta.abs().sum() > 0)
+    for half in {0, 1} - set(sub_rows):  # the sublayer without experts
+        cols = slice(half * 36, (half + 1) * 36)
+        torch.testing.assert_close(got[:, cols], c["y"][:, cols], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(fusion16, fusion32, rtol=0, atol=0)
 
 
