@@ -149,3 +149,19 @@ def test_kernel_refuses_mismatched_dtypes() -> None:
     k16 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
     with pytest.raises(ValueError, match="built for torch.bfloat16"):
         _run(k16, c, c["x"].float(), c["y"].float())
+
+
+def test_bfloat16_calls_in_token_chunks_give_the_same_bits() -> None:
+    """A bf16 step with more tokens than the scratch budget allows runs in chunks (here 2
+    tokens, 5 chunks): outputs and fusion weights are identical to one call."""
+    if cpu_kernel.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    c = _kernel_case(torch.bfloat16, seed=4)
+    whole = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+    chunked = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=2 * 4 * 72)
+    assert chunked.chunk_tokens == 2 and whole.chunk_tokens is not None and whole.chunk_tokens >= 9
+    assert cpu_kernel.RoutedKernel(c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"]).chunk_tokens is None
+    y1, y2 = c["y"].clone(), c["y"].clone()
+    f1, f2 = _run(whole, c, c["x"], y1), _run(chunked, c, c["x"], y2)
+    assert torch.equal(y1, y2) and torch.equal(f1, f2)
+    assert not torch.equal(y1, c["y"])
