@@ -25,7 +25,11 @@
  * bfloat16 models (smolora_routed_delta_bf16): x, y, lora_a and lora_b hold bfloat16; the
  * experts are widened exactly to float32 as they are read, all arithmetic is float32 as
  * for float32 models, and each output element is rounded to bfloat16 once, after both
- * experts' contributions are summed (y = bf16(y + delta), round to nearest even).
+ * experts' contributions are summed (y = bf16(y + delta), round to nearest even). That sum
+ * lives in a float32 buffer of n_tok x (max(sub_row) + 1) x d_out; cpu_kernel.py splits
+ * large steps into token chunks to bound it.
+ * The build is ISO C11, so the compiler does not fuse multiply-adds; fusing them
+ * (-ffp-contract=fast) was measured and did not help inside the engine.
  * Fusion weights (w_vu, w_if) of token t, sublayer j go to fusion[t * fusion_stride + 2 j + {0,1}]
  * (0.5 each for tokens without adapter). Calls with at least min_parallel_work multiply-adds
  * (rows x (d_in + d_out) x rp) run on the OpenMP threads: experts split over threads for
