@@ -60,7 +60,7 @@ threads for the worker (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`: both engines slower an
 the second core reading each layer's experts just before use (cold decode pair 67 -> 60 us,
 but base matmuls plus kernels 411 -> 462 us: the helper's reads compete with the worker's);
 prefetching the next expert group's B (and A) while computing the current one, every
-block or one block in four (cold pair -10 to -15%, from L3 +10 to +17%: the prefetch
+block or one block in four (cold pair 4-17% faster by variant and run, from L3 9-17% slower: the prefetch
 instructions cost more than they hide once the experts are cached, and in the engine they
 mostly are); letting the compiler fuse multiply-adds (`-ffp-contract=fast`; the build is ISO
 C11, so it does not by default): hot no change, cold -11% in isolation, but 0.945 (best
