@@ -223,10 +223,9 @@ class BoundStep:
         n = self._n_tok = tok_slot.shape[0]
         self._keep = (kernel, tok_slot, tok_scale, tok_vu, tok_if, fusion)
         step = kernel.chunk_tokens or n or 1
-        pointers = (tok_slot.data_ptr(), tok_scale.data_ptr(), tok_vu.data_ptr(), tok_if.data_ptr(), fusion.data_ptr())
-        # Bytes per token of each step tensor: int64 slot, float32 scale, int64 routes, float32 fusion.
-        per_token = (8, 4, 8 * tok_vu.shape[1] if tok_vu.dim() > 1 else 8, 8 * tok_if.shape[1] if tok_if.dim() > 1 else 8,
-                     4 * fusion_stride)
+        step_tensors = (tok_slot, tok_scale, tok_vu, tok_if)
+        pointers = (*(t.data_ptr() for t in step_tensors), fusion.data_ptr())
+        per_token = (*(t.stride(0) * t.element_size() for t in step_tensors), fusion_stride * fusion.element_size())  # bytes
         self._chunks = [
             (t0, partial(kernel._fn, min(step, n - t0), *kernel._head, *(p + t0 * b for p, b in zip(pointers, per_token)),
                          fusion_stride, MIN_PARALLEL_WORK))
@@ -240,7 +239,7 @@ class BoundStep:
         if self._call is not None:
             _check(self._call(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)))
             return
-        xs, ys, size = x.stride(0), y.stride(0), x.element_size()
-        xp, yp = x.data_ptr(), y.data_ptr()
+        xs, ys = x.stride(0), y.stride(0)
+        xp, yp, x_row, y_row = x.data_ptr(), y.data_ptr(), xs * x.element_size(), ys * y.element_size()
         for t0, call in self._chunks:
-            _check(call(xp + t0 * xs * size, xs, yp + t0 * ys * size, ys))
+            _check(call(xp + t0 * x_row, xs, yp + t0 * y_row, ys))
