@@ -111,6 +111,14 @@ def _dense_reference(x: torch.Tensor, state: RowRoutingState, adapter: RoutedAda
     return delta, fusion
 
 
+def _count_binds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the token count of every `RoutedKernel.bind` (each kernel step layout), binding as usual."""
+    tokens: list[int] = []
+    real = cpu_kernel.RoutedKernel.bind
+    monkeypatch.setattr(cpu_kernel.RoutedKernel, "bind", lambda self, slot, *a: (tokens.append(slot.shape[0]), real(self, slot, *a))[1])
+    return tokens
+
+
 @pytest.mark.parametrize(
     ("names", "offsets", "d_total"),
     [
@@ -170,9 +178,7 @@ def test_reloaded_slot_is_seen_under_the_same_plan_key(path: str) -> None:
 @pytest.mark.parametrize("path", ["kernel"])
 def test_kernel_ranks_match_dense_reference(rank: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
-    calls = []
-    real = cpu_kernel.RoutedKernel.bind
-    monkeypatch.setattr(cpu_kernel.RoutedKernel, "bind", lambda self, slot, *a: (calls.append(slot.shape[0]), real(self, slot, *a))[1])
+    calls = _count_binds(monkeypatch)
     n_req, slots = 10, [0, 2]
     adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path, rank)
     gen = torch.Generator().manual_seed(rank)
@@ -193,9 +199,7 @@ def test_bfloat16_layer_matches_dense_reference(rank: int, path: str, monkeypatc
     of it (only the float32 summation order differs); grouped matmuls, which round their
     products to bfloat16 on the way, within a few bf16 steps of the largest delta."""
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT_BF16], 2 * D_OUT_BF16
-    calls = []
-    real = cpu_kernel.RoutedKernel.bind
-    monkeypatch.setattr(cpu_kernel.RoutedKernel, "bind", lambda self, slot, *a: (calls.append(slot.shape[0]), real(self, slot, *a))[1])
+    calls = _count_binds(monkeypatch)
     n_req, slots = 10, [0, 2]
     adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path, rank, dtype=torch.bfloat16, d_out=D_OUT_BF16)
     assert adapter.lora_a.dtype == adapter.lora_b.dtype == torch.bfloat16
@@ -252,9 +256,7 @@ def test_steady_decode_binds_the_kernel_once_and_reads_each_steps_input(path: st
     """Steady decoding reuses one step layout; the kernel is bound to its routes once, and
     every later step's new activations still get their own, correct delta."""
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
-    binds: list[int] = []
-    real = cpu_kernel.RoutedKernel.bind
-    monkeypatch.setattr(cpu_kernel.RoutedKernel, "bind", lambda self, slot, *a: (binds.append(slot.shape[0]), real(self, slot, *a))[1])
+    binds = _count_binds(monkeypatch)
     n_req, slots = 8, [0, 1]
     adapter, state, ckpts = _setup(names, offsets, d_total, n_req, path)
     gen = torch.Generator().manual_seed(21)
