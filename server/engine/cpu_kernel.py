@@ -31,8 +31,10 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -50,7 +52,8 @@ DTYPES = frozenset({torch.float32, torch.bfloat16})
 #: (`SMOLORA_KERNEL_PARALLEL_WORK` overrides it).
 MIN_PARALLEL_WORK = int(os.environ.get("SMOLORA_KERNEL_PARALLEL_WORK", 1 << 18))
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ERRORS = {1: "rank above the kernel's maximum", 2: "expert or slot index out of range", 3: "out of memory"}
+_ERRORS = {1: "rank above the kernel's maximum", 2: "expert or slot index out of range", 3: "out of memory",
+           4: "overlap helper already has a job", 5: "overlap helper has no job"}
 
 
 def _cpu_signature() -> str:
@@ -116,6 +119,18 @@ def load_kernel() -> ctypes.CDLL | None:
     sums = lib.smolora_row_sums_f32
     sums.restype = ctypes.c_int
     sums.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR]
+    lib.smolora_helper_start.restype = _PTR
+    lib.smolora_helper_start.argtypes = [_PTR, _I64]
+    lib.smolora_helper_set_active.restype = None
+    lib.smolora_helper_set_active.argtypes = [_PTR, _I64]
+    lib.smolora_helper_stop.restype = None
+    lib.smolora_helper_stop.argtypes = [_PTR]
+    lib.smolora_helper_counts.restype = None
+    lib.smolora_helper_counts.argtypes = [_PTR, _PTR]
+    lib.smolora_helper_submit.restype = ctypes.c_int
+    lib.smolora_helper_submit.argtypes = [_PTR] + [_I64] * 8 + [_PTR] * 4 + [_PTR] * 5 + [_I64, _I64] + [_PTR, _I64]
+    lib.smolora_helper_finish.restype = ctypes.c_int
+    lib.smolora_helper_finish.argtypes = [_PTR, _PTR, _I64]
     return lib
 
 
@@ -146,7 +161,7 @@ class RoutedKernel:
     """
 
     def __init__(self, sub_row: Tensor, lora_a: Tensor, lora_b: Tensor, fuse_r: Tensor,
-                 max_scratch_bytes: int = 16 << 20) -> None:
+                 max_scratch_bytes: int = 16 << 20, helper: "OverlapHelper | None" = None) -> None:
         lib = load_kernel()
         if lib is None:
             raise RuntimeError("routed CPU kernel is not available")
@@ -168,6 +183,10 @@ class RoutedKernel:
         y_cols = (int(sub_row.max()) + 1) * lora_b.shape[-1] if sub_row.numel() else 1
         #: Most tokens per kernel call (None: no limit); see `max_scratch_bytes`.
         self.chunk_tokens = None if self.dtype == torch.float32 else max(1, max_scratch_bytes // (4 * y_cols))
+        #: The overlap helper steps may run on, and the most tokens it takes per step (its
+        #: float32 delta buffer is bounded like the bfloat16 scratch).
+        self.helper = helper
+        self.helper_max_tokens = max_scratch_bytes // (4 * y_cols)
 
     def bind(self, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor, fusion: Tensor,
              fusion_stride: int) -> "BoundStep":
@@ -216,7 +235,7 @@ class BoundStep:
     """`RoutedKernel.bind`'s result: call it with `(x, y)`; it holds the step's tensors alive.
     A step with more tokens than the kernel's `chunk_tokens` is bound as one call per chunk."""
 
-    __slots__ = ("_call", "_chunks", "_n_tok", "_keep")
+    __slots__ = ("_call", "_chunks", "_n_tok", "_keep", "_helper", "_helper_args")
 
     def __init__(self, kernel: RoutedKernel, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
                  fusion: Tensor, fusion_stride: int) -> None:
@@ -232,6 +251,27 @@ class BoundStep:
             for t0 in range(0, max(n, 1), step)
         ]
         self._call = self._chunks[0][1] if len(self._chunks) == 1 else None
+        self._helper = kernel.helper if kernel.helper is not None and n <= kernel.helper_max_tokens else None
+        self._helper_args = (int(kernel.dtype == torch.bfloat16), n, *kernel._head, *pointers, fusion_stride, MIN_PARALLEL_WORK)
+
+    @property
+    def overlaps(self) -> bool:
+        """True when `submit` / `finish` run this step on the overlap helper."""
+        return self._helper is not None
+
+    def submit(self, x: Tensor) -> None:
+        """Start the step's delta on the overlap helper (`overlaps` must be True); `finish`
+        adds it to the layer's output. x must stay unchanged until then."""
+        if x.shape[0] != self._n_tok:
+            raise ValueError(f"bound to {self._n_tok} tokens, called with {x.shape[0]}")
+        assert self._helper is not None, "this step does not overlap"
+        self._helper.submit(self._helper_args, x, self)
+
+    def finish(self, y: Tensor) -> None:
+        """Wait for the submitted delta and add it to `y` (the same result as calling the step
+        with `(x, y)`, up to the order of one addition in float32; bit-identical in bfloat16)."""
+        assert self._helper is not None, "this step does not overlap"
+        self._helper.finish(y)
 
     def __call__(self, x: Tensor, y: Tensor) -> None:
         if x.shape[0] != self._n_tok:
@@ -243,3 +283,113 @@ class BoundStep:
         xp, yp, x_row, y_row = x.data_ptr(), y.data_ptr(), xs * x.element_size(), ys * y.element_size()
         for t0, call in self._chunks:
             _check(call(xp + t0 * x_row, xs, yp + t0 * y_row, ys))
+
+
+class OverlapHelper:
+    """A thread of the kernel library (`routed_delta.c`, "Overlap helper") that runs a routed
+    layer's delta on another CPU while the calling thread runs the layer's base matmul; the
+    caller then adds the delta. If the helper has not started a job by the time the caller
+    wants it, the caller runs it itself, so a busy or sleeping helper costs no more than
+    not overlapping. One job at a time; owned by the process that started it.
+
+    While active (`active()`, around a model forward) the helper polls for jobs and keeps
+    one of `cpus` busy; otherwise it sleeps.
+
+    Args:
+        cpus: CPUs the helper may run on (empty: not pinned).
+
+    Raises:
+        RuntimeError: the kernel library is unavailable or the thread could not start.
+    """
+
+    def __init__(self, cpus: tuple[int, ...]) -> None:
+        lib = load_kernel()
+        if lib is None:
+            raise RuntimeError("routed CPU kernel is not available")
+        self._lib = lib
+        arr = (ctypes.c_int64 * max(1, len(cpus)))(*cpus)
+        handle = lib.smolora_helper_start(arr, len(cpus))
+        if not handle:
+            raise RuntimeError(f"could not start the overlap helper on CPUs {list(cpus)}")
+        self.cpus = tuple(cpus)
+        self._handle = handle
+        self._submit = partial(lib.smolora_helper_submit, handle)
+        self._finish = partial(lib.smolora_helper_finish, handle)
+        self._pending: tuple[object, Tensor] | None = None  # keeps a posted job's tensors alive
+        self._pid = os.getpid()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Keep the helper polling for jobs inside this block (a model forward)."""
+        self._lib.smolora_helper_set_active(self._handle, 1)
+        try:
+            yield
+        finally:
+            self.drain()
+            self._lib.smolora_helper_set_active(self._handle, 0)
+
+    def submit(self, args: tuple, x: Tensor, owner: object) -> None:
+        """Post a job (`BoundStep.submit`); a job still pending (its caller failed before
+        finishing it) is waited for and dropped first."""
+        if self._pending is not None:
+            self.drain()
+        _check(self._submit(*args, x.data_ptr(), x.stride(0)))
+        self._pending = (owner, x)
+
+    def finish(self, y: Tensor) -> None:
+        """Wait for the pending job and add its delta to `y` (see `BoundStep.finish`)."""
+        rc = self._finish(y.data_ptr(), y.stride(0))
+        self._pending = None
+        _check(rc)
+
+    def drain(self) -> None:
+        """Wait for a pending job, if any, and drop its result."""
+        if self._pending is not None:
+            self._finish(None, 0)
+            self._pending = None
+
+    def counts(self) -> tuple[int, int]:
+        """(jobs run by the helper, jobs the caller ran itself because the helper had not
+        started them)."""
+        out = (ctypes.c_int64 * 2)()
+        self._lib.smolora_helper_counts(self._handle, out)
+        return int(out[0]), int(out[1])
+
+    def close(self) -> None:
+        """Stop the thread (after the pending job, if any)."""
+        if self._handle:
+            self.drain()
+            self._lib.smolora_helper_stop(self._handle)
+            self._handle = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None) and os.getpid() == self._pid:
+            self.close()
+
+
+def spare_cpus() -> tuple[int, ...]:
+    """Online CPUs this thread is not bound to (vLLM binds its CPU worker's compute threads
+    and leaves the rest to the engine core and the API server)."""
+    return tuple(sorted(set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)))
+
+
+def start_overlap_helper(mode: str) -> OverlapHelper | None:
+    """The overlap helper `AdapterLayout.cpu_overlap` asks for in this process, or None.
+
+    "auto" starts one when the kernel is available, torch computes on one thread, and a CPU
+    outside this thread's binding exists (it is pinned there); "on" starts one whenever the
+    kernel is available (pinned to those CPUs if any); "off" never does.
+    """
+    if mode == "off" or not kernel_available():
+        return None
+    cpus = spare_cpus()
+    if mode == "auto" and (torch.get_num_threads() != 1 or not cpus):
+        logger.info("routed-adapter overlap off: %d torch threads, spare CPUs %s", torch.get_num_threads(), list(cpus))
+        return None
+    try:
+        helper = OverlapHelper(cpus)
+    except RuntimeError as exc:
+        logger.warning("routed-adapter overlap off: %s", exc)
+        return None
+    logger.info("routed-adapter overlap helper on CPUs %s", list(cpus) or "any")
+    return helper

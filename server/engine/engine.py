@@ -81,7 +81,7 @@ def resolve_layout(config: EngineConfig) -> AdapterLayout:
     if manifest.adapter_kind != "smolora":
         raise EngineConfigError(f"{config.checkpoint}: adapter_kind {manifest.adapter_kind!r} is not 'smolora'")
     return AdapterLayout.from_smolora_config(manifest.adapter_config, config.num_slots, config.trace_step_routes,
-                                             config.cpu_kernel_max_tokens)
+                                             config.cpu_kernel_max_tokens, config.cpu_overlap)
 
 
 def engine_args(config: EngineConfig, layout: AdapterLayout) -> dict[str, Any]:

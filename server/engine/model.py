@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,7 @@ from smolora.server.engine.processor import (
     SMoLoRALlavaMultiModalProcessor,
     SMoLoRALlavaProcessingInfo,
 )
+from smolora.server.engine.cpu_kernel import OverlapHelper, start_overlap_helper
 from smolora.server.engine.routed_linear import RoutedAdapter
 from smolora.server.engine.row_state import RowRoutingState, StepRouting, StepScope
 
@@ -57,7 +59,8 @@ class RoutedLlamaMLP(nn.Module):
     """
 
     def __init__(self, mlp: nn.Module, layer_index: int, layout: AdapterLayout, state: RowRoutingState,
-                 scope: StepScope, targets: tuple[str, ...], dtype: torch.dtype) -> None:
+                 scope: StepScope, targets: tuple[str, ...], dtype: torch.dtype,
+                 overlap: OverlapHelper | None = None) -> None:
         super().__init__()
         self.gate_up_proj = mlp.gate_up_proj
         self.down_proj = mlp.down_proj
@@ -68,23 +71,28 @@ class RoutedLlamaMLP(nn.Module):
         prefix = f"layers.{layer_index}.mlp"
         gu = [(f"{prefix}.{n}", off) for n, off in (("gate_proj", 0), ("up_proj", inter)) if f"mlp.{n}" in targets]
         self.gate_up_adapter = (
-            RoutedAdapter(layout, [n for n, _ in gu], [o for _, o in gu], hidden, inter, 2 * inter, state, False, dtype)
+            RoutedAdapter(layout, [n for n, _ in gu], [o for _, o in gu], hidden, inter, 2 * inter, state, False, dtype, overlap)
             if gu else None
         )
         self.down_adapter = (
-            RoutedAdapter(layout, [f"{prefix}.down_proj"], [0], inter, hidden, hidden, state, False, dtype)
+            RoutedAdapter(layout, [f"{prefix}.down_proj"], [0], inter, hidden, hidden, state, False, dtype, overlap)
             if "mlp.down_proj" in targets else None
         )
 
     def forward(self, x: Tensor) -> Tensor:  # x: [N, hidden]
         step = self.scope.current
+        # Each delta starts before its base matmul, so the overlap helper (if any) computes it meanwhile.
+        gu = self.gate_up_adapter if step is not None else None
+        pending = gu.begin_delta(x, step) if gu is not None else None
         h, _ = self.gate_up_proj(x)
-        if step is not None and self.gate_up_adapter is not None:
-            h = self.gate_up_adapter.add_delta(x, h.contiguous(), step)
+        if gu is not None:
+            h = gu.end_delta(pending, x, h.contiguous(), step)
         a = self.act_fn(h)
+        down = self.down_adapter if step is not None else None
+        pending = down.begin_delta(a, step) if down is not None else None
         out, _ = self.down_proj(a)
-        if step is not None and self.down_adapter is not None:
-            out = self.down_adapter.add_delta(a, out.contiguous(), step)
+        if down is not None:
+            out = down.end_delta(pending, a, out.contiguous(), step)
         return out
 
 
@@ -185,11 +193,15 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 prefix=maybe_prefix(prefix, "language_model"),
                 architectures=["LlamaForCausalLM"],
             )
+        #: Runs the MLP layers' routed deltas beside their base matmuls (`AdapterLayout.cpu_overlap`).
+        self.overlap_helper = (
+            start_overlap_helper(self.layout.cpu_overlap) if self.smolora_state is not None and device.type == "cpu" else None
+        )
         if self.smolora_state is not None:
             for i, layer in enumerate(self.language_model.model.layers):
                 if hasattr(layer, "mlp"):
                     layer.mlp = RoutedLlamaMLP(layer.mlp, i, self.layout, self.smolora_state, self.scope,
-                                               self.layout.target_modules, dtype)
+                                               self.layout.target_modules, dtype, self.overlap_helper)
             self.smolora_state.finalize()
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
@@ -244,7 +256,8 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         if intermediate_tensors is not None:
             inputs_embeds = None
         step = self._text_step(positions)
-        with self.scope.active(step):
+        helper = self.overlap_helper if step is not None else None
+        with self.scope.active(step), helper.active() if helper is not None else nullcontext():
             hidden = self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
         if step is not None:
             self.smolora_state.finish_step(step)  # type: ignore[union-attr]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from smolora.server.engine.config import AdapterLayout
-from smolora.server.engine.cpu_kernel import DTYPES, MAX_RANK, BoundStep, RoutedKernel, kernel_available
+from smolora.server.engine.cpu_kernel import DTYPES, MAX_RANK, BoundStep, OverlapHelper, RoutedKernel, kernel_available
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 
@@ -51,6 +51,8 @@ class RoutedAdapter(nn.Module):
         state: the row state; the adapter registers its columns there.
         image_side: True for projector linears (they read image patches).
         dtype: dtype of the expert weights (the model dtype).
+        overlap: the process's overlap helper, if any: text-side kernel steps may then run on
+            it while the base matmul runs (`begin_delta` / `end_delta`).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class RoutedAdapter(nn.Module):
         state: RowRoutingState,
         image_side: bool,
         dtype: torch.dtype,
+        overlap: OverlapHelper | None = None,
     ) -> None:
         super().__init__()
         if len(names) != len(out_offsets) or not names:
@@ -102,6 +105,7 @@ class RoutedAdapter(nn.Module):
         self._cached: tuple[tuple[int, int], _Plan] | None = None
         self._cached_routes: tuple[tuple[int, int], _Routes] | None = None
         self._bound: tuple[StepRouting, BoundStep] | None = None  # the kernel bound to a reused step
+        self._overlap = None if image_side else overlap
 
     # -- loading ------------------------------------------------------------------------------
     def expected_shapes(self, instruction_dim: int) -> dict[str, tuple[int, ...]]:
@@ -253,37 +257,77 @@ class RoutedAdapter(nn.Module):
         self._record_fusion(w.permute(1, 2, 0), step)
         return y
 
+    def begin_delta(self, x: Tensor, step: StepRouting) -> "_Pending | None":
+        """Start this step's delta before the base matmul (call `end_delta` after it): on the
+        overlap helper when the layer has one and its CPU kernel takes the step. None: nothing
+        started (`end_delta` then runs `add_delta`)."""
+        if self._overlap is None or x.stride(-1) != 1:
+            return None
+        bound = self._bound
+        if bound is not None and bound[0] is step:
+            call = bound[1]
+        else:
+            kernel = self._kernel_for(x) if x.shape[0] <= self.kernel_max_tokens else None
+            if kernel is None:
+                return None
+            call = self._bind_step(kernel, x, step)
+        if not call.overlaps:
+            return _Pending(call, submitted=False)
+        call.submit(x)
+        return _Pending(call, submitted=True)
+
+    def end_delta(self, pending: "_Pending | None", x: Tensor, y: Tensor, step: StepRouting) -> Tensor:
+        """Add the delta `begin_delta` started (or, for None, `add_delta`) to the linear's
+        output `y` (contiguous, the model dtype) in place."""
+        if pending is None:
+            return self.add_delta(x, y, step)
+        if pending.submitted:
+            pending.call.finish(y)
+        else:
+            pending.call(x, y)
+        return y
+
     @property
     def uses_cpu_kernel(self) -> bool:
         """True once this layer has run a step through the compiled CPU kernel (diagnostics)."""
         return isinstance(self._kernel, RoutedKernel)
 
-    def _kernel_for(self, x: Tensor, y: Tensor) -> RoutedKernel | None:
-        """The CPU kernel bound to this layer's tensors, if it can take this call."""
+    def _kernel_for(self, x: Tensor, y: Tensor | None = None) -> RoutedKernel | None:
+        """The CPU kernel bound to this layer's tensors, if it can take this call (y None:
+        the output is the linear's own, contiguous in the model dtype)."""
         kernel = self._kernel
         if kernel is None:
             usable = (self.lora_a.device.type == "cpu" and self.lora_a.dtype in DTYPES
                       and self.rank_padded <= MAX_RANK and kernel_available())
-            kernel = self._kernel = RoutedKernel(self.sub_row, self.lora_a, self.lora_b, self.fuse_r) if usable else False
+            kernel = self._kernel = (RoutedKernel(self.sub_row, self.lora_a, self.lora_b, self.fuse_r, helper=self._overlap)
+                                     if usable else False)
         dtype = self.lora_a.dtype
-        if kernel is False or x.dtype != dtype or y.dtype != dtype or x.stride(-1) != 1 or not y.is_contiguous():
+        if kernel is False or x.dtype != dtype or x.stride(-1) != 1:
+            return None
+        if y is not None and (y.dtype != dtype or not y.is_contiguous()):
             return None
         assert isinstance(kernel, RoutedKernel)
         return kernel
 
     def _add_delta_kernel(self, kernel: RoutedKernel, x: Tensor, y: Tensor, step: StepRouting) -> Tensor:
         """`add_delta` through the compiled CPU kernel (float32 or bfloat16 on CPU)."""
-        r = self._routes(x, step)
-        if not self.image_side:  # the kernel writes this layer's columns of the step's fusion buffer
-            call = kernel.bind(r.slot, r.scale, r.vu, r.if_, step.fusion[:, self.columns], step.fusion.stride(0))
-            # A step with a plan key is reused while the batch is unchanged: keep the bound call.
-            self._bound = (step, call) if step.plan_key is not None else None
-            call(x, y)
+        if not self.image_side:
+            self._bind_step(kernel, x, step)(x, y)
             return y
+        r = self._routes(x, step)
         fusion = torch.empty(x.shape[0], self.n_sub, 2, dtype=torch.float32)
         kernel(x, y, r.slot, r.scale, r.vu, r.if_, fusion, fusion.stride(0))
         self._record_fusion(fusion, step)
         return y
+
+    def _bind_step(self, kernel: RoutedKernel, x: Tensor, step: StepRouting) -> BoundStep:
+        """A text-side layer's kernel bound to this step's routes; it writes the layer's
+        columns of the step's fusion buffer."""
+        r = self._routes(x, step)
+        call = kernel.bind(r.slot, r.scale, r.vu, r.if_, step.fusion[:, self.columns], step.fusion.stride(0))
+        # A step with a plan key is reused while the batch is unchanged: keep the bound call.
+        self._bound = (step, call) if step.plan_key is not None else None
+        return call
 
     def _routes(self, x: Tensor, step: StepRouting) -> "_Routes":
         """Every token's slot, scaling, VU and IF expert; reused like the plan (`_plan`)."""
@@ -320,6 +364,14 @@ class RoutedAdapter(nn.Module):
         rows = step.row_has_prompt
         st.row_fsum[:, self.columns] = torch.where(rows[:, None, None], fsum, st.row_fsum[:, self.columns])
         st.row_count[:, self.columns] = torch.where(rows[:, None], cnt[:, None].expand(r1, self.n_sub), st.row_count[:, self.columns])
+
+
+@dataclass
+class _Pending:
+    """A delta `RoutedAdapter.begin_delta` started (submitted: running on the overlap helper)."""
+
+    call: BoundStep
+    submitted: bool
 
 
 @dataclass

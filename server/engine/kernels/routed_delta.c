@@ -38,7 +38,11 @@
  * expert or slot out of range, 3 when out of memory. The caller checks shapes, dtypes and
  * contiguity (server/engine/cpu_kernel.py).
  */
+#define _GNU_SOURCE  /* pthread_setaffinity_np, CPU_SET: the overlap helper's pinning */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,6 +54,23 @@
 #endif
 
 #define MAX_RANK 256
+
+/* for (int64_t I = 0; I < N; ++I) { BODY }: on the OpenMP threads when PAR, else in the
+ * calling thread without entering OpenMP at all. The overlap helper must not enter it:
+ * libgomp binds a thread that starts a parallel region to the OMP_PLACES vLLM sets, which
+ * are the worker's own CPUs. */
+#ifdef _OPENMP
+#define PFOR(PAR, PRAGMA, I, N, ...)                                                          \
+    do {                                                                                      \
+        if (PAR) {                                                                            \
+            _Pragma(PRAGMA) for (int64_t I = 0; I < (N); ++I) { __VA_ARGS__ }                 \
+        } else {                                                                              \
+            for (int64_t I = 0; I < (N); ++I) { __VA_ARGS__ }                                 \
+        }                                                                                     \
+    } while (0)
+#else
+#define PFOR(PAR, PRAGMA, I, N, ...) do { (void)(PAR); for (int64_t I = 0; I < (N); ++I) { __VA_ARGS__ } } while (0)
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -276,12 +297,46 @@ static void widen_rows(const bf16_t *x, int64_t x_stride, int64_t n, int64_t d, 
     }
 }
 
+/* y[t, sub j] += delta[t, sub j] for the tokens with an adapter, delta float32 [n_tok, y_cols]
+ * (bf16: y = bf16(y + delta), rounded once, to nearest even). */
+static void add_delta_rows(int bf16, int64_t n_tok, int64_t n_sub, int64_t d_out, const int64_t *sub_row,
+                           const float *tok_scale, const float *delta, int64_t y_cols, void *y_out, int64_t y_stride,
+                           int parallel) {
+    PFOR(parallel, "omp parallel for", t, n_tok,
+        if (tok_scale[t] == 0.0f) continue;
+        for (int64_t j = 0; j < n_sub; ++j) {
+            const float *dt = delta + t * y_cols + sub_row[j] * d_out;
+            int64_t o = 0;
+            if (bf16) {
+                bf16_t *yt = (bf16_t *)y_out + t * y_stride + sub_row[j] * d_out;
+                for (; o + 16 <= d_out; o += 16) narrow16(yt + o, widen16(yt + o) + load16(dt + o));
+                for (; o < d_out; ++o) yt[o] = narrow1(widen1(yt[o]) + dt[o]);
+            } else {
+                float *yt = (float *)y_out + t * y_stride + sub_row[j] * d_out;
+                for (; o + 16 <= d_out; o += 16) store16(yt + o, load16(yt + o) + load16(dt + o));
+                for (; o < d_out; ++o) yt[o] += dt[o];
+            }
+        }
+    );
+}
+
+/* The expand of every group, for output columns [o0, o1). */
+static void expand_groups(int bf16, int64_t n_groups, const int64_t *start, float **outs, const float **cs,
+                          const void *lora_b, int64_t rp, int64_t d_out, int64_t o0, int64_t o1) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t n = start[g + 1] - start[g];
+        if (n == 0 || o0 >= o1) continue;
+        if (bf16) expand_rows_bf16(outs + start[g], cs + start[g], n, (const bf16_t *)lora_b + g * rp * d_out, rp, d_out, o0, o1);
+        else expand_rows_f32(outs + start[g], cs + start[g], n, (const float *)lora_b + g * rp * d_out, rp, d_out, o0, o1);
+    }
+}
+
 static int routed_delta(
     int bf16, int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
     const int64_t *sub_row, const void *lora_a, const void *lora_b, const float *fuse_r,
     const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
     float *fusion, int64_t fusion_stride, int64_t min_parallel_work,
-    const void *x_in, int64_t x_stride, void *y_out, int64_t y_stride)
+    const void *x_in, int64_t x_stride, void *y_out, int64_t y_stride, float *delta_out)
 {
     if (rp > MAX_RANK) return 1;
     if (n_tok <= 0) return 0;
@@ -299,15 +354,17 @@ static int routed_delta(
     int64_t y_cols = 0;
     for (int64_t j = 0; j < n_sub; ++j) y_cols = sub_row[j] + 1 > y_cols ? sub_row[j] + 1 : y_cols;
     y_cols *= d_out;
+    const int buffered = bf16 || delta_out;
     float *xw = bf16 ? malloc((size_t)(n_tok * d_in) * sizeof *xw) : NULL;
-    float *yd = bf16 ? calloc((size_t)(n_tok * y_cols), sizeof *yd) : NULL;
+    float *yd = delta_out ? delta_out : bf16 ? malloc((size_t)(n_tok * y_cols) * sizeof *yd) : NULL;
     int rc = 0;
-    if (!start || !group || !order || !z || !logit || !outs || !cs || (bf16 && (!xw || !yd))) { rc = 3; goto done; }
+    if (!start || !group || !order || !z || !logit || !outs || !cs || (bf16 && !xw) || (buffered && !yd)) { rc = 3; goto done; }
+    if (buffered) memset(yd, 0, (size_t)(n_tok * y_cols) * sizeof *yd);
     if (bf16) widen_rows((const bf16_t *)x_in, x_stride, n_tok, d_in, xw);
     const float *x = bf16 ? xw : (const float *)x_in;
     const int64_t xs_ = bf16 ? d_in : x_stride;
-    float *y = bf16 ? yd : (float *)y_out;
-    const int64_t ys_ = bf16 ? y_cols : y_stride;
+    float *y = buffered ? yd : (float *)y_out;
+    const int64_t ys_ = buffered ? y_cols : y_stride;
 
     /* Bucket the rows of tokens with an adapter by expert group (counting sort). */
     for (int64_t t = 0; t < n_tok; ++t) {
@@ -337,8 +394,7 @@ static int routed_delta(
 
     /* Shrink: z_r = A_g^T x_t and the fusion logit, group by group (A_g read once). */
     const int parallel = n_rows * (d_in + d_out) * rp >= min_parallel_work;
-    #pragma omp parallel for schedule(dynamic, 1) if (parallel)
-    for (int64_t g = 0; g < n_groups; ++g) {
+    PFOR(parallel, "omp parallel for schedule(dynamic, 1)", g, n_groups,
         if (start[g] == start[g + 1]) continue;
         const float *f = fuse_r + g * rp;
         enum { CHUNK = 16 };
@@ -360,11 +416,10 @@ static int routed_delta(
                 logit[r] = tok_scale[r / (2 * n_sub)] * acc;
             }
         }
-    }
+    );
 
     /* Fusion: the 2-way softmax per (token, sublayer); z is scaled by s w. */
-    #pragma omp parallel for if (parallel)
-    for (int64_t t = 0; t < n_tok; ++t) {
+    PFOR(parallel, "omp parallel for", t, n_tok,
         const float s = tok_scale[t];
         if (s == 0.0f) continue;
         float *fus = fusion + t * fusion_stride;
@@ -376,7 +431,7 @@ static int routed_delta(
             const float c0 = s * w_vu, c1 = s * (1.0f - w_vu);
             for (int64_t q = 0; q < rp; ++q) { z[r * rp + q] *= c0; z[(r + 1) * rp + q] *= c1; }
         }
-    }
+    );
 
     /* Expand: y_t[sub j] += B_g^T (s w z_r), group by group (B_g read once). Threads split
      * the output columns (blocks of 16), so no two write the same element: a token's VU and
@@ -386,41 +441,27 @@ static int routed_delta(
         outs[i] = y + t * ys_ + sub_row[j] * d_out;
         cs[i] = z + r * rp;
     }
-    #pragma omp parallel if (parallel)
-    {
-        int nt = 1, me = 0;
 #ifdef _OPENMP
-        nt = omp_get_num_threads();
-        me = omp_get_thread_num();
+    if (parallel) {
+        #pragma omp parallel
+        {
+            const int nt = omp_get_num_threads(), me = omp_get_thread_num();
+            const int64_t blocks = d_out / 16;
+            const int64_t o0 = 16 * (blocks * me / nt);
+            const int64_t o1 = me == nt - 1 ? d_out : 16 * (blocks * (me + 1) / nt);
+            expand_groups(bf16, n_groups, start, outs, cs, lora_b, rp, d_out, o0, o1);
+        }
+    } else
 #endif
-        const int64_t blocks = d_out / 16;
-        const int64_t o0 = 16 * (blocks * me / nt);
-        const int64_t o1 = me == nt - 1 ? d_out : 16 * (blocks * (me + 1) / nt);
-        for (int64_t g = 0; g < n_groups; ++g) {
-            const int64_t n = start[g + 1] - start[g];
-            if (n == 0 || o0 >= o1) continue;
-            if (bf16) expand_rows_bf16(outs + start[g], cs + start[g], n, (const bf16_t *)lora_b + g * rp * d_out, rp, d_out, o0, o1);
-            else expand_rows_f32(outs + start[g], cs + start[g], n, (const float *)lora_b + g * rp * d_out, rp, d_out, o0, o1);
-        }
-    }
+    expand_groups(bf16, n_groups, start, outs, cs, lora_b, rp, d_out, 0, d_out);
 
-    /* bf16: y = bf16(y + delta), once per adapted output element. */
-    if (bf16) {
-        #pragma omp parallel for if (parallel)
-        for (int64_t t = 0; t < n_tok; ++t) {
-            if (tok_scale[t] == 0.0f) continue;
-            for (int64_t j = 0; j < n_sub; ++j) {
-                bf16_t *yt = (bf16_t *)y_out + t * y_stride + sub_row[j] * d_out;
-                const float *dt = yd + t * y_cols + sub_row[j] * d_out;
-                int64_t o = 0;
-                for (; o + 16 <= d_out; o += 16) narrow16(yt + o, widen16(yt + o) + load16(dt + o));
-                for (; o < d_out; ++o) yt[o] = narrow1(widen1(yt[o]) + dt[o]);
-            }
-        }
-    }
+    /* bf16: y = bf16(y + delta), once per adapted output element (unless the caller keeps
+     * the delta: the overlap helper adds it after the base matmul). */
+    if (bf16 && !delta_out) add_delta_rows(1, n_tok, n_sub, d_out, sub_row, tok_scale, yd, y_cols, y_out, y_stride, parallel);
 
 done:
-    free(start); free(group); free(order); free(z); free(logit); free(outs); free(cs); free(xw); free(yd);
+    free(start); free(group); free(order); free(z); free(logit); free(outs); free(cs); free(xw);
+    if (yd != delta_out) free(yd);
     return rc;
 }
 
@@ -433,7 +474,7 @@ int smolora_routed_delta_f32(
 {
     return routed_delta(0, n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out, sub_row, lora_a, lora_b, fuse_r,
                         tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride, min_parallel_work,
-                        x, x_stride, y, y_stride);
+                        x, x_stride, y, y_stride, NULL);
 }
 
 /* The same for bfloat16 models: lora_a, lora_b, x and y hold bfloat16 (fuse_r, tok_scale
@@ -447,7 +488,7 @@ int smolora_routed_delta_bf16(
 {
     return routed_delta(1, n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out, sub_row, lora_a, lora_b, fuse_r,
                         tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride, min_parallel_work,
-                        x, x_stride, y, y_stride);
+                        x, x_stride, y, y_stride, NULL);
 }
 
 /* Weighted row sums for the prompt means: sums[row[t]] += w[t] x_t for every token t with
@@ -466,4 +507,194 @@ int smolora_row_sums_f32(int64_t n_tok, int64_t d, const float *x, int64_t x_str
         for (int64_t i = 0; i < d; ++i) s[i] += wt * xt[i];
     }
     return 0;
+}
+
+/* ---- Overlap helper ---------------------------------------------------------------------
+ * One thread, pinned to CPUs the caller does not compute on, that runs a layer's routed
+ * delta while the caller runs the layer's base matmul:
+ *
+ *   smolora_helper_submit(h, ..., x)   post the job (the helper picks it up at once)
+ *   <base matmul into y>               the caller's own work
+ *   smolora_helper_finish(h, y)        wait for the job, then y += delta
+ *
+ * The helper writes the delta to its own float32 buffer, so it never touches y while the
+ * caller writes it; finish adds it (bfloat16: y = bf16(y + delta), as the in-place call does).
+ * If the helper has not started the job when finish is called (it was asleep or descheduled),
+ * the caller runs the job itself: waiting is never longer than doing the work. Either way the
+ * arithmetic is the same, so the result does not depend on which thread ran it.
+ * One job at a time. While the caller is inside a forward (smolora_helper_set_active) the
+ * helper polls for jobs without yielding its CPU, so it starts one within a microsecond; out
+ * of a forward it sleeps on a condition variable. (Polling with sched_yield does not work:
+ * the kernel's EEVDF scheduler pushes a yielding thread's deadline back a whole slice per
+ * yield, so on a CPU shared with vLLM's engine core, which itself waits by yielding, the
+ * helper started one job in ten before the caller gave up waiting and ran it.)
+ * The handle belongs to the process that created it (threads do not survive fork). */
+
+enum { JOB_EMPTY, JOB_POSTED, JOB_RUNNING, JOB_DONE };
+
+typedef struct {
+    int bf16;
+    int64_t n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out;
+    const int64_t *sub_row; const void *lora_a, *lora_b; const float *fuse_r;
+    const int64_t *tok_slot; const float *tok_scale; const int64_t *tok_vu, *tok_if;
+    float *fusion; int64_t fusion_stride;
+    const void *x; int64_t x_stride;
+    int64_t y_cols;
+    int rc;
+} helper_job;
+
+typedef struct smolora_helper {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic int state;
+    _Atomic int sleeping;
+    _Atomic int stop;
+    _Atomic int active;
+    _Atomic int64_t jobs_helper, jobs_caller;
+    helper_job job;
+    float *delta;
+    size_t delta_cap;   /* floats */
+} smolora_helper;
+
+static void run_job(smolora_helper *h) {
+    helper_job *j = &h->job;
+    j->rc = routed_delta(j->bf16, j->n_tok, j->n_slot, j->n_sub, j->n_exp, j->rp, j->d_in, j->d_out, j->sub_row,
+                         j->lora_a, j->lora_b, j->fuse_r, j->tok_slot, j->tok_scale, j->tok_vu, j->tok_if,
+                         j->fusion, j->fusion_stride, INT64_MAX, j->x, j->x_stride, NULL, 0, h->delta);
+}
+
+static void *helper_main(void *arg) {
+    smolora_helper *h = arg;
+    for (;;) {
+        /* Poll while the caller is in a forward (active); sleep otherwise. */
+        while (atomic_load(&h->state) != JOB_POSTED && !atomic_load(&h->stop)) {
+            if (atomic_load(&h->active)) {
+#ifdef __x86_64__
+                __builtin_ia32_pause();
+#endif
+                continue;
+            }
+            pthread_mutex_lock(&h->mu);
+            atomic_store(&h->sleeping, 1);
+            while (atomic_load(&h->state) != JOB_POSTED && !atomic_load(&h->active) && !atomic_load(&h->stop))
+                pthread_cond_wait(&h->cv, &h->mu);
+            atomic_store(&h->sleeping, 0);
+            pthread_mutex_unlock(&h->mu);
+        }
+        if (atomic_load(&h->stop)) return NULL;
+        int expected = JOB_POSTED;
+        if (atomic_compare_exchange_strong(&h->state, &expected, JOB_RUNNING)) {
+            run_job(h);
+            atomic_fetch_add(&h->jobs_helper, 1);
+            atomic_store(&h->state, JOB_DONE);
+        }
+    }
+}
+
+static void wake(smolora_helper *h) {
+    if (atomic_load(&h->sleeping)) {
+        pthread_mutex_lock(&h->mu);
+        pthread_cond_signal(&h->cv);
+        pthread_mutex_unlock(&h->mu);
+    }
+}
+
+/* active 1: the caller enters a forward; the helper polls for jobs (one CPU busy) until
+ * active 0, when it sleeps until the next job or activation. */
+void smolora_helper_set_active(smolora_helper *h, int64_t active) {
+    atomic_store(&h->active, (int)(active != 0));
+    if (active) wake(h);
+}
+
+/* Start a helper pinned to cpus[0..n_cpus) (n_cpus 0: not pinned). NULL if it cannot start. */
+smolora_helper *smolora_helper_start(const int64_t *cpus, int64_t n_cpus) {
+    smolora_helper *h = calloc(1, sizeof *h);
+    if (!h) return NULL;
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    if (n_cpus > 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        for (int64_t i = 0; i < n_cpus; ++i)
+            if (cpus[i] >= 0 && cpus[i] < CPU_SETSIZE) CPU_SET((int)cpus[i], &set);
+        pthread_attr_setaffinity_np(&attr, sizeof set, &set);
+    }
+    const int err = pthread_create(&h->thread, &attr, helper_main, h);
+    pthread_attr_destroy(&attr);
+    if (err) { free(h); return NULL; }
+    return h;
+}
+
+void smolora_helper_stop(smolora_helper *h) {
+    if (!h) return;
+    pthread_mutex_lock(&h->mu);
+    atomic_store(&h->stop, 1);
+    pthread_cond_signal(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+    pthread_join(h->thread, NULL);
+    free(h->delta);
+    free(h);
+}
+
+/* Jobs run so far by the helper thread and by callers (finish found them not started). */
+void smolora_helper_counts(smolora_helper *h, int64_t *out) {
+    out[0] = atomic_load(&h->jobs_helper);
+    out[1] = atomic_load(&h->jobs_caller);
+}
+
+/* Post one routed-delta job (the arguments of smolora_routed_delta_*, without y). The tensors
+ * must stay alive and unchanged until smolora_helper_finish returns. Returns 0, 1 for a rank
+ * above MAX_RANK, 3 when out of memory, 4 when a job is already pending. */
+int smolora_helper_submit(
+    smolora_helper *h, int64_t bf16, int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp,
+    int64_t d_in, int64_t d_out, const int64_t *sub_row, const void *lora_a, const void *lora_b, const float *fuse_r,
+    const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
+    float *fusion, int64_t fusion_stride, int64_t min_parallel_work, const void *x, int64_t x_stride)
+{
+    (void)min_parallel_work;  /* the helper runs single-threaded */
+    if (atomic_load(&h->state) != JOB_EMPTY) return 4;
+    if (rp > MAX_RANK) return 1;
+    int64_t y_cols = 0;
+    for (int64_t j = 0; j < n_sub; ++j) y_cols = sub_row[j] + 1 > y_cols ? sub_row[j] + 1 : y_cols;
+    y_cols *= d_out;
+    const size_t need = (size_t)(n_tok * y_cols);
+    if (need > h->delta_cap) {
+        float *grown = realloc(h->delta, need * sizeof *grown);
+        if (!grown) return 3;
+        h->delta = grown;
+        h->delta_cap = need;
+    }
+    h->job = (helper_job){(int)bf16, n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out, sub_row, lora_a, lora_b, fuse_r,
+                          tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride, x, x_stride, y_cols, 0};
+    atomic_store(&h->state, JOB_POSTED);
+    wake(h);
+    return 0;
+}
+
+/* Wait for the pending job (or run it here if the helper has not started it) and add its
+ * delta to y (the model dtype; row stride y_stride elements). y NULL: only wait (a caller
+ * abandoning the job). Returns the job's code (0 ok, see smolora_routed_delta_*), 5 if no job
+ * was pending. */
+int smolora_helper_finish(smolora_helper *h, void *y, int64_t y_stride) {
+    int expected = JOB_POSTED;
+    if (atomic_compare_exchange_strong(&h->state, &expected, JOB_RUNNING)) {
+        run_job(h);
+        atomic_fetch_add(&h->jobs_caller, 1);
+    } else if (expected == JOB_EMPTY) {
+        return 5;
+    } else {
+        while (atomic_load_explicit(&h->state, memory_order_acquire) != JOB_DONE) {
+#ifdef __x86_64__
+            __builtin_ia32_pause();
+#endif
+        }
+    }
+    const helper_job *j = &h->job;
+    const int rc = j->rc;
+    if (rc == 0 && y) add_delta_rows(j->bf16, j->n_tok, j->n_sub, j->d_out, j->sub_row, j->tok_scale, h->delta, j->y_cols, y, y_stride, 0);
+    atomic_store(&h->state, JOB_EMPTY);
+    return rc;
 }

@@ -40,9 +40,10 @@ def loop() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def engine(loop: LoopThread, tiny_model_dir: Path, version1: tuple[RegistryEntry, SMoLoRAModel, Any]) -> Iterator[Any]:
     """The shared SMoLoRA engine: version 1 active, 2 slots, a tight token budget (128 per
-    step, so staggered prompts queue up behind each other instead of all prefilling at once)."""
+    step, so staggered prompts queue up behind each other instead of all prefilling at once),
+    the MLP deltas run on the overlap helper (`cpu_overlap="on"`, whatever the CPU count)."""
     yield from running_engine(
-        loop, model_dir=tiny_model_dir, checkpoint=version1[0].path, num_slots=2, trace_step_routes=16,
+        loop, model_dir=tiny_model_dir, checkpoint=version1[0].path, num_slots=2, trace_step_routes=16, cpu_overlap="on",
         max_num_seqs=16, max_model_len=128, max_num_batched_tokens=128, kv_cache_bytes=64 * 1024 * 1024,
     )
 
@@ -60,9 +61,10 @@ def base_engine(loop: LoopThread, tiny_model_dir: Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def preempting_engine(loop: LoopThread, tiny_model_dir: Path, version1: tuple[RegistryEntry, SMoLoRAModel, Any]) -> Iterator[Any]:
     """A SMoLoRA engine whose KV cache (256 tokens, 32-token blocks) is too small for its
-    requests, so vLLM preempts running requests and later recomputes them."""
+    requests, so vLLM preempts running requests and later recomputes them; no overlap helper
+    (the kernel adds the deltas in place)."""
     yield from running_engine(
-        loop, model_dir=tiny_model_dir, checkpoint=version1[0].path, num_slots=1, trace_step_routes=32,
+        loop, model_dir=tiny_model_dir, checkpoint=version1[0].path, num_slots=1, trace_step_routes=32, cpu_overlap="off",
         max_num_seqs=16, max_model_len=128, max_num_batched_tokens=128, kv_cache_bytes=256 * 1024,
         extra_engine_args={"block_size": 32},
     )

@@ -4,6 +4,8 @@ tested against the dense reference in `test_routed_dense_reference.py`."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,3 +167,116 @@ def test_bfloat16_calls_in_token_chunks_give_the_same_bits() -> None:
     f1, f2 = _run(whole, c, c["x"], y1), _run(chunked, c, c["x"], y2)
     assert torch.equal(y1, y2) and torch.equal(f1, f2)
     assert not torch.equal(y1, c["y"])
+
+
+@pytest.fixture
+def helper() -> Iterator[cpu_kernel.OverlapHelper]:
+    if cpu_kernel.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    h = cpu_kernel.OverlapHelper(cpu_kernel.spare_cpus())
+    yield h
+    h.close()
+
+
+def _bind(kernel: cpu_kernel.RoutedKernel, c: dict) -> tuple[cpu_kernel.BoundStep, torch.Tensor]:
+    fusion = torch.zeros(c["x"].shape[0], c["sub_row"].numel(), 2)
+    return kernel.bind(c["tok_slot"], c["tok_scale"], c["tok_vu"], c["tok_if"], fusion, fusion.stride(0)), fusion
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sub_rows", [(0, 1), (1,)])
+def test_overlap_helper_adds_the_kernels_delta(helper: cpu_kernel.OverlapHelper, dtype: torch.dtype,
+                                               sub_rows: tuple[int, ...]) -> None:
+    """A step run on the overlap helper (submit, then finish into y) adds exactly the delta
+    the kernel computes: float32 `y + delta` with delta the in-place call's on zeros (the
+    in-place call adds the two experts to y one after the other, so it may differ from this
+    in the last bit), bfloat16 bit for bit the in-place call. Fusion weights are identical;
+    the token without adapter and the sublayer without experts are untouched. Whether the
+    helper or the caller ran the job does not change a bit."""
+    c = _kernel_case(dtype, seed=7, sub_rows=sub_rows)
+    plain = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+    overlapped = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], helper=helper)
+    inplace = c["y"].clone()
+    fusion_inplace = _run(plain, c, c["x"], inplace)
+    if dtype == torch.float32:
+        delta = torch.zeros_like(c["y"])
+        _run(plain, c, c["x"], delta)
+        want = c["y"] + delta
+    else:
+        want = inplace
+    step, fusion = _bind(overlapped, c)
+    assert step.overlaps and not _bind(plain, c)[0].overlaps
+    results = []
+    for round_ in range(40):  # caller-run (helper asleep) and helper-run (active, caller busy)
+        got = c["y"].clone()
+        if round_ % 2:
+            with helper.active():
+                step.submit(c["x"])
+                time.sleep(0.002)
+                step.finish(got)
+        else:
+            step.submit(c["x"])
+            step.finish(got)
+        results.append(got)
+    ran_by_helper, ran_by_caller = helper.counts()
+    assert ran_by_helper + ran_by_caller == 40
+    if len(os.sched_getaffinity(0)) > 1:
+        assert ran_by_helper > 0, "the active helper never picked up a job while the caller slept"
+    for got in results:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(fusion, fusion_inplace, rtol=0, atol=0)
+    assert torch.equal(results[0][4], c["y"][4])
+    for half in {0, 1} - set(sub_rows):
+        cols = slice(half * 36, (half + 1) * 36)
+        assert torch.equal(results[0][:, cols], c["y"][:, cols])
+
+
+def test_overlap_helper_drains_an_abandoned_job(helper: cpu_kernel.OverlapHelper) -> None:
+    """A caller that fails between submit and finish (its base matmul raised) leaves a job
+    behind: the next submit, or leaving `active()`, waits for it and drops its result."""
+    c = _kernel_case(torch.float32, seed=8)
+    kernel = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], helper=helper)
+    step, _ = _bind(kernel, c)
+    want = c["y"].clone()
+    step.submit(c["x"])
+    step.finish(want)
+    step.submit(c["x"])  # abandoned
+    step.submit(c["x"])
+    got = c["y"].clone()
+    step.finish(got)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="boom"), helper.active():
+        step.submit(c["x"])
+        raise RuntimeError("boom")
+    step.submit(c["x"])  # no job left behind by the failed block
+    again = c["y"].clone()
+    step.finish(again)
+    assert torch.equal(again, want)
+    with pytest.raises(RuntimeError, match="no job"):
+        step.finish(again)
+
+
+def test_overlap_helper_takes_steps_up_to_the_scratch_budget(helper: cpu_kernel.OverlapHelper) -> None:
+    c = _kernel_case(torch.float32, seed=9)  # 9 tokens x 72 columns of float32 delta
+    small = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=8 * 4 * 72, helper=helper)
+    big = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=9 * 4 * 72, helper=helper)
+    assert not _bind(small, c)[0].overlaps and _bind(big, c)[0].overlaps
+
+
+def test_overlap_helper_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"off" never starts one; "auto" only for a single-threaded worker with a CPU to spare."""
+    if cpu_kernel.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    assert cpu_kernel.start_overlap_helper("off") is None
+    monkeypatch.setattr(cpu_kernel, "spare_cpus", lambda: ())
+    assert cpu_kernel.start_overlap_helper("auto") is None
+    on = cpu_kernel.start_overlap_helper("on")
+    assert on is not None and on.cpus == ()
+    on.close()
+    monkeypatch.setattr(cpu_kernel, "spare_cpus", lambda: (0,))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert cpu_kernel.start_overlap_helper("auto") is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    auto = cpu_kernel.start_overlap_helper("auto")
+    assert auto is not None and auto.cpus == (0,)
+    auto.close()

@@ -9,6 +9,7 @@ All tests share two engines (see conftest): `engine` (SMoLoRA, version 1 active)
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,10 @@ def test_mixed_batch_matches_reference(loop: LoopThread, engine: Any, version1: 
     _assert_routes_differ(results)
     health = loop.run(engine.health())
     assert health.ok and health.detail["partial_prefills"] == 0
+    overlap = health.detail["overlap"]  # the fixture asks for the overlap helper
+    assert overlap is not None and overlap["helper_jobs"] + overlap["caller_jobs"] > 0
+    if (os.cpu_count() or 1) > 1:
+        assert overlap["helper_jobs"] > 0, overlap
 
 
 def test_pinned_and_per_step_share_a_batch(loop: LoopThread, engine: Any, version1: Any) -> None:
@@ -276,6 +281,7 @@ def test_preempted_requests_match_reference(loop: LoopThread, preempting_engine:
     results = loop.run(collect_all(preempting_engine, reqs))
     stats = loop.run(preempting_engine.health()).detail
     assert stats["recomputed_requests"] > 0, "the KV cache was large enough: no preemption happened"
+    assert stats["overlap"] is None and stats["cpu_kernel_layers"] == stats["routed_layers"]  # in-place kernel calls
     for i, mode in enumerate(modes):
         one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
         _assert_matches_reference([results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step")

@@ -272,3 +272,64 @@ def test_steady_decode_binds_the_kernel_once_and_reads_each_steps_input(path: st
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         state.finish_step(step)
     assert binds == [n_req + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["kernel"])
+def test_overlapped_layer_matches_the_in_place_kernel(dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an overlap helper, the layer's delta starts before the base matmul
+    (`begin_delta`) and is added after it (`end_delta`): on the prompt step (which pins the
+    routes) and on three reused decode steps it gives the same routes, fusion weights and
+    outputs as `add_delta` on a layer without helper (bit for bit in bfloat16; in float32
+    the two experts' sum is added at once, so within rounding), and the dense reference's
+    delta. Each step binds the kernel once."""
+    names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT_BF16], 2 * D_OUT_BF16
+    n_req, slots = 8, [0, 1]
+    helper = cpu_kernel.OverlapHelper(cpu_kernel.spare_cpus())
+    binds = _count_binds(monkeypatch)
+    try:
+        layers = {}
+        for overlap in (None, helper):
+            layout = AdapterLayout(num_experts=E, rank=RANK, instruction_dim=384, num_slots=SLOTS)
+            state = RowRoutingState(layout, max_rows=n_req + 2, device=torch.device("cpu"))
+            adapter = RoutedAdapter(layout, names, offsets, D_IN, D_OUT_BF16, d_total, state, False, dtype, overlap)
+            state.finalize()
+            ckpts = [_checkpoint(10 + s, names, D_IN, D_OUT_BF16) for s in range(SLOTS)]
+            for s, ckpt in enumerate(ckpts):
+                adapter.load_slot(s, ckpt, state)
+                state.slot_scaling[s] = SCALING[s]
+                state.slot_versions[s] = {"version": s + 1}
+            layers[overlap is not None] = (adapter, state, ckpts)
+        outs: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+        for overlapped, (adapter, state, ckpts) in layers.items():
+            gen = torch.Generator().manual_seed(17)
+            added = [(i, SimpleNamespace(extra_args={"smolora": {"key": i, "slot": slots[i % 2], "instruction": torch.randn(384, generator=gen).tolist()}}),
+                      [0] * 3, []) for i in range(n_req)]
+            state.apply_batch_update(SimpleNamespace(removed=[], moved=[], added=added))
+            steps = [state.text_step(torch.arange(3).repeat(n_req), torch.arange(0, 3 * n_req + 1, 3), n_req, 3 * n_req)]
+            for i in range(4):
+                x = (torch.randn(steps[-1].token_row.shape[0], D_IN, generator=gen) * 3.0).to(dtype)
+                base = torch.randn(x.shape[0], d_total, generator=gen).to(dtype)
+                step = steps[-1]
+                if overlapped:
+                    pending = adapter.begin_delta(x, step)
+                    assert pending is not None and pending.submitted
+                    y = adapter.end_delta(pending, x, base.clone(), step)
+                else:
+                    y = adapter.add_delta(x, base.clone(), step)
+                outs[overlapped] += [y, step.fusion[:, adapter.columns].clone(), state.row_vu[:n_req].clone()]
+                if i:  # decode steps: token t is request t's
+                    stored = [{k: (v.to(dtype).float() if k.endswith(("lora_A", "lora_B")) else v) for k, v in c.items()} for c in ckpts]
+                    want, _ = _dense_reference(x.float(), state, adapter, stored, n_req, d_total, slots)
+                    tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+                    torch.testing.assert_close(y.float(), (base.float() + want).to(dtype).float(), rtol=tol, atol=tol)
+                state.finish_step(step)
+                steps.append(_decode_step(state, n_req - 1, 0) if i == 0 else steps[-1])
+        exact = dtype == torch.bfloat16
+        for a, b in zip(outs[False], outs[True]):
+            torch.testing.assert_close(b, a, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-5)
+        assert len({tuple(r.tolist()) for r in outs[True][2]}) > 1, "routes should differ across requests"
+        assert binds == [3 * n_req, n_req] * 2, "one bind per step layout, with and without the helper"
+        assert helper.counts()[0] + helper.counts()[1] == 4
+    finally:
+        helper.close()
