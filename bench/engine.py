@@ -93,6 +93,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shlex
 import statistics
 import sys
@@ -200,21 +201,53 @@ def hf_reference_tokens_per_s(smodel: SMoLoRAModel, processor: Any, prompts: lis
     return total / (time.perf_counter() - t0)
 
 
+def _engine_pids(engine: SMoLoRAEngine) -> list[int]:
+    """The engine-core process of a running engine and its children (the worker)."""
+    core = engine.vllm.engine_core.resources.engine_manager.processes[0].pid
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == core:
+                children.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return [core, *children]
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes (all their threads) have used so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path, v1_path: Path, smodel_next: SMoLoRAModel | None,
                       prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor],
-                      dtype: str = "float32") -> dict[str, Any]:
-    """Routed vs base tokens/s (best of alternating rounds); hot-load if `smodel_next`."""
+                      dtype: str = "float32", without_overlap: bool = False) -> dict[str, Any]:
+    """Tokens/s of the routed and base engines (and, with `without_overlap`, of a routed
+    engine with `cpu_overlap="off"`) over rounds in rotating order; the CPU seconds their
+    engine-core and worker processes use per 1,000 tokens; hot-load if `smodel_next`."""
     # One spare row, so the hot-load probe is admitted while `args.requests` requests stream
     # (otherwise its latency would be the wait for a streaming request to finish).
     common = dict(model_dir=model_dir, max_num_seqs=args.requests + 1, max_model_len=args.max_model_len,
                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mib << 20, dtype=dtype)
-    routed = await SMoLoRAEngine.start(EngineConfig(checkpoint=v1_path, num_slots=2, **common))
-    base = await SMoLoRAEngine.start(EngineConfig(adapters=False, **common))
+    configs = {"routed": EngineConfig(checkpoint=v1_path, num_slots=2, **common), "base": EngineConfig(adapters=False, **common)}
+    if without_overlap:
+        configs["routed_no_overlap"] = EngineConfig(checkpoint=v1_path, num_slots=2, cpu_overlap="off", **common)
+    engines: dict[str, SMoLoRAEngine] = {}
     out: dict[str, Any] = {}
     try:
-        await tokens_per_s(routed, requests(prompts, images, instr, args.max_tokens))  # warm-up
-        await tokens_per_s(base, requests(prompts, images, None, args.max_tokens))
-        routed_tps, base_tps = [], []
+        for name, config in configs.items():
+            engines[name] = await SMoLoRAEngine.start(config)
+        pids = {name: _engine_pids(e) for name, e in engines.items()}
+        names = list(engines)
+        routed_instr = {name: None if name == "base" else instr for name in names}
+        for name in names:  # warm-up
+            await tokens_per_s(engines[name], requests(prompts, images, routed_instr[name], args.max_tokens))
+        tps: dict[str, list[float]] = {name: [] for name in names}
+        cpu = {name: 0.0 for name in names}
         size = images[0].size[0]
         for i in range(args.rounds):
             # Fresh images every round, as real traffic has: vLLM's multimodal processor cache
@@ -222,30 +255,39 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
             # request's own key, so repeated images would let only the base engine skip
             # preprocessing.
             _, round_images, _ = workload(args.requests, size, seed=1000 + i)
-            # Which engine goes first alternates, so neither always runs right after the other.
-            for which in (("routed", "base") if i % 2 == 0 else ("base", "routed")):
-                if which == "routed":
-                    routed_tps.append(await tokens_per_s(routed, requests(prompts, round_images, instr, args.max_tokens)))
-                else:
-                    base_tps.append(await tokens_per_s(base, requests(prompts, round_images, None, args.max_tokens)))
-            logger.info("%s round: routed %.1f tok/s, base %.1f tok/s", model_dir.name, routed_tps[-1], base_tps[-1])
-        # Best round of each: on a shared machine other processes only ever slow a round down.
-        out["routed"], out["base"] = max(routed_tps), max(base_tps)
-        paired = [r / b for r, b in zip(routed_tps, base_tps)]
-        out["paired_median"] = statistics.median(paired)
-        out["paired_quartiles"] = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-        logger.info("%s: paired routed/base ratios per round %s (median %.3f)", model_dir.name,
-                    [round(r / b, 3) for r, b in zip(routed_tps, base_tps)],
-                    statistics.median(r / b for r, b in zip(routed_tps, base_tps)))
-        await base.shutdown()
+            # The order rotates (and reverses every other round), so no engine always runs
+            # right after the same other one.
+            order = names[i % len(names):] + names[:i % len(names)]
+            for name in (order if i % 2 == 0 else order[::-1]):
+                c0 = _cpu_seconds(pids[name])
+                tps[name].append(await tokens_per_s(engines[name], requests(prompts, round_images, routed_instr[name], args.max_tokens)))
+                cpu[name] += _cpu_seconds(pids[name]) - c0
+            logger.info("%s round: %s", model_dir.name, ", ".join(f"{n} {tps[n][-1]:.1f} tok/s" for n in names))
+        tokens = args.rounds * args.requests * args.max_tokens
+        for name in names:
+            paired = [r / b for r, b in zip(tps[name], tps["base"])]
+            out[name] = {
+                # Best round of each: on a shared machine other processes only ever slow a round down.
+                "tokens_per_s": max(tps[name]),
+                "paired_median": statistics.median(paired),
+                "paired_quartiles": statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3,
+                "cpu_s_per_1k_tokens": 1000 * cpu[name] / tokens,
+            }
+            if name != "base":
+                logger.info("%s %s: paired %s/base ratios per round %s (median %.3f)", model_dir.name, name, name,
+                            [round(x, 3) for x in paired], out[name]["paired_median"])
+        out["overlap"] = (await engines["routed"].health()).detail.get("overlap")
+        for name in names:
+            if name != "routed":
+                await engines.pop(name).shutdown()
         if smodel_next is not None:
             # Streams as long as the context allows, so they are still running during the load.
             long_reqs = requests(prompts, images, instr, args.max_model_len - 96)
             probe = requests(prompts[:1], images[:1], instr[:1], 4)[0]
-            out["hotload_s"] = await hotload_seconds(routed, registry, model_dir, smodel_next, long_reqs, probe)
+            out["hotload_s"] = await hotload_seconds(engines["routed"], registry, model_dir, smodel_next, long_reqs, probe)
     finally:
-        await base.shutdown()
-        await routed.shutdown()
+        for engine in engines.values():
+            await engine.shutdown()
     return out
 
 
@@ -262,7 +304,7 @@ def curve_point(args: argparse.Namespace, preset_name: str, cfg: SMoLoRAConfig, 
     del smodel
     prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
     eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, None, prompts, images, instr, dtype=dtype))
-    logger.info("%s: routed %.1f tok/s, base %.1f tok/s", name, eng["routed"], eng["base"])
+    logger.info("%s: routed %.1f tok/s, base %.1f tok/s", name, eng["routed"]["tokens_per_s"], eng["base"]["tokens_per_s"])
     return eng
 
 
@@ -280,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curve-presets", default="wide", help="comma-separated presets whose routed/base ratio is added as width_curve ('' for none)")
     parser.add_argument("--curve-dtypes", default="bfloat16",
                         help="comma-separated model dtypes whose routed/base ratio (main preset) is added as dtype_curve ('' for none)")
+    parser.add_argument("--without-overlap", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run a routed engine with cpu_overlap='off' in the headline rounds (without_overlap)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -293,27 +337,38 @@ def main(argv: list[str] | None = None) -> None:
         v1 = publish(registry, model_dir, smodel, "task1")
         smodel_next, _ = make_adapter(model_dir, 2, cfg)
         prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
-        eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, smodel_next, prompts, images, instr))
+        eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, smodel_next, prompts, images, instr,
+                                      without_overlap=args.without_overlap))
         hf = hf_reference_tokens_per_s(smodel, processor, prompts, images, instr, args.max_tokens)
         del smodel, smodel_next
         widths = {p: curve_point(args, p, cfg, Path(tmp)) for p in args.curve_presets.split(",") if p}
         dtypes = {d: curve_point(args, args.preset, cfg, Path(tmp), dtype=d) for d in args.curve_dtypes.split(",") if d}
+    routed, base = eng["routed"], eng["base"]
     result: dict[str, Any] = {
         "command": " ".join(["python", "bench/engine.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
         "preset": args.preset,
-        "routed_vs_base": eng["routed"] / eng["base"],
-        "routed_vs_base_paired_median": eng["paired_median"],
-        "routed_vs_base_paired_quartiles": eng["paired_quartiles"],
-        "routed_vs_hf_reference": eng["routed"] / hf,
+        "routed_vs_base": routed["tokens_per_s"] / base["tokens_per_s"],
+        "routed_vs_base_paired_median": routed["paired_median"],
+        "routed_vs_base_paired_quartiles": routed["paired_quartiles"],
+        "routed_vs_hf_reference": routed["tokens_per_s"] / hf,
         "hotload_s": eng["hotload_s"],
-        "tokens_per_s": {"routed": eng["routed"], "base": eng["base"], "hf_reference": hf},
+        "tokens_per_s": {"routed": routed["tokens_per_s"], "base": base["tokens_per_s"], "hf_reference": hf},
+        "cpu_s_per_1k_tokens": {"routed": routed["cpu_s_per_1k_tokens"], "base": base["cpu_s_per_1k_tokens"]},
+        "overlap": eng["overlap"],
     }
+    if "routed_no_overlap" in eng:
+        off = eng["routed_no_overlap"]
+        result["without_overlap"] = {
+            "routed_vs_base": off["tokens_per_s"] / base["tokens_per_s"], "routed_vs_base_paired_median": off["paired_median"],
+            "tokens_per_s": off["tokens_per_s"], "cpu_s_per_1k_tokens": off["cpu_s_per_1k_tokens"]}
     if widths:
-        result["width_curve"] = {args.preset: result["routed_vs_base"], **{p: e["routed"] / e["base"] for p, e in widths.items()}}
+        result["width_curve"] = {args.preset: result["routed_vs_base"],
+                                 **{p: e["routed"]["tokens_per_s"] / e["base"]["tokens_per_s"] for p, e in widths.items()}}
     if dtypes:
         result["dtype_curve"] = {"float32": result["routed_vs_base"], **{
-            d: {"routed_vs_base": e["routed"] / e["base"], "routed_vs_base_paired_median": e["paired_median"],
-                "tokens_per_s": {"routed": e["routed"], "base": e["base"]}}
+            d: {"routed_vs_base": e["routed"]["tokens_per_s"] / e["base"]["tokens_per_s"],
+                "routed_vs_base_paired_median": e["routed"]["paired_median"],
+                "tokens_per_s": {"routed": e["routed"]["tokens_per_s"], "base": e["base"]["tokens_per_s"]}}
             for d, e in dtypes.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

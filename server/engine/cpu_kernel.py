@@ -15,6 +15,9 @@ its `libgomp.so.1` resolves to the copy torch has already loaded (same soname), 
 are torch's own intra-op threads (`torch.set_num_threads` applies), not a second pool. If
 the compiler cannot build with OpenMP, the kernel is built single-threaded.
 
+`OverlapHelper` is a thread of the same library that runs a layer's delta on a spare CPU
+while the caller runs the layer's base matmul (`AdapterLayout.cpu_overlap`).
+
 The shared object is cached under `$SMOLORA_KERNEL_CACHE` (default
 `~/.cache/smolora/kernels`), keyed by the source, the flags, the compiler and this CPU's
 feature flags (it is built with `-march=native`), and written atomically, so concurrent
@@ -34,7 +37,7 @@ import tempfile
 from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -351,9 +354,16 @@ class OverlapHelper:
     def counts(self) -> tuple[int, int]:
         """(jobs run by the helper, jobs the caller ran itself because the helper had not
         started them)."""
-        out = (ctypes.c_int64 * 2)()
+        stats = self.stats()
+        return stats["helper_jobs"], stats["caller_jobs"]
+
+    def stats(self) -> dict[str, Any]:
+        """Job counts (`counts`), and the caller's seconds spent waiting in `finish` for the
+        helper (`wait_s`: what overlapping did not hide) and running jobs itself (`caller_s`)."""
+        out = (ctypes.c_int64 * 4)()
         self._lib.smolora_helper_counts(self._handle, out)
-        return int(out[0]), int(out[1])
+        return {"cpus": list(self.cpus), "helper_jobs": int(out[0]), "caller_jobs": int(out[1]),
+                "wait_s": out[2] / 1e9, "caller_s": out[3] / 1e9}
 
     def close(self) -> None:
         """Stop the thread (after the pending job, if any)."""

@@ -19,7 +19,8 @@ Only the two routed experts per token and sublayer are computed, on one of two p
   one for B).
 Both read the fusion logit in rank space, `f . (B z) = (B^T f) . z`, before B, and scale z
 by the fusion weights, so one B product gives the fused delta. No Python loop over requests
-or experts.
+or experts. With an overlap helper (`cpu_kernel.OverlapHelper`), a text-side kernel step can
+start before the base matmul and be added after it (`begin_delta` / `end_delta`).
 
 It does not decide rows or prompt tokens (`row_state.py`) or read checkpoints
 (`worker_extension.py`).

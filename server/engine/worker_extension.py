@@ -105,19 +105,14 @@ class SMoLoRAWorkerExtension:
     def smolora_stats(self) -> dict[str, Any]:
         """Counters: rows in use, parked traces, split prompts seen, requests that came back
         into the batch (and were recomputed after preemption), steps run; routed layers, and
-        how many of them have run on the compiled CPU kernel; the overlap helper's CPUs and
-        jobs (`overlap`: None when there is none; `caller_jobs` are those the worker ran
-        itself because the helper had not started them)."""
+        how many of them have run on the compiled CPU kernel; the overlap helper's CPUs, jobs
+        and waits (`overlap`: None when there is none; see `OverlapHelper.stats`)."""
         model = self._smolora_model()
         state = model.smolora_state
         adapters = model.routed_adapters()
         helper = model.overlap_helper
-        overlap = None
-        if helper is not None:
-            helper_jobs, caller_jobs = helper.counts()
-            overlap = {"cpus": list(helper.cpus), "helper_jobs": helper_jobs, "caller_jobs": caller_jobs}
         return {
-            "overlap": overlap,
+            "overlap": helper.stats() if helper is not None else None,
             "routed_layers": len(adapters),
             "cpu_kernel_layers": sum(a.uses_cpu_kernel for a in adapters),
             "adapter_dtype": str(adapters[0].lora_a.dtype).removeprefix("torch.") if adapters else None,

@@ -43,6 +43,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -552,6 +553,7 @@ typedef struct smolora_helper {
     _Atomic int stop;
     _Atomic int active;
     _Atomic int64_t jobs_helper, jobs_caller;
+    int64_t wait_ns, caller_ns;   /* caller side only: time finish waited for the helper / ran jobs itself */
     helper_job job;
     float *delta;
     size_t delta_cap;   /* floats */
@@ -562,6 +564,12 @@ static void run_job(smolora_helper *h) {
     j->rc = routed_delta(j->bf16, j->n_tok, j->n_slot, j->n_sub, j->n_exp, j->rp, j->d_in, j->d_out, j->sub_row,
                          j->lora_a, j->lora_b, j->fuse_r, j->tok_slot, j->tok_scale, j->tok_vu, j->tok_if,
                          j->fusion, j->fusion_stride, INT64_MAX, j->x, j->x_stride, NULL, 0, h->delta);
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static void *helper_main(void *arg) {
@@ -639,10 +647,13 @@ void smolora_helper_stop(smolora_helper *h) {
     free(h);
 }
 
-/* Jobs run so far by the helper thread and by callers (finish found them not started). */
+/* out[0..4): jobs run so far by the helper thread, jobs callers ran (finish found them not
+ * started), nanoseconds callers waited in finish for the helper, nanoseconds they ran jobs. */
 void smolora_helper_counts(smolora_helper *h, int64_t *out) {
     out[0] = atomic_load(&h->jobs_helper);
     out[1] = atomic_load(&h->jobs_caller);
+    out[2] = h->wait_ns;
+    out[3] = h->caller_ns;
 }
 
 /* Post one routed-delta job (the arguments of smolora_routed_delta_*, without y). The tensors
@@ -680,9 +691,11 @@ int smolora_helper_submit(
  * was pending. */
 int smolora_helper_finish(smolora_helper *h, void *y, int64_t y_stride) {
     int expected = JOB_POSTED;
+    const int64_t t0 = now_ns();
     if (atomic_compare_exchange_strong(&h->state, &expected, JOB_RUNNING)) {
         run_job(h);
         atomic_fetch_add(&h->jobs_caller, 1);
+        h->caller_ns += now_ns() - t0;
     } else if (expected == JOB_EMPTY) {
         return 5;
     } else {
@@ -691,6 +704,7 @@ int smolora_helper_finish(smolora_helper *h, void *y, int64_t y_stride) {
             __builtin_ia32_pause();
 #endif
         }
+        h->wait_ns += now_ns() - t0;
     }
     const helper_job *j = &h->job;
     const int rc = j->rc;
