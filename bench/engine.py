@@ -19,9 +19,39 @@ seen (see `run_engines`).
 
 `--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`), and
 `--curve-dtypes bfloat16` that of the same model served in bfloat16 (`dtype_curve`).
+The headline rounds also run a routed engine with `cpu_overlap="off"` (`without_overlap`;
+`--no-without-overlap` skips it), and every engine's engine-core + worker processes' CPU
+seconds per 1,000 output tokens are written (`cpu_s_per_1k_tokens`), with the overlap
+helper's job counts and waits (`overlap`).
 
-Where the routed engine's time goes (small preset, E=8, rank 128, 16 requests x 128
-tokens, 2-core CPU; per-call timers inside vLLM's worker, 10 rounds): the forward takes
+Overlap (`cpu_overlap`, "auto" by default; on here): vLLM's CPU worker computes on one
+thread bound to CPU 0 and leaves CPU 1 to its engine core and the API process, which
+spend the forward waiting for the worker, the engine core by spinning on sched_yield. A
+helper thread of the kernel library on CPU 1 computes each MLP layer's delta while the
+worker runs the layer's base matmul (`server/engine/README.md`). Per-thread CPU of one
+engine under this load (`/proc`, 4 rounds): base: worker 97%, engine core 83%, API
+process 13%; routed with the helper: worker 98%, helper 60%, engine core 22%, API process
+15%. So the helper mostly takes CPU time the engine core spent spinning; per token the
+routed engine's processes still use more CPU than the base engine's
+(`cpu_s_per_1k_tokens`). The base engine cannot put that CPU to work itself: with
+`VLLM_CPU_NUM_OF_RESERVED_CPU=0` (two OpenMP threads, no CPU reserved) it ran at 0.41-0.43 of
+its one-thread speed (15 paired rounds), its OpenMP barriers competing with the engine core.
+Measured while building the helper (three-engine harness, 11-21 rounds): its first
+version entered an OpenMP region on its first job, and libgomp bound it to the worker's
+CPU (vLLM sets OMP_PLACES), so it competed with the worker: the worker ran 90-96% of the
+jobs itself, at 0.83 (helper polling with sched_yield) and 0.54 (polling without
+yielding) of no overlap (paired medians). With serial kernel calls kept out of OpenMP:
+0.959 (best rounds) / 0.919 (paired median) of base against 0.885 / 0.860 without overlap
+in the same run. Sleeping on a futex between jobs instead of polling through the forward:
+0.900 / 0.892 against 0.911 / 0.926; polling with sched_yield: 0.903 / 0.917 against
+0.935 / 0.931 (neither better). With the helper's jobs made no-ops: 0.975 / 0.931 of base;
+with the kernel's decode calls made no-ops and no helper: 0.897 / 0.901 (21 rounds each):
+on this machine in this session, routing's bookkeeping (routes, traces, the Python around
+the adapters) costs more than the kernel work the helper leaves on the worker (adding the
+delta, waiting: `overlap.wait_s`).
+
+Where the routed engine's time went without overlap (small preset, E=8, rank 128, 16
+requests x 128 tokens, 2-core CPU; per-call timers inside vLLM's worker, 10 rounds): the forward takes
 ~75 ms more per round of 2048 tokens than the base engine's (~420 ms per round). The
 routed layers' CPU kernel is ~45 ms of that: ~30 ms in ~1016 decode calls (gate/up ~35-43
 us, down ~23-26 us per call inside the forward, against ~15 and ~9 us when the weights are

@@ -524,11 +524,9 @@ int smolora_row_sums_f32(int64_t n_tok, int64_t d, const float *x, int64_t x_str
  * the caller runs the job itself: waiting is never longer than doing the work. Either way the
  * arithmetic is the same, so the result does not depend on which thread ran it.
  * One job at a time. While the caller is inside a forward (smolora_helper_set_active) the
- * helper polls for jobs without yielding its CPU, so it starts one within a microsecond; out
- * of a forward it sleeps on a condition variable. (Polling with sched_yield does not work:
- * the kernel's EEVDF scheduler pushes a yielding thread's deadline back a whole slice per
- * yield, so on a CPU shared with vLLM's engine core, which itself waits by yielding, the
- * helper started one job in ten before the caller gave up waiting and ran it.)
+ * helper polls for jobs (a pause loop: polling with sched_yield measured no better), so it
+ * starts one within a microsecond; out of a forward it sleeps on a condition variable.
+ * It never enters OpenMP (PFOR above): libgomp would bind it to the worker's CPUs.
  * The handle belongs to the process that created it (threads do not survive fork). */
 
 enum { JOB_EMPTY, JOB_POSTED, JOB_RUNNING, JOB_DONE };
