@@ -274,6 +274,11 @@ class BoundStep:
         """Wait for the submitted delta and add it to `y` (the same result as calling the step
         with `(x, y)`, up to the order of one addition in float32; bit-identical in bfloat16)."""
         assert self._helper is not None, "this step does not overlap"
+        kernel = self._keep[0]
+        if y.dtype != kernel.dtype or y.shape[0] != self._n_tok or y.stride(-1) != 1:
+            self._helper.drain()
+            raise ValueError(f"kernel built for {kernel.dtype} and {self._n_tok} tokens got y {y.dtype} "
+                             f"{tuple(y.shape)} with strides {y.stride()}")
         self._helper.finish(y)
 
     def __call__(self, x: Tensor, y: Tensor) -> None:

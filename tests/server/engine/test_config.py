@@ -31,3 +31,13 @@ def test_other_invariants(model_dir: Path) -> None:
     with pytest.raises(EngineConfigError, match="target_modules"):
         AdapterLayout(target_modules=("self_attn.q_proj",))
     assert AdapterLayout.from_dict(AdapterLayout(num_slots=3).to_dict()).num_slots == 3
+
+
+def test_cpu_overlap_is_auto_on_or_off(model_dir: Path) -> None:
+    with pytest.raises(EngineConfigError, match="cpu_overlap"):
+        EngineConfig(model_dir=model_dir, layout=AdapterLayout(), cpu_overlap="always")  # type: ignore[arg-type]
+    with pytest.raises(EngineConfigError, match="cpu_overlap"):
+        AdapterLayout(cpu_overlap="yes")  # type: ignore[arg-type]
+    layout = AdapterLayout.from_smolora_config({"num_experts": 8, "rank": 64}, num_slots=1, trace_step_routes=0, cpu_overlap="off")
+    assert layout.cpu_overlap == "off" and AdapterLayout.from_dict(layout.to_dict()).cpu_overlap == "off"
+    assert AdapterLayout().cpu_overlap == "auto"

@@ -254,6 +254,12 @@ def test_overlap_helper_drains_an_abandoned_job(helper: cpu_kernel.OverlapHelper
     assert torch.equal(again, want)
     with pytest.raises(RuntimeError, match="no job"):
         step.finish(again)
+    step.submit(c["x"])
+    with pytest.raises(ValueError, match="got y torch.float64"):  # a wrong output: the job is dropped
+        step.finish(again.double())
+    step.submit(c["x"])
+    step.finish(again := c["y"].clone())
+    assert torch.equal(again, want)
 
 
 def test_overlap_helper_takes_steps_up_to_the_scratch_budget(helper: cpu_kernel.OverlapHelper) -> None:
