@@ -34,10 +34,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,8 +123,6 @@ def load_kernel() -> ctypes.CDLL | None:
     sums.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR]
     lib.smolora_helper_start.restype = _PTR
     lib.smolora_helper_start.argtypes = [_PTR, _I64]
-    lib.smolora_helper_set_active.restype = None
-    lib.smolora_helper_set_active.argtypes = [_PTR, _I64]
     lib.smolora_helper_stop.restype = None
     lib.smolora_helper_stop.argtypes = [_PTR]
     lib.smolora_helper_counts.restype = None
@@ -300,8 +297,7 @@ class OverlapHelper:
     wants it, the caller runs it itself, so a busy or sleeping helper costs no more than
     not overlapping. One job at a time; owned by the process that started it.
 
-    While active (`active()`, around a model forward) the helper polls for jobs and keeps
-    one of `cpus` busy; otherwise it sleeps.
+    Between jobs the helper sleeps (it uses a CPU only while it computes).
 
     Args:
         cpus: CPUs the helper may run on (empty: not pinned).
@@ -325,16 +321,6 @@ class OverlapHelper:
         self._finish = partial(lib.smolora_helper_finish, handle)
         self._pending: tuple[object, Tensor] | None = None  # keeps a posted job's tensors alive
         self._pid = os.getpid()
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        """Keep the helper polling for jobs inside this block (a model forward)."""
-        self._lib.smolora_helper_set_active(self._handle, 1)
-        try:
-            yield
-        finally:
-            self.drain()
-            self._lib.smolora_helper_set_active(self._handle, 0)
 
     def submit(self, args: tuple, x: Tensor, owner: object) -> None:
         """Post a job (`BoundStep.submit`); a job still pending (its caller failed before

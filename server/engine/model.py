@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -256,9 +255,12 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         if intermediate_tensors is not None:
             inputs_embeds = None
         step = self._text_step(positions)
-        helper = self.overlap_helper if step is not None else None
-        with self.scope.active(step), helper.active() if helper is not None else nullcontext():
-            hidden = self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        try:
+            with self.scope.active(step):
+                hidden = self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        finally:
+            if self.overlap_helper is not None:
+                self.overlap_helper.drain()  # a layer that raised may have left a job behind
         if step is not None:
             self.smolora_state.finish_step(step)  # type: ignore[union-attr]
         return hidden

@@ -523,10 +523,10 @@ int smolora_row_sums_f32(int64_t n_tok, int64_t d, const float *x, int64_t x_str
  * If the helper has not started the job when finish is called (it was asleep or descheduled),
  * the caller runs the job itself: waiting is never longer than doing the work. Either way the
  * arithmetic is the same, so the result does not depend on which thread ran it.
- * One job at a time. While the caller is inside a forward (smolora_helper_set_active) the
- * helper polls for jobs (a pause loop: polling with sched_yield measured no better), so it
- * starts one within a microsecond; out of a forward it sleeps on a condition variable.
- * It never enters OpenMP (PFOR above): libgomp would bind it to the worker's CPUs.
+ * One job at a time. The helper sleeps on a condition variable until a job is posted, so it
+ * uses its CPU only while it computes (polling through a forward instead was no faster, and
+ * it delayed the engine core and API process that share that CPU). It never enters OpenMP
+ * (PFOR above): libgomp would bind it to the worker's CPUs.
  * The handle belongs to the process that created it (threads do not survive fork). */
 
 enum { JOB_EMPTY, JOB_POSTED, JOB_RUNNING, JOB_DONE };
@@ -549,7 +549,6 @@ typedef struct smolora_helper {
     _Atomic int state;
     _Atomic int sleeping;
     _Atomic int stop;
-    _Atomic int active;
     _Atomic int64_t jobs_helper, jobs_caller;
     int64_t wait_ns, caller_ns;   /* caller side only: time finish waited for the helper / ran jobs itself */
     helper_job job;
@@ -573,21 +572,11 @@ static int64_t now_ns(void) {
 static void *helper_main(void *arg) {
     smolora_helper *h = arg;
     for (;;) {
-        /* Poll while the caller is in a forward (active); sleep otherwise. */
-        while (atomic_load(&h->state) != JOB_POSTED && !atomic_load(&h->stop)) {
-            if (atomic_load(&h->active)) {
-#ifdef __x86_64__
-                __builtin_ia32_pause();
-#endif
-                continue;
-            }
-            pthread_mutex_lock(&h->mu);
-            atomic_store(&h->sleeping, 1);
-            while (atomic_load(&h->state) != JOB_POSTED && !atomic_load(&h->active) && !atomic_load(&h->stop))
-                pthread_cond_wait(&h->cv, &h->mu);
-            atomic_store(&h->sleeping, 0);
-            pthread_mutex_unlock(&h->mu);
-        }
+        pthread_mutex_lock(&h->mu);
+        atomic_store(&h->sleeping, 1);
+        while (atomic_load(&h->state) != JOB_POSTED && !atomic_load(&h->stop)) pthread_cond_wait(&h->cv, &h->mu);
+        atomic_store(&h->sleeping, 0);
+        pthread_mutex_unlock(&h->mu);
         if (atomic_load(&h->stop)) return NULL;
         int expected = JOB_POSTED;
         if (atomic_compare_exchange_strong(&h->state, &expected, JOB_RUNNING)) {
@@ -604,13 +593,6 @@ static void wake(smolora_helper *h) {
         pthread_cond_signal(&h->cv);
         pthread_mutex_unlock(&h->mu);
     }
-}
-
-/* active 1: the caller enters a forward; the helper polls for jobs (one CPU busy) until
- * active 0, when it sleeps until the next job or activation. */
-void smolora_helper_set_active(smolora_helper *h, int64_t active) {
-    atomic_store(&h->active, (int)(active != 0));
-    if (active) wake(h);
 }
 
 /* Start a helper pinned to cpus[0..n_cpus) (n_cpus 0: not pinned). NULL if it cannot start. */
