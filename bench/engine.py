@@ -28,27 +28,30 @@ Overlap (`cpu_overlap`, "auto" by default; on here): vLLM's CPU worker computes 
 thread bound to CPU 0 and leaves CPU 1 to its engine core and the API process, which
 spend the forward waiting for the worker, the engine core by spinning on sched_yield. A
 helper thread of the kernel library on CPU 1 computes each MLP layer's delta while the
-worker runs the layer's base matmul (`server/engine/README.md`). Per-thread CPU of one
-engine under this load (`/proc`, 4 rounds): base: worker 97%, engine core 83%, API
-process 13%; routed with the helper: worker 98%, helper 60%, engine core 22%, API process
-15%. So the helper mostly takes CPU time the engine core spent spinning; per token the
-routed engine's processes still use more CPU than the base engine's
-(`cpu_s_per_1k_tokens`). The base engine cannot put that CPU to work itself: with
-`VLLM_CPU_NUM_OF_RESERVED_CPU=0` (two OpenMP threads, no CPU reserved) it ran at 0.41-0.43 of
-its one-thread speed (15 paired rounds), its OpenMP barriers competing with the engine core.
-Measured while building the helper (three-engine harness, 11-21 rounds): its first
-version entered an OpenMP region on its first job, and libgomp bound it to the worker's
-CPU (vLLM sets OMP_PLACES), so it competed with the worker: the worker ran 90-96% of the
-jobs itself, at 0.83 (helper polling with sched_yield) and 0.54 (polling without
-yielding) of no overlap (paired medians). With serial kernel calls kept out of OpenMP:
-0.959 (best rounds) / 0.919 (paired median) of base against 0.885 / 0.860 without overlap
-in the same run. Sleeping on a futex between jobs instead of polling through the forward:
-0.900 / 0.892 against 0.911 / 0.926; polling with sched_yield: 0.903 / 0.917 against
-0.935 / 0.931 (neither better). With the helper's jobs made no-ops: 0.975 / 0.931 of base;
-with the kernel's decode calls made no-ops and no helper: 0.897 / 0.901 (21 rounds each):
-on this machine in this session, routing's bookkeeping (routes, traces, the Python around
-the adapters) costs more than the kernel work the helper leaves on the worker (adding the
-delta, waiting: `overlap.wait_s`).
+worker runs the layer's base matmul, and sleeps between jobs (`server/engine/README.md`).
+Per-thread CPU of one engine under this load (`/proc`, 4 rounds): base: worker 97%, engine
+core 83%, API process 13%; routed: worker 97%, helper 8% (the kernel's work), engine core
+74%, API process 16%. Per token the routed engine's
+processes use more CPU than the base engine's (`cpu_s_per_1k_tokens`). The base engine
+cannot put CPU 1 to work itself: with `VLLM_CPU_NUM_OF_RESERVED_CPU=0` (two OpenMP
+threads, no CPU reserved) it ran at 0.41-0.43 of its one-thread speed (15 paired rounds),
+its OpenMP barriers competing with the engine core.
+Measured while building the helper (three-engine harness, 11-31 rounds; best rounds /
+paired median of base): its first version entered an OpenMP region on its first job, and
+libgomp bound it to the worker's CPU (vLLM sets OMP_PLACES), so it competed with the
+worker, which ran 90-96% of the jobs itself: 0.83 (helper polling with sched_yield) and
+0.54 (polling without yielding) of no overlap. With serial kernel calls kept out of
+OpenMP, a helper polling through each forward: 0.959 / 0.919 against 0.885 / 0.860 without
+overlap. Polling against sleeping between jobs: 0.911 / 0.926 against 0.900 / 0.892, and
+0.885 / 0.870 against 0.877 / 0.866 in 31 rounds; polling with sched_yield: 0.903 / 0.917
+(against 0.935 / 0.931). All within the noise, so the helper sleeps: polling kept CPU 1
+busy and raised the engine core's mean scheduling delay there (`perf sched latency`, 1.5 s
+of load) to 0.55 ms, against 0.10 ms with a sleeping helper and 0.14 ms in the base engine
+(API process: 0.83, 0.25 and 0.31 ms). With the helper's jobs made no-ops: 0.975 / 0.931 of
+base; with the kernel's decode calls made no-ops and no helper: 0.897 / 0.901 (21 rounds
+each): on this machine in this session, routing's bookkeeping (routes, traces, the Python
+around the adapters, a longer step gap) costs more than the kernel work the helper leaves
+on the worker (adding the delta, waiting: `overlap.wait_s`).
 
 Where the routed engine's time went without overlap (small preset, E=8, rank 128, 16
 requests x 128 tokens, 2-core CPU; per-call timers inside vLLM's worker, 10 rounds): the forward takes
