@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from smolora.adapters.config_dicts import config_from_dict, config_to_dict
 from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES, INSTRUCTION_DIM
@@ -37,6 +37,11 @@ CpuOverlap = Literal["auto", "on", "off"]
 
 class EngineConfigError(ValueError):
     """An engine configuration cannot serve SMoLoRA correctly; the message says what to change."""
+
+
+def _check_cpu_overlap(value: str) -> None:
+    if value not in get_args(CpuOverlap):
+        raise EngineConfigError(f"cpu_overlap must be 'auto', 'on' or 'off', got {value!r}")
 
 
 @dataclass
@@ -76,8 +81,7 @@ class AdapterLayout:
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
-        if self.cpu_overlap not in ("auto", "on", "off"):
-            raise EngineConfigError(f"cpu_overlap must be 'auto', 'on' or 'off', got {self.cpu_overlap!r}")
+        _check_cpu_overlap(self.cpu_overlap)
         if self.num_experts < 2 or self.num_experts % 2:
             raise EngineConfigError(f"num_experts must be even and >= 2, got {self.num_experts}")
         if self.rank < self.num_experts or self.rank % self.num_experts:
@@ -191,8 +195,7 @@ class EngineConfig:
             self.checkpoint = Path(self.checkpoint)
         if not (self.model_dir / "config.json").is_file():
             raise EngineConfigError(f"{self.model_dir}: no config.json; pass a HF LLaVA model folder")
-        if self.cpu_overlap not in ("auto", "on", "off"):
-            raise EngineConfigError(f"cpu_overlap must be 'auto', 'on' or 'off', got {self.cpu_overlap!r}")
+        _check_cpu_overlap(self.cpu_overlap)
         if self.vu_routing not in ("pinned", "per_step"):
             raise EngineConfigError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
         if self.adapters:

@@ -181,12 +181,13 @@ class RoutedKernel:
         self._head = (n_slot, n_sub, n_exp, rp, d_in, lora_b.shape[-1],
                       sub_row.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), fuse_r.data_ptr())
         y_cols = (int(sub_row.max()) + 1) * lora_b.shape[-1] if sub_row.numel() else 1
+        scratch_tokens = max_scratch_bytes // (4 * y_cols)  # tokens whose float32 delta fits the budget
         #: Most tokens per kernel call (None: no limit); see `max_scratch_bytes`.
-        self.chunk_tokens = None if self.dtype == torch.float32 else max(1, max_scratch_bytes // (4 * y_cols))
+        self.chunk_tokens = None if self.dtype == torch.float32 else max(1, scratch_tokens)
         #: The overlap helper steps may run on, and the most tokens it takes per step (its
         #: float32 delta buffer is bounded like the bfloat16 scratch).
         self.helper = helper
-        self.helper_max_tokens = max_scratch_bytes // (4 * y_cols)
+        self.helper_max_tokens = scratch_tokens
 
     def bind(self, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor, fusion: Tensor,
              fusion_stride: int) -> "BoundStep":

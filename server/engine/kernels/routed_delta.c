@@ -298,6 +298,13 @@ static void widen_rows(const bf16_t *x, int64_t x_stride, int64_t n, int64_t d, 
     }
 }
 
+/* Columns of a token's delta row: the adapted sublayers' output rows, up to the last one. */
+static int64_t delta_cols(int64_t n_sub, const int64_t *sub_row, int64_t d_out) {
+    int64_t rows = 0;
+    for (int64_t j = 0; j < n_sub; ++j) rows = sub_row[j] + 1 > rows ? sub_row[j] + 1 : rows;
+    return rows * d_out;
+}
+
 /* y[t, sub j] += delta[t, sub j] for the tokens with an adapter, delta float32 [n_tok, y_cols]
  * (bf16: y = bf16(y + delta), rounded once, to nearest even). */
 static void add_delta_rows(int bf16, int64_t n_tok, int64_t n_sub, int64_t d_out, const int64_t *sub_row,
@@ -352,9 +359,7 @@ static int routed_delta(
     const float **cs = malloc((size_t)n_rows * sizeof *cs);
     /* float32 views of x and y: the tensors themselves, or (bf16) a widened copy of x and a
      * zeroed delta buffer of y's adapted columns. */
-    int64_t y_cols = 0;
-    for (int64_t j = 0; j < n_sub; ++j) y_cols = sub_row[j] + 1 > y_cols ? sub_row[j] + 1 : y_cols;
-    y_cols *= d_out;
+    const int64_t y_cols = delta_cols(n_sub, sub_row, d_out);
     const int buffered = bf16 || delta_out;
     float *xw = bf16 ? malloc((size_t)(n_tok * d_in) * sizeof *xw) : NULL;
     float *yd = delta_out ? delta_out : bf16 ? malloc((size_t)(n_tok * y_cols) * sizeof *yd) : NULL;
@@ -648,9 +653,7 @@ int smolora_helper_submit(
     (void)min_parallel_work;  /* the helper runs single-threaded */
     if (atomic_load(&h->state) != JOB_EMPTY) return 4;
     if (rp > MAX_RANK) return 1;
-    int64_t y_cols = 0;
-    for (int64_t j = 0; j < n_sub; ++j) y_cols = sub_row[j] + 1 > y_cols ? sub_row[j] + 1 : y_cols;
-    y_cols *= d_out;
+    const int64_t y_cols = delta_cols(n_sub, sub_row, d_out);
     const size_t need = (size_t)(n_tok * y_cols);
     if (need > h->delta_cap) {
         float *grown = realloc(h->delta, need * sizeof *grown);
