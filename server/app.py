@@ -12,7 +12,8 @@ On shutdown the watcher stops and the engine context exits.
 
 `GuardMiddleware` bounds request bodies (413 before any parsing) and counts chat
 completion responses by status code. It does not know about vLLM: the engine arrives
-through `engine_factory` (`server/engine_bridge.py` provides the vLLM one).
+through `engine_factory` (`server/engine_factory.py` provides the vLLM one), an async
+context manager yielding an `EngineClient` (`server/engine/protocol.py`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from smolora.server.api.admission import AdmissionController
 from smolora.server.api.chat.router import router as chat_router
 from smolora.server.api.checkpoints.router import router as checkpoints_router
 from smolora.server.api.checkpoints.serving import VersionManager
-from smolora.server.api.engine_protocol import ServingEngine
 from smolora.server.api.errors import PayloadTooLargeError, install_exception_handlers
 from smolora.server.api.health.router import router as health_router
 from smolora.server.api.models.router import router as models_router
 from smolora.server.api.state import ServerState
+from smolora.server.engine.protocol import EngineClient
 from smolora.server.images import ImageLimits, ImageLoader, RemoteImageFetcher
 from smolora.server.instruction_source import Embedder, InstructionResolver
 from smolora.server.metrics import Metrics
@@ -45,7 +46,7 @@ from smolora.server.settings import ServerSettings
 
 log = logging.getLogger("smolora.server")
 
-EngineFactory = Callable[[ServerSettings], AbstractAsyncContextManager[ServingEngine]]
+EngineFactory = Callable[[ServerSettings], AbstractAsyncContextManager[EngineClient]]
 EmbedderFactory = Callable[[], Embedder]
 CHAT_PATH = "/v1/chat/completions"
 
@@ -186,7 +187,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory, *,
 
     Args:
         settings: server settings.
-        engine_factory: `settings -> async context manager yielding a ServingEngine`.
+        engine_factory: `settings -> async context manager yielding an EngineClient`.
         embedder_factory: builds the instruction encoder (MiniLM by default).
         image_transport: httpx transport for remote image fetches (tests pass a mock).
 

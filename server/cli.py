@@ -6,7 +6,7 @@ no checkpoint registry, no instruction encoder, no checkpoint admin routes.
 Builds `ServerSettings` from arguments (API keys from files or, read once here at start-up,
 the environment variables `SMOLORA_API_KEYS` (comma-separated) and
 `SMOLORA_ADMIN_API_KEY`, so keys never appear in `ps`), creates the app with the vLLM
-engine factory of `server/engine_bridge.py`, and runs uvicorn. `--port 0` lets the OS
+engine factory of `server/engine_factory.py`, and runs uvicorn. `--port 0` lets the OS
 pick a free port; `--port-file` receives the bound port once the server listens (what
 tests and supervisors poll for).
 """
@@ -113,7 +113,7 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
     import uvicorn
 
     from smolora.server.app import create_app
-    from smolora.server.engine_bridge import vllm_engine_factory
+    from smolora.server.engine_factory import vllm_engine_factory
 
     app = create_app(settings, vllm_engine_factory)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),

@@ -17,7 +17,7 @@ from typing import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from smolora.server.api.engine_protocol import LayerRoute
+from smolora.server.engine.protocol import LayerRoute
 
 # Latency buckets spanning a tiny CPU model (ms) to a 7B model on a busy GPU (tens of s).
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)

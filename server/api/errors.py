@@ -5,7 +5,8 @@ Every error a caller can see has the shape the OpenAI SDK parses:
 Handlers cover our own `APIError`s, FastAPI's request validation (422 in FastAPI, 400
 here, with the offending field as `param`), unknown routes and methods, and anything
 unexpected (500, logged with a request id; a caller mistake must never end up there).
-It does not decide what is a mistake: the serving modules raise these errors.
+`engine_error_to_api` maps the engine's typed errors (`server/engine/protocol.py`) onto
+these. It does not decide what is a mistake: the serving modules raise these errors.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from smolora.server.engine import protocol as engine_protocol
 
 log = logging.getLogger("smolora.server.api")
 
@@ -123,6 +126,36 @@ class InternalServerError(APIError):
 
     status_code = 500
     error_type = "server_error"
+
+
+def engine_error_to_api(e: BaseException, retry_after_s: int) -> APIError:
+    """The error a caller sees for a failure while serving a request.
+
+    `APIError`s pass through; the engine's errors map as: invalid request -> 400
+    `invalid_input`, version not resident -> 404 `version_not_found`, no free slot -> 503
+    `engine_busy`, any other engine error -> 500 `engine_error`; anything else -> 500
+    `internal_error` (logged with a reference id).
+    """
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, engine_protocol.VersionNotResidentError):
+        return NotFoundError(f"{e}", param="smolora.version", code="version_not_found")
+    if isinstance(e, engine_protocol.InvalidRequestError):
+        return InvalidRequestError(f"{e}", code="invalid_input")
+    if isinstance(e, engine_protocol.NoFreeSlotError):
+        return engine_busy(f"{e}", retry_after_s)
+    ref = uuid.uuid4().hex[:12]
+    if isinstance(e, engine_protocol.EngineError):
+        log.error("engine error (ref %s): %s", ref, e)
+        return InternalServerError(f"the engine failed (ref {ref}): {e}", code="engine_error")
+    log.error("unexpected error while generating (ref %s)", ref, exc_info=e)
+    return InternalServerError(f"internal server error (ref {ref})", code="internal_error")
+
+
+def engine_busy(reason: str, retry_after_s: int) -> ServiceUnavailableError:
+    """503 `engine_busy`: the engine cannot take (or aborted) the request; retry later."""
+    return ServiceUnavailableError(f"the engine is busy ({reason}); retry after {retry_after_s}s",
+                                   retry_after_s=retry_after_s, code="engine_busy")
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from smolora.server.api.admission import AdmissionController
-from smolora.server.api.engine_protocol import ServingEngine
 from smolora.server.api.errors import ServiceUnavailableError
+from smolora.server.engine.protocol import EngineClient
 from smolora.server.images import ImageLoader
 from smolora.server.instruction_source import InstructionResolver
 from smolora.server.metrics import Metrics
@@ -51,7 +51,7 @@ class ServerState:
     images: ImageLoader
     resolver: InstructionResolver | None = None
     renderer: PromptRenderer | None = None
-    engine: ServingEngine | None = None
+    engine: EngineClient | None = None
     versions: "VersionManager | None" = None
     startup_error: str | None = None
     started: bool = False
@@ -72,7 +72,7 @@ class ServerState:
                     f"({self.settings.registry_dir}) or load one through the admin API")
         return None
 
-    def require_serving(self) -> tuple[ServingEngine, "VersionManager | None", InstructionResolver | None,
+    def require_serving(self) -> tuple[EngineClient, "VersionManager | None", InstructionResolver | None,
                                        PromptRenderer]:
         """The serving components, or a 503 saying why they are not there.
 

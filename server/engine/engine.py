@@ -148,8 +148,12 @@ class SMoLoRAEngine:
     Create with `await SMoLoRAEngine.start(config)` inside the event loop that will use it.
     """
 
+    #: Most images one request may carry (vLLM's `limit_mm_per_prompt`).
+    max_images_per_prompt = 1
+
     def __init__(self, config: EngineConfig, llm: Any, layout: AdapterLayout, attach_info: dict[str, Any] | None, fingerprint: str | None) -> None:
         self.config = config
+        self.max_model_len = int(llm.model_config.max_model_len)
         self.layout = layout
         self._llm = llm
         self._attach = attach_info or {}
@@ -356,7 +360,8 @@ class SMoLoRAEngine:
                 if not res.get("ok"):
                     versions.abandon(slot)
                     raise VersionLoadError(f"{path}: {res.get('message')}", str(res.get("error")))
-                versions.install(slot, manifest.version, path.resolve(), manifest.tasks, manifest.instruction_types)
+                versions.install(slot, manifest.version, path.resolve(), manifest.tasks, manifest.instruction_types,
+                                 load_seconds=time.perf_counter() - t0)
                 info = versions.info(slot)
                 logger.info("loaded version %d (%s) into slot %d: verified in %.3f s, copied in %.3f s",
                             manifest.version, path, slot, t1 - t0, time.perf_counter() - t1)

@@ -1,8 +1,11 @@
-"""The engine seam the HTTP layer uses: request/response types, typed errors, and the
-`EngineClient` protocol.
+"""The one seam between the HTTP layer and the engine: request/response types, typed errors,
+and the `EngineClient` protocol.
 
-`SMoLoRAEngine` (`engine.py`) implements it on vLLM; a test or another server can hold this
-seam without reaching into vLLM. Nothing here imports vLLM or torch models.
+The chat handler builds a `GenerateRequest` and hands it to `EngineClient.generate`; the
+engine streams `GenerateChunk`s back and raises the `EngineError` family, which
+`server/api/errors.py` maps onto HTTP errors. Versions cross as `VersionInfo`, routes as
+`LayerRoute`. `SMoLoRAEngine` (`engine.py`) implements the protocol on vLLM; the HTTP-layer
+tests hold it with a scripted double. Nothing here imports vLLM or torch models.
 
 Version semantics (see README): a request is served, from its first to its last token, by
 exactly one checkpoint version -- the one it named, or the active version when it started --
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from PIL import Image
+
+from smolora.adapters.instructions import InstructionTable
 
 VuRouting = Literal["pinned", "per_step"]
 FinishReason = Literal["stop", "length", "abort"]
@@ -163,6 +168,11 @@ class LayerRoute:
     w_if: float
     vu_steps: list[int] | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The route as the HTTP response's `smolora.trace[].layers[]` entry."""
+        return {"layer": self.layer, "vu_expert": self.vu_expert, "if_expert": self.if_expert,
+                "w_vu": self.w_vu, "w_if": self.w_if}
+
 
 @dataclass
 class RequestTrace:
@@ -202,6 +212,8 @@ class GenerateChunk:
         version: the checkpoint version serving the request (None for base requests).
         trace: on the last chunk, when asked for and the request used an adapter.
         prompt_tokens: prompt length in tokens (image placeholders included).
+        queue_seconds: time the request waited in the engine's scheduler, on the last
+            chunk when the engine knows it.
     """
 
     request_id: str
@@ -212,6 +224,7 @@ class GenerateChunk:
     version: int | None = None
     trace: RequestTrace | None = None
     prompt_tokens: int | None = None
+    queue_seconds: float | None = None
 
 
 @dataclass
@@ -226,6 +239,8 @@ class VersionInfo:
         active: whether new requests without a version get this one.
         in_flight: requests being served by it now.
         instruction_types: the checkpoint's instruction table (`InstructionTable.to_list()`).
+        loaded_at: unix time it became resident.
+        load_seconds: how long loading (verify + copy into the slot) took.
     """
 
     version: int
@@ -235,6 +250,18 @@ class VersionInfo:
     active: bool = False
     in_flight: int = 0
     instruction_types: list[dict[str, Any]] = field(default_factory=list)
+    loaded_at: float = 0.0
+    load_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The registry folder name (`v0003-gqa`)."""
+        return self.path.name
+
+    @property
+    def instruction_table(self) -> InstructionTable:
+        """`instruction_types` as an `InstructionTable` (what instruction resolution reads)."""
+        return InstructionTable.from_list(self.instruction_types)
 
 
 @dataclass
@@ -260,7 +287,18 @@ class EngineHealth:
 
 @runtime_checkable
 class EngineClient(Protocol):
-    """What the HTTP layer needs from an engine."""
+    """What the HTTP layer needs from an engine.
+
+    Closing (or cancelling) the iterator returned by `generate` aborts the request in the
+    engine; that is how the HTTP layer drops a request whose client left.
+
+    Attributes:
+        max_model_len: context length in tokens (prompt + completion).
+        max_images_per_prompt: most images one request may carry.
+    """
+
+    max_model_len: int
+    max_images_per_prompt: int
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream a generation; raises `InvalidRequestError`, `VersionNotResidentError`,
@@ -287,6 +325,11 @@ class EngineClient(Protocol):
 
     def list_versions(self) -> list[VersionInfo]:
         """Resident versions, by slot."""
+        ...
+
+    def active_version(self) -> VersionInfo | None:
+        """The version new requests get by default (None before the first activation or
+        without adapters)."""
         ...
 
     async def health(self) -> EngineHealth:

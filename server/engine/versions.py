@@ -13,6 +13,7 @@ loop thread only).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ class _Slot:
     in_flight: int = 0
     loading: bool = False
     loaded_seq: int = 0
+    loaded_at: float = 0.0
+    load_seconds: float = 0.0
 
 
 class VersionTable:
@@ -69,6 +72,8 @@ class VersionTable:
             active=slot == self._active,
             in_flight=s.in_flight,
             instruction_types=list(s.instruction_types),
+            loaded_at=s.loaded_at,
+            load_seconds=s.load_seconds,
         )
 
     def resident(self) -> list[VersionInfo]:
@@ -135,10 +140,12 @@ class VersionTable:
         self._slots[slot] = _Slot(loading=True)
         return slot
 
-    def install(self, slot: int, version: int, path: Path, tasks: list[str], instruction_types: list[dict[str, Any]]) -> None:
-        """The reserved slot now holds `version`."""
+    def install(self, slot: int, version: int, path: Path, tasks: list[str], instruction_types: list[dict[str, Any]],
+                load_seconds: float = 0.0) -> None:
+        """The reserved slot now holds `version` (resident from now; loading took `load_seconds`)."""
         self._seq += 1
-        self._slots[slot] = _Slot(version, Path(path), tuple(tasks), tuple(instruction_types), 0, False, self._seq)
+        self._slots[slot] = _Slot(version, Path(path), tuple(tasks), tuple(instruction_types), 0, False, self._seq,
+                                  time.time(), load_seconds)
 
     def abandon(self, slot: int) -> None:
         """A load into `slot` failed: the slot is empty (its old version was evicted)."""

@@ -1,10 +1,11 @@
-"""The logic of POST /v1/chat/completions, behind the `ServingEngine` seam.
+"""The logic of POST /v1/chat/completions, on the engine's `EngineClient` seam.
 
 `ChatService.create` validates what the request model cannot (model and version names,
 image count, image bytes and pixels, roles, context length, `n`, stop count), resolves
 the instruction (explicit text, a known type, or extracted from the user's text and
-snapped), renders the prompt, takes admission slots, runs one engine request per choice,
-and answers either one JSON completion or an SSE stream. Both carry `usage`, each
+snapped), renders the prompt, builds one engine `GenerateRequest` per choice (the type the
+engine itself takes: prompt, image, instruction embedding, version, sampling, trace), takes
+admission slots, runs them, and answers either one JSON completion or an SSE stream. Both carry `usage`, each
 choice's `finish_reason`, the model as `name@version`, and the `smolora` extension object
 (version, instruction source, and the routing trace when asked for; on the last chunk
 when streaming). It feeds the latency, token, finish and expert-selection metrics.
@@ -39,11 +40,9 @@ from starlette.types import Receive, Scope, Send
 
 from smolora.server.api.chat.protocol import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
 from smolora.server.api.checkpoints.serving import VersionManager
-from smolora.server.api.engine_protocol import (EngineBusyError, EngineError, EngineInputError, GenerationDelta,
-                                                GenerationInput, LayerRoute, SamplingOptions, ServingEngine,
-                                                UnknownVersionError, VersionInfo)
-from smolora.server.api.errors import (APIError, InternalServerError, InvalidRequestError, NotFoundError,
-                                       ServiceUnavailableError, sse_error_event)
+from smolora.server.api.errors import (InvalidRequestError, NotFoundError, ServiceUnavailableError, engine_busy,
+                                       engine_error_to_api, sse_error_event)
+from smolora.server.engine.protocol import EngineClient, EngineError, GenerateChunk, GenerateRequest, LayerRoute, VersionInfo
 from smolora.server.api.state import ServerState
 from smolora.server.images import ImageError
 from smolora.server.instruction_source import ResolvedInstruction, UnknownInstructionTypeError
@@ -56,19 +55,16 @@ _END = object()  # a choice's engine stream has ended
 
 @dataclass
 class PreparedChat:
-    """A validated request, ready for the engine."""
+    """A validated request: one engine request per choice, and what the response needs."""
 
     request_id: str
     created: int
     model_label: str
     version: VersionInfo | None  # None with adapters off
-    prompt: str
     prompt_tokens: int
-    images: tuple[Image.Image, ...]
     instruction: ResolvedInstruction | None  # None with adapters off
-    sampling: list[SamplingOptions]
+    requests: list[GenerateRequest]  # one per choice, in choice order
     trace_requested: bool
-    engine_trace: bool
     stream: bool
     include_usage: bool
     arrival: float
@@ -79,7 +75,7 @@ class _ChoiceState:
     text: list[str] = field(default_factory=list)
     tokens: int = 0
     finish_reason: str | None = None
-    trace: tuple[LayerRoute, ...] | None = None
+    trace: list[LayerRoute] | None = None
     prompt_tokens: int | None = None
     queue_seconds: float | None = None
     last_token_at: float | None = None
@@ -134,25 +130,6 @@ async def until_disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def engine_error_to_api(e: Exception, retry_after_s: int) -> APIError:
-    """Map an engine-side failure to the error the caller sees."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, UnknownVersionError):
-        return NotFoundError(f"{e}", param="smolora.version", code="version_not_found")
-    if isinstance(e, EngineInputError):
-        return InvalidRequestError(f"{e}", code="invalid_input")
-    if isinstance(e, EngineBusyError):
-        return ServiceUnavailableError(f"the engine is busy ({e}); retry after {retry_after_s}s",
-                                       retry_after_s=retry_after_s, code="engine_busy")
-    ref = uuid.uuid4().hex[:12]
-    if isinstance(e, EngineError):
-        log.error("engine error (ref %s): %s", ref, e)
-        return InternalServerError(f"the engine failed (ref {ref}): {e}", code="engine_error")
-    log.error("unexpected error while generating (ref %s)", ref, exc_info=e)
-    return InternalServerError(f"internal server error (ref {ref})", code="internal_error")
 
 
 class LeasedStreamingResponse(StreamingResponse):
@@ -215,7 +192,7 @@ class ChatService:
         if info is not None and resolver is not None:
             try:
                 instruction = await asyncio.to_thread(
-                    resolver.resolve, info.instruction_types, user_text,
+                    resolver.resolve, info.instruction_table, user_text,
                     ext.instruction if ext else None, ext.instruction_type if ext else None)
             except UnknownInstructionTypeError as e:
                 raise InvalidRequestError(str(e), param="smolora.instruction_type",
@@ -225,21 +202,31 @@ class ChatService:
         prompt_tokens = renderer.count_tokens(prompt, len(images))
         max_tokens = self._completion_budget(req, prompt_tokens, len(images), renderer, engine)
 
-        sampling = [
-            SamplingOptions(max_tokens=max_tokens,
-                            temperature=1.0 if req.temperature is None else req.temperature,
-                            top_p=1.0 if req.top_p is None else req.top_p,
-                            seed=None if req.seed is None else _wrap_seed(req.seed + i),
-                            stop=tuple(stops))
-            for i in range(req.n)
-        ]
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
         trace_requested = s.trace_default if (ext is None or ext.trace is None) else ext.trace
+        engine_trace = info is not None and (trace_requested or s.record_expert_metrics)
+        try:
+            requests = [
+                GenerateRequest(
+                    prompt=prompt, image=images[0] if images else None, request_id=f"{request_id}-{i}",
+                    instruction=instruction.embedding if instruction else None,
+                    instruction_source=instruction.source if instruction else "explicit",
+                    instruction_similarity=instruction.similarity if instruction else None,
+                    version=info.version if info else None, trace=engine_trace,
+                    max_tokens=max_tokens,
+                    temperature=1.0 if req.temperature is None else req.temperature,
+                    top_p=1.0 if req.top_p is None else req.top_p,
+                    seed=None if req.seed is None else _wrap_seed(req.seed + i),
+                    stop=list(stops) or None)
+                for i in range(req.n)
+            ]
+        except EngineError as e:  # the engine's own checks of a request (after ours)
+            raise engine_error_to_api(e, s.retry_after_s) from None
         return PreparedChat(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+            request_id=request_id, created=int(time.time()),
             model_label=s.served_model_name if info is None else f"{s.served_model_name}@{info.version}",
-            version=info, prompt=prompt, prompt_tokens=prompt_tokens, images=tuple(images), instruction=instruction,
-            sampling=sampling, trace_requested=trace_requested and info is not None,
-            engine_trace=info is not None and (trace_requested or s.record_expert_metrics),
+            version=info, prompt_tokens=prompt_tokens, instruction=instruction, requests=requests,
+            trace_requested=trace_requested and info is not None,
             stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
             arrival=arrival)
 
@@ -318,7 +305,7 @@ class ChatService:
         return out
 
     def _completion_budget(self, req: ChatCompletionRequest, prompt_tokens: int, num_images: int,
-                           renderer: PromptRenderer, engine: ServingEngine) -> int:
+                           renderer: PromptRenderer, engine: EngineClient) -> int:
         max_len = engine.max_model_len
         if prompt_tokens >= max_len:
             images = (f", of which {num_images} image(s) x {renderer.image_tokens} tokens" if num_images else "")
@@ -349,7 +336,7 @@ class ChatService:
         prepared = await self.prepare(req, arrival)
         if prepared.instruction is not None:
             self.state.metrics.instruction_sources.labels(source=prepared.instruction.source).inc()
-        n = len(prepared.sampling)
+        n = len(prepared.requests)
         if prepared.stream:
             waited = await self.state.admission.acquire(n)
             released = False
@@ -396,23 +383,23 @@ class ChatService:
                 raise engine_error_to_api(e, self.settings.retry_after_s) from None
 
     async def _events(self, prepared: PreparedChat, waited: float, choices: dict[int, _ChoiceState]
-                      ) -> AsyncIterator[tuple[int, GenerationDelta]]:
-        """Run every choice's engine request; yield deltas as they come, keep per-choice state and metrics."""
+                      ) -> AsyncIterator[tuple[int, GenerateChunk]]:
+        """Run every choice's engine request; yield chunks as they come, keep per-choice state and metrics.
+
+        A chunk the engine finished with reason "abort" (it dropped the request) raises a 503.
+        """
         engine = self.state.engine
         assert engine is not None
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
         async def run(index: int) -> None:
-            inp = GenerationInput(
-                request_id=f"{prepared.request_id}-{index}", prompt=prepared.prompt, images=prepared.images,
-                instruction_embedding=prepared.instruction.embedding if prepared.instruction else None,
-                version=prepared.version.version if prepared.version else None,
-                sampling=prepared.sampling[index], trace=prepared.engine_trace)
             stream: Any = None
             try:
-                stream = engine.generate(inp)
-                async for delta in stream:
-                    queue.put_nowait((index, delta))
+                stream = engine.generate(prepared.requests[index])
+                async for chunk in stream:
+                    queue.put_nowait((index, chunk))
+                    if chunk.finished:
+                        break
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
@@ -434,32 +421,38 @@ class ChatService:
                 if item is _END:
                     open_choices -= 1
                     if choices[index].finish_reason is None:
-                        # The engine ended the stream without a finish delta: close the choice.
+                        # The engine ended the stream without a finish chunk: close the choice.
                         choices[index].finish_reason = "stop"
-                        yield index, GenerationDelta(text="", num_tokens=0, finish_reason="stop")
+                        yield index, GenerateChunk(prepared.requests[index].request_id or "", [], "", finished=True,
+                                                   finish_reason="stop")
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                delta: GenerationDelta = item
+                chunk: GenerateChunk = item
+                if chunk.finished and chunk.finish_reason == "abort":
+                    raise engine_busy("the engine aborted the request", self.settings.retry_after_s)
+                if chunk.finished and chunk.finish_reason is None:
+                    chunk.finish_reason = "stop"
                 st = choices[index]
                 now = time.perf_counter()
-                if delta.num_tokens > 0:
+                num_tokens = len(chunk.token_ids)
+                if num_tokens > 0:
                     if first_token_at is None:
                         first_token_at = now
                         metrics.time_to_first_token.observe(now - prepared.arrival)
                     if st.last_token_at is not None:
-                        gap = (now - st.last_token_at) / delta.num_tokens
-                        for _ in range(delta.num_tokens):
+                        gap = (now - st.last_token_at) / num_tokens
+                        for _ in range(num_tokens):
                             metrics.inter_token_latency.observe(gap)
                     st.last_token_at = now
-                st.text.append(delta.text)
-                st.tokens += delta.num_tokens
-                if delta.finish_reason is not None:
-                    st.finish_reason = delta.finish_reason
-                    st.trace = delta.trace
-                    st.prompt_tokens = delta.prompt_tokens
-                    st.queue_seconds = delta.queue_seconds
-                yield index, delta
+                st.text.append(chunk.text)
+                st.tokens += num_tokens
+                if chunk.finished:
+                    st.finish_reason = chunk.finish_reason
+                    st.trace = chunk.trace.layers if chunk.trace is not None and prepared.version is not None else None
+                    st.prompt_tokens = chunk.prompt_tokens
+                    st.queue_seconds = chunk.queue_seconds
+                yield index, chunk
             completed = True
         finally:
             for t in tasks:
@@ -518,7 +511,7 @@ class ChatService:
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
     async def _sse(self, prepared: PreparedChat, waited: float) -> AsyncIterator[str]:
-        n = len(prepared.sampling)
+        n = len(prepared.requests)
         choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
         try:
             for i in range(n):
@@ -526,15 +519,15 @@ class ChatService:
                                               "logprobs": None, "finish_reason": None}])
             finished = 0
             async with aclosing(self._events(prepared, waited, choices)) as events:
-                async for index, delta in events:
-                    if delta.finish_reason is None:
-                        if delta.text:
-                            yield self._chunk(prepared, [{"index": index, "delta": {"content": delta.text},
+                async for index, chunk in events:
+                    if not chunk.finished:
+                        if chunk.text:
+                            yield self._chunk(prepared, [{"index": index, "delta": {"content": chunk.text},
                                                           "logprobs": None, "finish_reason": None}])
                         continue
                     finished += 1
-                    choice = [{"index": index, "delta": {"content": delta.text} if delta.text else {},
-                               "logprobs": None, "finish_reason": delta.finish_reason}]
+                    choice = [{"index": index, "delta": {"content": chunk.text} if chunk.text else {},
+                               "logprobs": None, "finish_reason": chunk.finish_reason}]
                     if finished == n and not prepared.include_usage:
                         yield self._chunk(prepared, choice, smolora=self._extension(prepared, choices))
                     else:

@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, Request
 
 from smolora.server.api.auth import require_admin_key
 from smolora.server.api.checkpoints.protocol import LoadRequest, VersionRequest
-from smolora.server.api.engine_protocol import VersionInfo
 from smolora.server.api.state import get_state
+from smolora.server.engine.protocol import VersionInfo
 
 router = APIRouter(prefix="/admin/checkpoints", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/admin/checkpoints", tags=["admin"], dependencies=[De
 def version_json(v: VersionInfo, active: int | None) -> dict[str, Any]:
     return {"version": v.version, "name": v.name, "tasks": list(v.tasks), "path": str(v.path),
             "loaded_at": v.loaded_at, "load_seconds": v.load_seconds, "active": v.version == active,
-            "instruction_types": [{"name": t.name, "text": t.text, "task": t.task} for t in v.instruction_types.types]}
+            "instruction_types": [{"name": t.name, "text": t.text, "task": t.task} for t in v.instruction_table.types]}
 
 
 @router.get("")

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from smolora.adapters.checkpoint import CheckpointError, RegistryEntry, latest_version, list_versions
-from smolora.server.api.engine_protocol import (CheckpointRejectedError, EngineBusyError, EngineError,
-                                                ServingEngine, UnknownVersionError, VersionInfo)
 from smolora.server.api.errors import APIError, ConflictError, NotFoundError, ServiceUnavailableError
+from smolora.server.engine.protocol import (EngineClient, EngineError, NoFreeSlotError, VersionInfo, VersionLoadError,
+                                            VersionNotResidentError)
 from smolora.server.metrics import Metrics
 
 log = logging.getLogger("smolora.server.versions")
@@ -47,7 +47,7 @@ class VersionManager:
         retry_after_s: Retry-After of a 503 when the engine has no free slot.
     """
 
-    def __init__(self, engine: ServingEngine, registry_dir: Path, metrics: Metrics, max_resident: int,
+    def __init__(self, engine: EngineClient, registry_dir: Path, metrics: Metrics, max_resident: int,
                  retry_after_s: int = 1):
         self.engine = engine
         self.retry_after_s = retry_after_s
@@ -64,13 +64,15 @@ class VersionManager:
         return await asyncio.to_thread(list_versions, self.registry_dir)
 
     def resident(self) -> list[VersionInfo]:
-        return list(self.engine.resident_versions())
+        """Resident versions, oldest version number first."""
+        return sorted(self.engine.list_versions(), key=lambda v: v.version)
 
     def active(self) -> int | None:
-        return self.engine.active_version()
+        info = self.engine.active_version()
+        return None if info is None else info.version
 
     def get(self, version: int) -> VersionInfo | None:
-        return next((v for v in self.engine.resident_versions() if v.version == version), None)
+        return next((v for v in self.engine.list_versions() if v.version == version), None)
 
     def require(self, version: int) -> VersionInfo:
         """A resident version, or a 404 that lists the resident ones."""
@@ -93,12 +95,12 @@ class VersionManager:
             out.append({"version": e.version, "name": e.name, "task": e.task, "path": str(e.path),
                         "resident": v is not None, "active": e.version == active,
                         "loaded_at": v.loaded_at if v else None,
-                        "instruction_types": [t.name for t in v.instruction_types.types] if v else None})
+                        "instruction_types": [t.name for t in v.instruction_table.types] if v else None})
         for num, v in resident.items():  # resident but no longer in the registry folder
             if not any(e.version == num for e in entries):
                 out.append({"version": num, "name": v.name, "task": v.tasks[-1] if v.tasks else None,
                             "path": str(v.path), "resident": True, "active": num == active,
-                            "loaded_at": v.loaded_at, "instruction_types": [t.name for t in v.instruction_types.types]})
+                            "loaded_at": v.loaded_at, "instruction_types": [t.name for t in v.instruction_table.types]})
         out.sort(key=lambda d: d["version"])
         latest = await asyncio.to_thread(latest_version, self.registry_dir)
         return {"registry": str(self.registry_dir), "active": active, "latest": latest.version if latest else None,
@@ -127,13 +129,13 @@ class VersionManager:
         await self._evict_for_one_more()
         t0 = time.perf_counter()
         try:
-            info = await self.engine.load_version(entry.path)
-        except (CheckpointRejectedError, CheckpointError) as e:
+            info = await self.engine.load_version(entry.path, activate=False)
+        except (VersionLoadError, CheckpointError) as e:
             self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
             log.warning("refused checkpoint %s: %s", entry.path, e)
             raise CheckpointRejected(f"checkpoint {entry.name} cannot be served: {e}", param="version",
                                      code="checkpoint_rejected") from None
-        except EngineBusyError as e:
+        except NoFreeSlotError as e:
             self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
             raise ServiceUnavailableError(f"no free version slot now ({e})", retry_after_s=self.retry_after_s,
                                           code="no_free_slot") from None
@@ -177,8 +179,8 @@ class VersionManager:
                 self.history.append(version)  # e.g. the engine started with this version active
             return
         try:
-            await self.engine.activate_version(version)
-        except UnknownVersionError as e:
+            await self.engine.activate(version)
+        except VersionNotResidentError as e:
             raise NotFoundError(str(e), param="version", code="version_not_found") from None
         self.history.append(version)
         del self.history[:-64]
@@ -201,7 +203,7 @@ class VersionManager:
                     continue
                 if prev not in resident:
                     await self._load_locked(prev)
-                await self.engine.activate_version(prev)
+                await self.engine.activate(prev)
                 # Roll back is "undo": the history returns to where `prev` was activated.
                 self.history = self.history[: idx + 1]
                 log.info("rolled back from version %s to %d", current, prev)
@@ -224,7 +226,7 @@ class VersionManager:
                                     code="version_active")
             try:
                 await self.engine.unload_version(version)
-            except UnknownVersionError as e:
+            except VersionNotResidentError as e:
                 raise NotFoundError(str(e), code="version_not_found") from None
             except EngineError as e:
                 raise ConflictError(f"version {version} cannot be unloaded now: {e}", code="version_busy") from None

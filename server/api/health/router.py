@@ -5,11 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from smolora.server.api.engine_protocol import EngineError
-from smolora.server.api.state import get_state
+from smolora.server.api.state import ServerState, get_state
+from smolora.server.engine.protocol import EngineError
 from smolora.server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
+
+
+async def engine_unhealthy(state: ServerState) -> str | None:
+    """Why the engine cannot serve (its health probe failed or raised), or None when it can."""
+    assert state.engine is not None
+    try:
+        health = await state.engine.health()
+    except EngineError as e:
+        return str(e)
+    return None if health.ok else f"engine core unhealthy: {health.detail}"
 
 
 @router.get("/health")
@@ -19,10 +29,9 @@ async def health(request: Request) -> JSONResponse:
     if state.startup_error:
         return JSONResponse({"status": "failed", "reason": state.startup_error}, status_code=503)
     if state.engine is not None:
-        try:
-            await state.engine.check_health()
-        except EngineError as e:
-            return JSONResponse({"status": "unhealthy", "reason": str(e)}, status_code=503)
+        reason = await engine_unhealthy(state)
+        if reason is not None:
+            return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -33,10 +42,9 @@ async def ready(request: Request) -> JSONResponse:
     state = get_state(request)
     reason = state.not_ready_reason()
     if reason is None and state.engine is not None:
-        try:
-            await state.engine.check_health()
-        except EngineError as e:
-            reason = f"engine unhealthy: {e}"
+        unhealthy = await engine_unhealthy(state)
+        if unhealthy is not None:
+            reason = f"engine unhealthy: {unhealthy}"
     if reason is not None:
         return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503,
                             headers={"Retry-After": str(state.settings.retry_after_s)})

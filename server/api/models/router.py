@@ -35,7 +35,7 @@ def model_cards(state: ServerState) -> list[dict[str, Any]]:
             "id": f"{name}@{v.version}", "object": "model", "created": int(v.loaded_at), "owned_by": "smolora",
             "root": name, "parent": name,
             "smolora": {"version": v.version, "name": v.name, "tasks": list(v.tasks), "active": v.version == active,
-                        "instruction_types": [t.name for t in v.instruction_types.types]},
+                        "instruction_types": [t.name for t in v.instruction_table.types]},
         })
     return cards
 

@@ -1,4 +1,4 @@
-"""`ScriptedEngine`: an in-process double of the `ServingEngine` seam, for HTTP-layer tests only.
+"""`ScriptedEngine`: an in-process double of the `EngineClient` seam, for HTTP-layer tests only.
 
 It does not run a model and proves nothing about the engine: it replies with a scripted
 word sequence (one "token" per word), honours `max_tokens` and `stop`, derives a fake but
@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from smolora.adapters.checkpoint import verify_checkpoint
-from smolora.adapters.instructions import InstructionTable
-from smolora.server.api.engine_protocol import (CheckpointRejectedError, EngineError, GenerationDelta,
-                                                GenerationInput, LayerRoute, UnknownVersionError, VersionInfo)
+from smolora.server.engine.protocol import (EngineHealth, EngineUnavailableError, GenerateChunk, GenerateRequest,
+                                            LayerRoute, RequestTrace, VersionInfo, VersionInUseError, VersionLoadError,
+                                            VersionNotResidentError)
 from smolora.server.settings import ServerSettings
 
 LAYERS = ("projector.linear_1", "layers.0.mlp.up_proj", "layers.1.mlp.down_proj")
 
 
 class ScriptedEngine:
-    """Test double of `ServingEngine` (HTTP-layer tests only; see the module docstring).
+    """Test double of `EngineClient` (HTTP-layer tests only; see the module docstring).
 
     Args:
         reply: the words every request answers with, in order.
@@ -41,9 +41,9 @@ class ScriptedEngine:
                  num_experts: int = 8):
         self.reply = reply.split()
         self.max_model_len = max_model_len
-        self.max_images_per_prompt = 4
+        self.max_images_per_prompt = 1
         self.num_experts = num_experts
-        self.inputs: list[GenerationInput] = []
+        self.inputs: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.fail_next: Exception | None = None
         self.dead = False
@@ -62,13 +62,15 @@ class ScriptedEngine:
     def release(self) -> None:
         self._hold.set()
 
-    # --- ServingEngine ----------------------------------------------------------------------
-    async def generate(self, request: GenerationInput) -> AsyncIterator[GenerationDelta]:
+    # --- EngineClient -----------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
         if request.version is not None and request.version not in self._versions:
-            raise UnknownVersionError(f"version {request.version} is not resident")
+            raise VersionNotResidentError(f"version {request.version} is not resident")
+        rid = request.request_id or ""
+        version = request.version
         self.inputs.append(request)
         self.in_flight += 1
         if request.version is not None:
@@ -77,7 +79,8 @@ class ScriptedEngine:
         try:
             while not self._hold.is_set():
                 await asyncio.sleep(0.001)  # a double's wait loop, not a test sleep: released by the test
-            sp = request.sampling
+            sp = request
+            stops = sp.stop or []
             text, produced, reason = "", 0, "length"
             words = list(self.reply)
             for i, word in enumerate(words):
@@ -86,13 +89,13 @@ class ScriptedEngine:
                     break
                 piece = word if i == 0 else " " + word
                 candidate = text + piece
-                hit = min((candidate.find(s) for s in sp.stop if s in candidate), default=-1)
+                hit = min((candidate.find(s) for s in stops if s in candidate), default=-1)
                 if hit >= 0:
                     piece = candidate[:hit][len(text):]
                     produced += 1
-                    yield GenerationDelta(text=piece, num_tokens=1, finish_reason="stop",
-                                          prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
-                                          queue_seconds=0.0)
+                    yield GenerateChunk(rid, [i], piece, finished=True, finish_reason="stop", version=version,
+                                        prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
+                                        queue_seconds=0.0)
                     finished = True
                     return
                 text = candidate
@@ -100,12 +103,12 @@ class ScriptedEngine:
                 last = produced >= sp.max_tokens or i == len(words) - 1
                 if last:
                     reason = "length" if produced >= sp.max_tokens and i < len(words) - 1 else "stop"
-                    yield GenerationDelta(text=piece, num_tokens=1, finish_reason=reason,
-                                          prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
-                                          queue_seconds=0.0)
+                    yield GenerateChunk(rid, [i], piece, finished=True, finish_reason=reason, version=version,
+                                        prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
+                                        queue_seconds=0.0)
                     finished = True
                     return
-                yield GenerationDelta(text=piece, num_tokens=1)
+                yield GenerateChunk(rid, [i], piece, version=version)
                 await asyncio.sleep(0)
         finally:
             self.in_flight -= 1
@@ -114,54 +117,74 @@ class ScriptedEngine:
             if not finished:
                 self.aborted.append(request.request_id)
 
-    def _prompt_tokens(self, request: GenerationInput) -> int:
-        return len(request.prompt.split()) + 16 * len(request.images)
+    def _prompt_tokens(self, request: GenerateRequest) -> int:
+        assert isinstance(request.prompt, str)
+        return len(request.prompt.split()) + 16 * (request.image is not None)
 
-    def _trace(self, request: GenerationInput) -> tuple[LayerRoute, ...] | None:
-        if not request.trace or request.instruction_embedding is None:
+    def _trace(self, request: GenerateRequest) -> RequestTrace | None:
+        if not request.trace or request.instruction is None or request.version is None:
             return None
         half = self.num_experts // 2
-        emb = request.instruction_embedding
+        emb = list(request.instruction)
         if_expert = half + max(range(half), key=lambda k: emb[k])
-        seed = int(hashlib.sha256(request.prompt.encode()).hexdigest(), 16)
-        return tuple(LayerRoute(layer, (seed >> (4 * j)) % half, if_expert, 0.5, 0.5) for j, layer in enumerate(LAYERS))
+        seed = int(hashlib.sha256(str(request.prompt).encode()).hexdigest(), 16)
+        layers = [LayerRoute(layer, (seed >> (4 * j)) % half, if_expert, 0.5, 0.5) for j, layer in enumerate(LAYERS)]
+        return RequestTrace(request.version, "pinned", request.instruction_source, request.instruction_similarity,
+                            layers)
 
-    async def load_version(self, path: Path) -> VersionInfo:
+    async def load_version(self, path: str | Path, activate: bool = True) -> VersionInfo:
         try:
             manifest = await asyncio.to_thread(verify_checkpoint, path)
         except Exception as e:
-            raise CheckpointRejectedError(str(e)) from e
+            raise VersionLoadError(str(e), type(e).__name__) from e
         assert manifest.version is not None
-        t0 = time.time()
-        info = VersionInfo(version=manifest.version, name=Path(path).name, tasks=tuple(manifest.tasks), path=Path(path),
-                           instruction_types=InstructionTable.from_list(manifest.instruction_types), loaded_at=t0,
+        info = VersionInfo(version=manifest.version, path=Path(path), tasks=list(manifest.tasks), slot=None,
+                           instruction_types=list(manifest.instruction_types), loaded_at=time.time(),
                            load_seconds=0.0)
         self._versions[info.version] = info
-        return info
+        if activate:
+            await self.activate(info.version)
+        return self._info(info.version)
 
-    async def activate_version(self, version: int) -> None:
+    async def load_latest(self, registry: str | Path, activate: bool = True) -> VersionInfo:
+        raise NotImplementedError("the HTTP layer loads versions by number through VersionManager")
+
+    async def activate(self, version: int) -> VersionInfo:
         if version not in self._versions:
-            raise UnknownVersionError(f"version {version} is not resident")
+            raise VersionNotResidentError(f"version {version} is not resident")
         self._active = version
+        return self._info(version)
 
-    async def unload_version(self, version: int) -> None:
+    async def unload_version(self, version: int) -> VersionInfo:
         if version not in self._versions:
-            raise UnknownVersionError(f"version {version} is not resident")
+            raise VersionNotResidentError(f"version {version} is not resident")
         if version == self._active:
-            raise EngineError("cannot unload the active version")
+            raise VersionInUseError("cannot unload the active version")
         if self.pinned.get(version):
-            raise EngineError(f"{self.pinned[version]} in-flight request(s) are pinned to version {version}")
-        del self._versions[version]
+            raise VersionInUseError(f"{self.pinned[version]} in-flight request(s) are pinned to version {version}")
+        return self._versions.pop(version)
 
-    def resident_versions(self) -> list[VersionInfo]:
-        return sorted(self._versions.values(), key=lambda v: v.version)
+    def list_versions(self) -> list[VersionInfo]:
+        return [self._info(v) for v in sorted(self._versions)]
 
-    def active_version(self) -> int | None:
-        return self._active
+    def active_version(self) -> VersionInfo | None:
+        return None if self._active is None else self._info(self._active)
 
-    async def check_health(self) -> None:
+    async def health(self) -> EngineHealth:
         if self.dead:
-            raise EngineError("scripted engine marked dead")
+            raise EngineUnavailableError("scripted engine marked dead")
+        return EngineHealth(ok=True, adapters=bool(self._versions), active_version=self._active,
+                            resident_versions={i: v for i, v in enumerate(sorted(self._versions))},
+                            in_flight=self.in_flight)
+
+    async def shutdown(self) -> None:
+        pass
+
+    def _info(self, version: int) -> VersionInfo:
+        info = self._versions[version]
+        info.active = version == self._active
+        info.in_flight = self.pinned.get(version, 0)
+        return info
 
 
 def scripted_factory(engine: ScriptedEngine) -> Callable[[ServerSettings], object]:

@@ -55,7 +55,7 @@ def test_chat_serves_the_base_model_without_instruction_or_version(base) -> None
     assert body["smolora"] == {"model": "tiny-llava", "adapters": False, "version": None, "version_name": None,
                                "instruction": None, "trace": None}
     sent = engine.inputs[-1]
-    assert sent.instruction_embedding is None and sent.version is None and not sent.trace
+    assert sent.instruction is None and sent.version is None and not sent.trace
     assert len(embedder.calls) == calls_before  # no instruction embedding is ever computed
 
 
@@ -65,7 +65,7 @@ def test_streaming_and_stop_strings_in_base_mode(base) -> None:
     events = [json.loads(b[6:]) for b in r.text.split("\n\n") if b.startswith("data: {")]
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
     assert text == "a red " and events[-1]["choices"][0]["finish_reason"] == "stop"
-    assert events[-1]["smolora"]["adapters"] is False and engine.inputs[-1].sampling.stop == ("circle",)
+    assert events[-1]["smolora"]["adapters"] is False and engine.inputs[-1].stop == ["circle"]
 
 
 @pytest.mark.parametrize("body,status,code,param", [

@@ -53,8 +53,8 @@ def test_completion_shape_usage_and_extension(served) -> None:
     assert {l["layer"] for l in layers} >= {"layers.0.mlp.up_proj"} and all(0 <= l["vu_expert"] < 4 for l in layers)
     sent = engine.inputs[-1]
     assert sent.prompt.startswith("USER: <image>\n") and sent.prompt.endswith("ASSISTANT:")
-    assert len(sent.images) == 1 and sent.images[0].size == (32, 32) and len(sent.instruction_embedding) == 384
-    assert sent.sampling.max_tokens == 4 and sent.version == 2
+    assert sent.image is not None and sent.image.size == (32, 32) and len(sent.instruction) == 384
+    assert sent.max_tokens == 4 and sent.version == 2
 
 
 def test_trace_is_off_by_default_and_versions_are_selectable(served) -> None:
@@ -85,10 +85,10 @@ def test_sampling_options_reach_the_engine(served) -> None:
     body = r.json()
     assert [c["message"]["content"] for c in body["choices"]] == ["a red ", "a red "]
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "stop"]
-    seeds = sorted(i.sampling.seed for i in engine.inputs[-2:])
-    assert seeds == [7, 8] and engine.inputs[-1].sampling.temperature == 0.5
+    seeds = sorted(i.seed for i in engine.inputs[-2:])
+    assert seeds == [7, 8] and engine.inputs[-1].temperature == 0.5
     assert body["usage"]["completion_tokens"] == 6
-    assert engine.inputs[-1].sampling.stop == ("circle",)
+    assert engine.inputs[-1].stop == ["circle"]
     r = _post(client, stop=["a", "b", "c", "d", "e"])  # OpenAI allows up to 4 stop strings
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
 
@@ -97,9 +97,9 @@ def test_default_max_tokens_is_capped_by_the_context_left(served) -> None:
     client, engine, _ = served
     _post(client)
     sent = engine.inputs[-1]
-    prompt_tokens = client.app.state.smolora.renderer.count_tokens(sent.prompt, len(sent.images))
+    prompt_tokens = client.app.state.smolora.renderer.count_tokens(sent.prompt, int(sent.image is not None))
     assert prompt_tokens > 16  # one image alone is 16 tokens of the tiny model
-    assert sent.sampling.max_tokens == min(256, engine.max_model_len - prompt_tokens)
+    assert sent.max_tokens == min(256, engine.max_model_len - prompt_tokens)
 
 
 def test_streaming_frames_usage_and_last_chunk_extension(served) -> None:
@@ -133,7 +133,7 @@ def test_streaming_without_usage_puts_extension_on_the_finish_chunk(served) -> N
 
 
 def test_engine_failure_mid_request_is_a_typed_error_and_serving_goes_on(served) -> None:
-    from smolora.server.api.engine_protocol import EngineInputError
+    from smolora.server.engine.protocol import InvalidRequestError as EngineInputError
 
     client, engine, _ = served
     engine.fail_next = EngineInputError("prompt has 300 tokens, over the 256 of this model")

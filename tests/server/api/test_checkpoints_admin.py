@@ -52,7 +52,7 @@ def test_load_activate_rollback_unload(tiny_model_dir: Path, tmp_path: Path) -> 
         # Activating v3 (not resident) loads it; only 2 may be resident, so the oldest inactive (v1) goes.
         r = client.post("/admin/checkpoints/activate", headers=ADMIN, json={"version": 3})
         assert r.json()["active"] == 3
-        assert [v.version for v in engine.resident_versions()] == [2, 3]
+        assert [v.version for v in engine.list_versions()] == [2, 3]
         r = client.post("/admin/checkpoints/rollback", headers=ADMIN)
         assert r.status_code == 200 and r.json()["active"] == 2
         r = client.post("/admin/checkpoints/rollback", headers=ADMIN)
@@ -62,7 +62,7 @@ def test_load_activate_rollback_unload(tiny_model_dir: Path, tmp_path: Path) -> 
         r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
         assert r.status_code == 409 and r.json()["error"]["code"] == "version_active"
         r = client.delete("/admin/checkpoints/2", headers=ADMIN)
-        assert r.status_code == 200 and [v.version for v in engine.resident_versions()] == [1]
+        assert r.status_code == 200 and [v.version for v in engine.list_versions()] == [1]
         r = client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 9})
         assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
         r = client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": "two"})
@@ -140,8 +140,8 @@ def test_rollback_works_when_the_engine_started_with_a_version_active(tmp_path: 
 
     async def go() -> None:
         engine = ScriptedEngine()
-        await engine.load_version(next(reg.glob("v0001-*")))
-        await engine.activate_version(1)  # like the vLLM engine, which starts on its first checkpoint
+        await engine.load_version(next(reg.glob("v0001-*")), activate=False)
+        await engine.activate(1)  # like the vLLM engine, which starts on its first checkpoint
         manager = VersionManager(engine, reg, Metrics(), max_resident=2)
         await manager.load_initial(1)
         await manager.activate(2)
@@ -151,18 +151,18 @@ def test_rollback_works_when_the_engine_started_with_a_version_active(tmp_path: 
 
 
 def test_watcher_retries_a_version_refused_for_lack_of_a_free_slot(tmp_path: Path) -> None:
-    from smolora.server.api.engine_protocol import EngineBusyError
+    from smolora.server.engine.protocol import NoFreeSlotError as EngineBusyError
 
     reg = _registry(tmp_path, 1)
 
     class BusyOnce(ScriptedEngine):
         busy = True
 
-        async def load_version(self, path: Path):  # type: ignore[override]
+        async def load_version(self, path: Path, activate: bool = True):  # type: ignore[override]
             if self.busy and "v0002" in str(path):
                 self.busy = False
                 raise EngineBusyError("all slots busy")
-            return await super().load_version(path)
+            return await super().load_version(path, activate)
 
     async def go() -> None:
         manager = VersionManager(BusyOnce(), reg, Metrics(), max_resident=4)

@@ -19,7 +19,7 @@ def _exposed() -> set[str]:
         names.add(fam.name)
         names |= {s.name for s in fam.samples}
     m = Metrics()  # labelled families only show samples once used
-    from smolora.server.api.engine_protocol import LayerRoute
+    from smolora.server.engine.protocol import LayerRoute
 
     m.observe_routes([LayerRoute("l", 0, 1, 0.5, 0.5)])
     m.observe_request(200)

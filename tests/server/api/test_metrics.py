@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from smolora.server.api.engine_protocol import LayerRoute
+from smolora.server.engine.protocol import LayerRoute
 from smolora.server.metrics import Metrics
 from tests.server.api.helpers import data_url, image_bytes, user_message
 

@@ -93,8 +93,11 @@ def _assert_routes_differ(results: list[GenerateChunk]) -> None:
 def test_engine_is_vllm_with_our_architecture(engine: Any) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    assert isinstance(engine, EngineClient)
+    assert isinstance(engine, EngineClient)  # the seam the HTTP layer uses, served as is
     assert isinstance(engine.vllm, AsyncLLM)
+    assert engine.max_model_len == 128 and engine.max_images_per_prompt == 1
+    active = engine.active_version()
+    assert active is not None and active.active and active.name == active.path.name and active.loaded_at > 0
     cfg = engine.vllm.vllm_config
     assert cfg.model_config.architectures == [ARCHITECTURE]
     assert cfg.cache_config.enable_prefix_caching is False
