@@ -9,6 +9,11 @@ the environment variables `SMOLORA_API_KEYS` (comma-separated) and
 engine factory of `server/engine_factory.py`, and runs uvicorn. `--port 0` lets the OS
 pick a free port; `--port-file` receives the bound port once the server listens (what
 tests and supervisors poll for).
+
+Before the server starts, `server/startup_checks.py` checks the model folder (a LLaVA
+config, tokenizer, weights, a chat template that places an image) and the registry (a
+readable folder; `--initial-version` published there): a failed check prints what is wrong
+with which folder and exits with status 2, before any engine starts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from smolora.server.settings import ServerSettings
+from smolora.server.startup_checks import StartupCheckError, check_model_folder, check_prompt_rendering, check_registry
 
 log = logging.getLogger("smolora.server.cli")
 
@@ -139,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:  # before anything slow starts: a folder that cannot be served ends the process here
+        check_model_folder(settings.model_dir)
+        if settings.registry_dir is not None:
+            check_registry(settings.registry_dir, settings.initial_version)
+        check_prompt_rendering(settings.model_dir)
+    except StartupCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The engine's routing hook uses vLLM's V1 model runner (the GPU default in 0.32 is V2).

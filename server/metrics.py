@@ -6,15 +6,23 @@ produces, `reason` a finish reason, `result` is ok/error, `layer` an adapted lay
 served model, `kind` is vu/if and `expert` an expert index < E. No request ids, versions
 or user text ever become label values; the active version is a gauge's value.
 
+`render` also exposes the engine's own registry when given one: vLLM's `vllm:*` families
+(KV-cache usage, scheduler running/waiting, preemptions, prefix-cache queries/hits,
+iteration tokens, TTFT/ITL as vLLM counts them), recorded by the engine's stat logger
+(`server/engine/vllm_metrics.py`), so one scrape carries both. Our families and vLLM's
+never share a name (`smolora_` vs `vllm:`); a family the app's registry already has is
+not repeated.
+
 It does not serve `/metrics` (the health router does) and it does not time anything
 itself: the serving code calls `observe_*` with the numbers.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from smolora.server.engine.protocol import LayerRoute
@@ -101,6 +109,27 @@ class Metrics:
         self.active_version.set(active or 0)
         self.resident_versions.set(resident)
 
-    def render(self) -> bytes:
-        """The text exposition format of every metric."""
-        return generate_latest(self.registry)
+    def render(self, engine_registry: CollectorRegistry | None = None) -> bytes:
+        """The text exposition format of every metric, the engine's (`vllm:*`) after ours.
+
+        Args:
+            engine_registry: the engine's own registry (vLLM's stat logger), if it has one.
+        """
+        if engine_registry is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Joined(self.registry, engine_registry))  # type: ignore[arg-type]
+
+
+class _Joined:
+    """Two registries collected as one; a family name already seen is not repeated."""
+
+    def __init__(self, first: CollectorRegistry, second: CollectorRegistry):
+        self._registries = (first, second)
+
+    def collect(self) -> Iterator[Metric]:
+        seen: set[str] = set()
+        for registry in self._registries:
+            for family in registry.collect():
+                if family.name not in seen:
+                    seen.add(family.name)
+                    yield family

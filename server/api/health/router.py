@@ -58,5 +58,8 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of the app's own registry."""
-    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    """Prometheus text exposition: the app's `smolora_*` families, then, once the engine is up,
+    vLLM's `vllm:*` engine families from the engine's own registry (`metrics_registry`)."""
+    state = get_state(request)
+    engine_registry = getattr(state.engine, "metrics_registry", None)
+    return Response(state.metrics.render(engine_registry), media_type=CONTENT_TYPE)
