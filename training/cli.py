@@ -6,6 +6,7 @@ Commands:
   train       train one method over the task sequence, publishing after every task
   evaluate    evaluate a published checkpoint (or the bare base) on tasks
   report      collect method results into a table (Markdown + JSON) and plots
+  import-reference  publish a checkpoint of the paper's reference code (import_reference.py)
 
 This module parses arguments and prints; the work is in the library modules.
 """
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from smolora.training import import_reference
 from smolora.training.config import METHOD_NAMES, AdapterSizes, EvalConfig, OptimConfig, RunConfig
 from smolora.training.data.tasks import UPSTREAM_ORDER
 
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_pretrain, _add_train, _add_evaluate, _add_report):
+    for add in (_add_build, _add_pretrain, _add_train, _add_evaluate, _add_report, import_reference.add_parser):
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -185,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.eval_batch_size, args.device, progress,
         )
         print(json.dumps(res, indent=1))
+    elif args.command == "import-reference":
+        return import_reference.run(args)
     elif args.command == "report":
         from smolora.training.report import write_report
 
