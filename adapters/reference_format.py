@@ -237,10 +237,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        reason = f"unsupported global {m.group(1)}" if m else type(e).__name__
+        m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        if m is None:
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+            raise ReferenceCheckpointError(f"{p}: not a readable torch.save file (the weights-only reader stopped: {detail})") from None
         raise ReferenceCheckpointError(
-            f"{p}: holds pickled objects other than tensors, which are never unpickled here ({reason}); "
+            f"{p}: holds pickled objects other than tensors, which are never unpickled here (unsupported global {m.group(1)}); "
             "re-save it as a plain state dict (a dict of name -> tensor)") from None
     except Exception as e:  # a truncated or foreign file: zip, EOF, runtime errors
         raise ReferenceCheckpointError(f"{p}: not a readable torch.save file ({type(e).__name__}: {e})") from None
