@@ -43,6 +43,8 @@ def check_fit(
         got = cfg.get(field_name)
         if got != want:
             raise CheckpointMismatchError(f"adapter {field_name}={got} but the engine holds {want}; restart the engine with this layout")
+    if cfg.get("vu_routing", "pinned") not in ("pinned", "per_step"):
+        raise CheckpointMismatchError(f"adapter vu_routing must be 'pinned' or 'per_step', got {cfg.get('vu_routing')!r}")
     alpha = cfg.get("alpha")
     if not isinstance(alpha, (int, float)) or alpha <= 0:
         raise CheckpointMismatchError(f"adapter alpha must be a positive number, got {alpha!r}")

@@ -146,7 +146,10 @@ class EngineConfig:
         adapters: False serves the base model only (no routing hook at all).
         layout: adapter layout; None derives it from `checkpoint`'s manifest.
         num_slots: checkpoint versions resident at once (in-flight requests keep theirs).
-        vu_routing: default VU routing of requests that do not choose one.
+        vu_routing: VU routing of requests that do not choose one, for every version; None
+            serves each version with its own (`adapter_config.vu_routing` of its checkpoint:
+            "pinned" for the versions this project trains, "per_step" for imported reference
+            checkpoints).
         trace_step_routes: see `AdapterLayout.trace_step_routes`.
         cpu_kernel_max_tokens: see `AdapterLayout.cpu_kernel_max_tokens`.
         cpu_overlap: see `AdapterLayout.cpu_overlap` (used when the layout comes from the
@@ -174,7 +177,7 @@ class EngineConfig:
     adapters: bool = True
     layout: AdapterLayout | None = None
     num_slots: int = 2
-    vu_routing: VuRouting = "pinned"
+    vu_routing: VuRouting | None = None
     trace_step_routes: int = 0
     cpu_kernel_max_tokens: int = 8192
     cpu_overlap: CpuOverlap = "auto"
@@ -196,8 +199,8 @@ class EngineConfig:
         if not (self.model_dir / "config.json").is_file():
             raise EngineConfigError(f"{self.model_dir}: no config.json; pass a HF LLaVA model folder")
         _check_cpu_overlap(self.cpu_overlap)
-        if self.vu_routing not in ("pinned", "per_step"):
-            raise EngineConfigError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
+        if self.vu_routing not in (None, "pinned", "per_step"):
+            raise EngineConfigError(f"vu_routing must be 'pinned', 'per_step' or None (each version's own), got {self.vu_routing!r}")
         if self.adapters:
             if self.checkpoint is None and self.layout is None:
                 raise EngineConfigError("adapters=True needs a checkpoint or an explicit layout")

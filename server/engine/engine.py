@@ -64,7 +64,7 @@ from smolora.server.engine.protocol import (
 )
 from smolora.server.engine.row_tracker import ROW_TRACKER
 from smolora.server.engine.traces import TraceCollector
-from smolora.server.engine.versions import VersionTable
+from smolora.server.engine.versions import VersionTable, resolve_vu_routing
 from smolora.server.engine.worker_extension import WORKER_EXTENSION
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ class SMoLoRAEngine:
             instruction = _instruction_list(request.instruction, self.layout.instruction_dim)
             slot, version = self._versions.acquire(request.version)
             extra = {EXTRA_ARGS_KEY: {"key": key, "slot": slot, "instruction": instruction,
-                                      "vu_routing": request.vu_routing or self.config.vu_routing}}
+                                      "vu_routing": resolve_vu_routing(request.vu_routing, self.config.vu_routing,
+                                                                      self._versions.vu_routing(slot))}}
         elif request.version is not None:
             raise InvalidRequestError("a version was named but no instruction embedding was given")
         try:
@@ -370,7 +371,8 @@ class SMoLoRAEngine:
                     versions.abandon(slot)
                     raise VersionLoadError(f"{path}: {res.get('message')}", str(res.get("error")))
                 versions.install(slot, manifest.version, path.resolve(), manifest.tasks, manifest.instruction_types,
-                                 load_seconds=time.perf_counter() - t0)
+                                 load_seconds=time.perf_counter() - t0,
+                                 vu_routing=manifest.adapter_config.get("vu_routing", "pinned"))
                 info = versions.info(slot)
                 logger.info("loaded version %d (%s) into slot %d: verified in %.3f s, copied in %.3f s",
                             manifest.version, path, slot, t1 - t0, time.perf_counter() - t1)

@@ -4,8 +4,9 @@ The engine keeps `num_slots` versions resident as slots of stacked adapter tenso
 table decides which slot a new request uses (the version it names, or the active one), how
 many in-flight requests pin each slot, and which slot a newly loaded version may overwrite
 (never the active one, never one with in-flight requests), and which version may be
-unloaded (same rule). It is the single authority on slot occupancy: the worker only copies
-where it is told.
+unloaded (same rule). It also holds each version's default VU routing (from its checkpoint;
+`resolve_vu_routing` picks a request's mode). It is the single authority on slot
+occupancy: the worker only copies where it is told.
 
 It does no I/O and knows nothing about vLLM; it is not thread-safe (use it from the event
 loop thread only).
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smolora.server.engine.protocol import NoFreeSlotError, VersionInfo, VersionInUseError, VersionNotResidentError
+from smolora.server.engine.protocol import NoFreeSlotError, VersionInfo, VersionInUseError, VersionNotResidentError, VuRouting
 
 
 @dataclass
@@ -32,6 +33,14 @@ class _Slot:
     loaded_seq: int = 0
     loaded_at: float = 0.0
     load_seconds: float = 0.0
+    vu_routing: VuRouting = "pinned"
+
+
+def resolve_vu_routing(requested: VuRouting | None, server_default: VuRouting | None, version_default: VuRouting) -> VuRouting:
+    """The VU routing a request runs with: its own choice, else the server's (`EngineConfig.vu_routing`),
+    else its version's (the checkpoint's `adapter_config.vu_routing`: "pinned" for versions this
+    project trains, "per_step" for imported reference checkpoints)."""
+    return requested or server_default or version_default
 
 
 class VersionTable:
@@ -141,11 +150,16 @@ class VersionTable:
         return slot
 
     def install(self, slot: int, version: int, path: Path, tasks: list[str], instruction_types: list[dict[str, Any]],
-                load_seconds: float = 0.0) -> None:
-        """The reserved slot now holds `version` (resident from now; loading took `load_seconds`)."""
+                load_seconds: float = 0.0, vu_routing: VuRouting = "pinned") -> None:
+        """The reserved slot now holds `version` (resident from now; loading took `load_seconds`),
+        served with `vu_routing` unless a request or the server chooses (`resolve_vu_routing`)."""
         self._seq += 1
         self._slots[slot] = _Slot(version, Path(path), tuple(tasks), tuple(instruction_types), 0, False, self._seq,
-                                  time.time(), load_seconds)
+                                  time.time(), load_seconds, vu_routing)
+
+    def vu_routing(self, slot: int) -> VuRouting:
+        """The default VU routing of the version in `slot` (from its checkpoint)."""
+        return self._slots[slot].vu_routing
 
     def abandon(self, slot: int) -> None:
         """A load into `slot` failed: the slot is empty (its old version was evicted)."""
