@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any, Sequence
 
 import httpx
@@ -63,6 +64,15 @@ def ok_body(**over: Any) -> dict[str, Any]:
 
 def msgs(*messages: dict[str, Any]) -> list[dict[str, Any]]:
     return list(messages)
+
+
+def _with_surrogate(body: dict[str, Any], *path: str | int) -> bytes:
+    """`body` as JSON bytes whose string at `path` ends in a lone surrogate (`\\ud800` escape)."""
+    node: Any = body
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = node[path[-1]] + "\ud800"
+    return json.dumps(body).encode()  # ensure_ascii writes the surrogate as the escape "\\ud800"
 
 
 # (id, request: dict with "json" or "content" and optional "headers", status, error type, code, param)
@@ -134,7 +144,33 @@ CASES: list[tuple[str, dict[str, Any], int, str, str | None, str | None]] = [
      "invalid_request_error", None, "smolora"),
     ("unknown_extension_field", {"json": ok_body(smolora={"experts": 3})}, 400, "invalid_request_error", None,
      "smolora.experts"),
-    ("logprobs_unsupported", {"json": ok_body(logprobs=True)}, 400, "invalid_request_error", None, None),
+    ("logit_bias_unsupported", {"json": ok_body(logit_bias={"5": 10})}, 400, "invalid_request_error", None, None),
+    ("top_logprobs_without_logprobs", {"json": ok_body(top_logprobs=2)}, 400, "invalid_request_error", None,
+     "top_logprobs"),
+    ("top_logprobs_over_20", {"json": ok_body(logprobs=True, top_logprobs=21)}, 400, "invalid_request_error", None,
+     "top_logprobs"),
+    ("top_k_below_minus_one", {"json": ok_body(top_k=-2)}, 400, "invalid_request_error", None, "top_k"),
+    ("min_p_over_one", {"json": ok_body(min_p=1.5)}, 400, "invalid_request_error", None, "min_p"),
+    ("repetition_penalty_zero", {"json": ok_body(repetition_penalty=0)}, 400, "invalid_request_error", None,
+     "repetition_penalty"),
+    ("presence_penalty_out_of_range", {"json": ok_body(presence_penalty=3)}, 400, "invalid_request_error", None,
+     "presence_penalty"),
+    ("frequency_penalty_out_of_range", {"json": ok_body(frequency_penalty=-2.5)}, 400, "invalid_request_error",
+     None, "frequency_penalty"),
+    ("min_tokens_over_max_tokens", {"json": ok_body(min_tokens=5, max_tokens=2)}, 400, "invalid_request_error",
+     None, "min_tokens"),
+    ("ignore_eos_not_bool", {"json": ok_body(ignore_eos="yes")}, 400, "invalid_request_error", None, "ignore_eos"),
+    # A lone UTF-16 surrogate ("\ud800" in the JSON text) is not Unicode text: 400 naming the field.
+    ("lone_surrogate_in_text", {"content": _with_surrogate(ok_body(), "messages", 0, "content", 1, "text")}, 400,
+     "invalid_request_error", "invalid_value", "messages[0].content[1].text"),
+    ("lone_surrogate_in_system_message", {"content": _with_surrogate(
+        ok_body(messages=[{"role": "system", "content": "Be brief."}, user_message("hi")]), "messages", 0, "content")},
+     400, "invalid_request_error", "invalid_value", "messages[0].content"),
+    ("lone_surrogate_in_instruction", {"content": _with_surrogate(ok_body(smolora={"instruction": "Answer."}),
+                                                                  "smolora", "instruction")},
+     400, "invalid_request_error", "invalid_value", "smolora.instruction"),
+    ("lone_surrogate_in_stop", {"content": _with_surrogate(ok_body(stop=["END"]), "stop", 0)}, 400,
+     "invalid_request_error", "invalid_value", "stop[0]"),
     ("stream_options_without_stream", {"json": ok_body(stream_options={"include_usage": True})}, 400,
      "invalid_request_error", None, None),
     ("missing_api_key", {"json": ok_body(), "headers": {}}, 401, "authentication_error", "invalid_api_key", None),

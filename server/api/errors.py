@@ -166,9 +166,13 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
 def format_loc(loc: Iterable[Any]) -> str | None:
     """`('body', 'messages', 0, 'content')` -> `messages[0].content`."""
     out = ""
+    previous: Any = None
     for part in loc:
         if part in ("body", "query", "path", "header"):
             continue
+        if isinstance(part, str) and part == previous:
+            continue  # a discriminated union's tag followed by the field of the same name (`text`)
+        previous = part
         if isinstance(part, int):
             out += f"[{part}]"
         elif isinstance(part, str) and (part.startswith("function-") or "[" in part

@@ -8,6 +8,9 @@ What it does:
 - turns a `GenerateRequest` into a vLLM prompt + `SamplingParams` whose `extra_args` carry
   the request key, version slot, instruction embedding and VU-routing mode, and whose image
   carries the same key (`mm_processor_kwargs`) for the projector;
+- passes the request's sampling values (temperature, top-p/top-k/min-p, penalties,
+  min_tokens, ignore_eos, seed, logprobs) to vLLM's `SamplingParams` as they are, and
+  returns per-token log-probabilities when asked;
 - passes stop strings to vLLM (`SamplingParams.stop`, the stop string excluded from the
   output), so a request cut by a stop string finishes in the engine with reason "stop" and
   its routing trace like any other (vLLM aborts it in the core once its detokenizer sees
@@ -23,7 +26,7 @@ what new requests get. A corrupt or mismatched checkpoint is refused before anyt
 copied and the serving version keeps serving.
 
 What it does not do: HTTP, chat templating, image decoding, instruction extraction or
-embedding (the server's job), sampling beyond temperature/top-p.
+embedding (the server's job).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from smolora.server.engine.protocol import (
     InvalidRequestError,
     LayerRoute,
     RequestTrace,
+    TokenLogprob,
     VersionInfo,
     VersionLoadError,
     VersionNotResidentError,
@@ -140,6 +144,22 @@ def _trace_from_raw(raw: dict[str, Any], version: int, request: GenerateRequest)
         layers=layers,
         exact=bool(raw.get("exact", True)),
     )
+
+
+def _token_logprobs(token_ids: Sequence[int], positions: Any, top: int) -> list[TokenLogprob]:
+    """vLLM's per-position `{token_id: Logprob}` dicts as one `TokenLogprob` per generated token,
+    with the `top` most likely tokens of each position (vLLM adds the chosen token when it is
+    not among them)."""
+    out: list[TokenLogprob] = []
+    for token_id, entries in zip(token_ids, positions or ()):
+        chosen = entries[token_id]
+        ranked = sorted(((lp.rank if lp.rank is not None else math.inf, tid, lp) for tid, lp in entries.items()),
+                        key=lambda e: (e[0], -e[2].logprob))
+        out.append(TokenLogprob(
+            token_id=int(token_id), token=chosen.decoded_token or "", logprob=float(chosen.logprob),
+            top=[TokenLogprob(int(tid), lp.decoded_token or "", float(lp.logprob)) for _, tid, lp in ranked[:top]],
+        ))
+    return out
 
 
 class SMoLoRAEngine:
@@ -241,6 +261,7 @@ class SMoLoRAEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream one request (see `EngineClient.generate`)."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         self._check_open()
@@ -268,6 +289,13 @@ class SMoLoRAEngine:
                     top_p=request.top_p,
                     max_tokens=request.max_tokens,
                     seed=request.seed,
+                    top_k=request.top_k,
+                    min_p=request.min_p,
+                    repetition_penalty=request.repetition_penalty,
+                    presence_penalty=request.presence_penalty,
+                    frequency_penalty=request.frequency_penalty,
+                    min_tokens=request.min_tokens,
+                    logprobs=request.logprobs,
                     stop=list(request.stop) if request.stop else None,
                     include_stop_str_in_output=False,
                     stop_token_ids=request.stop_token_ids,
@@ -275,7 +303,7 @@ class SMoLoRAEngine:
                     output_kind=RequestOutputKind.DELTA,
                     extra_args=extra,
                 )
-            except ValueError as e:
+            except (ValueError, VLLMClientError) as e:  # vLLM's own checks of the sampling values
                 raise InvalidRequestError(str(e)) from e
             prompt: dict[str, Any] = (
                 {"prompt": request.prompt} if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
@@ -305,8 +333,11 @@ class SMoLoRAEngine:
                 if prompt_tokens is None and out.prompt_token_ids is not None:
                     prompt_tokens = len(out.prompt_token_ids)
                 completion = out.outputs[0]
+                logprobs = (_token_logprobs(completion.token_ids, completion.logprobs, request.logprobs)
+                            if request.logprobs is not None else None)
                 if not out.finished:
-                    yield GenerateChunk(request_id, list(completion.token_ids), completion.text, version=version)
+                    yield GenerateChunk(request_id, list(completion.token_ids), completion.text, version=version,
+                                        logprobs=logprobs)
                     continue
                 trace = None
                 if use_adapter and request.trace and version is not None:
@@ -314,7 +345,8 @@ class SMoLoRAEngine:
                     trace = _trace_from_raw(raw, version, request) if raw is not None else None
                 reason = completion.finish_reason if completion.finish_reason in ("stop", "length", "abort") else "stop"
                 yield GenerateChunk(request_id, list(completion.token_ids), completion.text, finished=True,
-                                    finish_reason=reason, version=version, trace=trace, prompt_tokens=prompt_tokens)
+                                    finish_reason=reason, version=version, trace=trace, prompt_tokens=prompt_tokens,
+                                    logprobs=logprobs)
         except EngineDeadError as e:
             raise EngineUnavailableError(f"the engine core died: {e}") from e
         except (VLLMClientError, ValueError) as e:  # input validation (e.g. image/placeholder mismatch, too long)
@@ -450,16 +482,20 @@ class SMoLoRAEngine:
 
 
 async def collect(engine: Any, request: GenerateRequest) -> GenerateChunk:
-    """Run a request to completion; returns its final chunk with all token ids and text."""
+    """Run a request to completion; returns its final chunk with all token ids, text and logprobs."""
     ids: list[int] = []
     text = ""
+    logprobs: list[TokenLogprob] = []
     last: GenerateChunk | None = None
     async for chunk in engine.generate(request):
         ids.extend(chunk.token_ids)
         text += chunk.text
+        logprobs.extend(chunk.logprobs or ())
         last = chunk
     assert last is not None and last.finished
     last.token_ids, last.text = ids, text
+    if last.logprobs is not None:
+        last.logprobs = logprobs
     return last
 
 

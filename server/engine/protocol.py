@@ -14,6 +14,7 @@ and its result names that version. Loading a version never disturbs in-flight re
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ FinishReason = Literal["stop", "length", "abort"]
 
 #: Most stop strings one request may carry (OpenAI's limit).
 MAX_STOP_STRINGS = 4
+#: Most alternatives per token a request may ask log-probabilities of (OpenAI's and vLLM's
+#: default limit).
+MAX_TOP_LOGPROBS = 20
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -98,6 +102,16 @@ class GenerateRequest:
         instruction_similarity: similarity of a snapped instruction, echoed in the trace.
         max_tokens: generation limit.
         temperature, top_p, seed: sampling (temperature 0 is greedy).
+        top_k: sample from the k most likely tokens only (0 or -1: all tokens).
+        min_p: drop tokens less likely than min_p times the most likely one (0: off), in [0, 1].
+        repetition_penalty: > 1 discourages, < 1 encourages tokens already in the prompt or
+            output (1: off; vLLM's multiplicative penalty), > 0.
+        presence_penalty, frequency_penalty: OpenAI's additive penalties for tokens already
+            generated (once / per occurrence), in [-2, 2].
+        min_tokens: EOS and `stop_token_ids` cannot end generation before this many tokens
+            (stop strings still can); at most `max_tokens`.
+        logprobs: None for no log-probabilities; k >= 0 returns, per generated token, its
+            log-probability and the k most likely tokens' (at most `MAX_TOP_LOGPROBS`).
         stop: stop strings (OpenAI semantics): generation ends at the first one, which is not
             part of the output (`finish_reason` "stop"); at most `MAX_STOP_STRINGS`.
         stop_token_ids: extra stop tokens.
@@ -117,6 +131,13 @@ class GenerateRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -136,6 +157,7 @@ class GenerateRequest:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        self._check_sampling_extras()
         if self.vu_routing not in (None, "pinned", "per_step"):
             raise InvalidRequestError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
         if self.stop is not None:
@@ -147,6 +169,23 @@ class GenerateRequest:
                 raise InvalidRequestError("stop strings must be non-empty strings")
         if self.image is not None and not isinstance(self.image, Image.Image):
             raise InvalidRequestError("image must be a PIL image (decode it before calling the engine)")
+
+    def _check_sampling_extras(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be an integer >= 1, or 0 / -1 for all tokens, got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"logprobs (top log-probabilities per token) must be in [0, {MAX_TOP_LOGPROBS}], "
+                                      f"got {self.logprobs}")
 
 
 @dataclass
@@ -200,6 +239,25 @@ class RequestTrace:
 
 
 @dataclass
+class TokenLogprob:
+    """The log-probability (natural log) of one token, with its text.
+
+    Attributes:
+        token_id: the token.
+        token: its text decoded alone.
+        logprob: its log-probability at this position (vLLM's raw log-probabilities: before
+            temperature, penalties or top-k/top-p).
+        top: for a generated token, the most likely tokens at its position, most likely
+            first (as many as the request's `logprobs` asked); empty otherwise.
+    """
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
 class GenerateChunk:
     """A streamed piece of a generation; the last one has `finished=True`.
 
@@ -214,6 +272,7 @@ class GenerateChunk:
         prompt_tokens: prompt length in tokens (image placeholders included).
         queue_seconds: time the request waited in the engine's scheduler, on the last
             chunk when the engine knows it.
+        logprobs: one entry per token of `token_ids`, when the request asked for logprobs.
     """
 
     request_id: str
@@ -225,6 +284,7 @@ class GenerateChunk:
     trace: RequestTrace | None = None
     prompt_tokens: int | None = None
     queue_seconds: float | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Only the HTTP boundary uses Pydantic. The request model checks types and ranges (so a
 bad value becomes a 400 naming the field); limits that depend on the server's settings
-or the model (image count, context length, `n`) are checked in `serving.py`. Fields the
+or the model (image count, context length, `n`) and rules between fields (`top_logprobs`
+needs `logprobs`, `min_tokens` <= the completion limit) are checked in `serving.py`, so
+that their 400s name the field. The sampling fields mirror vLLM's `SamplingParams`
+(OpenAI's plus vLLM's `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`). Fields the
 OpenAI API has but this server cannot honour are accepted only at their neutral values;
 unknown top-level fields are ignored, as OpenAI-compatible servers do. Responses are
 built as plain dicts in `serving.py` (they are ours, not a caller's, to validate).
@@ -13,11 +16,30 @@ The extension rides in the body as `"smolora": {...}` (the OpenAI SDK sends it w
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from smolora.server.engine.protocol import MAX_TOP_LOGPROBS
 
 MAX_INSTRUCTION_CHARS = 2000
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(value: str) -> str:
+    """Refuse a string holding a UTF-16 surrogate code point (`"\\ud800"` in the JSON): it is
+    not a character, cannot be encoded as UTF-8, and would fail the tokenizer."""
+    match = _SURROGATE.search(value)
+    if match is not None:
+        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(match.group()):04X}) at character "
+                         f"{match.start()}; send valid Unicode text (pair surrogates or use UTF-8)")
+    return value
+
+
+#: Text a caller sends: any string that is valid Unicode (every `str` field of a request uses it).
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 
 
 class _Strict(BaseModel):
@@ -28,13 +50,13 @@ class TextPart(_Strict):
     """`{"type": "text", "text": "..."}`."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(_Strict):
     """`{"url": "data:image/png;base64,..." | "https://...", "detail": "auto"}`."""
 
-    url: str = Field(min_length=1)
+    url: Text = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -59,8 +81,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class StreamOptions(_Strict):
@@ -80,8 +102,8 @@ class SmoloraRequestOptions(_Strict):
         trace: include the routing trace in the response.
     """
 
-    instruction: str | None = Field(default=None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
-    instruction_type: str | None = Field(default=None, min_length=1, max_length=200)
+    instruction: Text | None = Field(default=None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+    instruction_type: Text | None = Field(default=None, min_length=1, max_length=200)
     version: int | None = Field(default=None, ge=1)
     trace: bool | None = None
 
@@ -99,23 +121,29 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's sampling extensions (vLLM's OpenAI server accepts them at the top level too).
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    stop: Text | list[Text] | None = None
     n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # OpenAI fields this server honours only at their neutral values.
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -133,14 +161,6 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="after")
     def _supported(self) -> "ChatCompletionRequest":
         unsupported = []
-        if self.logprobs:
-            unsupported.append("logprobs")
-        if self.top_logprobs:
-            unsupported.append("top_logprobs")
-        if self.presence_penalty:
-            unsupported.append("presence_penalty")
-        if self.frequency_penalty:
-            unsupported.append("frequency_penalty")
         if self.logit_bias:
             unsupported.append("logit_bias")
         if self.tools:

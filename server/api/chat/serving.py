@@ -42,7 +42,8 @@ from smolora.server.api.chat.protocol import ChatCompletionRequest, ChatMessage,
 from smolora.server.api.checkpoints.serving import VersionManager
 from smolora.server.api.errors import (InvalidRequestError, NotFoundError, ServiceUnavailableError, engine_busy,
                                        engine_error_to_api, sse_error_event)
-from smolora.server.engine.protocol import EngineClient, EngineError, GenerateChunk, GenerateRequest, LayerRoute, VersionInfo
+from smolora.server.engine.protocol import (EngineClient, EngineError, GenerateChunk, GenerateRequest, LayerRoute,
+                                            TokenLogprob, VersionInfo)
 from smolora.server.api.state import ServerState
 from smolora.server.images import ImageError
 from smolora.server.instruction_source import ResolvedInstruction, UnknownInstructionTypeError
@@ -64,6 +65,7 @@ class PreparedChat:
     prompt_tokens: int
     instruction: ResolvedInstruction | None  # None with adapters off
     requests: list[GenerateRequest]  # one per choice, in choice order
+    logprobs: bool  # the choices carry OpenAI `logprobs` objects
     trace_requested: bool
     stream: bool
     include_usage: bool
@@ -76,6 +78,7 @@ class _ChoiceState:
     tokens: int = 0
     finish_reason: str | None = None
     trace: list[LayerRoute] | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_tokens: int | None = None
     queue_seconds: float | None = None
     last_token_at: float | None = None
@@ -201,6 +204,7 @@ class ChatService:
         prompt = renderer.render(template_messages)
         prompt_tokens = renderer.count_tokens(prompt, len(images))
         max_tokens = self._completion_budget(req, prompt_tokens, len(images), renderer, engine)
+        logprobs = self._check_sampling_rules(req, max_tokens)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         trace_requested = s.trace_default if (ext is None or ext.trace is None) else ext.trace
@@ -217,6 +221,14 @@ class ChatService:
                     temperature=1.0 if req.temperature is None else req.temperature,
                     top_p=1.0 if req.top_p is None else req.top_p,
                     seed=None if req.seed is None else _wrap_seed(req.seed + i),
+                    top_k=0 if req.top_k is None else req.top_k,
+                    min_p=req.min_p or 0.0,
+                    repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                    presence_penalty=req.presence_penalty or 0.0,
+                    frequency_penalty=req.frequency_penalty or 0.0,
+                    min_tokens=req.min_tokens or 0,
+                    ignore_eos=bool(req.ignore_eos),
+                    logprobs=logprobs,
                     stop=list(stops) or None)
                 for i in range(req.n)
             ]
@@ -226,9 +238,25 @@ class ChatService:
             request_id=request_id, created=int(time.time()),
             model_label=s.served_model_name if info is None else f"{s.served_model_name}@{info.version}",
             version=info, prompt_tokens=prompt_tokens, instruction=instruction, requests=requests,
+            logprobs=logprobs is not None,
             trace_requested=trace_requested and info is not None,
             stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
             arrival=arrival)
+
+    @staticmethod
+    def _check_sampling_rules(req: ChatCompletionRequest, max_tokens: int) -> int | None:
+        """Rules between sampling fields; returns the engine's `logprobs` (None: not asked).
+
+        Raises:
+            InvalidRequestError: naming the field to fix.
+        """
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+        if req.min_tokens is not None and req.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens={req.min_tokens} is over the completion limit of {max_tokens} "
+                                      "tokens (max_tokens, or what the context leaves); lower it",
+                                      param="min_tokens", code="invalid_value")
+        return (req.top_logprobs or 0) if req.logprobs else None
 
     def _resolve_version(self, req: ChatCompletionRequest, versions: VersionManager) -> VersionInfo:
         from_model = parse_model_name(req.model, self.settings.served_model_name)
@@ -447,6 +475,8 @@ class ChatService:
                     st.last_token_at = now
                 st.text.append(chunk.text)
                 st.tokens += num_tokens
+                if chunk.logprobs:
+                    st.logprobs.extend(chunk.logprobs)
                 if chunk.finished:
                     st.finish_reason = chunk.finish_reason
                     st.trace = chunk.trace.layers if chunk.trace is not None and prepared.version is not None else None
@@ -496,7 +526,8 @@ class ChatService:
             "id": prepared.request_id, "object": "chat.completion", "created": prepared.created,
             "model": prepared.model_label,
             "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": None, "finish_reason": c.finish_reason} for i, c in sorted(choices.items())],
+                         "logprobs": openai_logprobs(c.logprobs) if prepared.logprobs else None,
+                         "finish_reason": c.finish_reason} for i, c in sorted(choices.items())],
             "usage": self._usage(prepared, choices),
             "system_fingerprint": None,
             "smolora": self._extension(prepared, choices),
@@ -520,14 +551,15 @@ class ChatService:
             finished = 0
             async with aclosing(self._events(prepared, waited, choices)) as events:
                 async for index, chunk in events:
+                    logprobs = openai_logprobs(chunk.logprobs or []) if prepared.logprobs else None
                     if not chunk.finished:
-                        if chunk.text:
+                        if chunk.text or chunk.logprobs:
                             yield self._chunk(prepared, [{"index": index, "delta": {"content": chunk.text},
-                                                          "logprobs": None, "finish_reason": None}])
+                                                          "logprobs": logprobs, "finish_reason": None}])
                         continue
                     finished += 1
                     choice = [{"index": index, "delta": {"content": chunk.text} if chunk.text else {},
-                               "logprobs": None, "finish_reason": chunk.finish_reason}]
+                               "logprobs": logprobs, "finish_reason": chunk.finish_reason}]
                     if finished == n and not prepared.include_usage:
                         yield self._chunk(prepared, choice, smolora=self._extension(prepared, choices))
                     else:
@@ -540,6 +572,19 @@ class ChatService:
             err = engine_error_to_api(e, self.settings.retry_after_s)
             yield sse_error_event(err)
             yield "data: [DONE]\n\n"
+
+
+#: Log-probabilities below this are reported as it (JSON has no -inf; vLLM does the same).
+MIN_LOGPROB = -9999.0
+
+
+def openai_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's choice `logprobs` object: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`."""
+
+    def entry(t: TokenLogprob) -> dict[str, Any]:
+        return {"token": t.token, "logprob": max(t.logprob, MIN_LOGPROB), "bytes": list(t.token.encode("utf-8", errors="replace"))}
+
+    return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top]} for t in tokens]}
 
 
 def _wrap_seed(seed: int) -> int:

@@ -2,7 +2,8 @@
 
 It does not run a model and proves nothing about the engine: it replies with a scripted
 word sequence (one "token" per word), honours `max_tokens` and `stop`, derives a fake but
-deterministic routing trace from the instruction embedding, and keeps checkpoint
+deterministic routing trace from the instruction embedding, fake log-probabilities
+(word i: -0.1 * (i + 1); alternatives "alt0".."altK" below it) when asked, and keeps checkpoint
 versions by reading their manifests. What it lets tests check is the HTTP layer's own
 behaviour: validation, error mapping, SSE framing, usage, metrics, auth, queue limits,
 version selection. Hooks: `hold()` / `release()` to keep requests in flight,
@@ -21,7 +22,7 @@ from typing import AsyncIterator, Callable
 
 from smolora.adapters.checkpoint import verify_checkpoint
 from smolora.server.engine.protocol import (EngineHealth, EngineUnavailableError, GenerateChunk, GenerateRequest,
-                                            LayerRoute, RequestTrace, VersionInfo, VersionInUseError, VersionLoadError,
+                                            LayerRoute, RequestTrace, TokenLogprob, VersionInfo, VersionInUseError, VersionLoadError,
                                             VersionNotResidentError)
 from smolora.server.settings import ServerSettings
 
@@ -95,7 +96,7 @@ class ScriptedEngine:
                     produced += 1
                     yield GenerateChunk(rid, [i], piece, finished=True, finish_reason="stop", version=version,
                                         prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
-                                        queue_seconds=0.0)
+                                        queue_seconds=0.0, logprobs=self._logprobs(request, i, piece))
                     finished = True
                     return
                 text = candidate
@@ -105,10 +106,10 @@ class ScriptedEngine:
                     reason = "length" if produced >= sp.max_tokens and i < len(words) - 1 else "stop"
                     yield GenerateChunk(rid, [i], piece, finished=True, finish_reason=reason, version=version,
                                         prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
-                                        queue_seconds=0.0)
+                                        queue_seconds=0.0, logprobs=self._logprobs(request, i, piece))
                     finished = True
                     return
-                yield GenerateChunk(rid, [i], piece, version=version)
+                yield GenerateChunk(rid, [i], piece, version=version, logprobs=self._logprobs(request, i, piece))
                 await asyncio.sleep(0)
         finally:
             self.in_flight -= 1
@@ -116,6 +117,15 @@ class ScriptedEngine:
                 self.pinned[request.version] -= 1
             if not finished:
                 self.aborted.append(request.request_id)
+
+    @staticmethod
+    def _logprobs(request: GenerateRequest, i: int, piece: str) -> list[TokenLogprob] | None:
+        if request.logprobs is None:
+            return None
+        lp = -0.1 * (i + 1)
+        top = [TokenLogprob(i, piece, lp)] + [TokenLogprob(1000 + k, f"alt{k}", lp - 1.0 - k)
+                                             for k in range(request.logprobs - 1)]
+        return [TokenLogprob(i, piece, lp, top[:request.logprobs])]
 
     def _prompt_tokens(self, request: GenerateRequest) -> int:
         assert isinstance(request.prompt, str)

@@ -235,3 +235,50 @@ def test_non_streaming_client_disconnect_aborts_the_engine_request(tiny_model_di
         # the admission slot was released too: the only slot serves the next request
         ok = httpx.post(srv.base_url + "/v1/chat/completions", json=json.loads(payload), timeout=10)
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_vllm_sampling_extras_reach_the_engine(served) -> None:
+    client, engine, _ = served
+    r = _post(client, max_tokens=3, top_k=5, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
+              frequency_penalty=-0.5, min_tokens=2, ignore_eos=True)
+    assert r.status_code == 200, r.text
+    sent = engine.inputs[-1]
+    assert (sent.top_k, sent.min_p, sent.repetition_penalty) == (5, 0.1, 1.2)
+    assert (sent.presence_penalty, sent.frequency_penalty) == (0.5, -0.5)
+    assert sent.min_tokens == 2 and sent.ignore_eos and sent.logprobs is None
+    assert r.json()["choices"][0]["logprobs"] is None
+    _post(client, max_tokens=1)  # unset: vLLM's neutral values
+    sent = engine.inputs[-1]
+    assert (sent.top_k, sent.min_p, sent.repetition_penalty, sent.presence_penalty, sent.frequency_penalty,
+            sent.min_tokens, sent.ignore_eos, sent.logprobs) == (0, 0.0, 1.0, 0.0, 0.0, 0, False, None)
+
+
+def _check_logprobs_content(content: list[dict[str, Any]], top: int) -> None:
+    for entry in content:
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert entry["bytes"] == list(entry["token"].encode()) and entry["logprob"] <= 0
+        assert len(entry["top_logprobs"]) == top
+        for alt in entry["top_logprobs"]:
+            assert set(alt) == {"token", "logprob", "bytes"}
+
+
+def test_logprobs_in_the_openai_shape_json_and_streaming(served) -> None:
+    client, engine, _ = served
+    body = _post(client, max_tokens=4, logprobs=True, top_logprobs=2).json()
+    assert engine.inputs[-1].logprobs == 2
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] == 4
+    assert "".join(e["token"] for e in content) == body["choices"][0]["message"]["content"]
+    _check_logprobs_content(content, 2)
+    assert [e["logprob"] for e in content] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    body = _post(client, max_tokens=2, logprobs=True).json()  # top_logprobs unset: the chosen tokens only
+    assert engine.inputs[-1].logprobs == 0
+    _check_logprobs_content(body["choices"][0]["logprobs"]["content"], 0)
+
+    events = _events(_post(client, stream=True, max_tokens=3, logprobs=True, top_logprobs=1).text)
+    chunks = [e for e in events[:-1] if e["choices"] and e["choices"][0]["logprobs"] is not None]
+    streamed = [entry for e in chunks for entry in e["choices"][0]["logprobs"]["content"]]
+    assert len(streamed) == 3
+    _check_logprobs_content(streamed, 1)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    assert "".join(entry["token"] for entry in streamed) == text

@@ -9,6 +9,8 @@ All tests share two engines (see conftest): `engine` (SMoLoRA, version 1 active)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import os
 import shutil
 from pathlib import Path
@@ -288,3 +290,65 @@ def test_preempted_requests_match_reference(loop: LoopThread, preempting_engine:
     for i, mode in enumerate(modes):
         one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
         _assert_matches_reference([results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step")
+
+
+def _text_requests(n: int, max_tokens: int, **sampling: Any) -> list[GenerateRequest]:
+    w = make_workload(max(n, 2), seed=11, text_only=max(n, 2))
+    return [GenerateRequest(prompt=p, instruction=u, max_tokens=max_tokens, trace=False, **sampling)
+            for p, u in zip(w.prompts[:n], w.instructions[:n])]
+
+
+def test_ignore_eos_generates_exactly_max_tokens(loop: LoopThread, engine: Any) -> None:
+    """Hot sampling over the tiny model's 512 tokens ends some requests at EOS early; the same
+    requests with `ignore_eos` generate exactly `max_tokens` tokens."""
+    max_tokens = 80
+    requests = [dataclasses.replace(r, temperature=2.0, seed=s) for s, r in enumerate(_text_requests(32, max_tokens))]
+    results = loop.run(collect_all(engine, requests))
+    early = [i for i, r in enumerate(results) if r.finish_reason == "stop" and len(r.token_ids) < max_tokens]
+    assert early, "no request met EOS: the test would not show that ignore_eos ignores it"
+    again = loop.run(collect_all(engine, [dataclasses.replace(requests[i], ignore_eos=True) for i in early]))
+    assert [len(r.token_ids) for r in again] == [max_tokens] * len(early)
+    assert {r.finish_reason for r in again} == {"length"}
+
+
+def test_min_tokens_holds_off_stop_tokens(loop: LoopThread, engine: Any) -> None:
+    """`min_tokens` keeps EOS and stop tokens from ending a request early (vLLM masks them)."""
+    base = _text_requests(4, 8)
+    plain = loop.run(collect_all(engine, base))
+    cases = [(b, p.token_ids[1]) for b, p in zip(base, plain) if p.token_ids[1] != p.token_ids[0]]
+    assert cases, "every greedy output repeats its first token"
+    stopped = loop.run(collect_all(engine, [dataclasses.replace(b, stop_token_ids=[t]) for b, t in cases]))
+    assert all(r.finish_reason == "stop" and len(r.token_ids) == 2 for r in stopped)
+    held = loop.run(collect_all(engine, [dataclasses.replace(b, stop_token_ids=[t], min_tokens=6) for b, t in cases]))
+    for r, (_, t) in zip(held, cases):
+        assert len(r.token_ids) >= 6 and t not in r.token_ids[:6]
+
+
+def test_logprobs_shapes_and_greedy_choice_is_the_most_likely(loop: LoopThread, engine: Any) -> None:
+    results = loop.run(collect_all(engine, _text_requests(3, 6, logprobs=5)))
+    for r in results:
+        assert r.logprobs is not None and len(r.logprobs) == len(r.token_ids)
+        for tid, lp in zip(r.token_ids, r.logprobs):
+            assert lp.token_id == tid and len(lp.top) == 5
+            tops = [a.logprob for a in lp.top]
+            assert tops == sorted(tops, reverse=True) and sum(math.exp(v) for v in tops) <= 1 + 1e-5
+            assert lp.top[0].token_id == tid and lp.logprob == pytest.approx(max(tops), abs=1e-6)
+    chosen_only = loop.run(collect(engine, _text_requests(1, 4, logprobs=0)[0]))
+    assert chosen_only.logprobs is not None and len(chosen_only.logprobs) == len(chosen_only.token_ids)
+    assert all(lp.top == [] and lp.logprob <= 0 for lp in chosen_only.logprobs)
+    assert loop.run(collect(engine, _text_requests(1, 4)[0])).logprobs is None
+
+
+def test_top_k_one_is_greedy(loop: LoopThread, engine: Any) -> None:
+    greedy = loop.run(collect_all(engine, _text_requests(4, 8)))
+    top1 = loop.run(collect_all(engine, _text_requests(4, 8, temperature=1.0, top_k=1, seed=5)))
+    assert [r.token_ids for r in top1] == [r.token_ids for r in greedy]
+
+
+def test_bad_sampling_values_are_invalid_requests(loop: LoopThread, engine: Any) -> None:
+    for bad in ({"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0.0}, {"presence_penalty": 2.5},
+                {"frequency_penalty": -3.0}, {"min_tokens": 9}, {"logprobs": 21}):
+        with pytest.raises(InvalidRequestError):
+            GenerateRequest(prompt="USER: hi ASSISTANT:", max_tokens=8, **bad)
+    with pytest.raises(InvalidRequestError, match="temperature"):  # vLLM's own check, as a typed error
+        loop.run(collect(engine, _text_requests(1, 2, temperature=3.0)[0]))
