@@ -64,6 +64,9 @@ def engine_config(settings: ServerSettings, checkpoint: Path | None) -> Any:
     if unknown:
         raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(fields)}")
     options = dict(settings.engine_options)
+    # vLLM labels its vllm:* metrics model_name=<its served_model_name>: the name clients use, not the path.
+    options["extra_engine_args"] = {"served_model_name": settings.served_model_name,
+                                    **(options.get("extra_engine_args") or {})}
     if not settings.adapters:
         return EngineConfig(model_dir=settings.model_dir, adapters=False, **options)
     options.setdefault("num_slots", settings.max_resident_versions)
