@@ -93,10 +93,18 @@ def test_published_import_loads_into_our_model(ref: ReferenceLayout, tiny_model_
 
 
 def test_one_spelling_only_and_safetensors_are_accepted(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`.mlp.weight` only (PEFT's state dict), the `.weight` alias only (LLaVA's trainer
+    collects `named_parameters`, which lists a shared tensor once), or safetensors."""
     from safetensors.torch import save_file
 
     layout = write_reference_checkpoint(tmp_path / "ref", both_spellings=False, projector=False)
     res = _convert(layout, tiny_model_dir)
+    alias = write_reference_checkpoint(tmp_path / "alias", projector=False)
+    alias.state = {k: v for k, v in alias.state.items() if not k.endswith(".mlp.weight")}
+    alias.save()
+    assert not any(".loraA.0.mlp." in k for k in alias.state)
+    from_alias = _convert(alias, tiny_model_dir)
+    assert all(torch.equal(from_alias.tensors[k], res.tensors[k]) for k in res.tensors)
     assert all(n.startswith("layers.") for n in res.manifest.layers)
     assert res.manifest.adapter_config["target_modules"] == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     (layout.path / "adapter_model.bin").unlink()
