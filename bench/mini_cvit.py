@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from smolora.adapters.precision import resolve_dtype
 from smolora.training.config import METHOD_NAMES
 from smolora.training.data.mini_cvit import MiniCVITConfig, build_mini_cvit
 from smolora.training.data.tasks import UPSTREAM_ORDER
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--few-shot-steps", type=int, default=30)
     p.add_argument("--pretrain-steps", type=int, default=3500)
     p.add_argument("--pretrain-size", type=int, default=24000, help="generic descriptions for base alignment")
-    p.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast, float32 weights)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="training compute dtype (bfloat16: autocast, float32 weights); auto: bfloat16 where native")
+    p.add_argument("--fp32", dest="dtype", action="store_const", const="float32", help="same as --dtype float32")
     p.add_argument("--base", type=Path, default=None, help="an aligned base folder to reuse instead of aligning one")
     p.add_argument("--train-per-task", type=int, default=2000)
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
@@ -74,7 +77,7 @@ def method_command(args: argparse.Namespace, method: str, data: Path, base: Path
         "--data", str(data), "--base", str(base), "--out", str(runs / method), "--setting", args.setting,
         "--tasks", args.tasks, "--seed", str(args.seed), "--threads", "1", "--steps-per-task", str(args.steps_per_task),
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--test-limit", str(args.test_limit),
-        "--few-shot-steps", str(args.few_shot_steps), "--dtype", "float32" if args.fp32 else "bfloat16",
+        "--few-shot-steps", str(args.few_shot_steps), "--dtype", args.dtype,
     ]
     return cmd
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
     data_cfg = MiniCVITConfig(seed=args.seed, train_per_task=args.train_per_task, pretrain_size=args.pretrain_size)
     data = build_mini_cvit(args.cache / f"mini_cvit-seed{args.seed}", data_cfg)
-    precision = "fp32" if args.fp32 else "bf16"
+    precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype)]
     base = args.base or args.cache / f"base-{args.preset}-seed{args.seed}-steps{args.pretrain_steps}-{precision}"
     pretrain_s = 0.0
     if args.base is None and not (base / "alignment.json").is_file():
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         # slower as soon as anything else runs (spinning OpenMP threads).
         pretrain_base(PretrainConfig(
             data_root=data, out_dir=base, preset=args.preset, steps=args.pretrain_steps, seed=args.seed,
-            num_threads=1, autocast_bf16=not args.fp32,
+            num_threads=1, dtype=args.dtype,
         ))
         pretrain_s = time.perf_counter() - t0
     runs = args.cache / f"runs-{args.name}-{args.setting}-{base.name}-seed{args.seed}"

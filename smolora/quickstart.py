@@ -46,18 +46,19 @@ def run(args: argparse.Namespace) -> int:
               "--test-per-task", str(args.test_per_task)])
     if not (base / "config.json").is_file():
         _run(["smolora.training", "pretrain", "--data", str(data), "--out", str(base), "--preset", args.preset,
-              "--steps", str(args.pretrain_steps), "--seed", str(args.seed), "--threads", "1", "--bf16"])
+              "--steps", str(args.pretrain_steps), "--seed", str(args.seed), "--threads", "1",
+              "--dtype", args.dtype])
     if len(list_versions(registry)) < 6 or args.force_train:
         _run(["smolora.training", "train", "--method", "smolora", "--data", str(data), "--base", str(base),
               "--out", str(run_dir), "--registry", str(registry), "--seed", str(args.seed),
               "--steps-per-task", str(args.steps_per_task), "--test-limit", str(args.test_per_task),
-              "--dtype", "bfloat16", "--no-unseen", "--no-robustness"])
+              "--dtype", args.dtype, "--no-unseen", "--no-robustness"])
     versions = list_versions(registry)
     log.info("registry %s holds %d versions (latest %s)", registry, len(versions), versions[-1].name if versions else None)
     if args.no_serve:
         return 0
     _run(["smolora.server", "serve", "--model", str(base), "--registry", str(registry),
-          "--host", args.host, "--port", str(args.port), "--served-model-name", f"smolora-{args.preset}"])
+          "--host", args.host, "--port", str(args.port), "--served-model-name", f"smolora-{args.preset}", "--dtype", args.dtype])
     return 0
 
 
@@ -70,6 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-per-task", type=int, default=50, help="test examples per task")
     p.add_argument("--pretrain-steps", type=int, default=800, help="base alignment steps")
     p.add_argument("--steps-per-task", type=int, default=120, help="SMoLoRA training steps per task")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype of training and serving; auto: bfloat16 only where the CPU/GPU runs it "
+                        "natively (AVX512_BF16/AMX, CUDA), float32 elsewhere")
     p.add_argument("--force-train", action="store_true", help="run the trainer even if the registry is complete")
     p.add_argument("--no-serve", action="store_true", help="stop after training")
     p.add_argument("--host", default="127.0.0.1")

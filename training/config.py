@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from smolora.adapters.precision import DTYPE_CHOICES, DTypeChoice
 from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES
 from smolora.training.data.tasks import UPSTREAM_ORDER
 
@@ -152,7 +153,8 @@ class RunConfig:
         train_limit: training examples per task (None: all).
         registry: checkpoint registry (default `out_dir/registry`).
         device: torch device.
-        dtype: "float32" or "bfloat16" (autocast on GPU).
+        dtype: "auto", "float32" or "bfloat16" (bfloat16 autocast, float32 weights); "auto" is
+            bfloat16 only where the device computes it natively (`adapters/precision.py`).
         num_threads: torch CPU threads (None: leave as is).
         replay_size: examples kept per past task (Replay).
         replay_ratio: share of each batch drawn from the buffer (Replay).
@@ -168,7 +170,7 @@ class RunConfig:
     train_limit: int | None = None
     registry: Path | None = None
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: DTypeChoice = "auto"
     num_threads: int | None = None
     replay_size: int = 100
     replay_ratio: float = 0.25
@@ -186,8 +188,8 @@ class RunConfig:
             raise ValueError(f"setting must be 'single' or 'multi', got {self.setting!r}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError("tasks must be a non-empty sequence without repeats")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if not 0.0 <= self.replay_ratio < 1.0 or self.replay_size < 0:
             raise ValueError("replay_ratio must be in [0, 1) and replay_size >= 0")
 

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
+from smolora.adapters.precision import DTYPE_CHOICES, DTypeChoice, resolve_dtype
 from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.mini_cvit import load_pretrain
@@ -52,8 +53,9 @@ class PretrainConfig:
         seed: init and data-order seed.
         num_threads: torch CPU threads (None: leave as is).
         device: torch device.
-        autocast_bf16: run forward/backward under bfloat16 autocast (weights and optimizer
-            state stay float32); about 1.5x faster on CPUs with AVX-512 BF16 / AMX.
+        dtype: "auto", "float32" or "bfloat16": bfloat16 runs forward/backward under autocast
+            (weights and optimizer state stay float32); "auto" picks it only where the
+            device computes bfloat16 natively (`adapters/precision.py`).
     """
 
     data_root: Path
@@ -70,7 +72,7 @@ class PretrainConfig:
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
-    autocast_bf16: bool = False
+    dtype: DTypeChoice = "auto"
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
@@ -81,6 +83,8 @@ class PretrainConfig:
             raise ValueError(f"train_modules must be 'all' or 'projector', got {self.train_modules!r}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps, batch_size and lr must be positive")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,6 +113,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             model, processor = load_llava(build_tiny_llava(get_preset(cfg.preset), tmp, seed=cfg.seed))
     device = torch.device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
     encoder = ExampleEncoder(processor)
     data = load_pretrain(cfg.data_root, cfg.limit)
@@ -129,7 +134,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         batch = encoder.collate_train([data[i] for i in order[: cfg.batch_size]])
         del order[: cfg.batch_size]
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
             loss = model(**tensors).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -39,6 +39,7 @@ from smolora.adapters.checkpoint import (
     read_manifest,
 )
 from smolora.adapters.instructions import InstructionEncoder, InstructionTable, InstructionType
+from smolora.adapters.precision import resolve_dtype
 from smolora.adapters.smolora import SMoLoRAModel
 from smolora.adapters.tiny_llava import load_llava
 from smolora.training import metrics
@@ -83,6 +84,8 @@ class ContinualTrainer:
             torch.set_num_threads(run.num_threads)
         torch.set_flush_denormal(True)  # denormal floats slow CPU training several-fold
         self.device = torch.device(run.device)
+        #: "float32" or "bfloat16" (autocast): `run.dtype` resolved for this device.
+        self.compute_dtype = resolve_dtype(run.dtype, self.device)
         self.model, self.processor = load_llava(run.base_dir)
         self.model.to(self.device)
         self.fingerprint = base_model_fingerprint(run.base_dir)
@@ -108,7 +111,7 @@ class ContinualTrainer:
         return [Stage(t, (t,), self.train_sets[t]) for t in self.run.tasks]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.run.dtype == "bfloat16":
+        if self.compute_dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

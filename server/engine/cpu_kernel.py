@@ -18,10 +18,12 @@ the compiler cannot build with OpenMP, the kernel is built single-threaded.
 `OverlapHelper` is a thread of the same library that runs a layer's delta on a spare CPU
 while the caller runs the layer's base matmul (`AdapterLayout.cpu_overlap`).
 
-The shared object is cached under `$SMOLORA_KERNEL_CACHE` (default
+How it is built and run comes from a `KernelConfig` passed in (`kernel_config.py`): the
+instruction set (`-march=native`, or without AVX-512 for the AVX2 path), the OpenMP
+threshold, the compiler and the cache folder. The shared object is cached there (default
 `~/.cache/smolora/kernels`), keyed by the source, the flags, the compiler and this CPU's
-feature flags (it is built with `-march=native`), and written atomically, so concurrent
-workers and test processes share one build.
+feature flags, and written atomically, so concurrent workers and test processes share one
+build.
 """
 
 from __future__ import annotations
@@ -41,18 +43,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from smolora.server.engine.kernel_config import KernelConfig
+
+#: The kernel settings used where none are passed in.
+DEFAULT_KERNEL = KernelConfig()
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "routed_delta.c"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 OPENMP_FLAGS = ("-fopenmp",)
 #: Ranks above this use the grouped torch path (the C side checks the same bound).
 MAX_RANK = 256
 #: Model dtypes the kernel serves.
 DTYPES = frozenset({torch.float32, torch.bfloat16})
-#: Calls with at least this many multiply-adds (rows x (d_in + d_out) x rank) use threads
-#: (`SMOLORA_KERNEL_PARALLEL_WORK` overrides it).
-MIN_PARALLEL_WORK = int(os.environ.get("SMOLORA_KERNEL_PARALLEL_WORK", 1 << 18))
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ERRORS = {1: "rank above the kernel's maximum", 2: "expert or slot index out of range", 3: "out of memory",
            4: "overlap helper already has a job", 5: "overlap helper has no job"}
@@ -67,15 +71,20 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SMOLORA_KERNEL_CACHE") or Path.home() / ".cache" / "smolora" / "kernels")
+def _cache_dir(config: KernelConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "smolora" / "kernels"
 
 
-def _build(compiler: str, target: Path) -> None:
+def build_flags(config: KernelConfig) -> tuple[str, ...]:
+    """The compiler flags of a build (OpenMP aside)."""
+    return (*FLAGS, *config.isa_flags)
+
+
+def _build(compiler: str, target: Path, config: KernelConfig) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"]
+        cmd = [compiler, *build_flags(config), str(SOURCE), "-o", str(out), "-lm"]
         try:
             subprocess.run([*cmd[:1], *OPENMP_FLAGS, *cmd[1:]], check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as exc:
@@ -84,9 +93,9 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
 
 
-def find_compiler() -> str | None:
-    """The C compiler the kernel is built with: `$CC`, else `cc`, else `gcc` (None: none)."""
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def find_compiler(config: KernelConfig = DEFAULT_KERNEL) -> str | None:
+    """The C compiler the kernel is built with: the config's, else `cc`, else `gcc` (None: none)."""
+    return config.compiler or shutil.which("cc") or shutil.which("gcc")
 
 
 def _check(rc: int) -> None:
@@ -94,22 +103,24 @@ def _check(rc: int) -> None:
         raise RuntimeError(f"routed CPU kernel failed: {_ERRORS.get(rc, rc)}")
 
 
-@lru_cache(maxsize=1)
-def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (no compiler, or the build failed; logged once)."""
-    if os.environ.get("SMOLORA_CPU_KERNEL", "1") == "0":
-        logger.info("routed CPU kernel disabled by SMOLORA_CPU_KERNEL=0; using the torch path")
+@lru_cache(maxsize=4)
+def load_kernel(config: KernelConfig = DEFAULT_KERNEL) -> ctypes.CDLL | None:
+    """The kernel compiled as `config` says, or None (disabled, no compiler, or the build
+    failed; logged once per config)."""
+    if not config.enabled:
+        logger.info("routed CPU kernel disabled by its config; using the torch path")
         return None
-    compiler = find_compiler()
+    compiler = find_compiler(config)
     if compiler is None:
         logger.warning("no C compiler found: routed layers use the (slower) torch path on CPU")
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(FLAGS + OPENMP_FLAGS), version, _cpu_signature())).encode()).hexdigest()[:20]
-        target = _cache_dir() / f"routed_delta-{key}.so"
+        flags = " ".join(build_flags(config) + OPENMP_FLAGS)
+        key = hashlib.sha256("\0".join((SOURCE.read_text(), flags, version, _cpu_signature())).encode()).hexdigest()[:20]
+        target = _cache_dir(config) / f"routed_delta-{config.isa}-{key}.so"
         if not target.exists():
-            _build(compiler, target)
+            _build(compiler, target, config)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
@@ -134,9 +145,9 @@ def load_kernel() -> ctypes.CDLL | None:
     return lib
 
 
-def kernel_available() -> bool:
-    """True when the routed CPU kernel can be used in this process."""
-    return load_kernel() is not None
+def kernel_available(config: KernelConfig = DEFAULT_KERNEL) -> bool:
+    """True when the routed CPU kernel `config` describes can be used in this process."""
+    return load_kernel(config) is not None
 
 
 class RoutedKernel:
@@ -161,8 +172,9 @@ class RoutedKernel:
     """
 
     def __init__(self, sub_row: Tensor, lora_a: Tensor, lora_b: Tensor, fuse_r: Tensor,
-                 max_scratch_bytes: int = 16 << 20, helper: "OverlapHelper | None" = None) -> None:
-        lib = load_kernel()
+                 max_scratch_bytes: int = 16 << 20, helper: "OverlapHelper | None" = None,
+                 config: KernelConfig = DEFAULT_KERNEL) -> None:
+        lib = load_kernel(config)
         if lib is None:
             raise RuntimeError("routed CPU kernel is not available")
         for t in (sub_row, lora_a, lora_b, fuse_r):
@@ -175,6 +187,7 @@ class RoutedKernel:
             raise ValueError(f"routed kernel needs lora_a/lora_b in one of {sorted(map(str, DTYPES))} and float32 "
                              f"fuse_r, got {lora_a.dtype}, {lora_b.dtype}, {fuse_r.dtype}")
         self.dtype = lora_a.dtype
+        self.min_parallel_work = config.min_parallel_work
         self._fn = lib.smolora_routed_delta_f32 if self.dtype == torch.float32 else lib.smolora_routed_delta_bf16
         self._sums = lib.smolora_row_sums_f32
         self._tensors = (sub_row, lora_a, lora_b, fuse_r)  # keep the storage alive
@@ -248,12 +261,12 @@ class BoundStep:
         per_token = (*(t.stride(0) * t.element_size() for t in step_tensors), fusion_stride * fusion.element_size())  # bytes
         self._chunks = [
             (t0, partial(kernel._fn, min(step, n - t0), *kernel._head, *(p + t0 * b for p, b in zip(pointers, per_token)),
-                         fusion_stride, MIN_PARALLEL_WORK))
+                         fusion_stride, kernel.min_parallel_work))
             for t0 in range(0, max(n, 1), step)
         ]
         self._call = self._chunks[0][1] if len(self._chunks) == 1 else None
         self._helper = kernel.helper if kernel.helper is not None and n <= kernel.helper_max_tokens else None
-        self._helper_args = (int(kernel.dtype == torch.bfloat16), n, *kernel._head, *pointers, fusion_stride, MIN_PARALLEL_WORK)
+        self._helper_args = (int(kernel.dtype == torch.bfloat16), n, *kernel._head, *pointers, fusion_stride, kernel.min_parallel_work)
 
     @property
     def overlaps(self) -> bool:
@@ -302,13 +315,14 @@ class OverlapHelper:
 
     Args:
         cpus: CPUs the helper may run on (empty: not pinned).
+        config: the kernel build whose helper this is (the layers' kernels must be the same).
 
     Raises:
         RuntimeError: the kernel library is unavailable or the thread could not start.
     """
 
-    def __init__(self, cpus: tuple[int, ...]) -> None:
-        lib = load_kernel()
+    def __init__(self, cpus: tuple[int, ...], config: KernelConfig = DEFAULT_KERNEL) -> None:
+        lib = load_kernel(config)
         if lib is None:
             raise RuntimeError("routed CPU kernel is not available")
         self._lib = lib
@@ -375,21 +389,21 @@ def spare_cpus() -> tuple[int, ...]:
     return tuple(sorted(set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)))
 
 
-def start_overlap_helper(mode: str) -> OverlapHelper | None:
+def start_overlap_helper(mode: str, config: KernelConfig = DEFAULT_KERNEL) -> OverlapHelper | None:
     """The overlap helper `AdapterLayout.cpu_overlap` asks for in this process, or None.
 
     "auto" starts one when the kernel is available, torch computes on one thread, and a CPU
     outside this thread's binding exists (it is pinned there); "on" starts one whenever the
     kernel is available (pinned to those CPUs if any); "off" never does.
     """
-    if mode == "off" or not kernel_available():
+    if mode == "off" or not kernel_available(config):
         return None
     cpus = spare_cpus()
     if mode == "auto" and (torch.get_num_threads() != 1 or not cpus):
         logger.info("routed-adapter overlap off: %d torch threads, spare CPUs %s", torch.get_num_threads(), list(cpus))
         return None
     try:
-        helper = OverlapHelper(cpus)
+        helper = OverlapHelper(cpus, config)
     except RuntimeError as exc:
         logger.warning("routed-adapter overlap off: %s", exc)
         return None

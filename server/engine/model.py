@@ -33,13 +33,14 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, g
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from smolora.server.engine.config import HF_CONFIG_KEY, MM_KEY, AdapterLayout
+from smolora.server.engine.config import HF_CONFIG_KEY, KERNEL_CONFIG_KEY, MM_KEY, AdapterLayout
+from smolora.server.engine.kernel_config import KernelConfig
 from smolora.server.engine.processor import (
     SMoLoRALlavaDummyInputsBuilder,
     SMoLoRALlavaMultiModalProcessor,
     SMoLoRALlavaProcessingInfo,
 )
-from smolora.server.engine.cpu_kernel import OverlapHelper, start_overlap_helper
+from smolora.server.engine.cpu_kernel import DEFAULT_KERNEL, OverlapHelper, start_overlap_helper
 from smolora.server.engine.routed_linear import RoutedAdapter
 from smolora.server.engine.row_state import RowRoutingState, StepRouting, StepScope
 
@@ -59,7 +60,7 @@ class RoutedLlamaMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module, layer_index: int, layout: AdapterLayout, state: RowRoutingState,
                  scope: StepScope, targets: tuple[str, ...], dtype: torch.dtype,
-                 overlap: OverlapHelper | None = None) -> None:
+                 overlap: OverlapHelper | None = None, kernel: KernelConfig = DEFAULT_KERNEL) -> None:
         super().__init__()
         self.gate_up_proj = mlp.gate_up_proj
         self.down_proj = mlp.down_proj
@@ -70,11 +71,12 @@ class RoutedLlamaMLP(nn.Module):
         prefix = f"layers.{layer_index}.mlp"
         gu = [(f"{prefix}.{n}", off) for n, off in (("gate_proj", 0), ("up_proj", inter)) if f"mlp.{n}" in targets]
         self.gate_up_adapter = (
-            RoutedAdapter(layout, [n for n, _ in gu], [o for _, o in gu], hidden, inter, 2 * inter, state, False, dtype, overlap)
+            RoutedAdapter(layout, [n for n, _ in gu], [o for _, o in gu], hidden, inter, 2 * inter, state, False, dtype, overlap,
+                           kernel)
             if gu else None
         )
         self.down_adapter = (
-            RoutedAdapter(layout, [f"{prefix}.down_proj"], [0], inter, hidden, hidden, state, False, dtype, overlap)
+            RoutedAdapter(layout, [f"{prefix}.down_proj"], [0], inter, hidden, hidden, state, False, dtype, overlap, kernel)
             if "mlp.down_proj" in targets else None
         )
 
@@ -99,7 +101,8 @@ class RoutedProjector(nn.Module):
     """LLaVA's projector (linear_1 -> act -> linear_2) with optional routed adapters."""
 
     def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool, quant_config: object,
-                 prefix: str, layout: AdapterLayout | None, state: RowRoutingState | None, dtype: torch.dtype) -> None:
+                 prefix: str, layout: AdapterLayout | None, state: RowRoutingState | None, dtype: torch.dtype,
+                 kernel: KernelConfig = DEFAULT_KERNEL) -> None:
         super().__init__()
         self.linear_1 = ColumnParallelLinear(vision_hidden, text_hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.linear_1")
         self.act = get_act_fn(act)
@@ -108,9 +111,11 @@ class RoutedProjector(nn.Module):
         if layout is not None and state is not None:
             t = layout.target_modules
             if "multi_modal_projector.linear_1" in t:
-                self.adapter_1 = RoutedAdapter(layout, ["projector.linear_1"], [0], vision_hidden, text_hidden, text_hidden, state, True, dtype)
+                self.adapter_1 = RoutedAdapter(layout, ["projector.linear_1"], [0], vision_hidden, text_hidden, text_hidden, state,
+                                               True, dtype, kernel=kernel)
             if "multi_modal_projector.linear_2" in t:
-                self.adapter_2 = RoutedAdapter(layout, ["projector.linear_2"], [0], text_hidden, text_hidden, text_hidden, state, True, dtype)
+                self.adapter_2 = RoutedAdapter(layout, ["projector.linear_2"], [0], text_hidden, text_hidden, text_hidden, state,
+                                               True, dtype, kernel=kernel)
 
     def forward(self, features: Tensor, step: StepRouting | None) -> Tensor:
         """`[num_patches_total, vision_hidden]` -> `[num_patches_total, text_hidden]`."""
@@ -157,6 +162,8 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         dtype = vllm_config.model_config.dtype
         raw = getattr(config, HF_CONFIG_KEY, None)
         self.layout = AdapterLayout.from_dict(dict(raw)) if raw else AdapterLayout(enabled=False)
+        raw_kernel = getattr(config, KERNEL_CONFIG_KEY, None)
+        self.kernel_config = KernelConfig.from_dict(dict(raw_kernel)) if raw_kernel else DEFAULT_KERNEL
         if self.layout.enabled and vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ValueError("SMoLoRA adapters support tensor_parallel_size=1 only")
         self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_index])
@@ -184,6 +191,7 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 self.layout if self.layout.enabled else None,
                 self.smolora_state,
                 dtype,
+                self.kernel_config,
             )
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
@@ -194,13 +202,14 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
             )
         #: Runs the MLP layers' routed deltas beside their base matmuls (`AdapterLayout.cpu_overlap`).
         self.overlap_helper = (
-            start_overlap_helper(self.layout.cpu_overlap) if self.smolora_state is not None and device.type == "cpu" else None
+            start_overlap_helper(self.layout.cpu_overlap, self.kernel_config) if self.smolora_state is not None and device.type == "cpu" else None
         )
         if self.smolora_state is not None:
             for i, layer in enumerate(self.language_model.model.layers):
                 if hasattr(layer, "mlp"):
                     layer.mlp = RoutedLlamaMLP(layer.mlp, i, self.layout, self.smolora_state, self.scope,
-                                               self.layout.target_modules, dtype, self.overlap_helper)
+                                               self.layout.target_modules, dtype, self.overlap_helper,
+                                               self.kernel_config)
             self.smolora_state.finalize()
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 

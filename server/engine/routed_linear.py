@@ -36,7 +36,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from smolora.server.engine.config import AdapterLayout
-from smolora.server.engine.cpu_kernel import DTYPES, MAX_RANK, BoundStep, OverlapHelper, RoutedKernel, kernel_available
+from smolora.server.engine.cpu_kernel import (
+    DEFAULT_KERNEL,
+    DTYPES,
+    MAX_RANK,
+    BoundStep,
+    OverlapHelper,
+    RoutedKernel,
+    kernel_available,
+)
+from smolora.server.engine.kernel_config import KernelConfig
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 
@@ -54,6 +63,7 @@ class RoutedAdapter(nn.Module):
         dtype: dtype of the expert weights (the model dtype).
         overlap: the process's overlap helper, if any: text-side kernel steps may then run on
             it while the base matmul runs (`begin_delta` / `end_delta`).
+        kernel: how the CPU kernel is built and run (`KernelConfig`).
     """
 
     def __init__(
@@ -68,6 +78,7 @@ class RoutedAdapter(nn.Module):
         image_side: bool,
         dtype: torch.dtype,
         overlap: OverlapHelper | None = None,
+        kernel: KernelConfig = DEFAULT_KERNEL,
     ) -> None:
         super().__init__()
         if len(names) != len(out_offsets) or not names:
@@ -107,6 +118,7 @@ class RoutedAdapter(nn.Module):
         self._cached_routes: tuple[tuple[int, int], _Routes] | None = None
         self._bound: tuple[StepRouting, BoundStep] | None = None  # the kernel bound to a reused step
         self._overlap = None if image_side else overlap
+        self.kernel_config = kernel
 
     # -- loading ------------------------------------------------------------------------------
     def expected_shapes(self, instruction_dim: int) -> dict[str, tuple[int, ...]]:
@@ -299,8 +311,9 @@ class RoutedAdapter(nn.Module):
         kernel = self._kernel
         if kernel is None:
             usable = (self.lora_a.device.type == "cpu" and self.lora_a.dtype in DTYPES
-                      and self.rank_padded <= MAX_RANK and kernel_available())
-            kernel = self._kernel = (RoutedKernel(self.sub_row, self.lora_a, self.lora_b, self.fuse_r, helper=self._overlap)
+                      and self.rank_padded <= MAX_RANK and kernel_available(self.kernel_config))
+            kernel = self._kernel = (RoutedKernel(self.sub_row, self.lora_a, self.lora_b, self.fuse_r,
+                                                  helper=self._overlap, config=self.kernel_config)
                                      if usable else False)
         dtype = self.lora_a.dtype
         if kernel is False or x.dtype != dtype or x.stride(-1) != 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from smolora.server.engine import cpu_kernel
+from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -22,43 +25,77 @@ def _fresh_kernel_cache() -> Iterator[None]:
     cpu_kernel.load_kernel.cache_clear()  # later tests load the kernel from their own environment
 
 
-def test_builds_once_into_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_builds_once_into_the_cache_dir(tmp_path: Path) -> None:
     if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
-    monkeypatch.setenv("SMOLORA_KERNEL_CACHE", str(tmp_path))
-    assert cpu_kernel.load_kernel() is not None
+    config = KernelConfig(cache_dir=str(tmp_path))
+    assert cpu_kernel.load_kernel(config) is not None
     built = list(tmp_path.glob("routed_delta-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     cpu_kernel.load_kernel.cache_clear()  # a new process: finds the build, does not rebuild
-    assert cpu_kernel.load_kernel() is not None
+    assert cpu_kernel.load_kernel(config) is not None
     assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("*")) == built
 
 
 def test_no_compiler_means_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("SMOLORA_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.delenv("CC", raising=False)
+    config = KernelConfig(cache_dir=str(tmp_path))
     monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
     with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
-        assert cpu_kernel.load_kernel() is None
+        assert cpu_kernel.load_kernel(config) is None
     assert "no C compiler" in caplog.text
-    assert not cpu_kernel.kernel_available()
+    assert not cpu_kernel.kernel_available(config)
     with pytest.raises(RuntimeError, match="not available"):
-        cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 4, 8), torch.zeros(1, 1, 2, 8, 4), torch.zeros(1, 1, 2, 8))
+        cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 4, 8), torch.zeros(1, 1, 2, 8, 4),
+                                torch.zeros(1, 1, 2, 8), config=config)
 
 
-def test_a_failing_build_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("SMOLORA_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # a "compiler" that prints a version of nothing and fails
+def test_a_failing_build_is_reported_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = KernelConfig(cache_dir=str(tmp_path), compiler="false")  # prints a version of nothing and fails
     with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
-        assert cpu_kernel.load_kernel() is None
+        assert cpu_kernel.load_kernel(config) is None
     assert "routed CPU kernel unavailable" in caplog.text
     assert not list(tmp_path.glob("*.so"))
 
 
-def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SMOLORA_CPU_KERNEL", "0")
-    assert cpu_kernel.load_kernel() is None
+def test_disabled_by_config() -> None:
+    assert cpu_kernel.load_kernel(KernelConfig(enabled=False)) is None
+
+
+def test_config_from_the_command_line_environment() -> None:
+    env = {"SMOLORA_CPU_KERNEL": "0", "SMOLORA_KERNEL_ISA": "avx2", "SMOLORA_KERNEL_PARALLEL_WORK": "7",
+           "SMOLORA_KERNEL_CACHE": "/tmp/k", "CC": "gcc"}
+    assert KernelConfig.from_environ(env) == KernelConfig(enabled=False, isa="avx2", min_parallel_work=7,
+                                                          cache_dir="/tmp/k", compiler="gcc")
+    assert KernelConfig.from_environ({"SMOLORA_KERNEL_ISA": "avx2"}, isa="native").isa == "native"
+    assert KernelConfig.from_environ({}) == KernelConfig()
+    with pytest.raises(KernelConfigError, match="isa"):
+        KernelConfig.from_environ({"SMOLORA_KERNEL_ISA": "avx9"})
+    with pytest.raises(KernelConfigError, match="unknown kernel config keys"):
+        KernelConfig.from_dict({"isa": "avx2", "threads": 2})
+
+
+def _zmm_instructions(lib_path: Path) -> int:
+    text = subprocess.run(["objdump", "-d", str(lib_path)], capture_output=True, text=True, check=True).stdout
+    return sum("%zmm" in line for line in text.splitlines())
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is needed to read the build")
+def test_avx2_build_has_no_avx512_instructions_and_native_uses_them_where_present(tmp_path: Path) -> None:
+    """The AVX2 build is the code an AVX2-only CPU runs: not one AVX-512 (zmm) instruction."""
+    if cpu_kernel.find_compiler() is None:
+        pytest.skip("no C compiler here")
+    avx2 = KernelConfig(isa="avx2", cache_dir=str(tmp_path / "avx2"))
+    assert cpu_kernel.load_kernel(avx2) is not None
+    (built,) = (tmp_path / "avx2").glob("routed_delta-avx2-*.so")
+    assert _zmm_instructions(built) == 0
+    assert "-mno-avx512f" in cpu_kernel.build_flags(avx2)
+    if "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX-512: the native build is the AVX2 build")
+    native = KernelConfig(cache_dir=str(tmp_path / "native"))
+    assert cpu_kernel.load_kernel(native) is not None
+    (built_native,) = (tmp_path / "native").glob("routed_delta-native-*.so")
+    assert _zmm_instructions(built_native) > 0
 
 
 def test_rank_above_the_stack_buffer_is_refused() -> None:

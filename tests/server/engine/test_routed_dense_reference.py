@@ -1,6 +1,6 @@
 """The routed layer (`RoutedAdapter`) against a dense per-token reference computed straight
-from the checkpoint tensors, without vLLM, on both of its paths (the compiled CPU kernel and
-grouped matmuls): many requests on one or three checkpoint slots, a base request and padding
+from the checkpoint tensors, without vLLM, on each of its paths (the compiled CPU kernel built for AVX-512 where the CPU
+has it and built without AVX-512 as an AVX2-only CPU runs it, and grouped matmuls): many requests on one or three checkpoint slots, a base request and padding
 tokens in one decode batch, fused and single sublayers (incl. a sublayer in the second half
 of a fused output), the cached plan reused across steps, a slot reloaded under the same plan
 key, the kernel's specialised and generic expert ranks, and prompt steps split over threads."""
@@ -8,6 +8,7 @@ key, the kernel's specialised and generic expert ranks, and prompt steps split o
 from __future__ import annotations
 
 from types import SimpleNamespace
+from pathlib import Path
 
 
 import pytest
@@ -16,13 +17,20 @@ import torch
 from smolora.server.engine import cpu_kernel
 
 from smolora.server.engine.config import AdapterLayout
+from smolora.server.engine.kernel_config import KernelConfig
 from smolora.server.engine.routed_linear import RoutedAdapter
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 D_IN, D_OUT, E, RANK, SLOTS = 24, 20, 4, 8, 3
 D_OUT_BF16 = 40  # bf16 grouped matmuls need multiples of 8; 40 leaves the kernel a tail
 SCALING = [2.0, 0.5, 1.5]
-PATHS = ["kernel", "grouped"]
+#: The kernel built for AVX-512 (this CPU's native build, where it has AVX-512) and built
+#: without it (what an AVX2-only CPU runs; tested on every x86 machine), and grouped matmuls.
+KERNEL_PATHS = ["kernel-avx512", "kernel-avx2"]
+PATHS = [*KERNEL_PATHS, "grouped"]
+_KERNEL_CONFIGS = {"kernel-avx512": KernelConfig(isa="native"), "kernel-avx2": KernelConfig(isa="avx2"),
+                   "grouped": KernelConfig()}
+_HAS_AVX512 = "avx512f" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else "")
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +38,13 @@ def _need_kernel(request: pytest.FixtureRequest) -> None:
     """Kernel-path cases must really run the kernel: wherever a C compiler exists (CI), it
     has to build; only a machine without one skips them."""
     path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
-    if path == "kernel":
+    if path in KERNEL_PATHS:
         if cpu_kernel.find_compiler() is None:
             pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
-        assert cpu_kernel.kernel_available(), "a C compiler is present but the routed CPU kernel did not build"
+        if path == "kernel-avx512" and not _HAS_AVX512:
+            pytest.skip("this CPU has no AVX-512: its native kernel build is the AVX2 one (tested as kernel-avx2)")
+        assert cpu_kernel.kernel_available(_KERNEL_CONFIGS[path]), \
+            "a C compiler is present but the routed CPU kernel did not build"
 
 
 def _checkpoint(seed: int, names: list[str], d_in: int, d_out: int, rank: int = RANK) -> dict[str, torch.Tensor]:
@@ -50,13 +61,14 @@ def _checkpoint(seed: int, names: list[str], d_in: int, d_out: int, rank: int = 
     return out
 
 
-def _setup(names: list[str], offsets: list[int], d_total: int, n_req: int, path: str = "kernel",
+def _setup(names: list[str], offsets: list[int], d_total: int, n_req: int, path: str = "kernel-avx2",
            rank: int = RANK, dtype: torch.dtype = torch.float32, d_out: int = D_OUT,
-           ) -> tuple[RoutedAdapter, RowRoutingState, list[dict[str, torch.Tensor]]]:
+           kernel: KernelConfig | None = None) -> tuple[RoutedAdapter, RowRoutingState, list[dict[str, torch.Tensor]]]:
     layout = AdapterLayout(num_experts=E, rank=rank, instruction_dim=384, num_slots=SLOTS,
-                           cpu_kernel_max_tokens=10_000 if path == "kernel" else 0)
+                           cpu_kernel_max_tokens=10_000 if path in KERNEL_PATHS else 0)
     state = RowRoutingState(layout, max_rows=n_req + 2, device=torch.device("cpu"))
-    adapter = RoutedAdapter(layout, names, offsets, D_IN, d_out, d_total, state, False, dtype)
+    adapter = RoutedAdapter(layout, names, offsets, D_IN, d_out, d_total, state, False, dtype,
+                            kernel=kernel or _KERNEL_CONFIGS[path])
     state.finalize()
     ckpts = [_checkpoint(10 + s, names, D_IN, d_out, rank) for s in range(SLOTS)]
     for s, ckpt in enumerate(ckpts):
@@ -175,7 +187,7 @@ def test_reloaded_slot_is_seen_under_the_same_plan_key(path: str) -> None:
 
 
 @pytest.mark.parametrize("rank", [32, 64, 128, 48])  # expert ranks 8, 16, 32 (specialised) and 12 (generic)
-@pytest.mark.parametrize("path", ["kernel"])
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_kernel_ranks_match_dense_reference(rank: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
     calls = _count_binds(monkeypatch)
@@ -214,11 +226,11 @@ def test_bfloat16_layer_matches_dense_reference(rank: int, path: str, monkeypatc
     delta, _ = _dense_reference(x.float(), state, adapter, stored, n_req, d_total, slots)
     want = (base.float() + delta).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and bool((want != base).any())
-    if path == "kernel":  # one rounding of y + delta: at most one bf16 step apart
+    if path in KERNEL_PATHS:  # one rounding of y + delta: at most one bf16 step apart
         torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=2.0**-7)
     else:  # products rounded to bf16 on the way: errors scale with the delta, not with y + delta
         torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-5, atol=2.0**-5 * float(delta.abs().max()))
-    assert calls == ([3 * (n_req + 1), n_req + 1] if path == "kernel" else []), "the kernel path ran the kernel, the grouped path did not"
+    assert calls == ([3 * (n_req + 1), n_req + 1] if path in KERNEL_PATHS else []), "the kernel path ran the kernel, the grouped path did not"
 
 
 def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monkeypatch: pytest.MonkeyPatch,
@@ -227,15 +239,16 @@ def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monk
     the kernel pins the same VU routes and adds the same delta as grouped matmuls."""
     if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
-    monkeypatch.setattr(cpu_kernel, "MIN_PARALLEL_WORK", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)  # the kernel runs on torch's OpenMP threads
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT], 2 * D_OUT
     n_req, prompt = 9, 7
     results = {}
-    for path in PATHS:
-        adapter, state, _ = _setup(names, offsets, d_total, n_req, path)
+    paths = PATHS if _HAS_AVX512 else ["kernel-avx2", "grouped"]
+    for path in paths:
+        threaded = KernelConfig(isa=_KERNEL_CONFIGS[path].isa, min_parallel_work=0)  # every call on the threads
+        adapter, state, _ = _setup(names, offsets, d_total, n_req, path, kernel=threaded)
         gen = torch.Generator().manual_seed(3)
         added = [(i, SimpleNamespace(extra_args={"smolora": {"key": i, "slot": i % SLOTS, "instruction": torch.randn(384, generator=gen).tolist()}}),
                   [0] * prompt, []) for i in range(n_req)]
@@ -244,14 +257,15 @@ def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(monk
         step = state.text_step(torch.arange(prompt).repeat(n_req), torch.arange(0, prompt * n_req + 1, prompt), n_req, prompt * n_req)
         delta = adapter.delta(x, step)
         results[path] = (delta, state.row_vu[:n_req].clone(), step.fusion.clone())
-    (dk, vk, fk), (dg, vg, fg) = results["kernel"], results["grouped"]
-    assert torch.equal(vk, vg)
-    assert len({tuple(r.tolist()) for r in vk}) > 1, "routes should differ across requests"
-    torch.testing.assert_close(dk, dg, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(fk, fg, atol=1e-5, rtol=1e-4)
+    dg, vg, fg = results.pop("grouped")
+    for dk, vk, fk in results.values():
+        assert torch.equal(vk, vg)
+        assert len({tuple(r.tolist()) for r in vk}) > 1, "routes should differ across requests"
+        torch.testing.assert_close(dk, dg, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fk, fg, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["kernel"])
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_steady_decode_binds_the_kernel_once_and_reads_each_steps_input(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steady decoding reuses one step layout; the kernel is bound to its routes once, and
     every later step's new activations still get their own, correct delta."""
@@ -275,7 +289,7 @@ def test_steady_decode_binds_the_kernel_once_and_reads_each_steps_input(path: st
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["kernel"])
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_overlapped_layer_matches_the_in_place_kernel(dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With an overlap helper, the layer's delta starts before the base matmul
     (`begin_delta`) and is added after it (`end_delta`): on the prompt step (which pins the
@@ -285,14 +299,15 @@ def test_overlapped_layer_matches_the_in_place_kernel(dtype: torch.dtype, path: 
     delta. Each step binds the kernel once."""
     names, offsets, d_total = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"], [0, D_OUT_BF16], 2 * D_OUT_BF16
     n_req, slots = 8, [0, 1]
-    helper = cpu_kernel.OverlapHelper(cpu_kernel.spare_cpus())
+    helper = cpu_kernel.OverlapHelper(cpu_kernel.spare_cpus(), _KERNEL_CONFIGS[path])
     binds = _count_binds(monkeypatch)
     try:
         layers = {}
         for overlap in (None, helper):
             layout = AdapterLayout(num_experts=E, rank=RANK, instruction_dim=384, num_slots=SLOTS)
             state = RowRoutingState(layout, max_rows=n_req + 2, device=torch.device("cpu"))
-            adapter = RoutedAdapter(layout, names, offsets, D_IN, D_OUT_BF16, d_total, state, False, dtype, overlap)
+            adapter = RoutedAdapter(layout, names, offsets, D_IN, D_OUT_BF16, d_total, state, False, dtype, overlap,
+                                    _KERNEL_CONFIGS[path])
             state.finalize()
             ckpts = [_checkpoint(10 + s, names, D_IN, D_OUT_BF16) for s in range(SLOTS)]
             for s, ckpt in enumerate(ckpts):
