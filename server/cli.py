@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from smolora.adapters.precision import DTYPE_CHOICES, resolve_dtype
+from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
 from smolora.server.settings import ServerSettings
 from smolora.server.startup_checks import StartupCheckError, check_model_folder, check_prompt_rendering, check_registry
 
@@ -88,8 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-expert-metrics", action="store_true", help="do not fetch routes of untraced requests")
     s.add_argument("--engine-option", action="append", default=[], type=_engine_option, metavar="KEY=VALUE",
                    help="engine option (JSON value), e.g. max_num_seqs=8; repeatable")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="model dtype; auto: bfloat16 where the CPU (AVX512_BF16/AMX) or GPU computes it natively, "
+                        "float32 elsewhere")
     s.add_argument("--log-level", default=d["log_level"].default)
     return p
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`--engine-option`s with the model dtype `--dtype` resolves to on this machine, and the
+    routed kernel's settings from the environment (`KernelConfig.from_environ`; an explicit
+    `--engine-option kernel={...}` wins key by key)."""
+    options = dict(args.engine_option)
+    kernel = options.get("kernel") or {}
+    if not isinstance(kernel, dict):
+        raise SystemExit('--engine-option kernel=... takes a JSON object, e.g. kernel={"isa": "avx2"}')
+    try:
+        options["kernel"] = KernelConfig.from_environ(os.environ, **kernel).to_dict()
+    except (KernelConfigError, TypeError) as e:
+        raise SystemExit(f"kernel settings: {e}") from None
+    if "dtype" in options:
+        if args.dtype != "auto":
+            raise SystemExit("give the model dtype once: --dtype or --engine-option dtype=..., not both")
+        options["dtype"] = resolve_dtype(str(options["dtype"]), _engine_device())
+    else:
+        options["dtype"] = resolve_dtype(args.dtype, _engine_device())
+    return options
+
+
+def _engine_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
@@ -110,7 +142,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         max_concurrent_requests=args.max_concurrent_requests, max_waiting_requests=args.max_waiting_requests,
         queue_timeout_s=args.queue_timeout, snap_threshold=args.snap_threshold,
         default_instruction=args.default_instruction, trace_default=args.trace_default,
-        record_expert_metrics=not args.no_expert_metrics, engine_options=dict(args.engine_option),
+        record_expert_metrics=not args.no_expert_metrics, engine_options=_engine_options(args),
         log_level=args.log_level.upper())
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from smolora.adapters.precision import DTYPE_CHOICES
 from smolora.training import import_reference
 from smolora.training.config import METHOD_NAMES, AdapterSizes, EvalConfig, OptimConfig, RunConfig
 from smolora.training.data.tasks import UPSTREAM_ORDER
@@ -52,7 +53,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="bfloat16 autocast (float32 weights) or float32; auto: bfloat16 only where native")
+    p.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="same as --dtype bfloat16")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +94,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--few-shot-steps", type=int, default=30)
     p.add_argument("--no-unseen", action="store_true")
     p.add_argument("--no-robustness", action="store_true")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="bfloat16 autocast (float32 weights) or float32; auto: bfloat16 only where native")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -171,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = PretrainConfig(
             data_root=args.data, out_dir=args.out, preset=args.preset, init_dir=args.init, train_modules=args.train_modules,
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_threads=args.threads,
-            device=args.device, autocast_bf16=args.bf16,
+            device=args.device, dtype=args.dtype,
         )
         print(pretrain_base(cfg, progress=progress))
     elif args.command == "train":

@@ -16,13 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
+
 from smolora.adapters.config_dicts import config_from_dict, config_to_dict
+from smolora.adapters.precision import resolve_dtype
 from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES, INSTRUCTION_DIM
+from smolora.server.engine.kernel_config import KernelConfig
 
 #: The architecture name our vLLM model class is registered under.
 ARCHITECTURE = "SMoLoRALlavaForConditionalGeneration"
 #: The key under which `AdapterLayout` travels in the HF config.
 HF_CONFIG_KEY = "smolora_engine"
+#: The HF-config key that carries the `KernelConfig` to the worker's model.
+KERNEL_CONFIG_KEY = "smolora_kernel"
 #: The key of our per-request dict in `SamplingParams.extra_args`.
 EXTRA_ARGS_KEY = "smolora"
 #: The `mm_processor_kwargs` key that tags a request's image with its request key.
@@ -164,7 +170,9 @@ class EngineConfig:
             across steps cannot reproduce it (tests/server/engine prove it). Allowed for
             `adapters=False`.
         kv_cache_bytes: KV-cache size (vLLM `kv_cache_memory_bytes`).
-        dtype: model dtype ("float32", "bfloat16", ...).
+        dtype: model dtype ("float32", "bfloat16", ...; "auto": bfloat16 where the device
+            computes it natively, else float32, see `adapters/precision.py`).
+        kernel: how the routed CPU kernel is built and run (a dict is converted).
         enforce_eager: must be True with adapters (per-step routing state is Python-side).
         seed: vLLM seed.
         trace_batch_window: how many finished requests' traces one RPC may fetch at most.
@@ -187,6 +195,7 @@ class EngineConfig:
     chunked_prefill: bool = False
     kv_cache_bytes: int = 256 * 1024 * 1024
     dtype: str = "float32"
+    kernel: KernelConfig = field(default_factory=KernelConfig)
     enforce_eager: bool = True
     seed: int = 0
     trace_batch_window: int = 256
@@ -199,6 +208,10 @@ class EngineConfig:
         if not (self.model_dir / "config.json").is_file():
             raise EngineConfigError(f"{self.model_dir}: no config.json; pass a HF LLaVA model folder")
         _check_cpu_overlap(self.cpu_overlap)
+        if isinstance(self.kernel, dict):
+            self.kernel = KernelConfig.from_dict(self.kernel)
+        if self.dtype == "auto":
+            self.dtype = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
         if self.vu_routing not in (None, "pinned", "per_step"):
             raise EngineConfigError(f"vu_routing must be 'pinned', 'per_step' or None (each version's own), got {self.vu_routing!r}")
         if self.adapters:

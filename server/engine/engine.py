@@ -48,6 +48,7 @@ from smolora.server.engine.config import (
     ARCHITECTURE,
     EXTRA_ARGS_KEY,
     HF_CONFIG_KEY,
+    KERNEL_CONFIG_KEY,
     MM_KEY,
     AdapterLayout,
     EngineConfig,
@@ -110,6 +111,7 @@ def engine_args(config: EngineConfig, layout: AdapterLayout) -> dict[str, Any]:
         args["max_num_batched_tokens"] = config.max_num_batched_tokens
     if layout.enabled:
         overrides[HF_CONFIG_KEY] = layout.to_dict()
+        overrides[KERNEL_CONFIG_KEY] = config.kernel.to_dict()
         args["logits_processors"] = [ROW_TRACKER]
         args["worker_extension_cls"] = WORKER_EXTENSION
     args.update(config.extra_engine_args)
