@@ -204,9 +204,9 @@ def projector_overrides(path: str | Path, base_dir: str | Path) -> dict[str, Ten
             base = fh.get_tensor(hits[0])
         if tuple(t.shape) != tuple(base.shape):
             raise ReferenceCheckpointError(f"{path}: {key} has shape {list(t.shape)}, the base's {hits[0]} {list(base.shape)}")
-        mine = t.to(base.dtype)
-        if not torch.equal(mine, base):
-            out[hits[0]] = mine
+        trained = t.to(base.dtype)
+        if not torch.equal(trained, base):
+            out[hits[0]] = trained
     return out
 
 
