@@ -41,7 +41,8 @@ def test_cli_publish_then_the_watcher_serves_it(server, tmp_path: Path, capsys: 
     staging = publish_version(tmp_path / "staging", "gqa", instruction_types(HashingEmbedder()))
     assert main(["publish", str(staging.path), "--registry", str(reg)]) == 0
     published = json.loads(capsys.readouterr().out)["published"]
-    wait_until(lambda: engine.active_version() == published, what="the watcher to activate the published version")
+    wait_until(lambda: getattr(engine.active_version(), "version", None) == published,
+               what="the watcher to activate the published version")
     (staging.path / "adapter.safetensors").write_bytes(b"corrupt")
     assert main(["publish", str(staging.path), "--registry", str(reg)]) == 1
     assert "sha256" in capsys.readouterr().err
