@@ -42,6 +42,7 @@ def test_each_engine_counts_its_own_requests(loop: LoopThread, engine: Any, base
     assert all(isinstance(r, CollectorRegistry) for r in regs.values()) and regs["engine"] is not regs["base"]
     ours = {id(c) for r in regs.values() for c in r._collector_to_names}  # noqa: SLF001 - the registered collectors
     assert not ours & {id(c) for c in REGISTRY._collector_to_names}  # noqa: SLF001
+    assert not [n for n in REGISTRY._names_to_collectors if n.startswith("vllm:")]  # noqa: SLF001 - nothing global
     before = {k: _snapshot(r) for k, r in regs.items()}
 
     smolora_reqs = _requests(3, seed=71, max_tokens=[4, 5, 6], adapters=True)
