@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from smolora.adapters.precision import DTYPE_CHOICES, resolve_dtype
 from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
@@ -97,18 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+def _engine_options(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
     """`--engine-option`s with the model dtype `--dtype` resolves to on this machine, and the
-    routed kernel's settings from the environment (`KernelConfig.from_environ`; an explicit
-    `--engine-option kernel={...}` wins key by key)."""
+    routed kernel's settings from the environment when they differ from the defaults
+    (`KernelConfig.from_environ`; an explicit `--engine-option kernel={...}` wins key by key)."""
     options = dict(args.engine_option)
-    kernel = options.get("kernel") or {}
+    kernel = options.pop("kernel", None) or {}
     if not isinstance(kernel, dict):
         raise SystemExit('--engine-option kernel=... takes a JSON object, e.g. kernel={"isa": "avx2"}')
     try:
-        options["kernel"] = KernelConfig.from_environ(os.environ, **kernel).to_dict()
+        kernel_config = KernelConfig.from_environ(env, **kernel)
     except (KernelConfigError, TypeError) as e:
         raise SystemExit(f"kernel settings: {e}") from None
+    if kernel_config != KernelConfig():
+        options["kernel"] = kernel_config.to_dict()
     if "dtype" in options:
         if args.dtype != "auto":
             raise SystemExit("give the model dtype once: --dtype or --engine-option dtype=..., not both")
@@ -142,7 +144,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         max_concurrent_requests=args.max_concurrent_requests, max_waiting_requests=args.max_waiting_requests,
         queue_timeout_s=args.queue_timeout, snap_threshold=args.snap_threshold,
         default_instruction=args.default_instruction, trace_default=args.trace_default,
-        record_expert_metrics=not args.no_expert_metrics, engine_options=_engine_options(args),
+        record_expert_metrics=not args.no_expert_metrics, engine_options=_engine_options(args, env),
         log_level=args.log_level.upper())
 
 
