@@ -100,12 +100,17 @@ class SmoloraRequestOptions(_Strict):
         instruction_type: a known instruction type of the checkpoint to route by.
         version: the checkpoint version to serve with (must be resident).
         trace: include the routing trace in the response.
+        vu_routing: "pinned" (VU route decided at prefill and kept) or "per_step" (recomputed
+            from each decode step's token, as the reference code does); None takes the
+            server's setting, else the serving version's own (imported reference checkpoints:
+            per_step).
     """
 
     instruction: Text | None = Field(default=None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
     instruction_type: Text | None = Field(default=None, min_length=1, max_length=200)
     version: int | None = Field(default=None, ge=1)
     trace: bool | None = None
+    vu_routing: Literal["pinned", "per_step"] | None = None
 
     @model_validator(mode="after")
     def _one_instruction(self) -> "SmoloraRequestOptions":

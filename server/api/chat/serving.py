@@ -78,6 +78,7 @@ class _ChoiceState:
     tokens: int = 0
     finish_reason: str | None = None
     trace: list[LayerRoute] | None = None
+    vu_routing: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_tokens: int | None = None
     queue_seconds: float | None = None
@@ -109,8 +110,8 @@ def check_base_only_request(req: ChatCompletionRequest, served: str) -> None:
 
     Raises:
         NotFoundError: another model name, or `name@N` (there are no versions).
-        InvalidRequestError: `smolora.version`, `smolora.instruction` or
-            `smolora.instruction_type` (code `adapters_disabled`).
+        InvalidRequestError: `smolora.version`, `smolora.instruction`,
+            `smolora.instruction_type` or `smolora.vu_routing` (code `adapters_disabled`).
     """
     name, sep, _ = req.model.partition("@")
     if name != served or sep:
@@ -120,7 +121,7 @@ def check_base_only_request(req: ChatCompletionRequest, served: str) -> None:
     ext = req.smolora
     if ext is None:
         return
-    for field_name in ("version", "instruction", "instruction_type"):
+    for field_name in ("version", "instruction", "instruction_type", "vu_routing"):
         if getattr(ext, field_name) is not None:
             raise InvalidRequestError(f"smolora.{field_name} cannot be honoured: this server serves the base model "
                                       "with adapters disabled (started with --no-adapters); drop the field",
@@ -217,6 +218,7 @@ class ChatService:
                     instruction_source=instruction.source if instruction else "explicit",
                     instruction_similarity=instruction.similarity if instruction else None,
                     version=info.version if info else None, trace=engine_trace,
+                    vu_routing=ext.vu_routing if ext else None,
                     max_tokens=max_tokens,
                     temperature=1.0 if req.temperature is None else req.temperature,
                     top_p=1.0 if req.top_p is None else req.top_p,
@@ -480,6 +482,7 @@ class ChatService:
                 if chunk.finished:
                     st.finish_reason = chunk.finish_reason
                     st.trace = chunk.trace.layers if chunk.trace is not None and prepared.version is not None else None
+                    st.vu_routing = chunk.trace.vu_routing if st.trace is not None else None
                     st.prompt_tokens = chunk.prompt_tokens
                     st.queue_seconds = chunk.queue_seconds
                 yield index, chunk
@@ -516,7 +519,8 @@ class ChatService:
                     "instruction": None, "trace": None}
         trace = None
         if prepared.trace_requested:
-            trace = [{"index": i, "layers": [r.to_dict() for r in (c.trace or ())]} for i, c in sorted(choices.items())]
+            trace = [{"index": i, "vu_routing": c.vu_routing, "layers": [r.to_dict() for r in (c.trace or ())]}
+                     for i, c in sorted(choices.items())]
         assert prepared.instruction is not None
         return {"model": prepared.model_label, "adapters": True, "version": prepared.version.version,
                 "version_name": prepared.version.name, "instruction": prepared.instruction.to_trace(), "trace": trace}

@@ -139,7 +139,7 @@ class ScriptedEngine:
         if_expert = half + max(range(half), key=lambda k: emb[k])
         seed = int(hashlib.sha256(str(request.prompt).encode()).hexdigest(), 16)
         layers = [LayerRoute(layer, (seed >> (4 * j)) % half, if_expert, 0.5, 0.5) for j, layer in enumerate(LAYERS)]
-        return RequestTrace(request.version, "pinned", request.instruction_source, request.instruction_similarity,
+        return RequestTrace(request.version, request.vu_routing or "pinned", request.instruction_source, request.instruction_similarity,
                             layers)
 
     async def load_version(self, path: str | Path, activate: bool = True) -> VersionInfo:

@@ -79,6 +79,17 @@ def test_instruction_type_and_text_extension(served) -> None:
     assert ins["source"] == "explicit" and ins["text"] == "Count the shapes."
 
 
+def test_vu_routing_choice_reaches_the_engine_and_the_trace(served) -> None:
+    client, engine, _ = served
+    r = _post(client, max_tokens=1, smolora={"vu_routing": "per_step", "trace": True})
+    assert r.status_code == 200 and engine.inputs[-1].vu_routing == "per_step"
+    assert r.json()["smolora"]["trace"][0]["vu_routing"] == "per_step"
+    _post(client, max_tokens=1)
+    assert engine.inputs[-1].vu_routing is None  # the server's setting, else the version's own
+    r = _post(client, max_tokens=1, smolora={"vu_routing": "sometimes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "smolora.vu_routing"
+
+
 def test_sampling_options_reach_the_engine(served) -> None:
     client, engine, _ = served
     r = _post(client, max_completion_tokens=6, temperature=0.5, top_p=0.9, seed=7, stop=["circle"], n=2)
