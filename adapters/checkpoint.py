@@ -31,7 +31,7 @@ from typing import Any, Callable
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from smolora.adapters.config_dicts import config_from_dict
+from smolora.adapters.config_dicts import config_from_dict, read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -206,14 +206,8 @@ def read_manifest(path: str | Path) -> CheckpointManifest:
         UnknownFormatError: an unsupported format_version.
     """
     p = Path(path) / MANIFEST
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: no {MANIFEST}; not a checkpoint folder, or still being written") from None
-    except json.JSONDecodeError as e:
-        raise IntegrityError(f"{p}: manifest is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise IntegrityError(f"{p}: manifest must be a JSON object")
+    data = read_json_object(p, IntegrityError, f"{path}: no {MANIFEST}; not a checkpoint folder, or still being written",
+                            "manifest ")
     try:
         return CheckpointManifest.from_dict(data)
     except TypeError as e:

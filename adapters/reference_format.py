@@ -15,7 +15,6 @@ It does not build manifests, instruction tables or files (see `reference_checkpo
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from smolora.adapters.checkpoint import CheckpointError
+from smolora.adapters.config_dicts import read_json_object
 from smolora.adapters.instructions import EMBED_DIM
 
 ADAPTER_BIN = "adapter_model.bin"
@@ -116,14 +116,8 @@ def read_reference_config(src: str | Path) -> ReferenceConfig:
             by it, a missing or malformed `ins_emb`, `ins_type` outside it.
     """
     path = Path(src) / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReferenceCheckpointError(f"{Path(src)}: no {ADAPTER_CONFIG}; not a reference SMoLoRA checkpoint folder") from None
-    except json.JSONDecodeError as e:
-        raise ReferenceCheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ReferenceCheckpointError(f"{path}: must hold a JSON object")
+    cfg = read_json_object(path, ReferenceCheckpointError,
+                           f"{Path(src)}: no {ADAPTER_CONFIG}; not a reference SMoLoRA checkpoint folder")
     if "expert_num" not in cfg:
         raise ReferenceCheckpointError(f"{path}: no 'expert_num'; this is not a SMoLoRA adapter (peft_type {cfg.get('peft_type')!r})")
     e = _int_field(cfg, "expert_num", path)
