@@ -36,7 +36,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "SMOLORA_KERNEL_ISA": "avx2"}
-STEP = re.compile(r"running: \S+ -m (smolora\.\w+) (\S+)")
+STEP = re.compile(r"running: (smolora\.\w+) (\S+)")
 
 
 def _free_port() -> int:

@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
               "--test-per-task", str(args.test_per_task)])
     if not (base / "config.json").is_file():
         _run(["smolora.training", "pretrain", "--data", str(data), "--out", str(base), "--preset", args.preset,
-              "--steps", str(args.pretrain_steps), "--seed", str(args.seed), "--threads", "1",
-              "--dtype", args.dtype])
+              "--steps", str(args.pretrain_steps), "--seed", str(args.seed), "--dtype", args.dtype])
     if len(list_versions(registry)) < 6 or args.force_train:
         _run(["smolora.training", "train", "--method", "smolora", "--data", str(data), "--base", str(base),
               "--out", str(run_dir), "--registry", str(registry), "--seed", str(args.seed),

@@ -122,6 +122,7 @@ def load_kernel(config: KernelConfig = DEFAULT_KERNEL) -> ctypes.CDLL | None:
         if not target.exists():
             _build(compiler, target, config)
         lib = ctypes.CDLL(str(target))
+        logger.info("routed CPU kernel: %s build (%s)", config.isa, target.name)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         logger.warning("routed CPU kernel unavailable (%s): using the torch path", detail.strip()[:500])
