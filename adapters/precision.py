@@ -33,6 +33,11 @@ def cpu_isa() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+def serving_device() -> str:
+    """Where an engine on this machine computes: "cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def native_bfloat16(device: str | torch.device = "cpu") -> bool:
     """True where bfloat16 matmuls run natively on `device`.
 

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from smolora.adapters.precision import DTYPE_CHOICES, resolve_dtype
+from smolora.adapters.precision import DTYPE_CHOICES, resolve_dtype, serving_device
 from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
 from smolora.server.settings import ServerSettings
 from smolora.server.startup_checks import StartupCheckError, check_model_folder, check_prompt_rendering, check_registry
@@ -114,16 +114,10 @@ def _engine_options(args: argparse.Namespace, env: Mapping[str, str]) -> dict[st
     if "dtype" in options:
         if args.dtype != "auto":
             raise SystemExit("give the model dtype once: --dtype or --engine-option dtype=..., not both")
-        options["dtype"] = resolve_dtype(str(options["dtype"]), _engine_device())
+        options["dtype"] = resolve_dtype(str(options["dtype"]), serving_device())
     else:
-        options["dtype"] = resolve_dtype(args.dtype, _engine_device())
+        options["dtype"] = resolve_dtype(args.dtype, serving_device())
     return options
-
-
-def _engine_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:

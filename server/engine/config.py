@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import torch
-
 from smolora.adapters.config_dicts import config_from_dict, config_to_dict
-from smolora.adapters.precision import resolve_dtype
+from smolora.adapters.precision import resolve_dtype, serving_device
 from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES, INSTRUCTION_DIM
 from smolora.server.engine.kernel_config import KernelConfig
 
@@ -211,7 +209,7 @@ class EngineConfig:
         if isinstance(self.kernel, dict):
             self.kernel = KernelConfig.from_dict(self.kernel)
         if self.dtype == "auto":
-            self.dtype = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
+            self.dtype = resolve_dtype("auto", serving_device())
         if self.vu_routing not in (None, "pinned", "per_step"):
             raise EngineConfigError(f"vu_routing must be 'pinned', 'per_step' or None (each version's own), got {self.vu_routing!r}")
         if self.adapters:
