@@ -8,7 +8,7 @@ it holds no method math itself.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,12 @@ class AdapterModel:
             lists its tensor attribute names in `TENSORS`.
     """
 
-    def __init__(self, model: nn.Module, targets: tuple[str, ...], factory: Callable[[nn.Linear, str], nn.Module]):
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: tuple[str, ...],
+        factory: Callable[[nn.Linear, str], nn.Module],
+    ):
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -37,7 +42,10 @@ class AdapterModel:
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """`{canonical_layer}.{tensor}` -> tensor (detached, contiguous, on CPU)."""
-        return {k: getattr(l, t).detach().to("cpu").contiguous() for k, (l, t) in self._expected_keys().items()}
+        return {
+            k: getattr(l, t).detach().to("cpu").contiguous()
+            for k, (l, t) in self._expected_keys().items()
+        }
 
     def load_adapter_state_dict(self, tensors: dict[str, Tensor]) -> None:
         """Copy adapter tensors in place.
@@ -55,14 +63,21 @@ class AdapterModel:
         for key, (layer, t) in expected.items():
             param = getattr(layer, t)
             if tuple(tensors[key].shape) != tuple(param.shape):
-                raise ValueError(f"{key}: checkpoint shape {tuple(tensors[key].shape)} != model shape {tuple(param.shape)}")
+                raise ValueError(
+                    f"{key}: checkpoint shape {tuple(tensors[key].shape)} != model shape {tuple(param.shape)}"
+                )
         with torch.no_grad():
             for key, (layer, t) in expected.items():
                 getattr(layer, t).copy_(tensors[key].to(getattr(layer, t).dtype))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapter parameters that currently require grad."""
-        return [p for layer in self.layers.values() for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base.")]
+        return [
+            p
+            for layer in self.layers.values()
+            for n, p in layer.named_parameters()
+            if p.requires_grad and not n.startswith("base.")
+        ]
 
     def detach(self) -> nn.Module:
         """Remove the adapter, restoring the original linears; returns the base model."""

@@ -24,9 +24,10 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -101,8 +102,13 @@ class CheckpointManifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CheckpointManifest":
-        return config_from_dict(cls, _migrate(dict(data)), UnknownFormatError, f"manifest (format_version {FORMAT_VERSION})")
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointManifest:
+        return config_from_dict(
+            cls,
+            _migrate(dict(data)),
+            UnknownFormatError,
+            f"manifest (format_version {FORMAT_VERSION})",
+        )
 
 
 # Migrations from older format versions: version -> function producing the next version.
@@ -171,7 +177,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(out_dir: str | Path, tensors: dict[str, Tensor], manifest: CheckpointManifest) -> Path:
+def save_checkpoint(
+    out_dir: str | Path, tensors: dict[str, Tensor], manifest: CheckpointManifest
+) -> Path:
     """Write a checkpoint folder (tensors first, manifest with their hashes last), fsynced.
 
     Returns:
@@ -182,7 +190,7 @@ def save_checkpoint(out_dir: str | Path, tensors: dict[str, Tensor], manifest: C
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / TENSORS))
     _fsync_file(out / TENSORS)
     manifest.files = {TENSORS: sha256_file(out / TENSORS)}
-    manifest.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    manifest.created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     (out / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
     _fsync_file(out / MANIFEST)
     _fsync_dir(out)
@@ -206,15 +214,21 @@ def read_manifest(path: str | Path) -> CheckpointManifest:
         UnknownFormatError: an unsupported format_version.
     """
     p = Path(path) / MANIFEST
-    data = read_json_object(p, IntegrityError, f"{path}: no {MANIFEST}; not a checkpoint folder, or still being written",
-                            "manifest ")
+    data = read_json_object(
+        p,
+        IntegrityError,
+        f"{path}: no {MANIFEST}; not a checkpoint folder, or still being written",
+        "manifest ",
+    )
     try:
         return CheckpointManifest.from_dict(data)
     except TypeError as e:
         raise IntegrityError(f"{p}: manifest is missing fields ({e})") from None
 
 
-def verify_checkpoint(path: str | Path, expected_fingerprint: str | None = None) -> CheckpointManifest:
+def verify_checkpoint(
+    path: str | Path, expected_fingerprint: str | None = None
+) -> CheckpointManifest:
     """Check a checkpoint folder without loading tensors.
 
     Raises:
@@ -227,12 +241,19 @@ def verify_checkpoint(path: str | Path, expected_fingerprint: str | None = None)
     on_disk = {f.name for f in root.iterdir() if f.is_file() and f.name != MANIFEST}
     listed = set(manifest.files)
     if on_disk != listed:
-        raise IntegrityError(f"{root}: files {sorted(on_disk)} differ from the manifest's {sorted(listed)}")
+        raise IntegrityError(
+            f"{root}: files {sorted(on_disk)} differ from the manifest's {sorted(listed)}"
+        )
     for name, digest in manifest.files.items():
         actual = sha256_file(root / name)
         if actual != digest:
-            raise IntegrityError(f"{root / name}: sha256 {actual[:12]}… != manifest {digest[:12]}…; the file is corrupt or was modified")
-    if expected_fingerprint is not None and manifest.base_model.get("fingerprint") != expected_fingerprint:
+            raise IntegrityError(
+                f"{root / name}: sha256 {actual[:12]}… != manifest {digest[:12]}…; the file is corrupt or was modified"
+            )
+    if (
+        expected_fingerprint is not None
+        and manifest.base_model.get("fingerprint") != expected_fingerprint
+    ):
         raise BaseModelMismatchError(
             f"{root}: trained on base model {manifest.base_model.get('name', '?')} "
             f"(fingerprint {str(manifest.base_model.get('fingerprint'))[:12]}…), "
@@ -296,7 +317,9 @@ def _safe_task(task: str) -> str:
     return s or "task"
 
 
-def publish_checkpoint(registry: str | Path, tensors: dict[str, Tensor], manifest: CheckpointManifest) -> RegistryEntry:
+def publish_checkpoint(
+    registry: str | Path, tensors: dict[str, Tensor], manifest: CheckpointManifest
+) -> RegistryEntry:
     """Atomically add a new version to a registry and point `latest` at it.
 
     The version is written under a hidden temporary name, fsynced, renamed into place (a

@@ -15,7 +15,9 @@ T = TypeVar("T")
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """`dataclasses.asdict`, with top-level tuple values turned into lists (JSON-ready)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], error: type[Exception], what: str) -> T:
@@ -27,7 +29,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], error: type[Exception],
     return cls(**data)
 
 
-def read_json_object(path: Path, error: type[Exception], missing: str, what: str = "") -> dict[str, Any]:
+def read_json_object(
+    path: Path, error: type[Exception], missing: str, what: str = ""
+) -> dict[str, Any]:
     """The JSON object in `path`.
 
     Args:

@@ -9,7 +9,7 @@ not do: define any adapter math (see `smolora/`, `baselines/`).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -56,7 +56,9 @@ def find_target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str,
         if isinstance(module, nn.Linear) and matches_target(name, targets):
             canon = canonical_layer_name(name)
             if canon in seen:
-                raise ValueError(f"modules {seen[canon]!r} and {name!r} share canonical name {canon!r}")
+                raise ValueError(
+                    f"modules {seen[canon]!r} and {name!r} share canonical name {canon!r}"
+                )
             seen[canon] = name
             found[name] = module
     if not found:

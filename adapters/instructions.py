@@ -11,9 +11,10 @@ Neither decides which text of a request is its instruction (that is the server's
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,9 @@ class InstructionEncoder:
         max_length: token limit per text (MiniLM was trained with 256; longer is cut).
     """
 
-    def __init__(self, model_dir: str | Path | None = None, cache_size: int = 4096, max_length: int = 256):
+    def __init__(
+        self, model_dir: str | Path | None = None, cache_size: int = 4096, max_length: int = 256
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         path = str(model_dir or default_minilm_dir())
@@ -49,7 +52,9 @@ class InstructionEncoder:
 
     @torch.no_grad()
     def _embed(self, texts: list[str]) -> Tensor:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         hidden = self.model(**batch).last_hidden_state  # [n, L, 384]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -94,13 +99,20 @@ class InstructionType:
     embedding: tuple[float, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "text": self.text, "task": self.task, "embedding": list(self.embedding)}
+        return {
+            "name": self.name,
+            "text": self.text,
+            "task": self.task,
+            "embedding": list(self.embedding),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InstructionType":
+    def from_dict(cls, d: dict[str, Any]) -> InstructionType:
         emb = tuple(float(x) for x in d["embedding"])
         if len(emb) != EMBED_DIM:
-            raise ValueError(f"instruction type {d.get('name')!r}: embedding has {len(emb)} dims, expected {EMBED_DIM}")
+            raise ValueError(
+                f"instruction type {d.get('name')!r}: embedding has {len(emb)} dims, expected {EMBED_DIM}"
+            )
         return cls(name=str(d["name"]), text=str(d["text"]), task=str(d["task"]), embedding=emb)
 
 
@@ -129,7 +141,9 @@ class InstructionTable:
         """The most cosine-similar type to a `[384]` embedding, and the similarity."""
         if not self.types:
             return None, 0.0
-        sims = torch.nn.functional.cosine_similarity(self.matrix(), embedding[None].to(torch.float32), dim=-1)
+        sims = torch.nn.functional.cosine_similarity(
+            self.matrix(), embedding[None].to(torch.float32), dim=-1
+        )
         i = int(torch.argmax(sims))
         return self.types[i], float(sims[i])
 
@@ -137,5 +151,5 @@ class InstructionTable:
         return [t.to_dict() for t in self.types]
 
     @classmethod
-    def from_list(cls, items: Sequence[dict[str, Any]]) -> "InstructionTable":
+    def from_list(cls, items: Sequence[dict[str, Any]]) -> InstructionTable:
         return cls([InstructionType.from_dict(d) for d in items])

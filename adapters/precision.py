@@ -72,12 +72,16 @@ def resolve_dtype(choice: str, device: str | torch.device = "cpu") -> str:
     native = native_bfloat16(device)
     if choice == "auto":
         resolved = "bfloat16" if native else "float32"
-        log.info("dtype auto -> %s (device %s, CPU ISA %s)", resolved, torch.device(device), cpu_isa())
+        log.info(
+            "dtype auto -> %s (device %s, CPU ISA %s)", resolved, torch.device(device), cpu_isa()
+        )
         return resolved
     if choice == "bfloat16" and not native:
         warnings.warn(
             f"bfloat16 was requested but {torch.device(device)} has no native bfloat16 (CPU ISA {cpu_isa()}): "
             f"it is emulated, and a bfloat16 matmul can run ~{EMULATED_BF16_SLOWDOWN}x slower than float32 on such a "
             "CPU. Use dtype 'auto' or 'float32' unless you need bfloat16 numerics.",
-            RuntimeWarning, stacklevel=2)
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return choice

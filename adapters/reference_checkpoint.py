@@ -57,14 +57,16 @@ logger = logging.getLogger(__name__)
 NON_LORA = "non_lora_trainables.bin"
 CVIT_INSTRUCTIONS = Path(__file__).parent / "data" / "cvit_instructions.json"
 #: `non_lora_trainables.bin` keys LLaVA writes for the projector, and our base's names.
-_NON_LORA_PROJECTOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?mm_projector\.(0|2)\.(weight|bias)$")
+_NON_LORA_PROJECTOR = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?mm_projector\.(0|2)\.(weight|bias)$"
+)
 _BASE_PROJECTOR = {"0": "multi_modal_projector.linear_1", "2": "multi_modal_projector.linear_2"}
 
 REFERENCE_SEMANTICS: dict[str, str] = {
     "vu_routing": "per_step: at a cached decode step the reference's layer input is the new token alone, "
-                  "so its VU route is recomputed from that token",
+    "so its VU route is recomputed from that token",
     "vu_mean": "unmasked: the reference averages the layer input over all positions, padding included; "
-               "it serves one request at a time (no padding), where this equals our masked mean",
+    "it serves one request at a time (no padding), where this equals our masked mean",
     "expert_order": "identical: experts 0..E/2-1 are VU, E/2..E-1 IF, in the reference and here",
 }
 
@@ -106,7 +108,9 @@ def read_instruction_file(path: str | Path) -> list[InstructionSpec]:
             raise ReferenceCheckpointError(f"{p}: not valid JSON ({e})") from None
         items = data.get("instructions") if isinstance(data, dict) else data
         if not isinstance(items, list):
-            raise ReferenceCheckpointError(f"{p}: expected a list of instructions (or {{\"instructions\": [...]}})")
+            raise ReferenceCheckpointError(
+                f'{p}: expected a list of instructions (or {{"instructions": [...]}})'
+            )
         out = []
         for k, item in enumerate(items):
             if isinstance(item, str):
@@ -114,14 +118,19 @@ def read_instruction_file(path: str | Path) -> list[InstructionSpec]:
             elif isinstance(item, dict) and isinstance(item.get("text"), str):
                 out.append(InstructionSpec(str(item.get("task") or f"task{k}"), item["text"]))
             else:
-                raise ReferenceCheckpointError(f"{p}: instruction {k} must be a string or an object with a 'text' string")
+                raise ReferenceCheckpointError(
+                    f"{p}: instruction {k} must be a string or an object with a 'text' string"
+                )
         return out
     lines = [line.strip().replace("\\n", "\n") for line in raw.splitlines()]
     return [InstructionSpec(f"task{k}", t) for k, t in enumerate(t for t in lines if t)]
 
 
-def instruction_table(cfg: ReferenceConfig, instructions: Sequence[InstructionSpec] | None,
-                      tasks: Sequence[str] | None) -> InstructionTable:
+def instruction_table(
+    cfg: ReferenceConfig,
+    instructions: Sequence[InstructionSpec] | None,
+    tasks: Sequence[str] | None,
+) -> InstructionTable:
     """One instruction type per `ins_emb` row: name = task name, the row as its embedding.
 
     With `instructions=None` the paper's CVIT list is used (its first K rows for a K-row
@@ -137,26 +146,38 @@ def instruction_table(cfg: ReferenceConfig, instructions: Sequence[InstructionSp
         if rows > len(default):
             raise ReferenceCheckpointError(
                 f"ins_emb has {rows} rows but the default CVIT list has {len(default)} instructions; "
-                "pass an instruction file with one instruction per row")
+                "pass an instruction file with one instruction per row"
+            )
         specs = default[:rows]
     else:
         specs = list(instructions)
         if len(specs) != rows:
-            raise ReferenceCheckpointError(f"{len(specs)} instructions given, but ins_emb has {rows} rows (one instruction per row, in row order)")
+            raise ReferenceCheckpointError(
+                f"{len(specs)} instructions given, but ins_emb has {rows} rows (one instruction per row, in row order)"
+            )
     if tasks is not None:
         if len(tasks) != rows:
-            raise ReferenceCheckpointError(f"{len(tasks)} task names given, but ins_emb has {rows} rows (one task per row, in row order)")
+            raise ReferenceCheckpointError(
+                f"{len(tasks)} task names given, but ins_emb has {rows} rows (one task per row, in row order)"
+            )
         specs = [InstructionSpec(t, s.text) for t, s in zip(tasks, specs)]
     names = [s.task.strip() for s in specs]
     if any(not n for n in names):
         raise ReferenceCheckpointError("task names must not be empty")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ReferenceCheckpointError(f"task names {dupes} repeat; every ins_emb row needs its own task name")
+        raise ReferenceCheckpointError(
+            f"task names {dupes} repeat; every ins_emb row needs its own task name"
+        )
     if any(not s.text.strip() for s in specs):
         raise ReferenceCheckpointError("instruction texts must not be empty")
     emb = cfg.ins_emb.tolist()
-    return InstructionTable([InstructionType(n, s.text, n, tuple(float(x) for x in emb[k])) for k, (n, s) in enumerate(zip(names, specs))])
+    return InstructionTable(
+        [
+            InstructionType(n, s.text, n, tuple(float(x) for x in emb[k]))
+            for k, (n, s) in enumerate(zip(names, specs))
+        ]
+    )
 
 
 # -- non-LoRA weights (the projector LLaVA trained) ------------------------------------------------
@@ -191,7 +212,8 @@ def projector_overrides(path: str | Path, base_dir: str | Path) -> dict[str, Ten
     if unmapped:
         raise ReferenceCheckpointError(
             f"{path}: holds weights other than the projector's ({first_items(sorted(unmapped))}); this importer maps "
-            "only mm_projector.0 / .2 onto the base; merge the others into the base model yourself")
+            "only mm_projector.0 / .2 onto the base; merge the others into the base model yourself"
+        )
     out: dict[str, Tensor] = {}
     for key, t in sorted(state.items()):
         m = _NON_LORA_PROJECTOR.match(key)
@@ -199,18 +221,24 @@ def projector_overrides(path: str | Path, base_dir: str | Path) -> dict[str, Ten
         suffix = f"{_BASE_PROJECTOR[m.group(1)]}.{m.group(2)}"
         hits = [n for n in index if n == suffix or n.endswith("." + suffix)]
         if len(hits) != 1:
-            raise ReferenceCheckpointError(f"{path}: {key} maps to {suffix}, which the base {root} has {len(hits)} times (need exactly one)")
+            raise ReferenceCheckpointError(
+                f"{path}: {key} maps to {suffix}, which the base {root} has {len(hits)} times (need exactly one)"
+            )
         with safe_open(str(index[hits[0]]), framework="pt") as fh:
             base = fh.get_tensor(hits[0])
         if tuple(t.shape) != tuple(base.shape):
-            raise ReferenceCheckpointError(f"{path}: {key} has shape {list(t.shape)}, the base's {hits[0]} {list(base.shape)}")
+            raise ReferenceCheckpointError(
+                f"{path}: {key} has shape {list(t.shape)}, the base's {hits[0]} {list(base.shape)}"
+            )
         trained = t.to(base.dtype)
         if not torch.equal(trained, base):
             out[hits[0]] = trained
     return out
 
 
-def write_patched_base(base_dir: str | Path, out_dir: str | Path, overrides: Mapping[str, Tensor]) -> Path:
+def write_patched_base(
+    base_dir: str | Path, out_dir: str | Path, overrides: Mapping[str, Tensor]
+) -> Path:
     """Copy a model folder to `out_dir` with some tensors replaced (atomically: written aside,
     then renamed into place).
 
@@ -219,7 +247,9 @@ def write_patched_base(base_dir: str | Path, out_dir: str | Path, overrides: Map
     """
     src, out = Path(base_dir), Path(out_dir)
     if out.exists():
-        raise ReferenceCheckpointError(f"{out}: already exists; choose a new folder for the patched base model")
+        raise ReferenceCheckpointError(
+            f"{out}: already exists; choose a new folder for the patched base model"
+        )
     index = _base_weight_index(src)
     missing = sorted(set(overrides) - set(index))
     if missing:
@@ -232,7 +262,13 @@ def write_patched_base(base_dir: str | Path, out_dir: str | Path, overrides: Map
             with safe_open(str(tmp / f), framework="pt") as fh:
                 metadata = fh.metadata()
             tensors = load_file(str(tmp / f))
-            tensors.update({n: t.to(tensors[n].dtype).contiguous() for n, t in overrides.items() if index[n].name == f})
+            tensors.update(
+                {
+                    n: t.to(tensors[n].dtype).contiguous()
+                    for n, t in overrides.items()
+                    if index[n].name == f
+                }
+            )
             save_file(tensors, str(tmp / f), metadata=metadata)
         os.rename(tmp, out)
     except BaseException:
@@ -295,9 +331,13 @@ def convert_reference_checkpoint(
     """
     root, base = Path(src), Path(base_dir)
     if not root.is_dir():
-        raise ReferenceCheckpointError(f"{root}: not a folder; pass the folder the reference code saved the adapter into")
+        raise ReferenceCheckpointError(
+            f"{root}: not a folder; pass the folder the reference code saved the adapter into"
+        )
     cfg = read_reference_config(root)
-    weights = root / ADAPTER_SAFETENSORS if (root / ADAPTER_SAFETENSORS).is_file() else root / ADAPTER_BIN
+    weights = (
+        root / ADAPTER_SAFETENSORS if (root / ADAPTER_SAFETENSORS).is_file() else root / ADAPTER_BIN
+    )
     if not weights.is_file():
         raise ReferenceCheckpointError(f"{root}: no {ADAPTER_BIN} (or {ADAPTER_SAFETENSORS})")
     shapes = BaseShapes.from_model_dir(base)
@@ -307,12 +347,18 @@ def convert_reference_checkpoint(
     similarity = None
     if encoder is not None:
         got = encoder([t.text for t in table.types]).to(torch.float32)
-        similarity = [float(x) for x in torch.nn.functional.cosine_similarity(got, cfg.ins_emb, dim=-1)]
+        similarity = [
+            float(x) for x in torch.nn.functional.cosine_similarity(got, cfg.ins_emb, dim=-1)
+        ]
         for t, s in zip(table.types, similarity):
             if not s >= 0.95:
-                logger.warning("instruction of %r embeds at cosine %.3f to its ins_emb row: the texts or their order may "
-                               "not be the ones the checkpoint was trained with (requests snapped to this type still "
-                               "route with the row)", t.name, s)
+                logger.warning(
+                    "instruction of %r embeds at cosine %.3f to its ins_emb row: the texts or their order may "
+                    "not be the ones the checkpoint was trained with (requests snapped to this type still "
+                    "route with the row)",
+                    t.name,
+                    s,
+                )
 
     non_lora = root / NON_LORA
     patched: Path | None = None
@@ -323,7 +369,8 @@ def convert_reference_checkpoint(
             raise ReferenceCheckpointError(
                 f"{non_lora}: the checkpoint was trained with its own projector weights ({first_items(sorted(overrides))} "
                 f"differ from {base}'s); pass a new folder for a patched copy of the base (--patch-base DIR) "
-                "and serve that folder")
+                "and serve that folder"
+            )
         if overrides:
             patched = write_patched_base(base, patched_base_dir, overrides)  # type: ignore[arg-type]
             non_lora_state = f"differs from the base: patched into {patched}"
@@ -333,15 +380,27 @@ def convert_reference_checkpoint(
 
     layers = adapted_layers(tensors)
     adapter = SMoLoRAConfig(
-        num_experts=cfg.expert_num, rank=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        instruction_dim=EMBED_DIM, target_modules=target_modules_of(layers), vu_routing="per_step",
+        num_experts=cfg.expert_num,
+        rank=cfg.r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        instruction_dim=EMBED_DIM,
+        target_modules=target_modules_of(layers),
+        vu_routing="per_step",
         router_training="frozen_random",
     )
     names = [t.name for t in table.types]
-    base_info: dict[str, Any] = {"fingerprint": base_model_fingerprint(serve_base), "name": serve_base.name}
+    base_info: dict[str, Any] = {
+        "fingerprint": base_model_fingerprint(serve_base),
+        "name": serve_base.name,
+    }
     if patched is not None:
         base_info["patched_from"] = {"name": base.name, "fingerprint": base_model_fingerprint(base)}
-    files = {f.name: sha256_file(f) for f in sorted(root.iterdir()) if f.is_file() and f.name in (ADAPTER_BIN, ADAPTER_SAFETENSORS, ADAPTER_CONFIG, NON_LORA)}
+    files = {
+        f.name: sha256_file(f)
+        for f in sorted(root.iterdir())
+        if f.is_file() and f.name in (ADAPTER_BIN, ADAPTER_SAFETENSORS, ADAPTER_CONFIG, NON_LORA)
+    }
     manifest = CheckpointManifest(
         adapter_kind="smolora",
         adapter_config=adapter.to_dict(),
@@ -351,8 +410,12 @@ def convert_reference_checkpoint(
         instruction_types=table.to_list(),
         training={
             "source": "smolora-reference",
-            "imported_from": {"path": str(root.resolve()), "files": files, "adapter_config": cfg.summary(),
-                              "non_lora_trainables": non_lora_state},
+            "imported_from": {
+                "path": str(root.resolve()),
+                "files": files,
+                "adapter_config": cfg.summary(),
+                "non_lora_trainables": non_lora_state,
+            },
             "reference_semantics": dict(REFERENCE_SEMANTICS),
             "instruction_similarity": similarity,
         },

@@ -54,7 +54,12 @@ _TARGET_OF = {
     "projector.linear_1": "multi_modal_projector.linear_1",
     "projector.linear_2": "multi_modal_projector.linear_2",
 }
-_SINGLE = {"lora_vu_gate": "gate_vu", "lora_ins_gate": "gate_if", "lora_fc_A": "fuse_vu", "lora_fc_B": "fuse_if"}
+_SINGLE = {
+    "lora_vu_gate": "gate_vu",
+    "lora_ins_gate": "gate_if",
+    "lora_fc_A": "fuse_vu",
+    "lora_fc_B": "fuse_if",
+}
 
 
 class ReferenceCheckpointError(CheckpointError):
@@ -96,9 +101,16 @@ class ReferenceConfig:
 
     def summary(self) -> dict[str, Any]:
         """The scalar fields (JSON-ready), for the manifest's provenance."""
-        return {"expert_num": self.expert_num, "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-                "target_modules": self.target_modules, "ins_type": self.ins_type, "ins_emb_rows": int(self.ins_emb.shape[0]),
-                "peft_type": self.peft_type}
+        return {
+            "expert_num": self.expert_num,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": self.target_modules,
+            "ins_type": self.ins_type,
+            "ins_emb_rows": int(self.ins_emb.shape[0]),
+            "peft_type": self.peft_type,
+        }
 
 
 def _int_field(cfg: dict[str, Any], name: str, path: Path) -> int:
@@ -116,50 +128,86 @@ def read_reference_config(src: str | Path) -> ReferenceConfig:
             by it, a missing or malformed `ins_emb`, `ins_type` outside it.
     """
     path = Path(src) / ADAPTER_CONFIG
-    cfg = read_json_object(path, ReferenceCheckpointError,
-                           f"{Path(src)}: no {ADAPTER_CONFIG}; not a reference SMoLoRA checkpoint folder")
+    cfg = read_json_object(
+        path,
+        ReferenceCheckpointError,
+        f"{Path(src)}: no {ADAPTER_CONFIG}; not a reference SMoLoRA checkpoint folder",
+    )
     if "expert_num" not in cfg:
-        raise ReferenceCheckpointError(f"{path}: no 'expert_num'; this is not a SMoLoRA adapter (peft_type {cfg.get('peft_type')!r})")
+        raise ReferenceCheckpointError(
+            f"{path}: no 'expert_num'; this is not a SMoLoRA adapter (peft_type {cfg.get('peft_type')!r})"
+        )
     e = _int_field(cfg, "expert_num", path)
     if e < 2 or e % 2:
-        raise ReferenceCheckpointError(f"{path}: expert_num={e} must be even and >= 2 (E/2 VU experts + E/2 IF experts)")
+        raise ReferenceCheckpointError(
+            f"{path}: expert_num={e} must be even and >= 2 (E/2 VU experts + E/2 IF experts)"
+        )
     r = _int_field(cfg, "r", path)
     if r <= 0 or r % e:
-        raise ReferenceCheckpointError(f"{path}: r={r} is not a positive multiple of expert_num={e} (each expert has rank r / expert_num)")
+        raise ReferenceCheckpointError(
+            f"{path}: r={r} is not a positive multiple of expert_num={e} (each expert has rank r / expert_num)"
+        )
     alpha = cfg.get("lora_alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ReferenceCheckpointError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
+        raise ReferenceCheckpointError(
+            f"{path}: lora_alpha must be a positive number, got {alpha!r}"
+        )
     dropout = cfg.get("lora_dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float))
+        or not 0.0 <= dropout < 1.0
+    ):
         raise ReferenceCheckpointError(f"{path}: lora_dropout must be in [0, 1), got {dropout!r}")
     ins_type = _int_field(cfg, "ins_type", path)
     table = cfg.get("ins_emb")
     if table is None:
-        raise ReferenceCheckpointError(f"{path}: no 'ins_emb' instruction-embedding table; the IF experts cannot be routed without it")
+        raise ReferenceCheckpointError(
+            f"{path}: no 'ins_emb' instruction-embedding table; the IF experts cannot be routed without it"
+        )
     if isinstance(table, str):
         raise ReferenceCheckpointError(
             f"{path}: 'ins_emb' is a file name ({table!r}), not the table; write the [tasks x {EMBED_DIM}] "
-            "embedding rows into adapter_config.json's 'ins_emb' as a list of lists")
+            "embedding rows into adapter_config.json's 'ins_emb' as a list of lists"
+        )
     try:
         emb = torch.tensor(table, dtype=torch.float64)
     except (TypeError, ValueError) as e:
-        raise ReferenceCheckpointError(f"{path}: 'ins_emb' must be a list of equally long lists of numbers ({e})") from None
+        raise ReferenceCheckpointError(
+            f"{path}: 'ins_emb' must be a list of equally long lists of numbers ({e})"
+        ) from None
     if emb.dim() == 1 and emb.numel():
         emb = emb[None]
     if emb.dim() != 2 or emb.shape[0] == 0:
-        raise ReferenceCheckpointError(f"{path}: 'ins_emb' must be a [tasks x {EMBED_DIM}] table, got shape {list(emb.shape)}")
+        raise ReferenceCheckpointError(
+            f"{path}: 'ins_emb' must be a [tasks x {EMBED_DIM}] table, got shape {list(emb.shape)}"
+        )
     if emb.shape[1] != EMBED_DIM:
         raise ReferenceCheckpointError(
             f"{path}: 'ins_emb' rows have {emb.shape[1]} dims, but this server embeds instructions with "
-            f"all-MiniLM-L6-v2 ({EMBED_DIM} dims); a checkpoint routed by another encoder cannot be served")
+            f"all-MiniLM-L6-v2 ({EMBED_DIM} dims); a checkpoint routed by another encoder cannot be served"
+        )
     if not bool(emb.isfinite().all()):
         raise ReferenceCheckpointError(f"{path}: 'ins_emb' contains NaN or inf")
     if not 0 <= ins_type < emb.shape[0]:
-        raise ReferenceCheckpointError(f"{path}: ins_type={ins_type} is not a row of ins_emb (it has {emb.shape[0]} rows)")
+        raise ReferenceCheckpointError(
+            f"{path}: ins_type={ins_type} is not a row of ins_emb (it has {emb.shape[0]} rows)"
+        )
     targets = cfg.get("target_modules")
     if targets is not None and not isinstance(targets, (str, list)):
-        raise ReferenceCheckpointError(f"{path}: target_modules must be a list or a pattern, got {targets!r}")
-    return ReferenceConfig(e, r, float(alpha), float(dropout), targets, ins_type, emb.to(torch.float32), cfg.get("peft_type"))
+        raise ReferenceCheckpointError(
+            f"{path}: target_modules must be a list or a pattern, got {targets!r}"
+        )
+    return ReferenceConfig(
+        e,
+        r,
+        float(alpha),
+        float(dropout),
+        targets,
+        ins_type,
+        emb.to(torch.float32),
+        cfg.get("peft_type"),
+    )
 
 
 @dataclass(frozen=True)
@@ -179,7 +227,7 @@ class BaseShapes:
     projector_in: int
 
     @classmethod
-    def from_model_dir(cls, base_dir: str | Path) -> "BaseShapes":
+    def from_model_dir(cls, base_dir: str | Path) -> BaseShapes:
         """Read `config.json` (with transformers' defaults filled in) of a LLaVA folder.
 
         Raises:
@@ -189,20 +237,29 @@ class BaseShapes:
 
         root = Path(base_dir)
         if not (root / "config.json").is_file():
-            raise ReferenceCheckpointError(f"{root}: no config.json; --base must be a Hugging Face LLaVA model folder")
+            raise ReferenceCheckpointError(
+                f"{root}: no config.json; --base must be a Hugging Face LLaVA model folder"
+            )
         try:
             cfg = AutoConfig.from_pretrained(str(root), local_files_only=True)
         except Exception as e:  # transformers raises several types for a bad config
-            raise ReferenceCheckpointError(f"{root}/config.json: not a readable model config ({type(e).__name__}: {e})") from None
+            raise ReferenceCheckpointError(
+                f"{root}/config.json: not a readable model config ({type(e).__name__}: {e})"
+            ) from None
         text, vision = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
         if text is None or vision is None:
             raise ReferenceCheckpointError(
                 f"{root}: model_type {getattr(cfg, 'model_type', '?')!r} has no text and vision config; "
-                "--base must be an HF LLaVA folder (LlavaForConditionalGeneration)")
+                "--base must be an HF LLaVA folder (LlavaForConditionalGeneration)"
+            )
         layers = getattr(cfg, "vision_feature_layer", -2)
         n_feat = len(layers) if isinstance(layers, (list, tuple)) else 1
-        return cls(int(text.num_hidden_layers), int(text.hidden_size), int(text.intermediate_size),
-                   int(vision.hidden_size) * n_feat)
+        return cls(
+            int(text.num_hidden_layers),
+            int(text.hidden_size),
+            int(text.intermediate_size),
+            int(vision.hidden_size) * n_feat,
+        )
 
     def linear(self, canonical: str) -> tuple[int, int]:
         """(d_in, d_out) of an adaptable linear by canonical name."""
@@ -211,7 +268,11 @@ class BaseShapes:
         if canonical == "projector.linear_2":
             return self.hidden, self.hidden
         kind = canonical.rsplit(".", 1)[1]
-        return (self.intermediate, self.hidden) if kind == "down_proj" else (self.hidden, self.intermediate)
+        return (
+            (self.intermediate, self.hidden)
+            if kind == "down_proj"
+            else (self.hidden, self.intermediate)
+        )
 
 
 # -- tensors -------------------------------------------------------------------------------------
@@ -234,17 +295,26 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         if m is None:
             detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
-            raise ReferenceCheckpointError(f"{p}: not a readable torch.save file (the weights-only reader stopped: {detail})") from None
+            raise ReferenceCheckpointError(
+                f"{p}: not a readable torch.save file (the weights-only reader stopped: {detail})"
+            ) from None
         raise ReferenceCheckpointError(
             f"{p}: holds pickled objects other than tensors, which are never unpickled here (unsupported global {m.group(1)}); "
-            "re-save it as a plain state dict (a dict of name -> tensor)") from None
+            "re-save it as a plain state dict (a dict of name -> tensor)"
+        ) from None
     except Exception as e:  # a truncated or foreign file: zip, EOF, runtime errors
-        raise ReferenceCheckpointError(f"{p}: not a readable torch.save file ({type(e).__name__}: {e})") from None
+        raise ReferenceCheckpointError(
+            f"{p}: not a readable torch.save file ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(obj, Mapping):
-        raise ReferenceCheckpointError(f"{p}: holds a {type(obj).__name__}, not a state dict (a dict of name -> tensor)")
+        raise ReferenceCheckpointError(
+            f"{p}: holds a {type(obj).__name__}, not a state dict (a dict of name -> tensor)"
+        )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
-        raise ReferenceCheckpointError(f"{p}: entries {[str(k) for k in bad[:4]]} are not tensors under string names")
+        raise ReferenceCheckpointError(
+            f"{p}: entries {[str(k) for k in bad[:4]]} are not tensors under string names"
+        )
     return dict(obj)
 
 
@@ -284,7 +354,9 @@ def first_items(items: Sequence[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + more
 
 
-def map_reference_tensors(state: Mapping[str, Tensor], cfg: ReferenceConfig, shapes: BaseShapes) -> dict[str, Tensor]:
+def map_reference_tensors(
+    state: Mapping[str, Tensor], cfg: ReferenceConfig, shapes: BaseShapes
+) -> dict[str, Tensor]:
     """Map a reference state dict onto our `{canonical_layer}.{tensor}` names (float32).
 
     Per layer: `lora_A` `[E, r/E, d_in]` stacks `loraA.{e}`, `lora_B` `[E, d_out, r/E]` stacks
@@ -314,7 +386,13 @@ def map_reference_tensors(state: Mapping[str, Tensor], cfg: ReferenceConfig, sha
             unroutable.append(module)
             continue
         modules[canon] = module
-        slot: Any = ("A", int(m.group("a"))) if m.group("a") else ("B", int(m.group("b"))) if m.group("b") else _SINGLE[m.group("single")]
+        slot: Any = (
+            ("A", int(m.group("a")))
+            if m.group("a")
+            else ("B", int(m.group("b")))
+            if m.group("b")
+            else _SINGLE[m.group("single")]
+        )
         prev = parts.setdefault(canon, {}).get(slot)
         if prev is not None:
             if prev.shape != t.shape or not torch.equal(prev, t):
@@ -325,15 +403,18 @@ def map_reference_tensors(state: Mapping[str, Tensor], cfg: ReferenceConfig, sha
         raise ReferenceCheckpointError(
             f"{len(unknown)} keys are not SMoLoRA reference keys: {first_items(sorted(unknown))}; expected "
             "base_model.model.<module>.{lora_A.loraA.<e>[.mlp].weight, lora_B.loraB.<e>[.mlp].weight, "
-            "lora_vu_gate.weight, lora_ins_gate.weight, lora_fc_A.weight, lora_fc_B.weight}")
+            "lora_vu_gate.weight, lora_ins_gate.weight, lora_fc_A.weight, lora_fc_B.weight}"
+        )
     if unroutable:
         raise ReferenceCheckpointError(
             f"adapted modules the engine cannot route: {first_items(sorted(set(unroutable)))}; only the decoder MLP "
-            "projections (layers.<i>.mlp.gate_proj/up_proj/down_proj) and mm_projector.0 / .2 can be imported")
+            "projections (layers.<i>.mlp.gate_proj/up_proj/down_proj) and mm_projector.0 / .2 can be imported"
+        )
     if conflicts:
         raise ReferenceCheckpointError(
             f"an expert appears under two names with different tensors: {first_items(sorted(conflicts))}; "
-            "the '.loraA.<e>.weight' and '.loraA.<e>.mlp.weight' spellings must hold the same tensor")
+            "the '.loraA.<e>.weight' and '.loraA.<e>.mlp.weight' spellings must hold the same tensor"
+        )
     if not parts:
         raise ReferenceCheckpointError("the state dict holds no SMoLoRA tensors")
 
@@ -344,36 +425,53 @@ def map_reference_tensors(state: Mapping[str, Tensor], cfg: ReferenceConfig, sha
         missing = sorted(want_slots - set(got), key=str)
         extra = sorted(set(got) - want_slots, key=str)
         if extra:
-            problems.append(f"{modules[canon]}: experts {sorted({s[1] for s in extra})} beyond expert_num={e}")
+            problems.append(
+                f"{modules[canon]}: experts {sorted({s[1] for s in extra})} beyond expert_num={e}"
+            )
         if missing:
-            problems.append(f"{modules[canon]}: missing {first_items([_reference_name(s) for s in missing])}")
+            problems.append(
+                f"{modules[canon]}: missing {first_items([_reference_name(s) for s in missing])}"
+            )
     if problems:
-        raise ReferenceCheckpointError("incomplete or inconsistent adapter tensors: " + "; ".join(problems[:6]))
+        raise ReferenceCheckpointError(
+            "incomplete or inconsistent adapter tensors: " + "; ".join(problems[:6])
+        )
 
     mlp_layers = sorted({int(c.split(".")[1]) for c in parts if c.startswith("layers.")})
     outside = [i for i in mlp_layers if i >= shapes.num_layers]
     if outside:
-        raise ReferenceCheckpointError(f"adapter tensors for decoder layers {outside[:4]}, but the base has {shapes.num_layers} layers")
+        raise ReferenceCheckpointError(
+            f"adapter tensors for decoder layers {outside[:4]}, but the base has {shapes.num_layers} layers"
+        )
     for kind in ("gate_proj", "up_proj", "down_proj"):
         have = {i for i in range(shapes.num_layers) if f"layers.{i}.mlp.{kind}" in parts}
         if have and len(have) != shapes.num_layers:
             lacking = sorted(set(range(shapes.num_layers)) - have)
             raise ReferenceCheckpointError(
                 f"{kind} is adapted in some decoder layers but not in layers {lacking[:6]}; the engine adapts a "
-                "projection in every layer or in none")
+                "projection in every layer or in none"
+            )
     if cfg.target_modules is not None:
-        stray = sorted(mod for mod in modules.values() if not _peft_targets(cfg.target_modules, mod))
+        stray = sorted(
+            mod for mod in modules.values() if not _peft_targets(cfg.target_modules, mod)
+        )
         if stray:
             raise ReferenceCheckpointError(
                 f"adapter_config.json's target_modules {cfg.target_modules!r} do not cover {first_items(stray)}, "
-                "which the adapter file adapts: the two files are not from the same run")
+                "which the adapter file adapts: the two files are not from the same run"
+            )
 
     out: dict[str, Tensor] = {}
     for canon, got in parts.items():
         d_in, d_out = shapes.linear(canon)
         want: dict[Any, tuple[int, ...]] = {("A", i): (k, d_in) for i in range(e)}
         want |= {("B", i): (d_out, k) for i in range(e)}
-        want |= {"gate_vu": (half, d_in), "gate_if": (half, EMBED_DIM), "fuse_vu": (1, d_out), "fuse_if": (1, d_out)}
+        want |= {
+            "gate_vu": (half, d_in),
+            "gate_if": (half, EMBED_DIM),
+            "fuse_vu": (1, d_out),
+            "fuse_if": (1, d_out),
+        }
         for slot, shape in want.items():
             t = got[slot]
             name = f"{modules[canon]}.{_reference_name(slot)}"
@@ -394,8 +492,10 @@ def map_reference_tensors(state: Mapping[str, Tensor], cfg: ReferenceConfig, sha
     if problems:
         raise ReferenceCheckpointError(
             f"tensors do not fit the base model (hidden {shapes.hidden}, intermediate {shapes.intermediate}, "
-            f"projector input {shapes.projector_in}; expert_num {e}, rank per expert {k}): " + "; ".join(problems[:6])
-            + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""))
+            f"projector input {shapes.projector_in}; expert_num {e}, rank per expert {k}): "
+            + "; ".join(problems[:6])
+            + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
+        )
     return out
 
 
@@ -415,5 +515,8 @@ def adapted_layers(tensors: Mapping[str, Tensor]) -> list[str]:
 
 def target_modules_of(layers: Sequence[str]) -> tuple[str, ...]:
     """Our `SMoLoRAConfig.target_modules` for a set of canonical layers (default order)."""
-    kinds = {_TARGET_OF[n] if n.startswith("projector.") else _TARGET_OF[n.rsplit(".", 1)[1]] for n in layers}
+    kinds = {
+        _TARGET_OF[n] if n.startswith("projector.") else _TARGET_OF[n.rsplit(".", 1)[1]]
+        for n in layers
+    }
     return tuple(t for t in _TARGET_OF.values() if t in kinds)

@@ -9,8 +9,9 @@ speed, and does not sample: greedy only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -86,7 +87,13 @@ def greedy_decode(
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
         hook((~done)[:, None].to(device))
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
     return outputs
 
 
@@ -110,9 +117,15 @@ def generate_batch(
     model = smodel.model
     with_images = [r.image is not None for r in requests]
     if any(with_images) and not all(with_images):
-        raise ValueError("a reference batch must be all-image or all-text; run mixed requests one at a time")
+        raise ValueError(
+            "a reference batch must be all-image or all-text; run mixed requests one at a time"
+        )
     tokenizer = processor.tokenizer
-    kwargs: dict[str, Any] = {"text": [r.prompt for r in requests], "return_tensors": "pt", "padding": True}
+    kwargs: dict[str, Any] = {
+        "text": [r.prompt for r in requests],
+        "return_tensors": "pt",
+        "padding": True,
+    }
     if all(with_images) and requests:
         kwargs["images"] = [r.image for r in requests]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -132,7 +145,11 @@ def generate_batch(
             token_ids=outputs[i],
             trace=traces[i],
             # Row i was really fed for len(outputs[i]) - 1 decode steps; later steps were padding.
-            vu_steps={n: [int(s[i]) for s in r.vu_steps[: len(outputs[i]) - 1]] for n, r in ctx.routes.items() if r.vu_steps},
+            vu_steps={
+                n: [int(s[i]) for s in r.vu_steps[: len(outputs[i]) - 1]]
+                for n, r in ctx.routes.items()
+                if r.vu_steps
+            },
         )
         for i in range(b)
     ]
@@ -147,4 +164,7 @@ def generate_one_by_one(
     eos_token_id: int | None = None,
 ) -> list[ReferenceResult]:
     """Serve requests one at a time, as the reference code does (no padding at all)."""
-    return [generate_batch(smodel, processor, [r], max_new_tokens, vu_routing, eos_token_id)[0] for r in requests]
+    return [
+        generate_batch(smodel, processor, [r], max_new_tokens, vu_routing, eos_token_id)[0]
+        for r in requests
+    ]

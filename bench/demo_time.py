@@ -35,7 +35,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "SMOLORA_KERNEL_ISA": "avx2"}
+FORCED_AVX2 = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "SMOLORA_KERNEL_ISA": "avx2",
+}
 STEP = re.compile(r"running: (smolora\.\w+) (\S+)")
 
 
@@ -46,17 +50,28 @@ def _free_port() -> int:
 
 
 def _child_facts(env: dict[str, str]) -> dict[str, object]:
-    code = ("import json, torch; from smolora.adapters.precision import resolve_dtype, cpu_isa; "
-            "print(json.dumps({'torch_isa': cpu_isa(), 'auto_dtype': resolve_dtype('auto')}))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    code = (
+        "import json, torch; from smolora.adapters.precision import resolve_dtype, cpu_isa; "
+        "print(json.dumps({'torch_isa': cpu_isa(), 'auto_dtype': resolve_dtype('auto')}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--isa", choices=("native", "avx2"), default="native")
-    p.add_argument("--workdir", type=Path, default=None, help="quickstart workdir (default: a fresh temp folder)")
-    p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/demo_<isa>.json)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="quickstart workdir (default: a fresh temp folder)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="result JSON (default bench/results/demo_<isa>.json)"
+    )
     p.add_argument("--timeout", type=float, default=3 * 3600)
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -64,14 +79,31 @@ def main(argv: list[str] | None = None) -> int:
     facts = _child_facts(env)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="smolora-demo-"))
     port = _free_port()
-    cmd = [sys.executable, "-m", "smolora", "quickstart", "--workdir", str(work), "--port", str(port), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "smolora",
+        "quickstart",
+        "--workdir",
+        str(work),
+        "--port",
+        str(port),
+        *extra,
+    ]
     log_path = work / "demo.log"
     work.mkdir(parents=True, exist_ok=True)
     steps: list[dict[str, object]] = []
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         assert proc.stdout is not None
         ready_s = answer_s = None
         reply = ""
@@ -82,11 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                     log.write(line)
                     m = STEP.search(line)
                     if m:
-                        steps.append({"step": f"{m.group(1)} {m.group(2)}", "start_s": time.perf_counter() - start})
+                        steps.append(
+                            {
+                                "step": f"{m.group(1)} {m.group(2)}",
+                                "start_s": time.perf_counter() - start,
+                            }
+                        )
                 log.flush()
                 if any(s["step"] == "smolora.server serve" for s in steps):
                     try:
-                        ok = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
+                        ok = (
+                            httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code
+                            == 200
+                        )
                     except httpx.HTTPError:
                         ok = False
                     if ok:
@@ -104,18 +144,29 @@ def main(argv: list[str] | None = None) -> int:
                     os.killpg(proc.pid, signal.SIGKILL)
     end_s = time.perf_counter() - start
     if answer_s is None and ("--no-serve" not in extra or proc.returncode != 0):
-        raise SystemExit(f"the demo did not serve an answer (exit {proc.returncode}); see {log_path}")
+        raise SystemExit(
+            f"the demo did not serve an answer (exit {proc.returncode}); see {log_path}"
+        )
     for a, b in zip(steps, steps[1:] + [{"start_s": ready_s or end_s}]):
         a["seconds"] = round(float(b["start_s"]) - float(a["start_s"]), 1)  # type: ignore[arg-type]
         a["start_s"] = round(float(a["start_s"]), 1)  # type: ignore[arg-type]
     results = sorted(work.glob("runs/*/results.json"))
     ap = json.loads(results[-1].read_text()).get("AP") if results else None
     out = {
-        "command": "python bench/demo_time.py --isa " + args.isa + (" -- " + " ".join(extra) if extra else ""),
-        "isa": args.isa, **facts, "forced_env": FORCED_AVX2 if args.isa == "avx2" else {},
-        "cpu_count": os.cpu_count(), "workdir": str(work), "steps": steps, "total_s": round(end_s, 1),
+        "command": "python bench/demo_time.py --isa "
+        + args.isa
+        + (" -- " + " ".join(extra) if extra else ""),
+        "isa": args.isa,
+        **facts,
+        "forced_env": FORCED_AVX2 if args.isa == "avx2" else {},
+        "cpu_count": os.cpu_count(),
+        "workdir": str(work),
+        "steps": steps,
+        "total_s": round(end_s, 1),
         "ready_s": None if ready_s is None else round(ready_s, 1),
-        "first_answer_s": None if answer_s is None else round(answer_s, 1), "first_answer": reply, "final_ap": ap,
+        "first_answer_s": None if answer_s is None else round(answer_s, 1),
+        "first_answer": reply,
+        "final_ap": ap,
     }
     dest = args.out or ROOT / "bench" / "results" / f"demo_{args.isa}.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
@@ -126,14 +177,30 @@ def main(argv: list[str] | None = None) -> int:
 def _first_chat(port: int, work: Path) -> str:
     import openai
 
-    image = next(iter(sorted(work.glob("data/*/images/**/*.png"), key=str)), None) or next(work.rglob("*.png"))
+    image = next(iter(sorted(work.glob("data/*/images/**/*.png"), key=str)), None) or next(
+        work.rglob("*.png")
+    )
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300
+    )
     resp = client.chat.completions.create(
-        model=client.models.list().data[0].id, max_tokens=16, temperature=0.0,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": "What colour is the largest shape?\nAnswer the question using a single word or phrase."}]}])
+        model=client.models.list().data[0].id,
+        max_tokens=16,
+        temperature=0.0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {
+                        "type": "text",
+                        "text": "What colour is the largest shape?\nAnswer the question using a single word or phrase.",
+                    },
+                ],
+            }
+        ],
+    )
     return resp.choices[0].message.content or ""
 
 

@@ -139,7 +139,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smolora.adapters.checkpoint import CheckpointManifest, base_model_fingerprint, publish_checkpoint
+from smolora.adapters.checkpoint import (
+    CheckpointManifest,
+    base_model_fingerprint,
+    publish_checkpoint,
+)
 from smolora.adapters.reference_generate import ReferenceRequest, generate_batch
 from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
@@ -162,26 +166,46 @@ def make_adapter(model_dir: Path, seed: int, cfg: SMoLoRAConfig) -> tuple[SMoLoR
 
 def publish(registry: Path, model_dir: Path, smodel: SMoLoRAModel, task: str) -> Any:
     manifest = CheckpointManifest(
-        adapter_kind="smolora", adapter_config=smodel.config.to_dict(),
+        adapter_kind="smolora",
+        adapter_config=smodel.config.to_dict(),
         base_model={"fingerprint": base_model_fingerprint(model_dir), "name": model_dir.name},
-        layers=list(smodel.layers), tasks=[task],
+        layers=list(smodel.layers),
+        tasks=[task],
     )
     return publish_checkpoint(registry, smodel.adapter_state_dict(), manifest)
 
 
-def workload(n: int, image_size: int, seed: int) -> tuple[list[str], list[Image.Image], list[torch.Tensor]]:
+def workload(
+    n: int, image_size: int, seed: int
+) -> tuple[list[str], list[Image.Image], list[torch.Tensor]]:
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in range(n)]
-    questions = ["What is in the picture?", "Describe the image.", "How many shapes are there?", "What color is it?"]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
+        for _ in range(n)
+    ]
+    questions = [
+        "What is in the picture?",
+        "Describe the image.",
+        "How many shapes are there?",
+        "What color is it?",
+    ]
     prompts = [f"USER: <image>\n{questions[i % len(questions)]} ASSISTANT:" for i in range(n)]
     gen = torch.Generator().manual_seed(seed)
     return prompts, images, [torch.randn(384, generator=gen) for _ in range(n)]
 
 
-def requests(prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor] | None, max_tokens: int) -> list[GenerateRequest]:
+def requests(
+    prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor] | None, max_tokens: int
+) -> list[GenerateRequest]:
     return [
-        GenerateRequest(prompt=p, image=im, instruction=None if instr is None else instr[i], max_tokens=max_tokens,
-                        ignore_eos=True, trace=instr is not None)
+        GenerateRequest(
+            prompt=p,
+            image=im,
+            instruction=None if instr is None else instr[i],
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            trace=instr is not None,
+        )
         for i, (p, im) in enumerate(zip(prompts, images))
     ]
 
@@ -193,8 +217,14 @@ async def tokens_per_s(engine: SMoLoRAEngine, reqs: list[GenerateRequest]) -> fl
     return sum(len(r.token_ids) for r in results) / dt
 
 
-async def hotload_seconds(engine: SMoLoRAEngine, registry: Path, model_dir: Path, smodel_next: SMoLoRAModel,
-                          load_reqs: list[GenerateRequest], probe: GenerateRequest) -> float:
+async def hotload_seconds(
+    engine: SMoLoRAEngine,
+    registry: Path,
+    model_dir: Path,
+    smodel_next: SMoLoRAModel,
+    load_reqs: list[GenerateRequest],
+    probe: GenerateRequest,
+) -> float:
     """With `load_reqs` streaming, publish + load a new version; seconds until a request on
     the new version streams its first token."""
     started = [asyncio.Event() for _ in load_reqs]
@@ -214,22 +244,38 @@ async def hotload_seconds(engine: SMoLoRAEngine, registry: Path, model_dir: Path
     async for chunk in engine.generate(probe):
         if chunk.token_ids:
             first = time.perf_counter()
-            assert chunk.version == entry.version == info.version, "probe was not served by the new version"
+            assert chunk.version == entry.version == info.version, (
+                "probe was not served by the new version"
+            )
             break
     assert first is not None
     in_flight = sum(not t.done() for t in tasks)
     await asyncio.gather(*tasks)
-    logger.info("hot-load with %d requests still streaming: %.3f s (publish %.3f, load %.3f, first token %.3f)",
-                in_flight, first - t0, t_pub - t0, t_load - t_pub, first - t_load)
+    logger.info(
+        "hot-load with %d requests still streaming: %.3f s (publish %.3f, load %.3f, first token %.3f)",
+        in_flight,
+        first - t0,
+        t_pub - t0,
+        t_load - t_pub,
+        first - t_load,
+    )
     return first - t0
 
 
-def hf_reference_tokens_per_s(smodel: SMoLoRAModel, processor: Any, prompts: list[str], images: list[Image.Image],
-                              instr: list[torch.Tensor], max_tokens: int) -> float:
+def hf_reference_tokens_per_s(
+    smodel: SMoLoRAModel,
+    processor: Any,
+    prompts: list[str],
+    images: list[Image.Image],
+    instr: list[torch.Tensor],
+    max_tokens: int,
+) -> float:
     t0 = time.perf_counter()
     total = 0
     for p, im, u in zip(prompts, images, instr):
-        out = generate_batch(smodel, processor, [ReferenceRequest(p, im, u)], max_tokens, eos_token_id=-1)
+        out = generate_batch(
+            smodel, processor, [ReferenceRequest(p, im, u)], max_tokens, eos_token_id=-1
+        )
         total += len(out[0].token_ids)
     return total / (time.perf_counter() - t0)
 
@@ -240,7 +286,10 @@ def _engine_pids(engine: SMoLoRAEngine) -> list[int]:
     children = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == core:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == core
+            ):
                 children.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue
@@ -256,19 +305,39 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path, v1_path: Path, smodel_next: SMoLoRAModel | None,
-                      prompts: list[str], images: list[Image.Image], instr: list[torch.Tensor],
-                      dtype: str = "float32", without_overlap: bool = False) -> dict[str, Any]:
+async def run_engines(
+    args: argparse.Namespace,
+    model_dir: Path,
+    registry: Path,
+    v1_path: Path,
+    smodel_next: SMoLoRAModel | None,
+    prompts: list[str],
+    images: list[Image.Image],
+    instr: list[torch.Tensor],
+    dtype: str = "float32",
+    without_overlap: bool = False,
+) -> dict[str, Any]:
     """Tokens/s of the routed and base engines (and, with `without_overlap`, of a routed
     engine with `cpu_overlap="off"`) over rounds in rotating order; the CPU seconds their
     engine-core and worker processes use per 1,000 tokens; hot-load if `smodel_next`."""
     # One spare row, so the hot-load probe is admitted while `args.requests` requests stream
     # (otherwise its latency would be the wait for a streaming request to finish).
-    common = dict(model_dir=model_dir, max_num_seqs=args.requests + 1, max_model_len=args.max_model_len,
-                  max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mib << 20, dtype=dtype)
-    configs = {"routed": EngineConfig(checkpoint=v1_path, num_slots=2, **common), "base": EngineConfig(adapters=False, **common)}
+    common = dict(
+        model_dir=model_dir,
+        max_num_seqs=args.requests + 1,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_bytes=args.kv_cache_mib << 20,
+        dtype=dtype,
+    )
+    configs = {
+        "routed": EngineConfig(checkpoint=v1_path, num_slots=2, **common),
+        "base": EngineConfig(adapters=False, **common),
+    }
     if without_overlap:
-        configs["routed_no_overlap"] = EngineConfig(checkpoint=v1_path, num_slots=2, cpu_overlap="off", **common)
+        configs["routed_no_overlap"] = EngineConfig(
+            checkpoint=v1_path, num_slots=2, cpu_overlap="off", **common
+        )
     engines: dict[str, SMoLoRAEngine] = {}
     out: dict[str, Any] = {}
     try:
@@ -278,7 +347,9 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
         names = list(engines)
         routed_instr = {name: None if name == "base" else instr for name in names}
         for name in names:  # warm-up
-            await tokens_per_s(engines[name], requests(prompts, images, routed_instr[name], args.max_tokens))
+            await tokens_per_s(
+                engines[name], requests(prompts, images, routed_instr[name], args.max_tokens)
+            )
         tps: dict[str, list[float]] = {name: [] for name in names}
         cpu = {name: 0.0 for name in names}
         size = images[0].size[0]
@@ -290,12 +361,21 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
             _, round_images, _ = workload(args.requests, size, seed=1000 + i)
             # The order rotates (and reverses every other round), so no engine always runs
             # right after the same other one.
-            order = names[i % len(names):] + names[:i % len(names)]
-            for name in (order if i % 2 == 0 else order[::-1]):
+            order = names[i % len(names) :] + names[: i % len(names)]
+            for name in order if i % 2 == 0 else order[::-1]:
                 c0 = _cpu_seconds(pids[name])
-                tps[name].append(await tokens_per_s(engines[name], requests(prompts, round_images, routed_instr[name], args.max_tokens)))
+                tps[name].append(
+                    await tokens_per_s(
+                        engines[name],
+                        requests(prompts, round_images, routed_instr[name], args.max_tokens),
+                    )
+                )
                 cpu[name] += _cpu_seconds(pids[name]) - c0
-            logger.info("%s round: %s", model_dir.name, ", ".join(f"{n} {tps[n][-1]:.1f} tok/s" for n in names))
+            logger.info(
+                "%s round: %s",
+                model_dir.name,
+                ", ".join(f"{n} {tps[n][-1]:.1f} tok/s" for n in names),
+            )
         tokens = args.rounds * args.requests * args.max_tokens
         for name in names:
             paired = [r / b for r, b in zip(tps[name], tps["base"])]
@@ -303,12 +383,20 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
                 # Best round of each: on a shared machine other processes only ever slow a round down.
                 "tokens_per_s": max(tps[name]),
                 "paired_median": statistics.median(paired),
-                "paired_quartiles": statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3,
+                "paired_quartiles": statistics.quantiles(paired, n=4)
+                if len(paired) > 1
+                else [paired[0]] * 3,
                 "cpu_s_per_1k_tokens": 1000 * cpu[name] / tokens,
             }
             if name != "base":
-                logger.info("%s %s: paired %s/base ratios per round %s (median %.3f)", model_dir.name, name, name,
-                            [round(x, 3) for x in paired], out[name]["paired_median"])
+                logger.info(
+                    "%s %s: paired %s/base ratios per round %s (median %.3f)",
+                    model_dir.name,
+                    name,
+                    name,
+                    [round(x, 3) for x in paired],
+                    out[name]["paired_median"],
+                )
         out["overlap"] = (await engines["routed"].health()).detail.get("overlap")
         for name in names:
             if name != "routed":
@@ -317,14 +405,22 @@ async def run_engines(args: argparse.Namespace, model_dir: Path, registry: Path,
             # Streams as long as the context allows, so they are still running during the load.
             long_reqs = requests(prompts, images, instr, args.max_model_len - 96)
             probe = requests(prompts[:1], images[:1], instr[:1], 4)[0]
-            out["hotload_s"] = await hotload_seconds(engines["routed"], registry, model_dir, smodel_next, long_reqs, probe)
+            out["hotload_s"] = await hotload_seconds(
+                engines["routed"], registry, model_dir, smodel_next, long_reqs, probe
+            )
     finally:
         for engine in engines.values():
             await engine.shutdown()
     return out
 
 
-def curve_point(args: argparse.Namespace, preset_name: str, cfg: SMoLoRAConfig, tmp: Path, dtype: str = "float32") -> dict[str, Any]:
+def curve_point(
+    args: argparse.Namespace,
+    preset_name: str,
+    cfg: SMoLoRAConfig,
+    tmp: Path,
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """Routed and base tokens/s for another preset (the width curve) or model dtype (the
     dtype curve): the same model (seed 0) and checkpoint as the headline, in a fresh pair
     of engines, without the hot-load."""
@@ -336,13 +432,22 @@ def curve_point(args: argparse.Namespace, preset_name: str, cfg: SMoLoRAConfig, 
     v1 = publish(registry, model_dir, smodel, "task1")
     del smodel
     prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
-    eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, None, prompts, images, instr, dtype=dtype))
-    logger.info("%s: routed %.1f tok/s, base %.1f tok/s", name, eng["routed"]["tokens_per_s"], eng["base"]["tokens_per_s"])
+    eng = asyncio.run(
+        run_engines(args, model_dir, registry, v1.path, None, prompts, images, instr, dtype=dtype)
+    )
+    logger.info(
+        "%s: routed %.1f tok/s, base %.1f tok/s",
+        name,
+        eng["routed"]["tokens_per_s"],
+        eng["base"]["tokens_per_s"],
+    )
     return eng
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -352,17 +457,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-mib", type=int, default=256)
-    parser.add_argument("--curve-presets", default="wide", help="comma-separated presets whose routed/base ratio is added as width_curve ('' for none)")
-    parser.add_argument("--curve-dtypes", default="bfloat16",
-                        help="comma-separated model dtypes whose routed/base ratio (main preset) is added as dtype_curve ('' for none)")
-    parser.add_argument("--without-overlap", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run a routed engine with cpu_overlap='off' in the headline rounds (without_overlap)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine.json")
+    parser.add_argument(
+        "--curve-presets",
+        default="wide",
+        help="comma-separated presets whose routed/base ratio is added as width_curve ('' for none)",
+    )
+    parser.add_argument(
+        "--curve-dtypes",
+        default="bfloat16",
+        help="comma-separated model dtypes whose routed/base ratio (main preset) is added as dtype_curve ('' for none)",
+    )
+    parser.add_argument(
+        "--without-overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run a routed engine with cpu_overlap='off' in the headline rounds (without_overlap)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "engine.json"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     preset = get_preset(args.preset)
-    cfg = SMoLoRAConfig(num_experts=args.num_experts, rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)
+    cfg = SMoLoRAConfig(
+        num_experts=args.num_experts, rank=args.rank, alpha=2.0 * args.rank, dropout=0.0
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_llava(preset, Path(tmp) / args.preset, seed=0)
         registry = Path(tmp) / "registry"
@@ -370,39 +490,86 @@ def main(argv: list[str] | None = None) -> None:
         v1 = publish(registry, model_dir, smodel, "task1")
         smodel_next, _ = make_adapter(model_dir, 2, cfg)
         prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
-        eng = asyncio.run(run_engines(args, model_dir, registry, v1.path, smodel_next, prompts, images, instr,
-                                      without_overlap=args.without_overlap))
+        eng = asyncio.run(
+            run_engines(
+                args,
+                model_dir,
+                registry,
+                v1.path,
+                smodel_next,
+                prompts,
+                images,
+                instr,
+                without_overlap=args.without_overlap,
+            )
+        )
         hf = hf_reference_tokens_per_s(smodel, processor, prompts, images, instr, args.max_tokens)
         del smodel, smodel_next
-        widths = {p: curve_point(args, p, cfg, Path(tmp)) for p in args.curve_presets.split(",") if p}
-        dtypes = {d: curve_point(args, args.preset, cfg, Path(tmp), dtype=d) for d in args.curve_dtypes.split(",") if d}
+        widths = {
+            p: curve_point(args, p, cfg, Path(tmp)) for p in args.curve_presets.split(",") if p
+        }
+        dtypes = {
+            d: curve_point(args, args.preset, cfg, Path(tmp), dtype=d)
+            for d in args.curve_dtypes.split(",")
+            if d
+        }
     routed, base = eng["routed"], eng["base"]
     result: dict[str, Any] = {
-        "command": " ".join(["python", "bench/engine.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
+        "command": " ".join(
+            [
+                "python",
+                "bench/engine.py",
+                *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            ]
+        ),
         "preset": args.preset,
         "routed_vs_base": routed["tokens_per_s"] / base["tokens_per_s"],
         "routed_vs_base_paired_median": routed["paired_median"],
         "routed_vs_base_paired_quartiles": routed["paired_quartiles"],
         "routed_vs_hf_reference": routed["tokens_per_s"] / hf,
         "hotload_s": eng["hotload_s"],
-        "tokens_per_s": {"routed": routed["tokens_per_s"], "base": base["tokens_per_s"], "hf_reference": hf},
-        "cpu_s_per_1k_tokens": {"routed": routed["cpu_s_per_1k_tokens"], "base": base["cpu_s_per_1k_tokens"]},
+        "tokens_per_s": {
+            "routed": routed["tokens_per_s"],
+            "base": base["tokens_per_s"],
+            "hf_reference": hf,
+        },
+        "cpu_s_per_1k_tokens": {
+            "routed": routed["cpu_s_per_1k_tokens"],
+            "base": base["cpu_s_per_1k_tokens"],
+        },
         "overlap": eng["overlap"],
     }
     if "routed_no_overlap" in eng:
         off = eng["routed_no_overlap"]
         result["without_overlap"] = {
-            "routed_vs_base": off["tokens_per_s"] / base["tokens_per_s"], "routed_vs_base_paired_median": off["paired_median"],
-            "tokens_per_s": off["tokens_per_s"], "cpu_s_per_1k_tokens": off["cpu_s_per_1k_tokens"]}
+            "routed_vs_base": off["tokens_per_s"] / base["tokens_per_s"],
+            "routed_vs_base_paired_median": off["paired_median"],
+            "tokens_per_s": off["tokens_per_s"],
+            "cpu_s_per_1k_tokens": off["cpu_s_per_1k_tokens"],
+        }
     if widths:
-        result["width_curve"] = {args.preset: result["routed_vs_base"],
-                                 **{p: e["routed"]["tokens_per_s"] / e["base"]["tokens_per_s"] for p, e in widths.items()}}
+        result["width_curve"] = {
+            args.preset: result["routed_vs_base"],
+            **{
+                p: e["routed"]["tokens_per_s"] / e["base"]["tokens_per_s"]
+                for p, e in widths.items()
+            },
+        }
     if dtypes:
-        result["dtype_curve"] = {"float32": result["routed_vs_base"], **{
-            d: {"routed_vs_base": e["routed"]["tokens_per_s"] / e["base"]["tokens_per_s"],
-                "routed_vs_base_paired_median": e["routed"]["paired_median"],
-                "tokens_per_s": {"routed": e["routed"]["tokens_per_s"], "base": e["base"]["tokens_per_s"]}}
-            for d, e in dtypes.items()}}
+        result["dtype_curve"] = {
+            "float32": result["routed_vs_base"],
+            **{
+                d: {
+                    "routed_vs_base": e["routed"]["tokens_per_s"] / e["base"]["tokens_per_s"],
+                    "routed_vs_base_paired_median": e["routed"]["paired_median"],
+                    "tokens_per_s": {
+                        "routed": e["routed"]["tokens_per_s"],
+                        "base": e["base"]["tokens_per_s"],
+                    },
+                }
+                for d, e in dtypes.items()
+            },
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

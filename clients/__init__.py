@@ -5,6 +5,12 @@ extension, routing-trace access and checkpoint admin; `loadgen.py` measures a lo
 server; `cli.py` puts both on the command line (`python -m smolora.clients`).
 """
 
-from smolora.clients.client import ChatResult, SmoloraAPIError, SmoloraClient, image_to_data_url, routing_trace
+from smolora.clients.client import (
+    ChatResult,
+    SmoloraAPIError,
+    SmoloraClient,
+    image_to_data_url,
+    routing_trace,
+)
 
 __all__ = ["ChatResult", "SmoloraAPIError", "SmoloraClient", "image_to_data_url", "routing_trace"]

@@ -20,8 +20,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import openai
 
@@ -40,8 +41,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from smolora.clients.client import ChatResult
 
     c = _client(args)
-    kw = dict(instruction=args.instruction, instruction_type=args.instruction_type, version=args.version,
-              trace=not args.no_trace, max_tokens=args.max_tokens, temperature=args.temperature)
+    kw = dict(
+        instruction=args.instruction,
+        instruction_type=args.instruction_type,
+        version=args.version,
+        trace=not args.no_trace,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
     if args.stream:
         result: ChatResult | None = None
         for piece in c.stream_chat(args.image, args.question, **kw):
@@ -55,13 +62,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(result.text)
     assert result is not None
     ins = result.instruction or {}
-    print(f"-- {result.model} finish={result.finish_reason} usage={result.usage} "
-          f"instruction={ins.get('source')}:{ins.get('type')} sim={ins.get('similarity')}", file=sys.stderr)
+    print(
+        f"-- {result.model} finish={result.finish_reason} usage={result.usage} "
+        f"instruction={ins.get('source')}:{ins.get('type')} sim={ins.get('similarity')}",
+        file=sys.stderr,
+    )
     if result.trace and not args.no_trace:
         print("   layer                        VU  IF   w_vu  w_if", file=sys.stderr)
         for t in result.trace:
-            print(f"   {t['layer']:<28} {t['vu_expert']:>2} {t['if_expert']:>3}  {t['w_vu']:.2f}  {t['w_if']:.2f}",
-                  file=sys.stderr)
+            print(
+                f"   {t['layer']:<28} {t['vu_expert']:>2} {t['if_expert']:>3}  {t['w_vu']:.2f}  {t['w_if']:.2f}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -101,9 +113,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_loadgen(args: argparse.Namespace) -> int:
     from smolora.clients.loadgen import LoadgenConfig, run_load
 
-    cfg = LoadgenConfig(base_url=args.base_url, api_key=args.api_key, model=args.model, num_requests=args.requests,
-                        concurrency=args.concurrency, max_duration_s=args.duration, max_tokens=args.max_tokens,
-                        image_size=args.image_size, seed=args.seed)
+    cfg = LoadgenConfig(
+        base_url=args.base_url,
+        api_key=args.api_key,
+        model=args.model,
+        num_requests=args.requests,
+        concurrency=args.concurrency,
+        max_duration_s=args.duration,
+        max_tokens=args.max_tokens,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
     report = asyncio.run(run_load(cfg)).to_dict()
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2))
@@ -112,8 +132,12 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m smolora.clients", description="smolora-serve client")
-    p.add_argument("--base-url", default=os.environ.get("SMOLORA_BASE_URL", "http://127.0.0.1:8000"))
+    p = argparse.ArgumentParser(
+        prog="python -m smolora.clients", description="smolora-serve client"
+    )
+    p.add_argument(
+        "--base-url", default=os.environ.get("SMOLORA_BASE_URL", "http://127.0.0.1:8000")
+    )
     p.add_argument("--api-key", default=os.environ.get("SMOLORA_API_KEY"))
     p.add_argument("--admin-api-key", default=os.environ.get("SMOLORA_ADMIN_API_KEY"))
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,15 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     sub.add_parser("models", help="served model ids").set_defaults(func=cmd_models)
-    sub.add_parser("versions", help="registry and resident versions (admin)").set_defaults(func=cmd_versions)
-    for name, helptext in (("load", "make a published version resident"), ("activate", "activate a version"),
-                           ("unload", "unload a resident version")):
+    sub.add_parser("versions", help="registry and resident versions (admin)").set_defaults(
+        func=cmd_versions
+    )
+    for name, helptext in (
+        ("load", "make a published version resident"),
+        ("activate", "activate a version"),
+        ("unload", "unload a resident version"),
+    ):
         a = sub.add_parser(name, help=helptext + " (admin)")
         a.add_argument("version", type=int)
         if name == "load":
             a.add_argument("--activate", action="store_true")
         a.set_defaults(func=cmd_admin)
-    sub.add_parser("rollback", help="re-activate the previously active version (admin)").set_defaults(func=cmd_admin)
+    sub.add_parser(
+        "rollback", help="re-activate the previously active version (admin)"
+    ).set_defaults(func=cmd_admin)
 
     pub = sub.add_parser("publish", help="publish a checkpoint folder into a registry folder")
     pub.add_argument("checkpoint", type=Path)
@@ -151,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--model")
     lg.add_argument("--requests", type=int, default=32)
     lg.add_argument("--concurrency", type=int, default=4)
-    lg.add_argument("--duration", type=float, default=60.0, help="seconds after which no new request starts")
+    lg.add_argument(
+        "--duration", type=float, default=60.0, help="seconds after which no new request starts"
+    )
     lg.add_argument("--max-tokens", type=int, default=16)
     lg.add_argument("--image-size", type=int, default=64)
     lg.add_argument("--seed", type=int, default=0)

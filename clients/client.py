@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -128,14 +129,25 @@ class SmoloraClient:
         max_retries: SDK retries on 429/5xx/connection errors.
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 admin_api_key: str | None = None, timeout: float = 120.0, http_client: httpx.Client | None = None,
-                 max_retries: int = 2):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        admin_api_key: str | None = None,
+        timeout: float = 120.0,
+        http_client: httpx.Client | None = None,
+        max_retries: int = 2,
+    ):
         self.base_url = base_url.rstrip("/")
         self.admin_api_key = admin_api_key
         self._http = http_client or httpx.Client(timeout=timeout)
-        self.openai = openai.OpenAI(base_url=self.base_url + "/v1", api_key=api_key or "EMPTY", timeout=timeout,
-                                    http_client=self._http, max_retries=max_retries)
+        self.openai = openai.OpenAI(
+            base_url=self.base_url + "/v1",
+            api_key=api_key or "EMPTY",
+            timeout=timeout,
+            http_client=self._http,
+            max_retries=max_retries,
+        )
         self._model: str | None = None
 
     # --- inference --------------------------------------------------------------------------
@@ -148,9 +160,17 @@ class SmoloraClient:
             self._model = self.models()[0]
         return self._model
 
-    def _request(self, image: ImageLike | None, question: str, instruction: str | None,
-                 instruction_type: str | None, version: int | None, trace: bool, model: str | None,
-                 kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _request(
+        self,
+        image: ImageLike | None,
+        question: str,
+        instruction: str | None,
+        instruction_type: str | None,
+        version: int | None,
+        trace: bool,
+        model: str | None,
+        kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
         if image is not None:
             content.append({"type": "image_url", "image_url": {"url": image_to_data_url(image)}})
@@ -164,12 +184,27 @@ class SmoloraClient:
             ext["version"] = version
         extra_body = dict(kwargs.pop("extra_body", None) or {})
         extra_body["smolora"] = ext
-        return dict(model=model or self.default_model(), messages=[{"role": "user", "content": content}],
-                    extra_body=extra_body, **kwargs)
+        return dict(
+            model=model or self.default_model(),
+            messages=[{"role": "user", "content": content}],
+            extra_body=extra_body,
+            **kwargs,
+        )
 
-    def chat(self, image: ImageLike | None, question: str, *, instruction: str | None = None,
-             instruction_type: str | None = None, version: int | None = None, trace: bool = True,
-             model: str | None = None, max_tokens: int = 64, temperature: float = 0.0, **kwargs: Any) -> ChatResult:
+    def chat(
+        self,
+        image: ImageLike | None,
+        question: str,
+        *,
+        instruction: str | None = None,
+        instruction_type: str | None = None,
+        version: int | None = None,
+        trace: bool = True,
+        model: str | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        **kwargs: Any,
+    ) -> ChatResult:
         """Ask one question about one image.
 
         Args:
@@ -186,25 +221,49 @@ class SmoloraClient:
         Raises:
             openai.APIStatusError: the server refused the request (its message says why).
         """
-        req = self._request(image, question, instruction, instruction_type, version, trace, model,
-                            dict(max_tokens=max_tokens, temperature=temperature, **kwargs))
+        req = self._request(
+            image,
+            question,
+            instruction,
+            instruction_type,
+            version,
+            trace,
+            model,
+            dict(max_tokens=max_tokens, temperature=temperature, **kwargs),
+        )
         completion = self.openai.chat.completions.create(**req)
         ext = _extension(completion) or {}
         choice = completion.choices[0]
-        return ChatResult(text=choice.message.content or "", finish_reason=choice.finish_reason,
-                          usage=completion.usage.model_dump() if completion.usage else {}, model=completion.model,
-                          version=ext.get("version"), instruction=ext.get("instruction"),
-                          trace=routing_trace(completion), raw=completion)
+        return ChatResult(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason,
+            usage=completion.usage.model_dump() if completion.usage else {},
+            model=completion.model,
+            version=ext.get("version"),
+            instruction=ext.get("instruction"),
+            trace=routing_trace(completion),
+            raw=completion,
+        )
 
-    def stream_chat(self, image: ImageLike | None, question: str, **kwargs: Any) -> Iterator[str | ChatResult]:
+    def stream_chat(
+        self, image: ImageLike | None, question: str, **kwargs: Any
+    ) -> Iterator[str | ChatResult]:
         """Like `chat`, streaming: yields text pieces, then one final `ChatResult`."""
         names = ("instruction", "instruction_type", "version", "model")
         opts = {k: kwargs.pop(k, None) for k in names}
         trace = kwargs.pop("trace", True)
         kwargs.setdefault("max_tokens", 64)
         kwargs.setdefault("temperature", 0.0)
-        req = self._request(image, question, opts["instruction"], opts["instruction_type"], opts["version"], trace,
-                            opts["model"], dict(stream=True, stream_options={"include_usage": True}, **kwargs))
+        req = self._request(
+            image,
+            question,
+            opts["instruction"],
+            opts["instruction_type"],
+            opts["version"],
+            trace,
+            opts["model"],
+            dict(stream=True, stream_options={"include_usage": True}, **kwargs),
+        )
         parts: list[str] = []
         finish: str | None = None
         last: Any = None
@@ -217,10 +276,16 @@ class SmoloraClient:
                 if ch.index == 0 and ch.finish_reason:
                     finish = ch.finish_reason
         ext = _extension(last) or {}
-        yield ChatResult(text="".join(parts), finish_reason=finish,
-                         usage=last.usage.model_dump() if last is not None and last.usage else {},
-                         model=last.model if last is not None else "", version=ext.get("version"),
-                         instruction=ext.get("instruction"), trace=routing_trace(last) if last else None, raw=last)
+        yield ChatResult(
+            text="".join(parts),
+            finish_reason=finish,
+            usage=last.usage.model_dump() if last is not None and last.usage else {},
+            model=last.model if last is not None else "",
+            version=ext.get("version"),
+            instruction=ext.get("instruction"),
+            trace=routing_trace(last) if last else None,
+            raw=last,
+        )
 
     # --- checkpoint admin ---------------------------------------------------------------------
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -240,7 +305,9 @@ class SmoloraClient:
 
     def load(self, version: int, activate: bool = False) -> dict[str, Any]:
         """Make a published version resident (and optionally active)."""
-        return self._admin("POST", "/admin/checkpoints/load", {"version": version, "activate": activate})
+        return self._admin(
+            "POST", "/admin/checkpoints/load", {"version": version, "activate": activate}
+        )
 
     def activate(self, version: int) -> dict[str, Any]:
         return self._admin("POST", "/admin/checkpoints/activate", {"version": version})

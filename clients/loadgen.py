@@ -94,7 +94,9 @@ def check_loopback(base_url: str) -> None:
             return
     except ValueError:
         pass
-    raise ValueError(f"the load generator only targets loopback addresses (127.0.0.1, ::1, localhost), not {host!r}")
+    raise ValueError(
+        f"the load generator only targets loopback addresses (127.0.0.1, ::1, localhost), not {host!r}"
+    )
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -106,7 +108,14 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     def rank(p: float) -> float:
         return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
 
-    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "mean": sum(s) / len(s), "max": s[-1], "count": len(s)}
+    return {
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "mean": sum(s) / len(s),
+        "max": s[-1],
+        "count": len(s),
+    }
 
 
 @dataclass
@@ -136,7 +145,12 @@ def synthetic_image(size: int, rng: random.Random) -> Image.Image:
     d = ImageDraw.Draw(img)
     for _ in range(rng.randint(1, 3)):
         x0, y0 = rng.randint(0, size // 2), rng.randint(0, size // 2)
-        box = (x0, y0, x0 + rng.randint(size // 6, size // 2), y0 + rng.randint(size // 6, size // 2))
+        box = (
+            x0,
+            y0,
+            x0 + rng.randint(size // 6, size // 2),
+            y0 + rng.randint(size // 6, size // 2),
+        )
         color = tuple(rng.randint(0, 255) for _ in range(3))
         (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=color)
     return img
@@ -153,17 +167,35 @@ class _One:
     prompt_tokens: int = 0
 
 
-async def _one(client: openai.AsyncOpenAI, model: str, image_url: str, question: str, cfg: LoadgenConfig,
-               seed: int) -> _One:
+async def _one(
+    client: openai.AsyncOpenAI,
+    model: str,
+    image_url: str,
+    question: str,
+    cfg: LoadgenConfig,
+    seed: int,
+) -> _One:
     t0 = time.perf_counter()
     last: float | None = None
     out = _One(ok=False)
     try:
         stream = await client.chat.completions.create(
-            model=model, max_tokens=cfg.max_tokens, temperature=0.0, seed=seed, stream=True,
+            model=model,
+            max_tokens=cfg.max_tokens,
+            temperature=0.0,
+            seed=seed,
+            stream=True,
             stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                   {"type": "text", "text": question}]}])
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],
+        )
         async for chunk in stream:
             now = time.perf_counter()
             if any(c.delta.content for c in chunk.choices):
@@ -192,12 +224,22 @@ async def run_load(cfg: LoadgenConfig, http_client: httpx.AsyncClient | None = N
         http_client: an `httpx.AsyncClient` (tests pass one); a fresh one otherwise.
     """
     rng = random.Random(cfg.seed)
-    client = openai.AsyncOpenAI(base_url=cfg.base_url.rstrip("/") + "/v1", api_key=cfg.api_key or "EMPTY",
-                                max_retries=0, timeout=cfg.request_timeout_s, http_client=http_client)
+    client = openai.AsyncOpenAI(
+        base_url=cfg.base_url.rstrip("/") + "/v1",
+        api_key=cfg.api_key or "EMPTY",
+        max_retries=0,
+        timeout=cfg.request_timeout_s,
+        http_client=http_client,
+    )
     model = cfg.model or (await client.models.list()).data[0].id
-    images = [image_to_data_url(synthetic_image(cfg.image_size, rng)) for _ in range(min(cfg.num_requests, 16))]
-    work = [(images[i % len(images)], QUESTIONS[rng.randrange(len(QUESTIONS))], cfg.seed + i)
-            for i in range(cfg.num_requests)]
+    images = [
+        image_to_data_url(synthetic_image(cfg.image_size, rng))
+        for _ in range(min(cfg.num_requests, 16))
+    ]
+    work = [
+        (images[i % len(images)], QUESTIONS[rng.randrange(len(QUESTIONS))], cfg.seed + i)
+        for i in range(cfg.num_requests)
+    ]
     queue: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
     for w in work:
         queue.put_nowait(w)
@@ -228,10 +270,16 @@ async def run_load(cfg: LoadgenConfig, http_client: httpx.AsyncClient | None = N
     conf = asdict(cfg)
     conf.pop("api_key", None)
     return LoadReport(
-        requests_sent=len(results), requests_ok=len(ok), errors=errors, duration_s=duration,
-        requests_per_s=len(ok) / duration if duration > 0 else 0.0, output_tokens=out_tokens,
+        requests_sent=len(results),
+        requests_ok=len(ok),
+        errors=errors,
+        duration_s=duration,
+        requests_per_s=len(ok) / duration if duration > 0 else 0.0,
+        output_tokens=out_tokens,
         output_tokens_per_s=out_tokens / duration if duration > 0 else 0.0,
         prompt_tokens=sum(r.prompt_tokens for r in ok),
         ttft_s=percentiles([r.ttft for r in ok if r.ttft is not None]),
         itl_s=percentiles([x for r in ok for x in r.itl]),
-        e2e_s=percentiles([r.e2e for r in ok if r.e2e is not None]), config=conf)
+        e2e_s=percentiles([r.e2e for r in ok if r.e2e is not None]),
+        config=conf,
+    )

@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -80,7 +81,8 @@ class GuardMiddleware:
         declared = headers.get(b"content-length")
         too_large = PayloadTooLargeError(
             f"the request body is over the limit of {self.max_body_bytes} bytes; send smaller or fewer images",
-            code="request_too_large")
+            code="request_too_large",
+        )
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _send_json(send, too_large.status_code, too_large.to_dict())
             return
@@ -126,13 +128,25 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
     data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
-async def _bring_up(state: ServerState, engine_factory: EngineFactory, embedder_factory: EmbedderFactory,
-                    stop: asyncio.Event) -> None:
+async def _bring_up(
+    state: ServerState,
+    engine_factory: EngineFactory,
+    embedder_factory: EmbedderFactory,
+    stop: asyncio.Event,
+) -> None:
     """Start the slow parts, serve until `stop`, then shut the engine down."""
     s = state.settings
     try:
@@ -151,7 +165,9 @@ async def _bring_up(state: ServerState, engine_factory: EngineFactory, embedder_
         embedder = await asyncio.to_thread(embedder_factory)
         state.resolver = InstructionResolver(embedder, s.snap_threshold, s.default_instruction)
         async with engine_factory(s) as engine:
-            versions = VersionManager(engine, s.registry_dir, state.metrics, s.max_resident_versions, s.retry_after_s)
+            versions = VersionManager(
+                engine, s.registry_dir, state.metrics, s.max_resident_versions, s.retry_after_s
+            )
             state.engine, state.versions = engine, versions
             watcher = RegistryWatcher(versions, s.watch_interval_s, s.watch_activate)
             if s.watch_registry:
@@ -162,7 +178,11 @@ async def _bring_up(state: ServerState, engine_factory: EngineFactory, embedder_
                 log.error("the start-up checkpoint version was not loaded: %s", e)
             state.started = True
             log.info("serving %s (active version %s)", s.served_model_name, versions.active())
-            watch = asyncio.create_task(watcher.run(stop), name="registry-watcher") if s.watch_registry else None
+            watch = (
+                asyncio.create_task(watcher.run(stop), name="registry-watcher")
+                if s.watch_registry
+                else None
+            )
             try:
                 await stop.wait()
             finally:
@@ -180,9 +200,13 @@ async def _bring_up(state: ServerState, engine_factory: EngineFactory, embedder_
         state.started = True
 
 
-def create_app(settings: ServerSettings, engine_factory: EngineFactory, *,
-               embedder_factory: EmbedderFactory = default_embedder,
-               image_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings,
+    engine_factory: EngineFactory,
+    *,
+    embedder_factory: EmbedderFactory = default_embedder,
+    image_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
     """Build the app.
 
     Args:
@@ -198,18 +222,35 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory, *,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.image_formats,
-                             settings.max_images_per_request)
-        fetcher = RemoteImageFetcher(settings.image_url_allowlist, settings.image_fetch_timeout_s,
-                                     settings.max_image_bytes, transport=image_transport)
+        limits = ImageLimits(
+            settings.max_image_bytes,
+            settings.max_image_pixels,
+            settings.image_formats,
+            settings.max_images_per_request,
+        )
+        fetcher = RemoteImageFetcher(
+            settings.image_url_allowlist,
+            settings.image_fetch_timeout_s,
+            settings.max_image_bytes,
+            transport=image_transport,
+        )
         state = ServerState(
-            settings=settings, metrics=metrics,
-            admission=AdmissionController(settings.max_concurrent_requests, settings.max_waiting_requests,
-                                          settings.queue_timeout_s, settings.retry_after_s, metrics),
-            images=ImageLoader(limits, fetcher))
+            settings=settings,
+            metrics=metrics,
+            admission=AdmissionController(
+                settings.max_concurrent_requests,
+                settings.max_waiting_requests,
+                settings.queue_timeout_s,
+                settings.retry_after_s,
+                metrics,
+            ),
+            images=ImageLoader(limits, fetcher),
+        )
         app.state.smolora = state
         stop = asyncio.Event()
-        task = asyncio.create_task(_bring_up(state, engine_factory, embedder_factory, stop), name="engine")
+        task = asyncio.create_task(
+            _bring_up(state, engine_factory, embedder_factory, stop), name="engine"
+        )
         state.background.append(task)
         try:
             yield
@@ -224,13 +265,19 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory, *,
                 await asyncio.gather(task, return_exceptions=True)
             await fetcher.aclose()
 
-    app = FastAPI(title="smolora-serve", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible chat completions for SMoLoRA vision-language models.")
+    app = FastAPI(
+        title="smolora-serve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible chat completions for SMoLoRA vision-language models.",
+    )
     install_exception_handlers(app)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_request_bytes)
     app.include_router(chat_router)
     app.include_router(models_router)
     if settings.adapters:
-        app.include_router(checkpoints_router)  # base-only serving has no checkpoint versions to manage
+        app.include_router(
+            checkpoints_router
+        )  # base-only serving has no checkpoint versions to manage
     app.include_router(health_router)
     return app

@@ -24,13 +24,19 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from smolora.adapters.precision import DTYPE_CHOICES, resolve_dtype, serving_device
 from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
 from smolora.server.settings import ServerSettings
-from smolora.server.startup_checks import StartupCheckError, check_model_folder, check_prompt_rendering, check_registry
+from smolora.server.startup_checks import (
+    StartupCheckError,
+    check_model_folder,
+    check_prompt_rendering,
+    check_registry,
+)
 
 log = logging.getLogger("smolora.server.cli")
 
@@ -38,7 +44,11 @@ log = logging.getLogger("smolora.server.cli")
 def _read_key_file(path: str | None) -> list[str]:
     if not path:
         return []
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [
+        line.strip()
+        for line in Path(path).read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def _engine_option(text: str) -> tuple[str, Any]:
@@ -57,42 +67,103 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     d = ServerSettings.__dataclass_fields__
     s.add_argument("--model", required=True, type=Path, help="base-model folder (HF LLaVA layout)")
-    s.add_argument("--registry", type=Path, help="checkpoint registry folder (required unless --no-adapters)")
-    s.add_argument("--no-adapters", action="store_true",
-                   help="serve the base model with SMoLoRA adapters disabled (no registry, no versions, no routing)")
-    s.add_argument("--served-model-name", default="", help="model name clients use (default: the model folder's name)")
+    s.add_argument(
+        "--registry", type=Path, help="checkpoint registry folder (required unless --no-adapters)"
+    )
+    s.add_argument(
+        "--no-adapters",
+        action="store_true",
+        help="serve the base model with SMoLoRA adapters disabled (no registry, no versions, no routing)",
+    )
+    s.add_argument(
+        "--served-model-name",
+        default="",
+        help="model name clients use (default: the model folder's name)",
+    )
     s.add_argument("--host", default=d["host"].default)
-    s.add_argument("--port", type=int, default=d["port"].default, help="0 = any free port (see --port-file)")
+    s.add_argument(
+        "--port", type=int, default=d["port"].default, help="0 = any free port (see --port-file)"
+    )
     s.add_argument("--port-file", type=Path, help="write the bound port here once listening")
-    s.add_argument("--api-key-file", help="file with inference API keys, one per line (or env SMOLORA_API_KEYS)")
-    s.add_argument("--admin-api-key-file", help="file holding the admin API key (or env SMOLORA_ADMIN_API_KEY)")
-    s.add_argument("--initial-version", type=int, help="version to activate at start (default: the registry's latest)")
-    s.add_argument("--no-watch", action="store_true", help="do not poll the registry for new versions")
-    s.add_argument("--watch-interval", type=float, default=d["watch_interval_s"].default, help="seconds between polls")
-    s.add_argument("--no-watch-activate", action="store_true", help="load new versions without activating them")
+    s.add_argument(
+        "--api-key-file",
+        help="file with inference API keys, one per line (or env SMOLORA_API_KEYS)",
+    )
+    s.add_argument(
+        "--admin-api-key-file", help="file holding the admin API key (or env SMOLORA_ADMIN_API_KEY)"
+    )
+    s.add_argument(
+        "--initial-version",
+        type=int,
+        help="version to activate at start (default: the registry's latest)",
+    )
+    s.add_argument(
+        "--no-watch", action="store_true", help="do not poll the registry for new versions"
+    )
+    s.add_argument(
+        "--watch-interval",
+        type=float,
+        default=d["watch_interval_s"].default,
+        help="seconds between polls",
+    )
+    s.add_argument(
+        "--no-watch-activate", action="store_true", help="load new versions without activating them"
+    )
     s.add_argument("--max-resident-versions", type=int, default=d["max_resident_versions"].default)
-    s.add_argument("--max-images", type=int, default=d["max_images_per_request"].default, help="images per request")
+    s.add_argument(
+        "--max-images",
+        type=int,
+        default=d["max_images_per_request"].default,
+        help="images per request",
+    )
     s.add_argument("--max-image-bytes", type=int, default=d["max_image_bytes"].default)
     s.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"].default)
     s.add_argument("--max-request-bytes", type=int, default=d["max_request_bytes"].default)
-    s.add_argument("--image-url-allow", action="append", default=[], metavar="HOST",
-                   help="allow http(s) image URLs from HOST (.example.com = subdomains too); repeatable")
+    s.add_argument(
+        "--image-url-allow",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="allow http(s) image URLs from HOST (.example.com = subdomains too); repeatable",
+    )
     s.add_argument("--image-fetch-timeout", type=float, default=d["image_fetch_timeout_s"].default)
     s.add_argument("--default-max-tokens", type=int, default=d["default_max_tokens"].default)
     s.add_argument("--max-n", type=int, default=d["max_n"].default)
-    s.add_argument("--max-concurrent-requests", type=int, default=d["max_concurrent_requests"].default)
+    s.add_argument(
+        "--max-concurrent-requests", type=int, default=d["max_concurrent_requests"].default
+    )
     s.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default)
     s.add_argument("--queue-timeout", type=float, default=d["queue_timeout_s"].default)
-    s.add_argument("--snap-threshold", type=float, default=d["snap_threshold"].default,
-                   help="cosine similarity to snap an extracted instruction to a known type")
+    s.add_argument(
+        "--snap-threshold",
+        type=float,
+        default=d["snap_threshold"].default,
+        help="cosine similarity to snap an extracted instruction to a known type",
+    )
     s.add_argument("--default-instruction", default=d["default_instruction"].default)
-    s.add_argument("--trace-default", action="store_true", help="include routing traces unless a request says no")
-    s.add_argument("--no-expert-metrics", action="store_true", help="do not fetch routes of untraced requests")
-    s.add_argument("--engine-option", action="append", default=[], type=_engine_option, metavar="KEY=VALUE",
-                   help="engine option (JSON value), e.g. max_num_seqs=8; repeatable")
-    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="model dtype; auto: bfloat16 where the CPU (AVX512_BF16/AMX) or GPU computes it natively, "
-                        "float32 elsewhere")
+    s.add_argument(
+        "--trace-default",
+        action="store_true",
+        help="include routing traces unless a request says no",
+    )
+    s.add_argument(
+        "--no-expert-metrics", action="store_true", help="do not fetch routes of untraced requests"
+    )
+    s.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        type=_engine_option,
+        metavar="KEY=VALUE",
+        help="engine option (JSON value), e.g. max_num_seqs=8; repeatable",
+    )
+    s.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="model dtype; auto: bfloat16 where the CPU (AVX512_BF16/AMX) or GPU computes it natively, "
+        "float32 elsewhere",
+    )
     s.add_argument("--log-level", default=d["log_level"].default)
     return p
 
@@ -104,7 +175,9 @@ def _engine_options(args: argparse.Namespace, env: Mapping[str, str]) -> dict[st
     options = dict(args.engine_option)
     kernel = options.pop("kernel", None) or {}
     if not isinstance(kernel, dict):
-        raise SystemExit('--engine-option kernel=... takes a JSON object, e.g. kernel={"isa": "avx2"}')
+        raise SystemExit(
+            '--engine-option kernel=... takes a JSON object, e.g. kernel={"isa": "avx2"}'
+        )
     try:
         kernel_config = KernelConfig.from_environ(env, **kernel)
     except (KernelConfigError, TypeError) as e:
@@ -113,33 +186,58 @@ def _engine_options(args: argparse.Namespace, env: Mapping[str, str]) -> dict[st
         options["kernel"] = kernel_config.to_dict()
     if "dtype" in options:
         if args.dtype != "auto":
-            raise SystemExit("give the model dtype once: --dtype or --engine-option dtype=..., not both")
+            raise SystemExit(
+                "give the model dtype once: --dtype or --engine-option dtype=..., not both"
+            )
         options["dtype"] = resolve_dtype(str(options["dtype"]), serving_device())
     else:
         options["dtype"] = resolve_dtype(args.dtype, serving_device())
     return options
 
 
-def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
+def settings_from_args(
+    args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> ServerSettings:
     """`ServerSettings` from parsed `serve` arguments (and the key variables of `environ`)."""
     env = os.environ if environ is None else environ
-    keys = _read_key_file(args.api_key_file) or [k.strip() for k in env.get("SMOLORA_API_KEYS", "").split(",") if k.strip()]
-    admin = (_read_key_file(args.admin_api_key_file) or [env.get("SMOLORA_ADMIN_API_KEY", "").strip()])[0] or None
+    keys = _read_key_file(args.api_key_file) or [
+        k.strip() for k in env.get("SMOLORA_API_KEYS", "").split(",") if k.strip()
+    ]
+    admin = (
+        _read_key_file(args.admin_api_key_file) or [env.get("SMOLORA_ADMIN_API_KEY", "").strip()]
+    )[0] or None
     return ServerSettings(
-        model_dir=args.model, registry_dir=args.registry, adapters=not args.no_adapters,
+        model_dir=args.model,
+        registry_dir=args.registry,
+        adapters=not args.no_adapters,
         served_model_name=args.served_model_name,
-        host=args.host, port=args.port, api_keys=tuple(keys), admin_api_key=admin,
-        initial_version=args.initial_version, watch_registry=not args.no_watch, watch_interval_s=args.watch_interval,
-        watch_activate=not args.no_watch_activate, max_resident_versions=args.max_resident_versions,
-        max_images_per_request=args.max_images, max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels, max_request_bytes=args.max_request_bytes,
-        image_url_allowlist=tuple(args.image_url_allow), image_fetch_timeout_s=args.image_fetch_timeout,
-        default_max_tokens=args.default_max_tokens, max_n=args.max_n,
-        max_concurrent_requests=args.max_concurrent_requests, max_waiting_requests=args.max_waiting_requests,
-        queue_timeout_s=args.queue_timeout, snap_threshold=args.snap_threshold,
-        default_instruction=args.default_instruction, trace_default=args.trace_default,
-        record_expert_metrics=not args.no_expert_metrics, engine_options=_engine_options(args, env),
-        log_level=args.log_level.upper())
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(keys),
+        admin_api_key=admin,
+        initial_version=args.initial_version,
+        watch_registry=not args.no_watch,
+        watch_interval_s=args.watch_interval,
+        watch_activate=not args.no_watch_activate,
+        max_resident_versions=args.max_resident_versions,
+        max_images_per_request=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_request_bytes=args.max_request_bytes,
+        image_url_allowlist=tuple(args.image_url_allow),
+        image_fetch_timeout_s=args.image_fetch_timeout,
+        default_max_tokens=args.default_max_tokens,
+        max_n=args.max_n,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_waiting_requests=args.max_waiting_requests,
+        queue_timeout_s=args.queue_timeout,
+        snap_threshold=args.snap_threshold,
+        default_instruction=args.default_instruction,
+        trace_default=args.trace_default,
+        record_expert_metrics=not args.no_expert_metrics,
+        engine_options=_engine_options(args, env),
+        log_level=args.log_level.upper(),
+    )
 
 
 async def serve(settings: ServerSettings, port_file: Path | None = None) -> None:
@@ -150,16 +248,27 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
     from smolora.server.engine_factory import vllm_engine_factory
 
     app = create_app(settings, vllm_engine_factory)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=10, access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+        access_log=False,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
-        log.info("listening on http://%s:%d (model %s, %s)", settings.host, port, settings.served_model_name,
-                 f"registry {settings.registry_dir}" if settings.adapters else "adapters disabled")
+        log.info(
+            "listening on http://%s:%d (model %s, %s)",
+            settings.host,
+            port,
+            settings.served_model_name,
+            f"registry {settings.registry_dir}" if settings.adapters else "adapters disabled",
+        )
         if port_file is not None:
             tmp = port_file.with_suffix(port_file.suffix + ".tmp")
             tmp.write_text(str(port))
@@ -169,7 +278,9 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         settings = settings_from_args(args)
     except (ValueError, OSError) as e:

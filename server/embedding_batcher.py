@@ -18,8 +18,9 @@ raised in every caller whose text was in the failed batch.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from torch import Tensor
 
@@ -76,13 +77,17 @@ class BatchedEncoder:
                 batch = self._queue[: self.max_batch]
                 del self._queue[: len(batch)]
                 self._busy = True
-            self._run(batch)  # the leader encodes outside the lock; its own text may be in a later batch
+            self._run(
+                batch
+            )  # the leader encodes outside the lock; its own text may be in a later batch
 
     def _run(self, batch: list[_Pending]) -> None:
         try:
             out = self.embedder.encode([p.text for p in batch])
             if out.shape[0] != len(batch):
-                raise RuntimeError(f"encoder returned {out.shape[0]} embeddings for {len(batch)} texts")
+                raise RuntimeError(
+                    f"encoder returned {out.shape[0]} embeddings for {len(batch)} texts"
+                )
             results: list[Tensor | None] = list(out)
             error: BaseException | None = None
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter of this batch

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from smolora.adapters.checkpoint import latest_version, list_versions
 from smolora.server.settings import ServerSettings
@@ -37,15 +38,19 @@ async def first_checkpoint(settings: ServerSettings) -> Path:
         if settings.initial_version is not None:
             match = next((e for e in entries if e.version == settings.initial_version), None)
             if match is None:
-                raise ValueError(f"--initial-version {settings.initial_version} is not published in "
-                                 f"{settings.registry_dir} (published: {[e.version for e in entries]})")
+                raise ValueError(
+                    f"--initial-version {settings.initial_version} is not published in "
+                    f"{settings.registry_dir} (published: {[e.version for e in entries]})"
+                )
             return match.path
         latest = await asyncio.to_thread(latest_version, settings.registry_dir)
         if latest is not None:
             return latest.path
         if not announced:
-            log.warning("registry %s has no published version; the engine starts when one appears",
-                        settings.registry_dir)
+            log.warning(
+                "registry %s has no published version; the engine starts when one appears",
+                settings.registry_dir,
+            )
             announced = True
         await asyncio.sleep(settings.watch_interval_s)
 
@@ -59,14 +64,20 @@ def engine_config(settings: ServerSettings, checkpoint: Path | None) -> Any:
     """
     from smolora.server.engine.config import EngineConfig
 
-    fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model_dir", "checkpoint", "adapters"}
+    fields = {f.name for f in dataclasses.fields(EngineConfig)} - {
+        "model_dir",
+        "checkpoint",
+        "adapters",
+    }
     unknown = set(settings.engine_options) - fields
     if unknown:
         raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(fields)}")
     options = dict(settings.engine_options)
     # vLLM labels its vllm:* metrics model_name=<its served_model_name>: the name clients use, not the path.
-    options["extra_engine_args"] = {"served_model_name": settings.served_model_name,
-                                    **(options.get("extra_engine_args") or {})}
+    options["extra_engine_args"] = {
+        "served_model_name": settings.served_model_name,
+        **(options.get("extra_engine_args") or {}),
+    }
     if not settings.adapters:
         return EngineConfig(model_dir=settings.model_dir, adapters=False, **options)
     options.setdefault("num_slots", settings.max_resident_versions)
@@ -80,8 +91,11 @@ async def vllm_engine_factory(settings: ServerSettings) -> AsyncIterator[SMoLoRA
 
     checkpoint = await first_checkpoint(settings) if settings.adapters else None
     config = engine_config(settings, checkpoint)
-    log.info("starting the vLLM engine on %s with %s", settings.model_dir,
-             checkpoint.name if checkpoint is not None else "adapters disabled (base model only)")
+    log.info(
+        "starting the vLLM engine on %s with %s",
+        settings.model_dir,
+        checkpoint.name if checkpoint is not None else "adapters disabled (base model only)",
+    )
     engine = await SMoLoRAEngine.start(config)
     try:
         yield engine

@@ -28,8 +28,14 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger("smolora.server.images")
 
 # Media types a data URL may declare, and the PIL format each one means.
-MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
-               "image/gif": "GIF", "image/bmp": "BMP"}
+MEDIA_TYPES = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/webp": "WEBP",
+    "image/gif": "GIF",
+    "image/bmp": "BMP",
+}
 
 
 class ImageError(ValueError):
@@ -85,34 +91,53 @@ def parse_data_url(url: str, limits: ImageLimits) -> bytes:
             more bytes than allowed.
     """
     if not url.startswith("data:"):
-        raise ImageError("not a data URL: expected data:image/png;base64,<...>", "invalid_image_url")
+        raise ImageError(
+            "not a data URL: expected data:image/png;base64,<...>", "invalid_image_url"
+        )
     header, sep, payload = url[5:].partition(",")
     if not sep:
-        raise ImageError("malformed data URL: no ',' between the header and the data", "invalid_image_url")
+        raise ImageError(
+            "malformed data URL: no ',' between the header and the data", "invalid_image_url"
+        )
     parts = [p.strip().lower() for p in header.split(";")]
     media = parts[0] or "text/plain"
     if "base64" not in parts[1:]:
-        raise ImageError("data URL must be base64-encoded: data:image/png;base64,<...>", "invalid_image_url")
+        raise ImageError(
+            "data URL must be base64-encoded: data:image/png;base64,<...>", "invalid_image_url"
+        )
     if not media.startswith("image/"):
-        raise ImageError(f"data URL has media type {media!r}, which is not an image; accepted: "
-                         f"{', '.join(limits.media_types())}", "unsupported_media_type")
+        raise ImageError(
+            f"data URL has media type {media!r}, which is not an image; accepted: "
+            f"{', '.join(limits.media_types())}",
+            "unsupported_media_type",
+        )
     fmt = MEDIA_TYPES.get(media)
     if fmt is None or fmt not in limits.formats:
-        raise ImageError(f"image media type {media!r} is not accepted; use one of {', '.join(limits.media_types())}",
-                         "unsupported_image_format")
+        raise ImageError(
+            f"image media type {media!r} is not accepted; use one of {', '.join(limits.media_types())}",
+            "unsupported_image_format",
+        )
     compact = "".join(payload.split())
     if len(compact) * 3 // 4 > limits.max_bytes + 3:
-        raise ImageError(f"image is about {len(compact) * 3 // 4} bytes, over the limit of {limits.max_bytes} bytes; "
-                         "send a smaller or more compressed image", "image_too_large")
+        raise ImageError(
+            f"image is about {len(compact) * 3 // 4} bytes, over the limit of {limits.max_bytes} bytes; "
+            "send a smaller or more compressed image",
+            "image_too_large",
+        )
     if not compact:
         raise ImageError("data URL holds no data", "invalid_base64")
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError("image data is not valid base64 (standard alphabet A-Z a-z 0-9 + /, '=' padding)",
-                         "invalid_base64") from None
+        raise ImageError(
+            "image data is not valid base64 (standard alphabet A-Z a-z 0-9 + /, '=' padding)",
+            "invalid_base64",
+        ) from None
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes", "image_too_large")
+        raise ImageError(
+            f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes",
+            "image_too_large",
+        )
     return data
 
 
@@ -135,7 +160,10 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             truncated/corrupt data.
     """
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes", "image_too_large")
+        raise ImageError(
+            f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes",
+            "image_too_large",
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -143,17 +171,28 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             fmt = img.format
             width, height = img.size
     except UnidentifiedImageError:
-        raise ImageError("the data is not a recognisable image; send PNG, JPEG or WebP bytes", "invalid_image") from None
+        raise ImageError(
+            "the data is not a recognisable image; send PNG, JPEG or WebP bytes", "invalid_image"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"image has too many pixels (limit {limits.max_pixels})", "image_too_large") from None
+        raise ImageError(
+            f"image has too many pixels (limit {limits.max_pixels})", "image_too_large"
+        ) from None
     except Exception as e:  # PIL raises assorted errors on garbage headers
-        raise ImageError(f"the data is not a readable image ({type(e).__name__})", "invalid_image") from None
+        raise ImageError(
+            f"the data is not a readable image ({type(e).__name__})", "invalid_image"
+        ) from None
     if fmt not in limits.formats:
-        raise ImageError(f"image format {fmt} is not accepted; use one of {', '.join(limits.formats)}",
-                         "unsupported_image_format")
+        raise ImageError(
+            f"image format {fmt} is not accepted; use one of {', '.join(limits.formats)}",
+            "unsupported_image_format",
+        )
     if width * height > limits.max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                         f"{limits.max_pixels}; downscale it", "image_too_large")
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{limits.max_pixels}; downscale it",
+            "image_too_large",
+        )
     if width < 1 or height < 1:
         raise ImageError("image has zero width or height", "invalid_image")
     try:
@@ -162,9 +201,13 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             img.load()
             rgb = img.convert("RGB")
     except OSError as e:
-        raise ImageError(f"image data is truncated or corrupt ({e}); re-encode and resend it", "corrupt_image") from None
+        raise ImageError(
+            f"image data is truncated or corrupt ({e}); re-encode and resend it", "corrupt_image"
+        ) from None
     except Exception as e:
-        raise ImageError(f"image could not be decoded ({type(e).__name__}: {e})", "corrupt_image") from None
+        raise ImageError(
+            f"image could not be decoded ({type(e).__name__}: {e})", "corrupt_image"
+        ) from None
     return rgb
 
 
@@ -190,13 +233,26 @@ class RemoteImageFetcher:
         transport: an httpx transport (tests pass a mock one).
     """
 
-    def __init__(self, allowlist: tuple[str, ...], timeout_s: float, max_bytes: int,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        allowlist: tuple[str, ...],
+        timeout_s: float,
+        max_bytes: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.allowlist = allowlist
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
-        self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, transport=transport,
-                                         headers={"User-Agent": "smolora-serve"}) if allowlist else None
+        self._client = (
+            httpx.AsyncClient(
+                timeout=timeout_s,
+                follow_redirects=False,
+                transport=transport,
+                headers={"User-Agent": "smolora-serve"},
+            )
+            if allowlist
+            else None
+        )
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -210,33 +266,50 @@ class RemoteImageFetcher:
         """
         parts = urlsplit(url)
         if self._client is None:
-            raise ImageError("remote image URLs are disabled on this server; send the image inline as a "
-                             "data URL (data:image/png;base64,...)", "remote_images_disabled")
+            raise ImageError(
+                "remote image URLs are disabled on this server; send the image inline as a "
+                "data URL (data:image/png;base64,...)",
+                "remote_images_disabled",
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImageError("image URL must be a data URL or an http(s) URL", "invalid_image_url")
         if not host_allowed(parts.hostname, self.allowlist):
-            raise ImageError(f"host {parts.hostname!r} is not on this server's image allow-list; "
-                             "send the image inline as a data URL", "image_host_not_allowed")
+            raise ImageError(
+                f"host {parts.hostname!r} is not on this server's image allow-list; "
+                "send the image inline as a data URL",
+                "image_host_not_allowed",
+            )
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._client.stream("GET", url) as resp:
                     if resp.status_code != 200:
-                        raise ImageError(f"fetching the image failed: HTTP {resp.status_code}", "image_fetch_failed")
+                        raise ImageError(
+                            f"fetching the image failed: HTTP {resp.status_code}",
+                            "image_fetch_failed",
+                        )
                     declared = resp.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                        raise ImageError(f"remote image is {declared} bytes, over the limit of {self.max_bytes}",
-                                         "image_too_large")
+                        raise ImageError(
+                            f"remote image is {declared} bytes, over the limit of {self.max_bytes}",
+                            "image_too_large",
+                        )
                     buf = bytearray()
                     async for chunk in resp.aiter_bytes():
                         buf += chunk
                         if len(buf) > self.max_bytes:
-                            raise ImageError(f"remote image is over the limit of {self.max_bytes} bytes",
-                                             "image_too_large")
+                            raise ImageError(
+                                f"remote image is over the limit of {self.max_bytes} bytes",
+                                "image_too_large",
+                            )
                     return bytes(buf)
         except TimeoutError:
-            raise ImageError(f"fetching the image took longer than {self.timeout_s:g}s", "image_fetch_timeout") from None
+            raise ImageError(
+                f"fetching the image took longer than {self.timeout_s:g}s", "image_fetch_timeout"
+            ) from None
         except httpx.HTTPError as e:
-            raise ImageError(f"fetching the image failed ({type(e).__name__})", "image_fetch_failed") from None
+            raise ImageError(
+                f"fetching the image failed ({type(e).__name__})", "image_fetch_failed"
+            ) from None
 
 
 class ImageLoader:
@@ -247,7 +320,12 @@ class ImageLoader:
         fetcher: for http(s) URLs (disabled unless it has an allow-list).
     """
 
-    def __init__(self, limits: ImageLimits, fetcher: RemoteImageFetcher, inline_max_pixels: int = INLINE_MAX_PIXELS):
+    def __init__(
+        self,
+        limits: ImageLimits,
+        fetcher: RemoteImageFetcher,
+        inline_max_pixels: int = INLINE_MAX_PIXELS,
+    ):
         self.limits = limits
         self.fetcher = fetcher
         self.inline_max_pixels = inline_max_pixels
@@ -268,8 +346,10 @@ class ImageLoader:
         elif url.lower().startswith(("http://", "https://")):
             data = await self.fetcher.fetch(url)
         else:
-            raise ImageError("image_url.url must be a data URL (data:image/png;base64,...) or an http(s) URL",
-                             "invalid_image_url")
+            raise ImageError(
+                "image_url.url must be a data URL (data:image/png;base64,...) or an http(s) URL",
+                "invalid_image_url",
+            )
         if header_pixels(data) <= self.inline_max_pixels:
             return decode_image(data, self.limits)
         return await asyncio.to_thread(decode_image, data, self.limits)

@@ -48,12 +48,14 @@ from smolora.server.embedding_batcher import BatchedEncoder, Embedder
 InstructionSourceName = Literal["type", "explicit", "snapped", "extracted"]
 ExtractionRule = Literal["trailing_imperative", "whole_text", "default"]
 
-INSTRUCTION_VERBS = frozenset("""
+INSTRUCTION_VERBS = frozenset(
+    """
 answer provide describe read give write generate summarize summarise identify name classify count
 list explain caption reply respond output tell use choose select pick state return translate
 determine find label transcribe extract specify indicate mention rate compare detect locate
 recognize recognise create make focus consider include keep start begin respond be do don't only
-""".split())
+""".split()
+)
 _LEAD_INS = frozenset({"please", "now", "kindly", "then", "finally"})
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)")
 _WORD = re.compile(r"[A-Za-z']+")
@@ -93,9 +95,15 @@ class ResolvedInstruction:
 
     def to_trace(self) -> dict[str, Any]:
         """The JSON the response's `smolora.instruction` carries (no embedding)."""
-        return {"source": self.source, "text": self.text, "type": self.type_name,
-                "similarity": None if self.similarity is None else round(self.similarity, 6),
-                "extracted_text": self.extracted_text, "rule": self.rule, "threshold": self.threshold}
+        return {
+            "source": self.source,
+            "text": self.text,
+            "type": self.type_name,
+            "similarity": None if self.similarity is None else round(self.similarity, 6),
+            "extracted_text": self.extracted_text,
+            "rule": self.rule,
+            "threshold": self.threshold,
+        }
 
 
 class UnknownInstructionTypeError(ValueError):
@@ -170,8 +178,13 @@ class InstructionResolver:
         """`[384]` embedding of one text."""
         return self.encoder.encode_one(text)
 
-    def resolve(self, table: InstructionTable, user_text: str, instruction: str | None = None,
-                instruction_type: str | None = None) -> ResolvedInstruction:
+    def resolve(
+        self,
+        table: InstructionTable,
+        user_text: str,
+        instruction: str | None = None,
+        instruction_type: str | None = None,
+    ) -> ResolvedInstruction:
         """Pick the instruction and its embedding (see the module docstring for the order).
 
         Args:
@@ -188,19 +201,40 @@ class InstructionResolver:
             if t is None:
                 known = ", ".join(x.name for x in table.types) or "none"
                 raise UnknownInstructionTypeError(
-                    f"instruction type {instruction_type!r} is not known to this checkpoint (known: {known})")
+                    f"instruction type {instruction_type!r} is not known to this checkpoint (known: {known})"
+                )
             return ResolvedInstruction("type", t.text, t.name, 1.0, tuple(t.embedding))
         if instruction is not None:
             emb = self.embed(instruction)
             nearest, sim = table.nearest(emb)
-            return ResolvedInstruction("explicit", instruction, nearest.name if nearest else None,
-                                       sim if nearest else None, _as_tuple(emb))
+            return ResolvedInstruction(
+                "explicit",
+                instruction,
+                nearest.name if nearest else None,
+                sim if nearest else None,
+                _as_tuple(emb),
+            )
         found = extract_instruction(user_text, self.default_instruction)
         emb = self.embed(found.text)
         nearest, sim = table.nearest(emb)
         if nearest is not None and sim >= self.snap_threshold:
-            return ResolvedInstruction("snapped", nearest.text, nearest.name, sim, tuple(nearest.embedding),
-                                       found.text, found.rule, self.snap_threshold)
-        return ResolvedInstruction("extracted", found.text, nearest.name if nearest else None,
-                                   sim if nearest else None, _as_tuple(emb), found.text, found.rule,
-                                   self.snap_threshold)
+            return ResolvedInstruction(
+                "snapped",
+                nearest.text,
+                nearest.name,
+                sim,
+                tuple(nearest.embedding),
+                found.text,
+                found.rule,
+                self.snap_threshold,
+            )
+        return ResolvedInstruction(
+            "extracted",
+            found.text,
+            nearest.name if nearest else None,
+            sim if nearest else None,
+            _as_tuple(emb),
+            found.text,
+            found.rule,
+            self.snap_threshold,
+        )

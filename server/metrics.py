@@ -19,16 +19,34 @@ itself: the serving code calls `observe_*` with the numbers.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from smolora.server.engine.protocol import LayerRoute
 
 # Latency buckets spanning a tiny CPU model (ms) to a 7B model on a busy GPU (tens of s).
-_FAST = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_FAST = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -45,44 +63,93 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.time_to_first_token = Histogram(
-            "smolora_time_to_first_token_seconds", "Time from request arrival to the first generated token.",
-            buckets=_SLOW, registry=r)
+            "smolora_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token.",
+            buckets=_SLOW,
+            registry=r,
+        )
         self.inter_token_latency = Histogram(
-            "smolora_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.",
-            buckets=_FAST, registry=r)
+            "smolora_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request.",
+            buckets=_FAST,
+            registry=r,
+        )
         self.e2e_latency = Histogram(
-            "smolora_e2e_request_latency_seconds", "Time from request arrival to its last token.",
-            buckets=_SLOW, registry=r)
+            "smolora_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            buckets=_SLOW,
+            registry=r,
+        )
         self.queue_time = Histogram(
             "smolora_request_queue_time_seconds",
             "Time a request waited before running: the server's admission queue plus the engine's scheduler queue.",
-            buckets=_SLOW, registry=r)
+            buckets=_SLOW,
+            registry=r,
+        )
         self.requests = Counter(
-            "smolora_requests_total", "Chat completion requests by final HTTP status code.", ["status"], registry=r)
+            "smolora_requests_total",
+            "Chat completion requests by final HTTP status code.",
+            ["status"],
+            registry=r,
+        )
         self.finished = Counter(
-            "smolora_request_finish_total", "Finished choices by finish reason.", ["reason"], registry=r)
+            "smolora_request_finish_total",
+            "Finished choices by finish reason.",
+            ["reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
-            "smolora_prompt_tokens_total", "Prompt tokens processed (image tokens included).", registry=r)
+            "smolora_prompt_tokens_total",
+            "Prompt tokens processed (image tokens included).",
+            registry=r,
+        )
         self.generation_tokens = Counter(
-            "smolora_generation_tokens_total", "Tokens generated.", registry=r)
+            "smolora_generation_tokens_total", "Tokens generated.", registry=r
+        )
         self.running = Gauge(
-            "smolora_num_requests_running", "Engine requests in flight (each choice counts).", registry=r)
+            "smolora_num_requests_running",
+            "Engine requests in flight (each choice counts).",
+            registry=r,
+        )
         self.waiting = Gauge(
-            "smolora_num_requests_waiting", "Requests waiting in the server's admission queue.", registry=r)
+            "smolora_num_requests_waiting",
+            "Requests waiting in the server's admission queue.",
+            registry=r,
+        )
         self.checkpoint_load = Histogram(
-            "smolora_checkpoint_load_duration_seconds", "Time to load a checkpoint version into the engine.",
-            buckets=_SLOW, registry=r)
+            "smolora_checkpoint_load_duration_seconds",
+            "Time to load a checkpoint version into the engine.",
+            buckets=_SLOW,
+            registry=r,
+        )
         self.checkpoint_loads = Counter(
-            "smolora_checkpoint_loads_total", "Checkpoint load attempts by result.", ["result"], registry=r)
+            "smolora_checkpoint_loads_total",
+            "Checkpoint load attempts by result.",
+            ["result"],
+            registry=r,
+        )
         self.active_version = Gauge(
-            "smolora_checkpoint_active_version", "The active checkpoint version number (0 = none).", registry=r)
+            "smolora_checkpoint_active_version",
+            "The active checkpoint version number (0 = none).",
+            registry=r,
+        )
         self.resident_versions = Gauge(
-            "smolora_checkpoint_resident_versions", "Checkpoint versions loaded in the engine.", registry=r)
+            "smolora_checkpoint_resident_versions",
+            "Checkpoint versions loaded in the engine.",
+            registry=r,
+        )
         self.expert_selections = Counter(
-            "smolora_expert_selections_total", "Routed expert choices, one per request per adapted layer and kind.",
-            ["layer", "kind", "expert"], registry=r)
+            "smolora_expert_selections_total",
+            "Routed expert choices, one per request per adapted layer and kind.",
+            ["layer", "kind", "expert"],
+            registry=r,
+        )
         self.instruction_sources = Counter(
-            "smolora_instruction_source_total", "Requests by how their instruction was chosen.", ["source"], registry=r)
+            "smolora_instruction_source_total",
+            "Requests by how their instruction was chosen.",
+            ["source"],
+            registry=r,
+        )
 
     def observe_request(self, status: int) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -92,7 +159,9 @@ class Metrics:
         self.generation_tokens.inc(generated_tokens)
 
     def observe_finish(self, reason: str) -> None:
-        self.finished.labels(reason=reason if reason in ("stop", "length", "abort", "error") else "other").inc()
+        self.finished.labels(
+            reason=reason if reason in ("stop", "length", "abort", "error") else "other"
+        ).inc()
 
     def observe_routes(self, routes: Iterable[LayerRoute]) -> None:
         """Count one request's routed experts (one VU and one IF expert per layer)."""

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 log = logging.getLogger("smolora.server.prompt")
 
@@ -60,17 +61,27 @@ class PromptRenderer:
             than exactly one image placeholder in either content shape.
     """
 
-    def __init__(self, tokenizer: Any, image_tokens: int, image_token: str = DEFAULT_IMAGE_TOKEN,
-                 chat_template: str | None = None, content_format: ContentFormat | None = None,
-                 source: str = "the tokenizer"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_tokens: int,
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        chat_template: str | None = None,
+        content_format: ContentFormat | None = None,
+        source: str = "the tokenizer",
+    ):
         if image_tokens < 1:
             raise ValueError("image_tokens must be >= 1")
         template = chat_template or getattr(tokenizer, "chat_template", None)
         if not template:
-            raise ChatTemplateError(f"{source} has no chat template (chat_template.jinja, chat_template.json or "
-                                    "tokenizer_config.json's chat_template); the server needs one to render requests")
+            raise ChatTemplateError(
+                f"{source} has no chat template (chat_template.jinja, chat_template.json or "
+                "tokenizer_config.json's chat_template); the server needs one to render requests"
+            )
         if content_format is not None and content_format not in CONTENT_FORMATS:
-            raise ValueError(f"content_format must be one of {CONTENT_FORMATS}, got {content_format!r}")
+            raise ValueError(
+                f"content_format must be one of {CONTENT_FORMATS}, got {content_format!r}"
+            )
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
         self.image_token = image_token
@@ -79,7 +90,7 @@ class PromptRenderer:
         self.content_format: ContentFormat = content_format or self._detect_format()
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "PromptRenderer":
+    def from_model_dir(cls, model_dir: str | Path) -> PromptRenderer:
         """Load the tokenizer, chat template and image-token count of a LLaVA folder (offline).
 
         The template is the processor's (`chat_template.json` / `chat_template.jinja`, as
@@ -91,8 +102,13 @@ class PromptRenderer:
         tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
         config = json.loads((root / "config.json").read_text())
         template = _processor_chat_template(root) or getattr(tokenizer, "chat_template", None)
-        return cls(tokenizer, image_tokens_from_config(config), _image_token(root, tokenizer),
-                   chat_template=template, source=f"the model folder {root}")
+        return cls(
+            tokenizer,
+            image_tokens_from_config(config),
+            _image_token(root, tokenizer),
+            chat_template=template,
+            source=f"the model folder {root}",
+        )
 
     def render(self, messages: Sequence[dict[str, Any]]) -> str:
         """The prompt text, ending with the assistant turn's opening.
@@ -121,18 +137,28 @@ class PromptRenderer:
         texts = [p["text"] for p in parts if p.get("type") == "text"]
         shaped = {k: v for k, v in message.items() if k != "content"}
         if fmt == "string":
-            shaped["content"] = "".join(self.image_token + "\n" for _ in range(images)) + "\n".join(texts)
+            shaped["content"] = "".join(self.image_token + "\n" for _ in range(images)) + "\n".join(
+                texts
+            )
         else:
-            shaped["content"] = [{"type": "image"} if p.get("type") in _IMAGE_PART_TYPES
-                                 else {"type": "text", "text": p["text"]} for p in parts]
+            shaped["content"] = [
+                {"type": "image"}
+                if p.get("type") in _IMAGE_PART_TYPES
+                else {"type": "text", "text": p["text"]}
+                for p in parts
+            ]
         return shaped
 
     def _apply(self, messages: list[dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
-                                                  add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
 
     def _detect_format(self) -> ContentFormat:
-        image_msg = {"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": _PROBE_TEXT}]}
+        image_msg = {
+            "role": "user",
+            "content": [{"type": "image_url"}, {"type": "text", "text": _PROBE_TEXT}],
+        }
         text_msg = {"role": "user", "content": [{"type": "text", "text": _PROBE_TEXT}]}
         seen: list[str] = []
         for fmt in CONTENT_FORMATS:
@@ -143,18 +169,30 @@ class PromptRenderer:
                 seen.append(f"{fmt}: the template raised {type(e).__name__}: {e}")
                 continue
             n = with_image.count(self.image_token)
-            if n == 1 and _PROBE_TEXT in with_image and _PROBE_TEXT in text_only \
-                    and self.image_token not in text_only:
+            if (
+                n == 1
+                and _PROBE_TEXT in with_image
+                and _PROBE_TEXT in text_only
+                and self.image_token not in text_only
+            ):
                 log.info("chat template of %s takes %s content", self.source, fmt)
                 return fmt
-            seen.append(f"{fmt}: a one-image message rendered {n} {self.image_token!r} placeholder(s)"
-                        + ("" if _PROBE_TEXT in with_image and _PROBE_TEXT in text_only else " and lost its text")
-                        + f" ({with_image!r})")
+            seen.append(
+                f"{fmt}: a one-image message rendered {n} {self.image_token!r} placeholder(s)"
+                + (
+                    ""
+                    if _PROBE_TEXT in with_image and _PROBE_TEXT in text_only
+                    else " and lost its text"
+                )
+                + f" ({with_image!r})"
+            )
         raise ChatTemplateError(
             f"the chat template of {self.source} cannot render an image request: a one-user-message prompt with one "
             f"image must contain exactly one {self.image_token!r} placeholder and the message text. Tried "
-            + "; ".join(seen) + ". Give the folder a chat template that writes the image placeholder for "
-            "{'type': 'image'} content parts (as llava-hf's templates do) or for a string content.")
+            + "; ".join(seen)
+            + ". Give the folder a chat template that writes the image placeholder for "
+            "{'type': 'image'} content parts (as llava-hf's templates do) or for a string content."
+        )
 
 
 def _processor_chat_template(root: Path) -> str | None:
@@ -191,7 +229,9 @@ def image_tokens_from_config(config: dict[str, Any]) -> int:
     vision = config.get("vision_config") or {}
     size, patch = vision.get("image_size"), vision.get("patch_size")
     if not (isinstance(size, int) and isinstance(patch, int) and patch > 0):
-        raise ValueError("cannot tell image tokens per image: config has neither image_seq_length nor "
-                         "vision_config.image_size/patch_size")
+        raise ValueError(
+            "cannot tell image tokens per image: config has neither image_seq_length nor "
+            "vision_config.image_size/patch_size"
+        )
     n = (size // patch) ** 2
     return n + 1 if config.get("vision_feature_select_strategy") == "full" else n

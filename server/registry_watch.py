@@ -64,15 +64,23 @@ class RegistryWatcher:
                 raise
             except ServiceUnavailableError as exc:
                 # Transient (e.g. every engine slot is busy): try again at the next poll.
-                log.warning("registry watcher: version %d not loaded yet (%s); retrying", e.version, exc)
+                log.warning(
+                    "registry watcher: version %d not loaded yet (%s); retrying", e.version, exc
+                )
                 break
             except Exception as exc:  # noqa: BLE001 - one bad version must not stop the watcher
                 self.failed.add(e.version)
-                log.error("registry watcher: version %d (%s) was not loaded: %s", e.version, e.path, exc)
+                log.error(
+                    "registry watcher: version %d (%s) was not loaded: %s", e.version, e.path, exc
+                )
             else:
                 loaded.append(e.version)
-                log.info("registry watcher: picked up version %d (%s)%s", e.version, e.name,
-                         ", now active" if activate else "")
+                log.info(
+                    "registry watcher: picked up version %d (%s)%s",
+                    e.version,
+                    e.name,
+                    ", now active" if activate else "",
+                )
             self.newest_seen = e.version
         return loaded
 

@@ -116,7 +116,9 @@ class ServerSettings:
             object.__setattr__(self, "served_model_name", self.model_dir.name or "model")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         object.__setattr__(self, "image_formats", tuple(f.upper() for f in self.image_formats))
-        object.__setattr__(self, "image_url_allowlist", tuple(h.lower() for h in self.image_url_allowlist))
+        object.__setattr__(
+            self, "image_url_allowlist", tuple(h.lower() for h in self.image_url_allowlist)
+        )
         problems = self._problems()
         if problems:
             raise ValueError("invalid server settings: " + "; ".join(problems))
@@ -124,13 +126,21 @@ class ServerSettings:
     def _problems(self) -> list[str]:
         p: list[str] = []
         if self.adapters and self.registry_dir is None:
-            p.append("registry_dir is required when adapters are on (pass --registry, or --no-adapters for the base model)")
+            p.append(
+                "registry_dir is required when adapters are on (pass --registry, or --no-adapters for the base model)"
+            )
         if not self.adapters and self.registry_dir is not None:
-            p.append("registry_dir must not be set with adapters off (base-only serving reads no checkpoints)")
+            p.append(
+                "registry_dir must not be set with adapters off (base-only serving reads no checkpoints)"
+            )
         if self.max_stop_sequences > MAX_STOP_STRINGS:
-            p.append(f"max_stop_sequences must be <= {MAX_STOP_STRINGS} (OpenAI's limit, enforced by the engine)")
+            p.append(
+                f"max_stop_sequences must be <= {MAX_STOP_STRINGS} (OpenAI's limit, enforced by the engine)"
+            )
         if "@" in self.served_model_name or any(c.isspace() for c in self.served_model_name):
-            p.append(f"served_model_name {self.served_model_name!r} must not contain '@' (it separates the version) or spaces")
+            p.append(
+                f"served_model_name {self.served_model_name!r} must not contain '@' (it separates the version) or spaces"
+            )
         if not 0 <= self.port <= 65535:
             p.append(f"port {self.port} is not in 0..65535")
         if any(not k for k in self.api_keys):
@@ -143,8 +153,16 @@ class ServerSettings:
             p.append("watch_interval_s must be > 0")
         if self.max_resident_versions < 1:
             p.append("max_resident_versions must be >= 1")
-        for name in ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_request_bytes",
-                     "default_max_tokens", "max_n", "max_stop_sequences", "max_concurrent_requests"):
+        for name in (
+            "max_images_per_request",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_request_bytes",
+            "default_max_tokens",
+            "max_n",
+            "max_stop_sequences",
+            "max_concurrent_requests",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1")
         if self.max_waiting_requests < 0:
@@ -160,12 +178,14 @@ class ServerSettings:
             p.append(f"image_formats must be a non-empty subset of {sorted(known)}")
         for host in self.image_url_allowlist:
             if not host or "/" in host or (":" in host and not _is_ip(host.strip("[]"))):
-                p.append(f"image_url_allowlist entry {host!r} must be a host name (e.g. images.example.com or .example.com)")
+                p.append(
+                    f"image_url_allowlist entry {host!r} must be a host name (e.g. images.example.com or .example.com)"
+                )
         if not self.default_instruction.strip():
             p.append("default_instruction must not be empty")
         return p
 
-    def with_overrides(self, **changes: Any) -> "ServerSettings":
+    def with_overrides(self, **changes: Any) -> ServerSettings:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 

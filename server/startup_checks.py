@@ -40,8 +40,12 @@ def _fail(what: str, path: Path, problem: str) -> StartupCheckError:
 def _config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise _fail("--model", path, "not a model folder: it has no config.json (expected a Hugging Face LLaVA "
-                    "folder, as written by save_pretrained: config.json, tokenizer, *.safetensors)")
+        raise _fail(
+            "--model",
+            path,
+            "not a model folder: it has no config.json (expected a Hugging Face LLaVA "
+            "folder, as written by save_pretrained: config.json, tokenizer, *.safetensors)",
+        )
     try:
         config = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -57,13 +61,23 @@ def _check_llava(path: Path, config: dict[str, Any]) -> None:
     if LLAVA_ARCHITECTURE not in architectures and model_type != LLAVA_MODEL_TYPE:
         hint = ""
         if model_type == "llava_llama" or "LlavaLlamaForCausalLM" in architectures:
-            hint = ("; this is the original LLaVA repository's layout: convert it to the Hugging Face layout "
-                    "(transformers' convert_llava_weights_to_hf) first")
-        raise _fail("--model", path, f"config.json describes model_type {model_type!r} / architectures "
-                    f"{architectures}, not a LLaVA model ({LLAVA_ARCHITECTURE}, model_type 'llava'){hint}")
+            hint = (
+                "; this is the original LLaVA repository's layout: convert it to the Hugging Face layout "
+                "(transformers' convert_llava_weights_to_hf) first"
+            )
+        raise _fail(
+            "--model",
+            path,
+            f"config.json describes model_type {model_type!r} / architectures "
+            f"{architectures}, not a LLaVA model ({LLAVA_ARCHITECTURE}, model_type 'llava'){hint}",
+        )
     missing = [k for k in ("vision_config", "text_config") if not isinstance(config.get(k), dict)]
     if missing:
-        raise _fail("--model", path, f"config.json has no {' or '.join(missing)} (a LLaVA config carries both)")
+        raise _fail(
+            "--model",
+            path,
+            f"config.json has no {' or '.join(missing)} (a LLaVA config carries both)",
+        )
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -71,8 +85,12 @@ def _check_tokenizer(path: Path) -> None:
         return
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         return
-    raise _fail("--model", path, "no tokenizer: expected tokenizer.json, tokenizer.model, or vocab.json + merges.txt "
-                "(save the tokenizer or processor into the folder with save_pretrained)")
+    raise _fail(
+        "--model",
+        path,
+        "no tokenizer: expected tokenizer.json, tokenizer.model, or vocab.json + merges.txt "
+        "(save the tokenizer or processor into the folder with save_pretrained)",
+    )
 
 
 def _check_weights(path: Path) -> None:
@@ -82,15 +100,23 @@ def _check_weights(path: Path) -> None:
             try:
                 shards = set(json.loads(index.read_text())["weight_map"].values())
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise _fail("--model", path, f"{index_name} is not a shard index ({type(e).__name__}: {e})") from None
+                raise _fail(
+                    "--model", path, f"{index_name} is not a shard index ({type(e).__name__}: {e})"
+                ) from None
             absent = sorted(s for s in shards if not (path / s).is_file())
             if absent:
-                raise _fail("--model", path, f"{index_name} names weight shards that are missing: {absent}")
+                raise _fail(
+                    "--model", path, f"{index_name} names weight shards that are missing: {absent}"
+                )
             return
     if any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")):
         return
-    raise _fail("--model", path, "no weights: expected model.safetensors (or *.safetensors shards with "
-                "model.safetensors.index.json, or pytorch_model*.bin)")
+    raise _fail(
+        "--model",
+        path,
+        "no weights: expected model.safetensors (or *.safetensors shards with "
+        "model.safetensors.index.json, or pytorch_model*.bin)",
+    )
 
 
 def check_model_folder(path: Path) -> None:
@@ -130,7 +156,11 @@ def check_prompt_rendering(path: Path) -> None:
     try:
         PromptRenderer.from_model_dir(path)  # probes a one-image message (ChatTemplateError)
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, the folder is not servable
-        raise _fail("--model", path, f"its tokenizer or chat template cannot be used ({type(e).__name__}: {e})") from None
+        raise _fail(
+            "--model",
+            path,
+            f"its tokenizer or chat template cannot be used ({type(e).__name__}: {e})",
+        ) from None
 
 
 def check_registry(path: Path, initial_version: int | None) -> None:
@@ -146,14 +176,24 @@ def check_registry(path: Path, initial_version: int | None) -> None:
         StartupCheckError: missing, not a folder, not readable, or `initial_version` not published.
     """
     if not path.exists():
-        raise _fail("--registry", path, "no such folder (create it, or point --registry at the folder the trainer "
-                    "publishes into; an empty folder is served once a version appears)")
+        raise _fail(
+            "--registry",
+            path,
+            "no such folder (create it, or point --registry at the folder the trainer "
+            "publishes into; an empty folder is served once a version appears)",
+        )
     if not path.is_dir():
-        raise _fail("--registry", path, "not a folder (pass the registry folder holding v0001-<task>/ ...)")
+        raise _fail(
+            "--registry", path, "not a folder (pass the registry folder holding v0001-<task>/ ...)"
+        )
     if not os.access(path, os.R_OK | os.X_OK):
         raise _fail("--registry", path, "the folder cannot be read by this user")
     if initial_version is not None:
         published = [e.version for e in list_versions(path)]
         if initial_version not in published:
-            raise _fail("--registry", path, f"--initial-version {initial_version} is not published there "
-                        f"(published: {published or 'none'})")
+            raise _fail(
+                "--registry",
+                path,
+                f"--initial-version {initial_version} is not published there "
+                f"(published: {published or 'none'})",
+            )

@@ -11,7 +11,9 @@ from smolora import quickstart
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smolora", description="Train, serve and operate SMoLoRA VLMs.")
+    parser = argparse.ArgumentParser(
+        prog="smolora", description="Train, serve and operate SMoLoRA VLMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     quickstart.add_parser(sub)
     args = parser.parse_args(argv)

@@ -16,8 +16,10 @@ def promtool_path() -> str:
     """The `promtool` executable; skips the test (fails it in CI) when it is not installed."""
     path = shutil.which("promtool")
     if path is None:
-        message = ("promtool is not installed (Debian package 'prometheus'; scripts/test.sh installs it when run as "
-                   "root: apt-get install prometheus)")
+        message = (
+            "promtool is not installed (Debian package 'prometheus'; scripts/test.sh installs it when run as "
+            "root: apt-get install prometheus)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

@@ -9,8 +9,9 @@ example's instruction template. It does not train or publish.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,9 @@ def attach_checkpoint(model: torch.nn.Module, checkpoint: Path, base_dir: Path):
     Returns:
         (adapter model, manifest).
     """
-    ck = load_checkpoint(_resolve(checkpoint), expected_fingerprint=base_model_fingerprint(base_dir))
+    ck = load_checkpoint(
+        _resolve(checkpoint), expected_fingerprint=base_model_fingerprint(base_dir)
+    )
     kind, cfg = ck.manifest.adapter_kind, dict(ck.manifest.adapter_config)
     if kind == "smolora":
         adapter: Any = SMoLoRAModel(model, SMoLoRAConfig.from_dict(cfg))
@@ -81,12 +84,16 @@ def evaluate_checkpoint(
 
             @contextlib.contextmanager
             def scope(batch: dict[str, Any]) -> Iterator[MaskHook]:  # type: ignore[misc]
-                ctx = RoutingContext(minilm.encode(batch["instructions"]), vu_routing=adapter.config.vu_routing)
+                ctx = RoutingContext(
+                    minilm.encode(batch["instructions"]), vu_routing=adapter.config.vu_routing
+                )
                 with adapter.routing(ctx):
                     yield ctx.set_token_mask
 
     out: dict[str, Any] = {"checkpoint": used, "split": split, "tasks": {}}
     for task in tasks:
         examples = load_split(data_root, setting, task, split, test_limit)  # type: ignore[arg-type]
-        out["tasks"][task] = evaluate_task(model, encoder, examples, scope, batch_size, TASKS.get(task), progress).summary()
+        out["tasks"][task] = evaluate_task(
+            model, encoder, examples, scope, batch_size, TASKS.get(task), progress
+        ).summary()
     return out

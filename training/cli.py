@@ -17,8 +17,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from smolora.adapters.precision import DTYPE_CHOICES
 from smolora.training import import_reference
@@ -45,7 +45,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="built mini-CVIT folder")
     p.add_argument("--out", required=True, type=Path, help="base model folder to write")
     p.add_argument("--preset", default="small")
-    p.add_argument("--init", type=Path, default=None, help="start from this LLaVA folder instead of a preset")
+    p.add_argument(
+        "--init", type=Path, default=None, help="start from this LLaVA folder instead of a preset"
+    )
     p.add_argument("--train-modules", choices=("all", "projector"), default="all")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
@@ -53,16 +55,30 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="bfloat16 autocast (float32 weights) or float32; auto: bfloat16 only where native")
-    p.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="same as --dtype bfloat16")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="bfloat16 autocast (float32 weights) or float32; auto: bfloat16 only where native",
+    )
+    p.add_argument(
+        "--bf16",
+        dest="dtype",
+        action="store_const",
+        const="bfloat16",
+        help="same as --dtype bfloat16",
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="built mini-CVIT (or CVIT-layout) folder")
+    p.add_argument(
+        "--data", required=True, type=Path, help="built mini-CVIT (or CVIT-layout) folder"
+    )
     p.add_argument("--base", required=True, type=Path, help="frozen base model folder")
     p.add_argument("--setting", choices=("single", "multi"), default="single")
-    p.add_argument("--tasks", type=_tasks, default=UPSTREAM_ORDER, help="comma-separated task order")
+    p.add_argument(
+        "--tasks", type=_tasks, default=UPSTREAM_ORDER, help="comma-separated task order"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -74,9 +90,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one method over the task sequence")
     p.add_argument("--method", choices=METHOD_NAMES, required=True)
     p.add_argument("--out", required=True, type=Path, help="run folder (results, matrix, registry)")
-    p.add_argument("--registry", type=Path, default=None, help="checkpoint registry (default OUT/registry)")
+    p.add_argument(
+        "--registry", type=Path, default=None, help="checkpoint registry (default OUT/registry)"
+    )
     _add_run_args(p)
-    p.add_argument("--paper-defaults", action="store_true", help="the paper's hyper-parameters for real LLaVA models")
+    p.add_argument(
+        "--paper-defaults",
+        action="store_true",
+        help="the paper's hyper-parameters for real LLaVA models",
+    )
     p.add_argument("--steps-per-task", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -94,13 +116,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--few-shot-steps", type=int, default=30)
     p.add_argument("--no-unseen", action="store_true")
     p.add_argument("--no-robustness", action="store_true")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="bfloat16 autocast (float32 weights) or float32; auto: bfloat16 only where native")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="bfloat16 autocast (float32 weights) or float32; auto: bfloat16 only where native",
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a published SMoLoRA/LoRA/MoELoRA checkpoint or the base")
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder or registry (uses latest)")
+    p = sub.add_parser(
+        "evaluate", help="evaluate a published SMoLoRA/LoRA/MoELoRA checkpoint or the base"
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint folder or registry (uses latest)"
+    )
     _add_run_args(p)
     p.add_argument("--split", default="test", choices=("test", "test_heldout"))
 
@@ -143,52 +173,102 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         robustness=not args.no_robustness,
     )
     return RunConfig(
-        method=args.method, data_root=args.data, base_dir=args.base, out_dir=args.out, setting=args.setting,
-        tasks=args.tasks, seed=args.seed, train_limit=args.train_limit, registry=args.registry, device=args.device,
-        dtype=args.dtype, num_threads=args.threads, replay_size=args.replay_size, replay_ratio=args.replay_ratio,
-        optim=optim, adapter=sizes, eval=ev,
+        method=args.method,
+        data_root=args.data,
+        base_dir=args.base,
+        out_dir=args.out,
+        setting=args.setting,
+        tasks=args.tasks,
+        seed=args.seed,
+        train_limit=args.train_limit,
+        registry=args.registry,
+        device=args.device,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        replay_size=args.replay_size,
+        replay_ratio=args.replay_ratio,
+        optim=optim,
+        adapter=sizes,
+        eval=ev,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smolora.training", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m smolora.training", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_pretrain, _add_train, _add_evaluate, _add_report, import_reference.add_parser):
+    for add in (
+        _add_build,
+        _add_pretrain,
+        _add_train,
+        _add_evaluate,
+        _add_report,
+        import_reference.add_parser,
+    ):
         add(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     progress = not args.no_progress
 
     if args.command == "build-data":
         from smolora.training.data.mini_cvit import MiniCVITConfig, build_mini_cvit
 
         cfg = MiniCVITConfig(
-            seed=args.seed, image_size=args.image_size, train_per_task=args.train_per_task,
-            test_per_task=args.test_per_task, pretrain_size=args.pretrain_size,
+            seed=args.seed,
+            image_size=args.image_size,
+            train_per_task=args.train_per_task,
+            test_per_task=args.test_per_task,
+            pretrain_size=args.pretrain_size,
         )
         print(build_mini_cvit(args.out, cfg, progress=progress))
     elif args.command == "pretrain":
         from smolora.training.pretrain import PretrainConfig, pretrain_base
 
         cfg = PretrainConfig(
-            data_root=args.data, out_dir=args.out, preset=args.preset, init_dir=args.init, train_modules=args.train_modules,
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, num_threads=args.threads,
-            device=args.device, dtype=args.dtype,
+            data_root=args.data,
+            out_dir=args.out,
+            preset=args.preset,
+            init_dir=args.init,
+            train_modules=args.train_modules,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            num_threads=args.threads,
+            device=args.device,
+            dtype=args.dtype,
         )
         print(pretrain_base(cfg, progress=progress))
     elif args.command == "train":
         from smolora.training.trainer import train_method
 
         res = train_method(run_config_from_args(args), progress=progress)
-        print(json.dumps({k: res.get(k) for k in ("method", "AP", "MAP", "BWT", "MIF", "runtime_s")}, indent=1))
+        print(
+            json.dumps(
+                {k: res.get(k) for k in ("method", "AP", "MAP", "BWT", "MIF", "runtime_s")},
+                indent=1,
+            )
+        )
     elif args.command == "evaluate":
         from smolora.training.checkpoint_eval import evaluate_checkpoint
 
         res = evaluate_checkpoint(
-            args.checkpoint, args.base, args.data, args.setting, args.tasks, args.split, args.test_limit,
-            args.eval_batch_size, args.device, progress,
+            args.checkpoint,
+            args.base,
+            args.data,
+            args.setting,
+            args.tasks,
+            args.split,
+            args.test_limit,
+            args.eval_batch_size,
+            args.device,
+            progress,
         )
         print(json.dumps(res, indent=1))
     elif args.command == "import-reference":

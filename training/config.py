@@ -19,7 +19,16 @@ from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES
 from smolora.training.data.tasks import UPSTREAM_ORDER
 
 Schedule = Literal["cosine", "linear", "constant"]
-METHOD_NAMES = ("smolora", "smolora_learned", "seqlora", "moelora", "replay", "dirlora", "multitask", "zeroshot")
+METHOD_NAMES = (
+    "smolora",
+    "smolora_learned",
+    "seqlora",
+    "moelora",
+    "replay",
+    "dirlora",
+    "multitask",
+    "zeroshot",
+)
 
 
 @dataclass
@@ -63,11 +72,13 @@ class OptimConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}")
 
     @classmethod
-    def paper(cls) -> "OptimConfig":
+    def paper(cls) -> OptimConfig:
         """LLaVA-1.5 LoRA fine-tuning recipe used by the reference code for real models:
         lr 2e-4, one epoch per task, cosine with 3% warm-up, no weight decay, global batch
         128 (here 16 x 8 accumulation; scale batch_size to the GPUs you have)."""
-        return cls(lr=2e-4, batch_size=16, grad_accum=8, steps_per_task=None, epochs=1.0, warmup_ratio=0.03)
+        return cls(
+            lr=2e-4, batch_size=16, grad_accum=8, steps_per_task=None, epochs=1.0, warmup_ratio=0.03
+        )
 
     def stage_steps(self, num_examples: int) -> int:
         """Optimizer steps of a stage over `num_examples` training examples."""
@@ -107,9 +118,11 @@ class AdapterSizes:
             raise ValueError("ranks and alphas must be positive")
 
     @classmethod
-    def paper(cls) -> "AdapterSizes":
+    def paper(cls) -> AdapterSizes:
         """The paper's sizes: E = 8 experts, total rank 128, alpha 256, dropout 0.05."""
-        return cls(rank=128, alpha=256.0, num_experts=8, lora_rank=128, lora_alpha=256.0, dropout=0.05)
+        return cls(
+            rank=128, alpha=256.0, num_experts=8, lora_rank=128, lora_alpha=256.0, dropout=0.05
+        )
 
 
 @dataclass
@@ -179,8 +192,14 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        self.data_root, self.base_dir, self.out_dir = Path(self.data_root), Path(self.base_dir), Path(self.out_dir)
-        self.registry = Path(self.registry) if self.registry is not None else self.out_dir / "registry"
+        self.data_root, self.base_dir, self.out_dir = (
+            Path(self.data_root),
+            Path(self.base_dir),
+            Path(self.out_dir),
+        )
+        self.registry = (
+            Path(self.registry) if self.registry is not None else self.out_dir / "registry"
+        )
         self.tasks = tuple(self.tasks)
         if self.method not in METHOD_NAMES:
             raise ValueError(f"unknown method {self.method!r}; choose from {list(METHOD_NAMES)}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +67,12 @@ class TaskResult:
     predictions: list[tuple[str, str, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        d = {"score": round(self.score, 4), "format_rate": round(self.format_rate, 4), "n": self.n, "metric": self.metric}
+        d = {
+            "score": round(self.score, 4),
+            "format_rate": round(self.format_rate, 4),
+            "n": self.n,
+            "metric": self.metric,
+        }
         if self.raw_cider is not None:
             d["cider_d"] = round(self.raw_cider, 4)
         return d
@@ -104,7 +110,9 @@ def greedy_generate(
         return greedy_decode(model, inputs, max_new_tokens, eos_token_id, set_mask)
 
 
-def score_predictions(spec: TaskSpec, examples: Sequence[Example], predictions: Sequence[str]) -> TaskResult:
+def score_predictions(
+    spec: TaskSpec, examples: Sequence[Example], predictions: Sequence[str]
+) -> TaskResult:
     """Score generated answers of one task.
 
     Returns:
@@ -117,7 +125,9 @@ def score_predictions(spec: TaskSpec, examples: Sequence[Example], predictions: 
         raw = sum(metrics.cider_d(predictions, refs)) / max(1, len(predictions))
         score = 10.0 * raw
     else:
-        correct = [metrics.score_answer(p, r, spec.answer_format) for p, r in zip(predictions, refs)]
+        correct = [
+            metrics.score_answer(p, r, spec.answer_format) for p, r in zip(predictions, refs)
+        ]
         score = 100.0 * sum(correct) / max(1, len(correct))
     return TaskResult(
         task=spec.name,
@@ -134,8 +144,14 @@ def spec_for(task: str, examples: Sequence[Example]) -> TaskSpec:
     """The mini-CVIT spec of a task; real CVIT tasks fall back to a short-answer spec."""
     if task in TASKS:
         return TASKS[task]
-    fmt = "letter" if all(len(ex.answer.strip()) == 1 and ex.answer.strip().isupper() for ex in examples) else "short"
-    return TaskSpec(task, task, "upstream", "accuracy", fmt, tuple(f"t{i}" for i in range(5)), ("h0", "h1"), 16)
+    fmt = (
+        "letter"
+        if all(len(ex.answer.strip()) == 1 and ex.answer.strip().isupper() for ex in examples)
+        else "short"
+    )
+    return TaskSpec(
+        task, task, "upstream", "accuracy", fmt, tuple(f"t{i}" for i in range(5)), ("h0", "h1"), 16
+    )
 
 
 def evaluate_task(
@@ -167,9 +183,16 @@ def evaluate_task(
     preds: list[str] = []
     eos = encoder.tokenizer.eos_token_id
     try:
-        for s in tqdm(range(0, len(examples), batch_size), desc=f"eval {task}", leave=False, disable=not progress):
+        for s in tqdm(
+            range(0, len(examples), batch_size),
+            desc=f"eval {task}",
+            leave=False,
+            disable=not progress,
+        ):
             chunk = examples[s : s + batch_size]
-            out = greedy_generate(model, encoder.collate_generate(chunk), scope, spec.max_new_tokens, eos)
+            out = greedy_generate(
+                model, encoder.collate_generate(chunk), scope, spec.max_new_tokens, eos
+            )
             preds.extend(encoder.decode(o) for o in out)
     finally:
         model.train(was_training)

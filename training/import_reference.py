@@ -55,7 +55,10 @@ def import_reference(cfg: ImportConfig) -> dict[str, Any]:
     Raises:
         ReferenceCheckpointError: the checkpoint cannot be imported (message says why).
     """
-    from smolora.adapters.reference_checkpoint import convert_reference_checkpoint, read_instruction_file
+    from smolora.adapters.reference_checkpoint import (
+        convert_reference_checkpoint,
+        read_instruction_file,
+    )
 
     specs = read_instruction_file(cfg.instructions) if cfg.instructions is not None else None
     encoder = None
@@ -63,8 +66,14 @@ def import_reference(cfg: ImportConfig) -> dict[str, Any]:
         from smolora.adapters.instructions import InstructionEncoder
 
         encoder = InstructionEncoder().encode
-    converted = convert_reference_checkpoint(cfg.src, cfg.base, instructions=specs, tasks=cfg.tasks, encoder=encoder,
-                                             patched_base_dir=cfg.patch_base)
+    converted = convert_reference_checkpoint(
+        cfg.src,
+        cfg.base,
+        instructions=specs,
+        tasks=cfg.tasks,
+        encoder=encoder,
+        patched_base_dir=cfg.patch_base,
+    )
     entry = publish_checkpoint(cfg.registry, converted.tensors, converted.manifest)
     m = converted.manifest
     return {
@@ -88,25 +97,59 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `import-reference` subcommand."""
-    p = sub.add_parser("import-reference", help="publish a checkpoint of the SMoLoRA reference code into a registry")
-    p.add_argument("src", type=Path, help="folder with adapter_model.bin, adapter_config.json [, non_lora_trainables.bin]")
-    p.add_argument("--base", required=True, type=Path, help="the HF LLaVA base-model folder it was trained on")
-    p.add_argument("--registry", required=True, type=Path, help="checkpoint registry to publish into")
-    p.add_argument("--instructions", type=Path, default=None,
-                   help="one instruction per ins_emb row: .json list (strings or {task, text}) or a text file, one per "
-                        "line (default: the paper's CVIT single-type list)")
-    p.add_argument("--tasks", type=_tasks, default=None, help="comma-separated task names of the ins_emb rows, in row order")
-    p.add_argument("--patch-base", type=Path, default=None,
-                   help="new folder for a copy of the base with the projector weights of non_lora_trainables.bin "
-                        "(needed when they differ from the base's; serve that folder)")
-    p.add_argument("--no-instruction-check", action="store_true",
-                   help="skip embedding the instruction texts to compare them with the ins_emb rows")
+    p = sub.add_parser(
+        "import-reference",
+        help="publish a checkpoint of the SMoLoRA reference code into a registry",
+    )
+    p.add_argument(
+        "src",
+        type=Path,
+        help="folder with adapter_model.bin, adapter_config.json [, non_lora_trainables.bin]",
+    )
+    p.add_argument(
+        "--base", required=True, type=Path, help="the HF LLaVA base-model folder it was trained on"
+    )
+    p.add_argument(
+        "--registry", required=True, type=Path, help="checkpoint registry to publish into"
+    )
+    p.add_argument(
+        "--instructions",
+        type=Path,
+        default=None,
+        help="one instruction per ins_emb row: .json list (strings or {task, text}) or a text file, one per "
+        "line (default: the paper's CVIT single-type list)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_tasks,
+        default=None,
+        help="comma-separated task names of the ins_emb rows, in row order",
+    )
+    p.add_argument(
+        "--patch-base",
+        type=Path,
+        default=None,
+        help="new folder for a copy of the base with the projector weights of non_lora_trainables.bin "
+        "(needed when they differ from the base's; serve that folder)",
+    )
+    p.add_argument(
+        "--no-instruction-check",
+        action="store_true",
+        help="skip embedding the instruction texts to compare them with the ins_emb rows",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `import-reference` command; prints the summary or the refusal."""
-    cfg = ImportConfig(src=args.src, base=args.base, registry=args.registry, instructions=args.instructions,
-                       tasks=args.tasks, patch_base=args.patch_base, check_instructions=not args.no_instruction_check)
+    cfg = ImportConfig(
+        src=args.src,
+        base=args.base,
+        registry=args.registry,
+        instructions=args.instructions,
+        tasks=args.tasks,
+        patch_base=args.patch_base,
+        check_instructions=not args.no_instruction_check,
+    )
     try:
         summary = import_reference(cfg)
     except CheckpointError as e:

@@ -15,13 +15,25 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float | None]]
 
 _ARTICLES = {"a", "an", "the"}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _PUNCT = re.compile(r"[^\w\s']")
 _LETTER_ONLY = re.compile(r"^\(?([A-Z])\)?\.?$")
 _LETTER_LEAD = re.compile(r"^\(?([A-Z])(?:\)|\.|:|$|\s)")
@@ -86,10 +98,17 @@ def _tokens(text: str) -> list[str]:
 
 
 def _ngrams(words: list[str], n_max: int) -> Counter:
-    return Counter(tuple(words[i : i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1))
+    return Counter(
+        tuple(words[i : i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1)
+    )
 
 
-def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], n_max: int = 4, sigma: float = 6.0) -> list[float]:
+def cider_d(
+    candidates: Sequence[str],
+    references: Sequence[Sequence[str]],
+    n_max: int = 4,
+    sigma: float = 6.0,
+) -> list[float]:
     """CIDEr-D per candidate, as computed by the coco-caption reference implementation.
 
     TF-IDF n-gram vectors (n = 1..4; document frequency over the references of the corpus;

@@ -80,7 +80,9 @@ class PretrainConfig:
         if self.init_dir is None:
             get_preset(self.preset)  # raises with the known names
         if self.train_modules not in ("all", "projector"):
-            raise ValueError(f"train_modules must be 'all' or 'projector', got {self.train_modules!r}")
+            raise ValueError(
+                f"train_modules must be 'all' or 'projector', got {self.train_modules!r}"
+            )
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps, batch_size and lr must be positive")
         if self.dtype not in DTYPE_CHOICES:
@@ -111,7 +113,9 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         model, processor = load_llava(cfg.init_dir)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            model, processor = load_llava(build_tiny_llava(get_preset(cfg.preset), tmp, seed=cfg.seed))
+            model, processor = load_llava(
+                build_tiny_llava(get_preset(cfg.preset), tmp, seed=cfg.seed)
+            )
     device = torch.device(cfg.device)
     compute_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
@@ -119,7 +123,12 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     data = load_pretrain(cfg.data_root, cfg.limit)
     params = _trainable(model, cfg.train_modules)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_scheduler("cosine", optim, num_warmup_steps=int(cfg.warmup_ratio * cfg.steps), num_training_steps=cfg.steps)
+    sched = get_scheduler(
+        "cosine",
+        optim,
+        num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
+        num_training_steps=cfg.steps,
+    )
     rng = random.Random(f"{cfg.seed}|pretrain")
     torch.manual_seed(cfg.seed)
     order: list[int] = []
@@ -153,9 +162,17 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     info = {
         "config": cfg.to_dict(),
         "final_loss": sum(tail) / len(tail),
-        "loss_curve": [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, len(losses), 50)],
+        "loss_curve": [
+            round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4)
+            for i in range(0, len(losses), 50)
+        ],
         "seconds": time.perf_counter() - start,
     }
     (cfg.out_dir / "alignment.json").write_text(json.dumps(info, indent=1))
-    logger.info("aligned base saved to %s (final loss %.3f, %.0f s)", cfg.out_dir, info["final_loss"], info["seconds"])
+    logger.info(
+        "aligned base saved to %s (final loss %.3f, %.0f s)",
+        cfg.out_dir,
+        info["final_loss"],
+        info["seconds"],
+    )
     return cfg.out_dir

@@ -11,18 +11,34 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from smolora.training.data.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
 #: Row order and display names, as in the paper's table.
-METHOD_ORDER = ("zeroshot", "multitask", "dirlora", "seqlora", "moelora", "replay", "smolora", "smolora_learned")
+METHOD_ORDER = (
+    "zeroshot",
+    "multitask",
+    "dirlora",
+    "seqlora",
+    "moelora",
+    "replay",
+    "smolora",
+    "smolora_learned",
+)
 DISPLAY = {
-    "zeroshot": "Zero-shot", "multitask": "Multitask", "dirlora": "DirLoRA", "seqlora": "SeqLoRA",
-    "moelora": "MoELoRA", "replay": "Replay", "smolora": "SMoLoRA (frozen random)", "smolora_learned": "SMoLoRA (learned)",
+    "zeroshot": "Zero-shot",
+    "multitask": "Multitask",
+    "dirlora": "DirLoRA",
+    "seqlora": "SeqLoRA",
+    "moelora": "MoELoRA",
+    "replay": "Replay",
+    "smolora": "SMoLoRA (frozen random)",
+    "smolora_learned": "SMoLoRA (learned)",
 }
 
 
@@ -38,7 +54,10 @@ def load_results(runs: str | Path) -> dict[str, dict[str, Any]]:
 
 def stage_ap(matrix: Sequence[Sequence[float | None]]) -> list[float]:
     """AP_t: mean score over the tasks scored at each stage."""
-    return [sum(x for x in row if x is not None) / max(1, sum(x is not None for x in row)) for row in matrix]
+    return [
+        sum(x for x in row if x is not None) / max(1, sum(x is not None for x in row))
+        for row in matrix
+    ]
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -53,13 +72,20 @@ def markdown_table(results: dict[str, dict[str, Any]], title: str = "mini-CVIT")
     tasks = any_res["tasks"]
     names = [TASKS[t].analogue if t in TASKS else t for t in tasks]
     lines = [f"# {title} ({any_res.get('setting', '?')}-type instructions)", ""]
-    lines.append("Final score per upstream task (accuracy %, captions CIDEr-D x 10), and AP / MAP / BWT / MIF.")
+    lines.append(
+        "Final score per upstream task (accuracy %, captions CIDEr-D x 10), and AP / MAP / BWT / MIF."
+    )
     lines.append("")
     lines.append("| Method | " + " | ".join(names) + " | AP | MAP | BWT | MIF |")
     lines.append("|---" * (len(names) + 5) + "|")
     for m, r in results.items():
         last = r["matrix"][-1]
-        cells = [_fmt(x) for x in last] + [_fmt(r.get("AP")), _fmt(r.get("MAP")), _fmt(r.get("BWT")), _fmt(r.get("MIF"))]
+        cells = [_fmt(x) for x in last] + [
+            _fmt(r.get("AP")),
+            _fmt(r.get("MAP")),
+            _fmt(r.get("BWT")),
+            _fmt(r.get("MIF")),
+        ]
         lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(cells) + " |")
     unseen_keys: list[str] = []
     for r in results.values():
@@ -67,8 +93,17 @@ def markdown_table(results: dict[str, dict[str, Any]], title: str = "mini-CVIT")
             if k not in unseen_keys:
                 unseen_keys.append(k)
     if unseen_keys:
-        lines += ["", "Unseen tasks (zero-shot; few-shot fine-tuned from the final model) and instruction robustness.", ""]
-        heads = [TASKS[k].analogue if k in TASKS else k.replace("places_", "Places365 ").replace("shot", "-shot") for k in unseen_keys]
+        lines += [
+            "",
+            "Unseen tasks (zero-shot; few-shot fine-tuned from the final model) and instruction robustness.",
+            "",
+        ]
+        heads = [
+            TASKS[k].analogue
+            if k in TASKS
+            else k.replace("places_", "Places365 ").replace("shot", "-shot")
+            for k in unseen_keys
+        ]
         lines.append("| Method | " + " | ".join(heads) + " | AP (held-out instr.) |")
         lines.append("|---" * (len(heads) + 2) + "|")
         for m, r in results.items():
@@ -90,15 +125,34 @@ def plot_matrices(results: dict[str, dict[str, Any]], out_dir: Path, prefix: str
 
     paths = []
     for m, r in results.items():
-        mat = np.array([[np.nan if x is None else x for x in row] for row in r["matrix"]], dtype=float)
+        mat = np.array(
+            [[np.nan if x is None else x for x in row] for row in r["matrix"]], dtype=float
+        )
         fig, ax = plt.subplots(figsize=(1.0 + 0.9 * mat.shape[1], 1.0 + 0.6 * mat.shape[0]))
         im = ax.imshow(mat, vmin=0, vmax=100, cmap="viridis")
-        ax.set_xticks(range(mat.shape[1]), [TASKS[t].analogue if t in TASKS else t for t in r["tasks"]], rotation=30, ha="right")
-        ylabels = ["joint"] if mat.shape[0] == 1 and m == "multitask" else [f"after {i + 1}" for i in range(mat.shape[0])]
+        ax.set_xticks(
+            range(mat.shape[1]),
+            [TASKS[t].analogue if t in TASKS else t for t in r["tasks"]],
+            rotation=30,
+            ha="right",
+        )
+        ylabels = (
+            ["joint"]
+            if mat.shape[0] == 1 and m == "multitask"
+            else [f"after {i + 1}" for i in range(mat.shape[0])]
+        )
         ax.set_yticks(range(mat.shape[0]), ylabels)
         for (i, j), v in np.ndenumerate(mat):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    color="white" if v < 60 else "black",
+                    fontsize=8,
+                )
         ax.set_title(f"{DISPLAY.get(m, m)}: a(t, i)")
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
@@ -141,7 +195,10 @@ def summary_json(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for m, r in results.items():
         out[m] = {
-            "AP": r.get("AP"), "MAP": r.get("MAP"), "BWT": r.get("BWT"), "MIF": r.get("MIF"),
+            "AP": r.get("AP"),
+            "MAP": r.get("MAP"),
+            "BWT": r.get("BWT"),
+            "MIF": r.get("MIF"),
             "unseen": {k: v["score"] for k, v in r.get("unseen", {}).items()},
             "robustness": {k: r.get("robustness", {}).get(k) for k in ("AP_heldout", "AP_seen")},
             "matrix": r["matrix"],

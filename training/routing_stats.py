@@ -10,7 +10,8 @@ tasks, so a high share predicts forgetting. This module only measures; it change
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -53,7 +54,10 @@ def route_usage(
     for layer, route in ctx.routes.items():
         vu = Counter(int(v) for v in route.vu_expert)
         inst = Counter(int(f) - half for f in route.if_expert)
-        out[layer] = {"vu": [vu.get(k, 0) for k in range(half)], "if": [inst.get(k, 0) for k in range(half)]}
+        out[layer] = {
+            "vu": [vu.get(k, 0) for k in range(half)],
+            "if": [inst.get(k, 0) for k in range(half)],
+        }
     return out
 
 
@@ -81,7 +85,11 @@ def sharing(usage: dict[str, dict[str, dict[str, list[int]]]]) -> dict[str, Any]
             row = []
             for b in tasks:
                 if kind == "both":
-                    same = [major(a, l, "vu") == major(b, l, "vu") and major(a, l, "if") == major(b, l, "if") for l in layers]
+                    same = [
+                        major(a, l, "vu") == major(b, l, "vu")
+                        and major(a, l, "if") == major(b, l, "if")
+                        for l in layers
+                    ]
                 else:
                     same = [major(a, l, kind) == major(b, l, kind) for l in layers]
                 row.append(round(sum(same) / max(1, len(same)), 3))

@@ -77,7 +77,9 @@ class ContinualTrainer:
         instructions: a MiniLM encoder to share (default: a new one).
     """
 
-    def __init__(self, run: RunConfig, progress: bool = True, instructions: InstructionEncoder | None = None):
+    def __init__(
+        self, run: RunConfig, progress: bool = True, instructions: InstructionEncoder | None = None
+    ):
         self.run = run
         self.progress = progress
         if run.num_threads:
@@ -95,8 +97,14 @@ class ContinualTrainer:
         self.method.attach(self.model)
         self.method.probe = self._probe
         self.model.eval()
-        self.train_sets = {t: load_split(run.data_root, run.setting, t, "train", run.train_limit) for t in run.tasks}
-        self.test_sets = {t: load_split(run.data_root, run.setting, t, "test", run.eval.test_limit) for t in run.tasks}
+        self.train_sets = {
+            t: load_split(run.data_root, run.setting, t, "train", run.train_limit)
+            for t in run.tasks
+        }
+        self.test_sets = {
+            t: load_split(run.data_root, run.setting, t, "test", run.eval.test_limit)
+            for t in run.tasks
+        }
         self.stages = self._stages()
         self.rows: list[dict[str, dict[str, Any]]] = []
         self.stage_log: list[dict[str, Any]] = []
@@ -127,20 +135,32 @@ class ContinualTrainer:
         params = method.trainable_parameters()
         optim = torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
         sched = get_scheduler(
-            _SCHEDULES[opt_cfg.schedule], optim, num_warmup_steps=int(opt_cfg.warmup_ratio * total), num_training_steps=total
+            _SCHEDULES[opt_cfg.schedule],
+            optim,
+            num_warmup_steps=int(opt_cfg.warmup_ratio * total),
+            num_training_steps=total,
         )
         rng = random.Random(f"{run.seed}|order|{stage.name}|{index}")
-        torch.manual_seed(int(seeded_generator(run.seed, "dropout", stage.name, index).initial_seed()))
+        torch.manual_seed(
+            int(seeded_generator(run.seed, "dropout", stage.name, index).initial_seed())
+        )
         stream = method.batches(index, stage.examples, opt_cfg.batch_size, rng)
         losses: list[float] = []
         start = time.perf_counter()
         self.model.train()
-        bar = tqdm(range(total), desc=f"{method.name} {index + 1}:{stage.name}", disable=not self.progress, leave=False)
+        bar = tqdm(
+            range(total),
+            desc=f"{method.name} {index + 1}:{stage.name}",
+            disable=not self.progress,
+            leave=False,
+        )
         for _ in bar:
             step_loss = 0.0
             for _ in range(opt_cfg.grad_accum):
                 batch = self.encoder.collate_train(next(stream))
-                tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                tensors = {
+                    k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)
+                }
                 with self._autocast(), method.scope(batch) as set_mask:
                     set_mask(tensors["attention_mask"])
                     out = self.model(**tensors)
@@ -160,7 +180,13 @@ class ContinualTrainer:
         self.model.eval()
         method.end_task(index, stage.name, stage.examples)
         tail = losses[-max(1, len(losses) // 10) :]
-        return {"stage": index, "name": stage.name, "steps": total, "loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+        return {
+            "stage": index,
+            "name": stage.name,
+            "steps": total,
+            "loss": sum(tail) / len(tail),
+            "seconds": time.perf_counter() - start,
+        }
 
     @torch.no_grad()
     def _probe(self, examples: list[Example], with_answers: bool) -> None:
@@ -169,8 +195,16 @@ class ContinualTrainer:
         self.model.eval()
         for i in range(0, len(examples), self.run.eval.batch_size):
             chunk = examples[i : i + self.run.eval.batch_size]
-            batch = self.encoder.collate_train(chunk) if with_answers else self.encoder.collate_generate(chunk)
-            tensors = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+            batch = (
+                self.encoder.collate_train(chunk)
+                if with_answers
+                else self.encoder.collate_generate(chunk)
+            )
+            tensors = {
+                k: v.to(self.device)
+                for k, v in batch.items()
+                if k in ("input_ids", "attention_mask", "pixel_values")
+            }
             mask = tensors["attention_mask"]
             with self._autocast(), self.method.scope(batch) as set_mask:
                 set_mask(mask)
@@ -193,8 +227,13 @@ class ContinualTrainer:
         texts = sorted({ex.instruction for ex in examples})
         with self.method.evaluation(task, texts):
             return evaluate_task(
-                self.model, self.encoder, examples, self.method.scope, self.run.eval.batch_size,
-                spec=TASKS.get(task), progress=self.progress,
+                self.model,
+                self.encoder,
+                examples,
+                self.method.scope,
+                self.run.eval.batch_size,
+                spec=TASKS.get(task),
+                progress=self.progress,
             )
 
     def _row(self, seen: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -207,7 +246,9 @@ class ContinualTrainer:
             for task in st.tasks:
                 texts = sorted({ex.instruction for ex in self.train_sets[task]})
                 for k, (text, emb) in enumerate(zip(texts, self.instructions.encode(texts))):
-                    table.add(InstructionType(f"{task}.{k}", text, task, tuple(float(x) for x in emb)))
+                    table.add(
+                        InstructionType(f"{task}.{k}", text, task, tuple(float(x) for x in emb))
+                    )
         return table
 
     def _publish(self, index: int, row: dict[str, Any], log: dict[str, Any]) -> None:
@@ -241,7 +282,10 @@ class ContinualTrainer:
         done = []
         for entry in list_versions(self.run.registry):  # type: ignore[arg-type]
             m = read_manifest(entry.path)
-            same_run = m.training.get("run_key") == key and m.base_model.get("fingerprint") == self.fingerprint
+            same_run = (
+                m.training.get("run_key") == key
+                and m.base_model.get("fingerprint") == self.fingerprint
+            )
             if same_run and m.training.get("stage") == len(done):
                 done.append(entry)
         if done and self._state_path().is_file():
@@ -280,7 +324,13 @@ class ContinualTrainer:
             self._publish(index, row, log)
             self._save_run_state()
             self._write_matrix()
-            logger.info("%s stage %d (%s): %s", self.method.name, index + 1, stage.name, {t: r["score"] for t, r in row.items()})
+            logger.info(
+                "%s stage %d (%s): %s",
+                self.method.name,
+                index + 1,
+                stage.name,
+                {t: r["score"] for t, r in row.items()},
+            )
         results = self._final(time.perf_counter() - start)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         return results
@@ -289,7 +339,10 @@ class ContinualTrainer:
         tasks = self.run.tasks
         rows = self.rows
         if not self.method.trains:  # the base never changes: a_{t,i} = a_{0,i}
-            rows = [{t: r for t, r in self.rows[0].items() if tasks.index(t) <= s} for s in range(len(tasks))]
+            rows = [
+                {t: r for t, r in self.rows[0].items() if tasks.index(t) <= s}
+                for s in range(len(tasks))
+            ]
         score = [[row[t]["score"] if t in row else None for t in tasks] for row in rows]
         fmt = [[row[t]["format_rate"] if t in row else None for t in tasks] for row in rows]
         return score, fmt
@@ -332,11 +385,18 @@ class ContinualTrainer:
     def _unseen(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for task in ZERO_SHOT:
-            r = self.evaluate(task, load_split(self.run.data_root, self.run.setting, task, "test", self.run.eval.test_limit))
+            r = self.evaluate(
+                task,
+                load_split(
+                    self.run.data_root, self.run.setting, task, "test", self.run.eval.test_limit
+                ),
+            )
             out[task] = r.summary()
         for task in FEW_SHOT:
             pool = load_split(self.run.data_root, self.run.setting, task, "train")
-            test = load_split(self.run.data_root, self.run.setting, task, "test", self.run.eval.test_limit)
+            test = load_split(
+                self.run.data_root, self.run.setting, task, "test", self.run.eval.test_limit
+            )
             for k in self.run.eval.few_shot:
                 if self.method.trains:
                     snap = self.method.snapshot()
@@ -351,7 +411,12 @@ class ContinualTrainer:
     def _routing(self, per_task: int = 16) -> dict[str, Any]:
         """Expert usage per task of the final model, and how much tasks share experts."""
         usage = {
-            t: route_usage(self.method.adapter, self.encoder, self.instructions.encode, self.test_sets[t][:per_task])  # type: ignore[arg-type]
+            t: route_usage(
+                self.method.adapter,
+                self.encoder,
+                self.instructions.encode,
+                self.test_sets[t][:per_task],
+            )  # type: ignore[arg-type]
             for t in self.run.tasks
         }
         return {"sharing": sharing(usage), "usage": usage}
@@ -359,7 +424,9 @@ class ContinualTrainer:
     def _robustness(self, ap_seen: float) -> dict[str, Any]:
         per = {}
         for task in self.run.tasks:
-            held = load_split(self.run.data_root, self.run.setting, task, "test_heldout", self.run.eval.test_limit)
+            held = load_split(
+                self.run.data_root, self.run.setting, task, "test_heldout", self.run.eval.test_limit
+            )
             per[task] = self.evaluate(task, held).summary()
         ap_held = sum(r["score"] for r in per.values()) / len(per)
         return {"AP_heldout": ap_held, "AP_seen": ap_seen, "per_task": per}

@@ -44,13 +44,23 @@ class LoRALinear(nn.Module):
 
     TENSORS = ("lora_A", "lora_B")
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig, name: str, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        config: LoRAConfig,
+        name: str,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         self.base, self.name, self.scaling = base, name, config.alpha / config.rank
         dev = base.weight.device
-        a = torch.empty(config.rank, base.in_features).normal_(0.0, config.init_std, generator=generator)
-        self.lora_A = nn.Parameter(a.to(dev))                                         # [r, d_in]
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.rank, device=dev))  # [d_out, r]
+        a = torch.empty(config.rank, base.in_features).normal_(
+            0.0, config.init_std, generator=generator
+        )
+        self.lora_A = nn.Parameter(a.to(dev))  # [r, d_in]
+        self.lora_B = nn.Parameter(
+            torch.zeros(base.out_features, config.rank, device=dev)
+        )  # [d_out, r]
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,4 +74,6 @@ class LoRAModel(AdapterModel):
     def __init__(self, model: nn.Module, config: LoRAConfig, seed: int = 0):
         self.config = config
         gen = torch.Generator().manual_seed(seed)
-        super().__init__(model, config.target_modules, lambda base, name: LoRALinear(base, config, name, gen))
+        super().__init__(
+            model, config.target_modules, lambda base, name: LoRALinear(base, config, name, gen)
+        )

@@ -7,7 +7,7 @@ add fields with defaults, never rename them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from smolora.adapters.config_dicts import config_from_dict, config_to_dict
@@ -104,6 +104,6 @@ class SMoLoRAConfig:
         return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SMoLoRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SMoLoRAConfig:
         """Build from a manifest dict; unknown keys are an error (they mean a newer format)."""
         return config_from_dict(cls, data, ValueError, "SMoLoRA config")

@@ -127,7 +127,9 @@ class RoutingContext:
                 )
             owner = torch.arange(n)
         owners = owner.to(x.device).repeat_interleave(p)
-        return TokenLayout(owners, torch.ones(n * p, dtype=torch.bool, device=x.device), self.batch_size)
+        return TokenLayout(
+            owners, torch.ones(n * p, dtype=torch.bool, device=x.device), self.batch_size
+        )
 
     def pinned_vu(self, layer: str) -> Tensor | None:
         """The VU route to reuse for `layer`, or None when it must be computed now."""
@@ -137,7 +139,9 @@ class RoutingContext:
             return self.routes[layer].vu_expert
         return None
 
-    def record(self, layer: str, vu: Tensor, if_global: Tensor, weights: Tensor, layout: TokenLayout) -> None:
+    def record(
+        self, layer: str, vu: Tensor, if_global: Tensor, weights: Tensor, layout: TokenLayout
+    ) -> None:
         """Record one forward call of `layer`.
 
         Args:
@@ -153,7 +157,9 @@ class RoutingContext:
         cnt.index_add_(0, layout.owners, layout.valid.to(torch.float32))
         route = self.routes.get(layer)
         if route is None:
-            self.routes[layer] = LayerRoute(vu.detach().clone(), if_global.detach().clone(), fsum, cnt)
+            self.routes[layer] = LayerRoute(
+                vu.detach().clone(), if_global.detach().clone(), fsum, cnt
+            )
             return
         route.fusion_sum += fsum
         route.token_count += cnt

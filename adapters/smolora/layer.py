@@ -86,11 +86,11 @@ class SMoLoRALinear(nn.Module):
         e, r_e, half = config.num_experts, config.expert_rank, config.experts_per_group
         d_in, d_out = base.in_features, base.out_features
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(e, r_e, d_in, device=dev))   # [E, r/E, d_in]
+        self.lora_A = nn.Parameter(torch.empty(e, r_e, d_in, device=dev))  # [E, r/E, d_in]
         self.lora_B = nn.Parameter(torch.empty(e, d_out, r_e, device=dev))  # [E, d_out, r/E]
-        self.gate_vu = nn.Parameter(torch.empty(half, d_in, device=dev))    # [E/2, d_in]
+        self.gate_vu = nn.Parameter(torch.empty(half, d_in, device=dev))  # [E/2, d_in]
         self.gate_if = nn.Parameter(torch.empty(half, config.instruction_dim, device=dev))
-        self.fuse_vu = nn.Parameter(torch.empty(d_out, device=dev))         # [d_out]
+        self.fuse_vu = nn.Parameter(torch.empty(d_out, device=dev))  # [d_out]
         self.fuse_if = nn.Parameter(torch.empty(d_out, device=dev))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.context: RoutingContext | None = None
@@ -107,7 +107,9 @@ class SMoLoRALinear(nn.Module):
 
         def draw(param: Tensor, kind: str, a: float, b: float = 0.0) -> None:
             buf = torch.empty(param.shape, dtype=torch.float32)
-            buf.normal_(0.0, a, generator=generator) if kind == "normal" else buf.uniform_(a, b, generator=generator)
+            buf.normal_(0.0, a, generator=generator) if kind == "normal" else buf.uniform_(
+                a, b, generator=generator
+            )
             param.copy_(buf)
 
         with torch.no_grad():
@@ -152,7 +154,9 @@ class SMoLoRALinear(nn.Module):
         vu = ctx.pinned_vu(self.name)
         vu_scale = None
         if vu is None or st:
-            mean = router.segment_mean(xf.detach() if not st else xf, layout.owners, layout.valid, layout.num_segments)
+            mean = router.segment_mean(
+                xf.detach() if not st else xf, layout.owners, layout.valid, layout.num_segments
+            )
             vu_logits = router.gate_logits(self.gate_vu, mean)  # [B, E/2]
             if vu is None:
                 vu = router.top1(vu_logits)
@@ -182,7 +186,9 @@ class SMoLoRALinear(nn.Module):
         return f"name={self.name}, experts={c.num_experts}, rank={c.rank}, image_side={self.image_side}"
 
 
-def dense_reference_delta(layer: SMoLoRALinear, x: Tensor, vu: Tensor, if_local: Tensor, owners: Tensor) -> Tensor:
+def dense_reference_delta(
+    layer: SMoLoRALinear, x: Tensor, vu: Tensor, if_local: Tensor, owners: Tensor
+) -> Tensor:
     """All-experts reference (as the reference code computes it): run every expert, mask.
 
     Args:
@@ -198,7 +204,7 @@ def dense_reference_delta(layer: SMoLoRALinear, x: Tensor, vu: Tensor, if_local:
     half = c.experts_per_group
     all_h = torch.einsum("nd,erd->enr", x, layer.lora_A)
     all_h = torch.einsum("enr,eor->eno", all_h, layer.lora_B) * c.scaling  # [E, N, d_out]
-    vu_mask = F.one_hot(vu[owners], half).t().to(x.dtype)                  # [E/2, N]
+    vu_mask = F.one_hot(vu[owners], half).t().to(x.dtype)  # [E/2, N]
     if_mask = F.one_hot(if_local[owners], half).t().to(x.dtype)
     h_vu = (all_h[:half] * vu_mask[..., None]).sum(0)
     h_if = (all_h[half:] * if_mask[..., None]).sum(0)

@@ -110,9 +110,13 @@ def build_tiny_llava(preset: TinyLlavaPreset, out_dir: str | Path, seed: int = 0
     return out
 
 
-def load_llava(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def load_llava(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Load a LLaVA folder (ours or a real checkpoint) and its processor, offline, in eval mode."""
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=dtype, local_files_only=True
+    )
     model.eval()
     processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
     return model, processor

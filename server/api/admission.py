@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from smolora.server.api.errors import RateLimitError, ServiceUnavailableError
 from smolora.server.metrics import Metrics
@@ -32,8 +32,14 @@ class AdmissionController:
         metrics: gauges to keep current.
     """
 
-    def __init__(self, max_running: int, max_waiting: int, queue_timeout_s: float, retry_after_s: int,
-                 metrics: Metrics | None = None):
+    def __init__(
+        self,
+        max_running: int,
+        max_waiting: int,
+        queue_timeout_s: float,
+        retry_after_s: int,
+        metrics: Metrics | None = None,
+    ):
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.queue_timeout_s = queue_timeout_s
@@ -70,7 +76,9 @@ class AdmissionController:
         if len(self._queue) >= self.max_waiting:
             raise RateLimitError(
                 f"the server is at capacity ({self.running} running, {self.waiting} waiting); retry after "
-                f"{self.retry_after_s}s", retry_after_s=self.retry_after_s)
+                f"{self.retry_after_s}s",
+                retry_after_s=self.retry_after_s,
+            )
         t0 = time.perf_counter()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (slots, fut)
@@ -91,7 +99,9 @@ class AdmissionController:
             if isinstance(exc, TimeoutError):
                 raise ServiceUnavailableError(
                     f"the request waited {self.queue_timeout_s:g}s for capacity; retry after {self.retry_after_s}s",
-                    retry_after_s=self.retry_after_s, code="queue_timeout") from None
+                    retry_after_s=self.retry_after_s,
+                    code="queue_timeout",
+                ) from None
             raise
         self._publish()
         return time.perf_counter() - t0

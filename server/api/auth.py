@@ -50,8 +50,11 @@ async def require_admin_key(request: Request) -> None:
     """Dependency: the admin key (admin endpoints are disabled without one)."""
     admin = get_state(request).settings.admin_api_key
     if admin is None:
-        raise PermissionDeniedError("checkpoint admin endpoints are disabled; start the server with an admin API key "
-                                    "(--admin-api-key-file or SMOLORA_ADMIN_API_KEY)", code="admin_disabled")
+        raise PermissionDeniedError(
+            "checkpoint admin endpoints are disabled; start the server with an admin API key "
+            "(--admin-api-key-file or SMOLORA_ADMIN_API_KEY)",
+            code="admin_disabled",
+        )
     presented = _presented_key(request)
     if presented is None:
         raise AuthenticationError("missing admin API key: send 'Authorization: Bearer <admin key>'")

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 from http import HTTPStatus
-from typing import Any, Iterable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,8 +41,14 @@ class APIError(Exception):
     status_code: int = 400
     error_type: str = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -154,11 +161,16 @@ def engine_error_to_api(e: BaseException, retry_after_s: int) -> APIError:
 
 def engine_busy(reason: str, retry_after_s: int) -> ServiceUnavailableError:
     """503 `engine_busy`: the engine cannot take (or aborted) the request; retry later."""
-    return ServiceUnavailableError(f"the engine is busy ({reason}); retry after {retry_after_s}s",
-                                   retry_after_s=retry_after_s, code="engine_busy")
+    return ServiceUnavailableError(
+        f"the engine is busy ({reason}); retry after {retry_after_s}s",
+        retry_after_s=retry_after_s,
+        code="engine_busy",
+    )
 
 
-def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """The OpenAI error object."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -175,8 +187,11 @@ def format_loc(loc: Iterable[Any]) -> str | None:
         previous = part
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and (part.startswith("function-") or "[" in part
-                                        or part in {"str", "int", "float", "bool", "list", "dict", "none"}):
+        elif isinstance(part, str) and (
+            part.startswith("function-")
+            or "[" in part
+            or part in {"str", "int", "float", "bool", "list", "dict", "none"}
+        ):
             continue  # pydantic union-branch tags are noise to a caller
         else:
             out += f".{part}" if out else str(part)
@@ -188,8 +203,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     for err in errors:
         if err.get("type") == "json_invalid":
             ctx = err.get("ctx") or {}
-            return (f"the request body is not valid JSON ({ctx.get('error', 'parse error')}); "
-                    "send a JSON object with Content-Type: application/json", None, "invalid_json")
+            return (
+                f"the request body is not valid JSON ({ctx.get('error', 'parse error')}); "
+                "send a JSON object with Content-Type: application/json",
+                None,
+                "invalid_json",
+            )
     if not errors:
         return "the request is invalid", None, "invalid_request"
     # Report the most specific problem first: pydantic lists one error per union branch.
@@ -197,18 +216,29 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     param = format_loc(err.get("loc", ()))
     msg = str(err.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     given = err.get("input", None)
     shown = ""
     if given is not None and not isinstance(given, (dict, list)):
         text = repr(given)
         shown = f" (got {text[:80]}{'…' if len(text) > 80 else ''})"
-    if param is None and err.get("type") in {"missing", "dict_type", "model_attributes_type", "model_type"}:
+    if param is None and err.get("type") in {
+        "missing",
+        "dict_type",
+        "model_attributes_type",
+        "model_type",
+    }:
         if err.get("type") == "missing":
-            return ("the request body is empty; send a JSON object (Content-Type: application/json)",
-                    None, "invalid_json")
-        return (f"the request body must be a JSON object (Content-Type: application/json){shown}",
-                None, "invalid_json")
+            return (
+                "the request body is empty; send a JSON object (Content-Type: application/json)",
+                None,
+                "invalid_json",
+            )
+        return (
+            f"the request body must be a JSON object (Content-Type: application/json){shown}",
+            None,
+            "invalid_json",
+        )
     if err.get("type") == "missing":
         msg = "this field is required"
     elif err.get("type") == "extra_forbidden":
@@ -232,9 +262,15 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     if status == 404:
-        err: APIError = NotFoundError(f"no route {request.method} {request.url.path}; see /docs for the API", code="route_not_found")
+        err: APIError = NotFoundError(
+            f"no route {request.method} {request.url.path}; see /docs for the API",
+            code="route_not_found",
+        )
     elif status == 405:
-        err = InvalidRequestError(f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+        err = InvalidRequestError(
+            f"method {request.method} is not allowed on {request.url.path}",
+            code="method_not_allowed",
+        )
         err.status_code = 405
     else:
         phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
@@ -249,8 +285,10 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error on %s %s (ref %s)", request.method, request.url.path, ref)
-    return InternalServerError(f"internal server error (ref {ref}); this is a server fault, not your request's",
-                               code="internal_error").to_response()
+    return InternalServerError(
+        f"internal server error (ref {ref}); this is a server fault, not your request's",
+        code="internal_error",
+    ).to_response()
 
 
 def install_exception_handlers(app: FastAPI) -> None:

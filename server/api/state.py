@@ -52,7 +52,7 @@ class ServerState:
     resolver: InstructionResolver | None = None
     renderer: PromptRenderer | None = None
     engine: EngineClient | None = None
-    versions: "VersionManager | None" = None
+    versions: VersionManager | None = None
     startup_error: str | None = None
     started: bool = False
     background: list = field(default_factory=list)
@@ -65,15 +65,23 @@ class ServerState:
             if self.engine is None or self.renderer is None:
                 return "the server is starting (loading the engine and tokenizer)"
             return None
-        if self.engine is None or self.versions is None or self.resolver is None or self.renderer is None:
+        if (
+            self.engine is None
+            or self.versions is None
+            or self.resolver is None
+            or self.renderer is None
+        ):
             return "the server is starting (loading the engine, tokenizer and instruction encoder)"
         if self.engine.active_version() is None:
-            return ("no checkpoint version is active; publish one into the registry "
-                    f"({self.settings.registry_dir}) or load one through the admin API")
+            return (
+                "no checkpoint version is active; publish one into the registry "
+                f"({self.settings.registry_dir}) or load one through the admin API"
+            )
         return None
 
-    def require_serving(self) -> tuple[EngineClient, "VersionManager | None", InstructionResolver | None,
-                                       PromptRenderer]:
+    def require_serving(
+        self,
+    ) -> tuple[EngineClient, VersionManager | None, InstructionResolver | None, PromptRenderer]:
         """The serving components, or a 503 saying why they are not there.
 
         Returns:
@@ -85,20 +93,28 @@ class ServerState:
         """
         reason = self.not_ready_reason()
         if reason is not None:
-            raise ServiceUnavailableError(reason, retry_after_s=self.settings.retry_after_s, code="not_ready")
+            raise ServiceUnavailableError(
+                reason, retry_after_s=self.settings.retry_after_s, code="not_ready"
+            )
         assert self.engine and self.renderer
         if self.settings.adapters:
             assert self.versions and self.resolver
         return self.engine, self.versions, self.resolver, self.renderer
 
-    def require_versions(self) -> "VersionManager":
+    def require_versions(self) -> VersionManager:
         """The version manager (admin endpoints work without an active version)."""
         if self.startup_error:
-            raise ServiceUnavailableError(f"start-up failed: {self.startup_error}",
-                                          retry_after_s=self.settings.retry_after_s, code="not_ready")
+            raise ServiceUnavailableError(
+                f"start-up failed: {self.startup_error}",
+                retry_after_s=self.settings.retry_after_s,
+                code="not_ready",
+            )
         if self.versions is None:
-            raise ServiceUnavailableError("the engine is starting", retry_after_s=self.settings.retry_after_s,
-                                          code="not_ready")
+            raise ServiceUnavailableError(
+                "the engine is starting",
+                retry_after_s=self.settings.retry_after_s,
+                code="not_ready",
+            )
         return self.versions
 
 

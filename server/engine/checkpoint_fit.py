@@ -10,7 +10,8 @@ It does not read files (see `smolora.adapters.checkpoint.load_checkpoint`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -37,14 +38,24 @@ def check_fit(
         expected_shapes: `{canonical}.{tensor}` -> shape, for every resident tensor.
     """
     if manifest.adapter_kind != "smolora":
-        raise CheckpointMismatchError(f"adapter_kind {manifest.adapter_kind!r} is not 'smolora'; this engine serves SMoLoRA only")
+        raise CheckpointMismatchError(
+            f"adapter_kind {manifest.adapter_kind!r} is not 'smolora'; this engine serves SMoLoRA only"
+        )
     cfg: dict[str, Any] = manifest.adapter_config
-    for field_name, want in (("num_experts", layout.num_experts), ("rank", layout.rank), ("instruction_dim", layout.instruction_dim)):
+    for field_name, want in (
+        ("num_experts", layout.num_experts),
+        ("rank", layout.rank),
+        ("instruction_dim", layout.instruction_dim),
+    ):
         got = cfg.get(field_name)
         if got != want:
-            raise CheckpointMismatchError(f"adapter {field_name}={got} but the engine holds {want}; restart the engine with this layout")
+            raise CheckpointMismatchError(
+                f"adapter {field_name}={got} but the engine holds {want}; restart the engine with this layout"
+            )
     if cfg.get("vu_routing", "pinned") not in ("pinned", "per_step"):
-        raise CheckpointMismatchError(f"adapter vu_routing must be 'pinned' or 'per_step', got {cfg.get('vu_routing')!r}")
+        raise CheckpointMismatchError(
+            f"adapter vu_routing must be 'pinned' or 'per_step', got {cfg.get('vu_routing')!r}"
+        )
     alpha = cfg.get("alpha")
     if not isinstance(alpha, (int, float)) or alpha <= 0:
         raise CheckpointMismatchError(f"adapter alpha must be a positive number, got {alpha!r}")
@@ -52,17 +63,23 @@ def check_fit(
     if sorted(manifest.layers) != want_layers:
         missing = sorted(set(want_layers) - set(manifest.layers))
         extra = sorted(set(manifest.layers) - set(want_layers))
-        raise CheckpointMismatchError(f"adapted layers differ from the engine's: missing {missing[:4]}, unexpected {extra[:4]}")
+        raise CheckpointMismatchError(
+            f"adapted layers differ from the engine's: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
     if tensors is None:
         return
     missing_t = sorted(set(expected_shapes) - set(tensors))
     extra_t = sorted(set(tensors) - set(expected_shapes))
     if missing_t or extra_t:
-        raise CheckpointMismatchError(f"tensor keys differ: missing {missing_t[:4]}, unexpected {extra_t[:4]}")
+        raise CheckpointMismatchError(
+            f"tensor keys differ: missing {missing_t[:4]}, unexpected {extra_t[:4]}"
+        )
     for key, shape in expected_shapes.items():
         t = tensors[key]
         if tuple(t.shape) != tuple(shape):
-            raise CheckpointMismatchError(f"{key}: shape {tuple(t.shape)} but the engine expects {tuple(shape)}")
+            raise CheckpointMismatchError(
+                f"{key}: shape {tuple(t.shape)} but the engine expects {tuple(shape)}"
+            )
         if not t.is_floating_point():
             raise CheckpointMismatchError(f"{key}: dtype {t.dtype} is not floating point")
         if not bool(t.isfinite().all()):

@@ -89,7 +89,9 @@ class AdapterLayout:
         if self.num_experts < 2 or self.num_experts % 2:
             raise EngineConfigError(f"num_experts must be even and >= 2, got {self.num_experts}")
         if self.rank < self.num_experts or self.rank % self.num_experts:
-            raise EngineConfigError(f"rank ({self.rank}) must be a positive multiple of num_experts ({self.num_experts})")
+            raise EngineConfigError(
+                f"rank ({self.rank}) must be a positive multiple of num_experts ({self.num_experts})"
+            )
         if self.instruction_dim <= 0:
             raise EngineConfigError(f"instruction_dim must be positive, got {self.instruction_dim}")
         unknown = set(self.target_modules) - SUPPORTED_TARGETS
@@ -103,7 +105,9 @@ class AdapterLayout:
         if self.trace_step_routes < 0:
             raise EngineConfigError(f"trace_step_routes must be >= 0, got {self.trace_step_routes}")
         if self.cpu_kernel_max_tokens < 0:
-            raise EngineConfigError(f"cpu_kernel_max_tokens must be >= 0, got {self.cpu_kernel_max_tokens}")
+            raise EngineConfigError(
+                f"cpu_kernel_max_tokens must be >= 0, got {self.cpu_kernel_max_tokens}"
+            )
 
     @property
     def experts_per_group(self) -> int:
@@ -119,12 +123,18 @@ class AdapterLayout:
         return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterLayout":
+    def from_dict(cls, data: dict[str, Any]) -> AdapterLayout:
         return config_from_dict(cls, data, EngineConfigError, "adapter layout")
 
     @classmethod
-    def from_smolora_config(cls, adapter_config: dict[str, Any], num_slots: int, trace_step_routes: int,
-                            cpu_kernel_max_tokens: int = 8192, cpu_overlap: CpuOverlap = "auto") -> "AdapterLayout":
+    def from_smolora_config(
+        cls,
+        adapter_config: dict[str, Any],
+        num_slots: int,
+        trace_step_routes: int,
+        cpu_kernel_max_tokens: int = 8192,
+        cpu_overlap: CpuOverlap = "auto",
+    ) -> AdapterLayout:
         """The layout a checkpoint's `SMoLoRAConfig` dict needs."""
         return cls(
             enabled=True,
@@ -204,14 +214,18 @@ class EngineConfig:
         if self.checkpoint is not None:
             self.checkpoint = Path(self.checkpoint)
         if not (self.model_dir / "config.json").is_file():
-            raise EngineConfigError(f"{self.model_dir}: no config.json; pass a HF LLaVA model folder")
+            raise EngineConfigError(
+                f"{self.model_dir}: no config.json; pass a HF LLaVA model folder"
+            )
         _check_cpu_overlap(self.cpu_overlap)
         if isinstance(self.kernel, dict):
             self.kernel = KernelConfig.from_dict(self.kernel)
         if self.dtype == "auto":
             self.dtype = resolve_dtype("auto", serving_device())
         if self.vu_routing not in (None, "pinned", "per_step"):
-            raise EngineConfigError(f"vu_routing must be 'pinned', 'per_step' or None (each version's own), got {self.vu_routing!r}")
+            raise EngineConfigError(
+                f"vu_routing must be 'pinned', 'per_step' or None (each version's own), got {self.vu_routing!r}"
+            )
         if self.adapters:
             if self.checkpoint is None and self.layout is None:
                 raise EngineConfigError("adapters=True needs a checkpoint or an explicit layout")
@@ -222,7 +236,9 @@ class EngineConfig:
                     "seen yet. Keep chunked_prefill=False (prompts are scheduled whole)."
                 )
             if not self.enforce_eager:
-                raise EngineConfigError("enforce_eager must be True with adapters: routing state is per step, in Python")
+                raise EngineConfigError(
+                    "enforce_eager must be True with adapters: routing state is per step, in Python"
+                )
         if self.max_num_seqs < 1:
             raise EngineConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_num_batched_tokens is not None:
@@ -235,7 +251,16 @@ class EngineConfig:
             raise EngineConfigError("kv_cache_bytes must be positive")
         if self.trace_batch_window < 1:
             raise EngineConfigError("trace_batch_window must be >= 1")
-        forbidden = {"enable_prefix_caching", "enable_chunked_prefill", "async_scheduling", "hf_overrides",
-                     "logits_processors", "worker_extension_cls", "model"} & set(self.extra_engine_args)
+        forbidden = {
+            "enable_prefix_caching",
+            "enable_chunked_prefill",
+            "async_scheduling",
+            "hf_overrides",
+            "logits_processors",
+            "worker_extension_cls",
+            "model",
+        } & set(self.extra_engine_args)
         if forbidden:
-            raise EngineConfigError(f"extra_engine_args may not set {sorted(forbidden)}; they are fixed by the engine")
+            raise EngineConfigError(
+                f"extra_engine_args may not set {sorted(forbidden)}; they are fixed by the engine"
+            )

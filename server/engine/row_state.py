@@ -64,10 +64,10 @@ class TraceSnapshot:
     """A request's routing state copied off its row (CPU tensors)."""
 
     meta: RequestMeta
-    vu: Tensor       # [C] long
-    if_: Tensor      # [C] long
-    fsum: Tensor     # [C, 2]
-    count: Tensor    # [C]
+    vu: Tensor  # [C] long
+    if_: Tensor  # [C] long
+    fsum: Tensor  # [C, 2]
+    count: Tensor  # [C]
     steps: Tensor | None  # [T, C] int16, -1 = not recorded
 
 
@@ -81,7 +81,7 @@ class RequestArgs:
     vu_routing: str = "pinned"
 
     @classmethod
-    def parse(cls, extra_args: dict[str, Any] | None) -> "RequestArgs | None":
+    def parse(cls, extra_args: dict[str, Any] | None) -> RequestArgs | None:
         """The request's SMoLoRA arguments, None when it has none (a base request).
 
         Raises:
@@ -96,7 +96,9 @@ class RequestArgs:
             key, slot = int(raw["key"]), int(raw["slot"])
             instruction = [float(v) for v in raw["instruction"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] needs int 'key', int 'slot', float list 'instruction' ({e})") from None
+            raise ValueError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}] needs int 'key', int 'slot', float list 'instruction' ({e})"
+            ) from None
         mode = str(raw.get("vu_routing", "pinned"))
         if mode not in ("pinned", "per_step"):
             raise ValueError(f"vu_routing must be 'pinned' or 'per_step', got {mode!r}")
@@ -163,9 +165,13 @@ class RowRoutingState:
         t = lay.trace_step_routes
         self.row_steps = torch.full((r1, t, c), -1, dtype=torch.int16, **z) if t else None
         # IF gates of every column, per slot: the IF route is decided when a request joins.
-        self.gate_if = torch.zeros(lay.num_slots, c, lay.experts_per_group, lay.instruction_dim, dtype=torch.float32, **z)
+        self.gate_if = torch.zeros(
+            lay.num_slots, c, lay.experts_per_group, lay.instruction_dim, dtype=torch.float32, **z
+        )
         self.slot_scaling = torch.zeros(lay.num_slots, dtype=torch.float32, **z)
-        self.image_columns = torch.tensor([col.image_side for col in self.columns], dtype=torch.bool, device=dev)
+        self.image_columns = torch.tensor(
+            [col.image_side for col in self.columns], dtype=torch.bool, device=dev
+        )
         self.text_columns_f = (~self.image_columns).to(torch.float32)
         self._finalized = True
 
@@ -208,11 +214,20 @@ class RowRoutingState:
             return
         lay = self.layout
         if args.slot >= lay.num_slots or args.slot not in self.slot_versions:
-            logger.error("request %d names slot %d, which holds no checkpoint; serving it without adapters", args.key, args.slot)
+            logger.error(
+                "request %d names slot %d, which holds no checkpoint; serving it without adapters",
+                args.key,
+                args.slot,
+            )
             self.keys[row] = None
             return
         if len(args.instruction) != lay.instruction_dim:
-            logger.error("request %d: instruction has %d dims, expected %d", args.key, len(args.instruction), lay.instruction_dim)
+            logger.error(
+                "request %d: instruction has %d dims, expected %d",
+                args.key,
+                len(args.instruction),
+                lay.instruction_dim,
+            )
             self.keys[row] = None
             return
         u = torch.tensor(args.instruction, dtype=torch.float32, device=self.device)
@@ -275,8 +290,17 @@ class RowRoutingState:
             self.parked.popitem(last=False)
 
     def _row_tensors(self) -> list[Tensor]:
-        ts = [self.row_slot, self.row_active, self.row_per_step, self.row_locked, self.row_prompt_len,
-              self.row_vu, self.row_if, self.row_fsum, self.row_count]
+        ts = [
+            self.row_slot,
+            self.row_active,
+            self.row_per_step,
+            self.row_locked,
+            self.row_prompt_len,
+            self.row_vu,
+            self.row_if,
+            self.row_fsum,
+            self.row_count,
+        ]
         return ts + ([self.row_steps] if self.row_steps is not None else [])
 
     def _move(self, a: int, b: int) -> None:
@@ -303,8 +327,14 @@ class RowRoutingState:
                 self.key_to_row[self.keys[r]] = r  # type: ignore[index]
 
     # -- per forward ------------------------------------------------------------------------
-    def text_step(self, positions: Tensor, query_start_loc: Tensor, num_reqs: int, num_actual_tokens: int,
-                  decode_only: bool = False) -> "StepRouting":
+    def text_step(
+        self,
+        positions: Tensor,
+        query_start_loc: Tensor,
+        num_reqs: int,
+        num_actual_tokens: int,
+        decode_only: bool = False,
+    ) -> StepRouting:
         """Token layout of one forward: `positions` `[N]`; rows from `query_start_loc` `[R+1]`.
 
         `decode_only` (every row has exactly one token, none of them a prompt token) lets a
@@ -312,7 +342,12 @@ class RowRoutingState:
         """
         n = positions.shape[0]
         last = self._last_step
-        if decode_only and not self.any_per_step and last is not None and last.plan_key == (self.epoch, n):
+        if (
+            decode_only
+            and not self.any_per_step
+            and last is not None
+            and last.plan_key == (self.epoch, n)
+        ):
             self.steps_run += 1
             return last
         counts = torch.diff(query_start_loc[: num_reqs + 1])
@@ -337,7 +372,7 @@ class RowRoutingState:
                 self.row_count.masked_fill_(recompute, 0.0)
         return step
 
-    def finish_step(self, step: "StepRouting") -> None:
+    def finish_step(self, step: StepRouting) -> None:
         """After the forward: add the step's fusion weights and token counts to the rows.
 
         Tokens without an adapter (padding, base requests) add their placeholder weights to
@@ -347,18 +382,24 @@ class RowRoutingState:
         self.row_fsum.index_add_(0, step.token_row, step.fusion)
         self.row_count += step.count_delta()
 
-    def image_step(self, keys: list[int], patches: int) -> "StepRouting":
+    def image_step(self, keys: list[int], patches: int) -> StepRouting:
         """Token layout of a projector call: `len(keys)` images of `patches` tokens each."""
         rows = [self.key_to_row.get(k, self.null_row) if k >= 0 else self.null_row for k in keys]
-        token_row = torch.tensor(rows, dtype=torch.long, device=self.device).repeat_interleave(patches)
+        token_row = torch.tensor(rows, dtype=torch.long, device=self.device).repeat_interleave(
+            patches
+        )
         is_prompt = torch.ones(token_row.shape[0], dtype=torch.bool, device=self.device)
         return StepRouting(self, token_row, is_prompt, positions=None)
 
-    def _check_whole_prompts(self, step: "StepRouting") -> None:
+    def _check_whole_prompts(self, step: StepRouting) -> None:
         """Flag rows whose prompt arrived split across steps (never, with chunking off)."""
         if not step.has_prompt:
             return
-        partial = step.row_has_prompt & (step.prompt_count_raw != self.row_prompt_len.to(torch.float32)) & ~self.row_locked
+        partial = (
+            step.row_has_prompt
+            & (step.prompt_count_raw != self.row_prompt_len.to(torch.float32))
+            & ~self.row_locked
+        )
         partial &= self.row_active
         if bool(partial.any()):
             rows = partial.nonzero().flatten().tolist()
@@ -367,7 +408,10 @@ class RowRoutingState:
                 key = self.keys[r] if r < self.max_rows else None
                 if key is not None:
                     self.meta[key].exact = False
-            logger.error("SMoLoRA saw %d split prompt(s): their routes cannot match unchunked serving", len(rows))
+            logger.error(
+                "SMoLoRA saw %d split prompt(s): their routes cannot match unchunked serving",
+                len(rows),
+            )
 
     # -- traces -----------------------------------------------------------------------------
     def traces(self, keys: list[int]) -> dict[int, dict[str, Any] | None]:
@@ -404,7 +448,12 @@ class RowRoutingState:
                 entry["vu_steps"] = seq[: seq.index(-1)] if -1 in seq else seq
             layers.append(entry)
         m = snap.meta
-        return {"slot": m.slot, "vu_routing": "per_step" if m.per_step else "pinned", "exact": m.exact, "layers": layers}
+        return {
+            "slot": m.slot,
+            "vu_routing": "per_step" if m.per_step else "pinned",
+            "exact": m.exact,
+            "layers": layers,
+        }
 
     def slots_in_use(self) -> set[int]:
         """Slots named by requests now in the persistent batch (diagnostics only: a finished
@@ -435,32 +484,38 @@ class StepRouting:
         tr = self.token_row
         r1 = st.max_rows + 1
         self.n_tokens = tr.shape[0]
-        self.token_slot = st.row_slot[tr]                           # [N]
+        self.token_slot = st.row_slot[tr]  # [N]
         active = st.row_active[tr]
-        self.token_active = active.to(torch.float32)                # [N]
+        self.token_active = active.to(torch.float32)  # [N]
         prompt = self.is_prompt & active
-        self.is_prompt_f = prompt.to(torch.float32)                 # [N]
-        self.prompt_count_raw = torch.zeros(r1, dtype=torch.float32, device=tr.device).index_add_(0, tr, self.is_prompt_f)
-        self.prompt_count = self.prompt_count_raw.clamp_min(1.0)    # [R+1]
-        self.row_has_prompt = self.prompt_count_raw > 0             # [R+1]
+        self.is_prompt_f = prompt.to(torch.float32)  # [N]
+        self.prompt_count_raw = torch.zeros(r1, dtype=torch.float32, device=tr.device).index_add_(
+            0, tr, self.is_prompt_f
+        )
+        self.prompt_count = self.prompt_count_raw.clamp_min(1.0)  # [R+1]
+        self.row_has_prompt = self.prompt_count_raw > 0  # [R+1]
         # Routes are (re)decided for rows whose prompt is in this step, unless pinned by a resume.
-        self.row_decide = self.row_has_prompt & ~st.row_locked      # [R+1]
+        self.row_decide = self.row_has_prompt & ~st.row_locked  # [R+1]
         self.has_prompt = bool(self.row_has_prompt.any())
         self.per_step_decode: Tensor | None = None
         self.step_index: Tensor | None = None
         if st.any_per_step and self.positions is not None:
             psd = st.row_per_step[tr] & ~self.is_prompt & active
             if bool(psd.any()):
-                self.per_step_decode = psd                          # [N]
+                self.per_step_decode = psd  # [N]
                 self.step_index = self.positions - st.row_prompt_len[tr]
         # Only the slots of requests in the batch take part in the grouped matmuls.
         lo, hi = st.slot_range
         self.slot_range = (lo, hi)
-        self.token_slot_rel = torch.where(active, self.token_slot - lo, 0)     # [N]
-        self.token_scale = st.slot_scaling[self.token_slot] * self.token_active  # [N], 0: no adapter
+        self.token_slot_rel = torch.where(active, self.token_slot - lo, 0)  # [N]
+        self.token_scale = (
+            st.slot_scaling[self.token_slot] * self.token_active
+        )  # [N], 0: no adapter
         self.fusion = torch.zeros(self.n_tokens, len(st.columns), 2, device=tr.device)  # [N, C, 2]
         # Routes change only with the batch or a prefill: then layers may reuse last step's plan.
-        reusable = self.positions is not None and not self.has_prompt and self.per_step_decode is None
+        reusable = (
+            self.positions is not None and not self.has_prompt and self.per_step_decode is None
+        )
         self.plan_key: tuple[int, int] | None = (st.epoch, self.n_tokens) if reusable else None
 
     def count_delta(self) -> Tensor:
@@ -468,7 +523,9 @@ class StepRouting:
         a steady decode step is reused, see `RowRoutingState.text_step`)."""
         if self._count_delta is None:
             st = self.state
-            cnt = torch.zeros(st.max_rows + 1, device=self.token_row.device).index_add_(0, self.token_row, self.token_active)
+            cnt = torch.zeros(st.max_rows + 1, device=self.token_row.device).index_add_(
+                0, self.token_row, self.token_active
+            )
             self._count_delta = cnt[:, None] * st.text_columns_f[None, :]
         return self._count_delta
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smolora.server.engine.protocol import NoFreeSlotError, VersionInfo, VersionInUseError, VersionNotResidentError, VuRouting
+from smolora.server.engine.protocol import (
+    NoFreeSlotError,
+    VersionInfo,
+    VersionInUseError,
+    VersionNotResidentError,
+    VuRouting,
+)
 
 
 @dataclass
@@ -36,7 +42,9 @@ class _Slot:
     vu_routing: VuRouting = "pinned"
 
 
-def resolve_vu_routing(requested: VuRouting | None, server_default: VuRouting | None, version_default: VuRouting) -> VuRouting:
+def resolve_vu_routing(
+    requested: VuRouting | None, server_default: VuRouting | None, version_default: VuRouting
+) -> VuRouting:
     """The VU routing a request runs with: its own choice, else the server's (`EngineConfig.vu_routing`),
     else its version's (the checkpoint's `adapter_config.vu_routing`: "pinned" for versions this
     project trains, "per_step" for imported reference checkpoints)."""
@@ -87,7 +95,11 @@ class VersionTable:
 
     def resident(self) -> list[VersionInfo]:
         """Resident versions, by slot."""
-        return [self.info(i) for i, s in enumerate(self._slots) if s.version is not None and not s.loading]
+        return [
+            self.info(i)
+            for i, s in enumerate(self._slots)
+            if s.version is not None and not s.loading
+        ]
 
     def in_flight(self) -> int:
         return sum(s.in_flight for s in self._slots)
@@ -110,7 +122,9 @@ class VersionTable:
             found = self.slot_of(version)
             if found is None:
                 resident = [v.version for v in self.resident()]
-                raise VersionNotResidentError(f"version {version} is not loaded (resident: {resident}); load it first")
+                raise VersionNotResidentError(
+                    f"version {version} is not loaded (resident: {resident}); load it first"
+                )
             slot = found
         s = self._slots[slot]
         s.in_flight += 1
@@ -149,13 +163,31 @@ class VersionTable:
         self._slots[slot] = _Slot(loading=True)
         return slot
 
-    def install(self, slot: int, version: int, path: Path, tasks: list[str], instruction_types: list[dict[str, Any]],
-                load_seconds: float = 0.0, vu_routing: VuRouting = "pinned") -> None:
+    def install(
+        self,
+        slot: int,
+        version: int,
+        path: Path,
+        tasks: list[str],
+        instruction_types: list[dict[str, Any]],
+        load_seconds: float = 0.0,
+        vu_routing: VuRouting = "pinned",
+    ) -> None:
         """The reserved slot now holds `version` (resident from now; loading took `load_seconds`),
         served with `vu_routing` unless a request or the server chooses (`resolve_vu_routing`)."""
         self._seq += 1
-        self._slots[slot] = _Slot(version, Path(path), tuple(tasks), tuple(instruction_types), 0, False, self._seq,
-                                  time.time(), load_seconds, vu_routing)
+        self._slots[slot] = _Slot(
+            version,
+            Path(path),
+            tuple(tasks),
+            tuple(instruction_types),
+            0,
+            False,
+            self._seq,
+            time.time(),
+            load_seconds,
+            vu_routing,
+        )
 
     def vu_routing(self, slot: int) -> VuRouting:
         """The default VU routing of the version in `slot` (from its checkpoint)."""
@@ -169,7 +201,9 @@ class VersionTable:
         """Make `version` the default for new requests; returns its slot."""
         slot = self.slot_of(version)
         if slot is None:
-            raise VersionNotResidentError(f"version {version} is not loaded; load it before activating it")
+            raise VersionNotResidentError(
+                f"version {version} is not loaded; load it before activating it"
+            )
         self._active = slot
         return slot
 
@@ -185,10 +219,14 @@ class VersionTable:
             resident = [v.version for v in self.resident()]
             raise VersionNotResidentError(f"version {version} is not loaded (resident: {resident})")
         if slot == self._active:
-            raise VersionInUseError(f"version {version} is the active version; activate another version before unloading it")
+            raise VersionInUseError(
+                f"version {version} is the active version; activate another version before unloading it"
+            )
         s = self._slots[slot]
         if s.in_flight:
-            raise VersionInUseError(f"version {version} is serving {s.in_flight} in-flight request(s); "
-                                    "retry once they finish")
+            raise VersionInUseError(
+                f"version {version} is serving {s.in_flight} in-flight request(s); "
+                "retry once they finish"
+            )
         self._slots[slot] = _Slot()
         return slot

@@ -29,8 +29,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 def _bound(registry: CollectorRegistry) -> dict[str, Any]:
     # functools.partial is not a descriptor: as a class attribute it is called unbound,
     # exactly like the metric classes it stands for.
-    return {"_gauge_cls": partial(Gauge, registry=registry), "_counter_cls": partial(Counter, registry=registry),
-            "_histogram_cls": partial(Histogram, registry=registry)}
+    return {
+        "_gauge_cls": partial(Gauge, registry=registry),
+        "_counter_cls": partial(Counter, registry=registry),
+        "_histogram_cls": partial(Histogram, registry=registry),
+    }
 
 
 def prometheus_stat_logger(registry: CollectorRegistry) -> type:
@@ -58,8 +61,13 @@ def prometheus_stat_logger(registry: CollectorRegistry) -> type:
         return type(f"Registry{base.__name__}", (base,), dict(metric_classes))
 
     attrs: dict[str, Any] = dict(metric_classes)
-    attrs.update(_spec_decoding_cls=sub(SpecDecodingProm), _kv_connector_cls=sub(KVConnectorProm),
-                 _ec_connector_cls=sub(ECConnectorProm), _perf_metrics_cls=sub(PerfMetricsProm),
-                 registry=registry, __module__=__name__,
-                 __doc__="vLLM's PrometheusStatLogger with its metrics on `registry` (see vllm_metrics.py).")
+    attrs.update(
+        _spec_decoding_cls=sub(SpecDecodingProm),
+        _kv_connector_cls=sub(KVConnectorProm),
+        _ec_connector_cls=sub(ECConnectorProm),
+        _perf_metrics_cls=sub(PerfMetricsProm),
+        registry=registry,
+        __module__=__name__,
+        __doc__="vLLM's PrometheusStatLogger with its metrics on `registry` (see vllm_metrics.py).",
+    )
     return type("RegistryPrometheusStatLogger", (PrometheusStatLogger,), attrs)

@@ -42,7 +42,9 @@ class SMoLoRAWorkerExtension:
     def _smolora_model(self) -> Any:
         model = self.model_runner.get_model()
         if getattr(model, "smolora_state", None) is None:
-            raise RuntimeError("the served model has no SMoLoRA adapters (engine started with adapters disabled)")
+            raise RuntimeError(
+                "the served model has no SMoLoRA adapters (engine started with adapters disabled)"
+            )
         return model
 
     def _smolora_expected_shapes(self) -> dict[str, list[int]]:
@@ -58,9 +60,15 @@ class SMoLoRAWorkerExtension:
     def smolora_attach(self) -> dict[str, Any]:
         """Bind the row tracker to the row state; returns the resident layout."""
         model = self._smolora_model()
-        trackers = [p for p in self.model_runner.input_batch.logitsprocs.all if isinstance(p, SMoLoRARowTracker)]
+        trackers = [
+            p
+            for p in self.model_runner.input_batch.logitsprocs.all
+            if isinstance(p, SMoLoRARowTracker)
+        ]
         if len(trackers) != 1:
-            raise RuntimeError(f"expected one SMoLoRA row tracker among the logits processors, found {len(trackers)}")
+            raise RuntimeError(
+                f"expected one SMoLoRA row tracker among the logits processors, found {len(trackers)}"
+            )
         trackers[0].bind(model.smolora_state)
         state = model.smolora_state
         return {
@@ -70,7 +78,9 @@ class SMoLoRAWorkerExtension:
             "expected_shapes": self._smolora_expected_shapes(),
         }
 
-    def smolora_load_slot(self, slot: int, path: str, expected_fingerprint: str | None, version: dict[str, Any]) -> dict[str, Any]:
+    def smolora_load_slot(
+        self, slot: int, path: str, expected_fingerprint: str | None, version: dict[str, Any]
+    ) -> dict[str, Any]:
         """Load the checkpoint at `path` into `slot` (all or nothing)."""
         model = self._smolora_model()
         state = model.smolora_state
@@ -115,7 +125,9 @@ class SMoLoRAWorkerExtension:
             "overlap": helper.stats() if helper is not None else None,
             "routed_layers": len(adapters),
             "cpu_kernel_layers": sum(a.uses_cpu_kernel for a in adapters),
-            "adapter_dtype": str(adapters[0].lora_a.dtype).removeprefix("torch.") if adapters else None,
+            "adapter_dtype": str(adapters[0].lora_a.dtype).removeprefix("torch.")
+            if adapters
+            else None,
             "live_requests": sum(k is not None for k in state.keys),
             "parked_traces": len(state.parked),
             "partial_prefills": state.partial_prefills,

@@ -135,7 +135,8 @@ def write_reference_checkpoint(
         "peft_type": "SMOLORA",
         "r": r,
         "revision": None,
-        "target_modules": list(MLP_KINDS) + (["mm_projector.0", "mm_projector.2"] if projector else []),
+        "target_modules": list(MLP_KINDS)
+        + (["mm_projector.0", "mm_projector.2"] if projector else []),
         "task_type": "CAUSAL_LM",
     }
     layout = ReferenceLayout(out, state, config, modules)

@@ -15,12 +15,16 @@ def test_lora_starts_as_identity_and_matches_formula() -> None:
     model.mlp.up_proj = nn.Linear(6, 5)
     x = torch.randn(3, 6)
     before = model.mlp.up_proj(x)
-    lora = LoRAModel(model, LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=("mlp.up_proj",)))
+    lora = LoRAModel(
+        model, LoRAConfig(rank=4, alpha=8, dropout=0.0, target_modules=("mlp.up_proj",))
+    )
     layer = lora.layers["mlp.up_proj"]
     torch.testing.assert_close(model.mlp.up_proj(x), before)  # B = 0 at init
     with torch.no_grad():
         layer.lora_B.normal_()
-    torch.testing.assert_close(model.mlp.up_proj(x), before + 2.0 * x @ layer.lora_A.t() @ layer.lora_B.t())
+    torch.testing.assert_close(
+        model.mlp.up_proj(x), before + 2.0 * x @ layer.lora_A.t() @ layer.lora_B.t()
+    )
     assert set(lora.adapter_state_dict()) == {"mlp.up_proj.lora_A", "mlp.up_proj.lora_B"}
     assert lora.detach().mlp.up_proj is layer.base
 
@@ -34,5 +38,7 @@ def test_moelora_mixes_all_experts_per_token() -> None:
     x = torch.randn(2, 3, 6)
     y = layer(x)
     p = torch.softmax(x @ layer.router.t(), -1)
-    want = base(x) + 2.0 * sum(p[..., e : e + 1] * (x @ layer.lora_A[e].t() @ layer.lora_B[e].t()) for e in range(4))
+    want = base(x) + 2.0 * sum(
+        p[..., e : e + 1] * (x @ layer.lora_A[e].t() @ layer.lora_B[e].t()) for e in range(4)
+    )
     torch.testing.assert_close(y, want)

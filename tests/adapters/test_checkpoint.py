@@ -34,7 +34,11 @@ def test_save_load_gives_identical_logits(tiny_model_dir, tmp_path) -> None:
     ck.save_checkpoint(tmp_path / "c", a.adapter_state_dict(), manifest_for(a, tiny_model_dir))
     loaded = ck.load_checkpoint(tmp_path / "c", expected_fingerprint=fp)
     b.load_adapter_state_dict(loaded.tensors)
-    inputs = processor(images=[shape_image((200, 0, 0))], text=[chat_prompt(processor, "What colour?")], return_tensors="pt")
+    inputs = processor(
+        images=[shape_image((200, 0, 0))],
+        text=[chat_prompt(processor, "What colour?")],
+        return_tensors="pt",
+    )
     u = torch.randn(1, 384)
     outs = []
     for m in (a, b):
@@ -111,7 +115,7 @@ def test_publish_is_atomic_and_moves_latest(tmp_path: Path) -> None:
     reg = tmp_path / "registry"
     tensors = fixture_tensors()
     (reg / ".tmp-crashed").mkdir(parents=True)  # a half-written version from a crash is ignored
-    (reg / "v0007-broken").mkdir()              # a folder without manifest is not a version
+    (reg / "v0007-broken").mkdir()  # a folder without manifest is not a version
     first = ck.publish_checkpoint(reg, tensors, ck.read_manifest(FIXTURES / "format_v1"))
     second_manifest = ck.read_manifest(FIXTURES / "format_v1")
     second_manifest.tasks = ["fixture_task", "text reading/2"]

@@ -19,12 +19,16 @@ def test_embedding_is_384d_deterministic_and_unnormalised(instruction_encoder) -
     b = instruction_encoder.encode([CAPTION, VQA])
     assert a.shape == (2, EMBED_DIM) and a.dtype == torch.float32
     assert torch.allclose(a[0], b[1], atol=1e-6) and torch.allclose(a[1], b[0], atol=1e-6)
-    assert not torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-2), "the contract says no L2 normalisation"
+    assert not torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-2), (
+        "the contract says no L2 normalisation"
+    )
 
 
 def test_batching_does_not_change_embeddings(instruction_encoder) -> None:
     instruction_encoder._cache.clear()
-    together = instruction_encoder.encode([VQA, "A much longer instruction that pads the other one in the batch, surely."])
+    together = instruction_encoder.encode(
+        [VQA, "A much longer instruction that pads the other one in the batch, surely."]
+    )
     instruction_encoder._cache.clear()
     alone = instruction_encoder.encode([VQA])
     torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-5)
@@ -49,7 +53,10 @@ def test_table_nearest_and_roundtrip(instruction_encoder) -> None:
     texts = {"vqa": VQA, "caption": CAPTION, "mcq": MCQ}
     emb = instruction_encoder.encode(list(texts.values()))
     table = InstructionTable(
-        [InstructionType(n, t, f"task_{n}", tuple(float(x) for x in e)) for (n, t), e in zip(texts.items(), emb)]
+        [
+            InstructionType(n, t, f"task_{n}", tuple(float(x) for x in e))
+            for (n, t), e in zip(texts.items(), emb)
+        ]
     )
     best, sim = table.nearest(instruction_encoder.encode([VQA_PARAPHRASE])[0])
     assert best is not None and best.name == "vqa" and 0.5 < sim <= 1.0

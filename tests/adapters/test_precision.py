@@ -22,8 +22,14 @@ FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def _child(code: str, env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -34,21 +40,29 @@ def _cpu_flags() -> set[str]:
 
 
 def test_forced_avx2_resolves_auto_to_float32_and_warns_on_explicit_bfloat16() -> None:
-    code = ("import json, warnings; warnings.simplefilter('always')\n"
-            "from smolora.adapters.precision import resolve_dtype, cpu_isa, native_bfloat16\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    explicit = resolve_dtype('bfloat16')\n"
-            "print(json.dumps({'isa': cpu_isa(), 'native': native_bfloat16(), 'auto': resolve_dtype('auto'),\n"
-            "                  'explicit': explicit, 'warnings': [str(x.message) for x in w]}))")
+    code = (
+        "import json, warnings; warnings.simplefilter('always')\n"
+        "from smolora.adapters.precision import resolve_dtype, cpu_isa, native_bfloat16\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    explicit = resolve_dtype('bfloat16')\n"
+        "print(json.dumps({'isa': cpu_isa(), 'native': native_bfloat16(), 'auto': resolve_dtype('auto'),\n"
+        "                  'explicit': explicit, 'warnings': [str(x.message) for x in w]}))"
+    )
     got = _child(code, FORCED_AVX2)
     assert got["isa"] == "AVX2" and got["native"] is False and got["auto"] == "float32"
     assert got["explicit"] == "bfloat16"  # honoured, but with the expected cost spelled out
-    assert len(got["warnings"]) == 1 and "56x slower" in got["warnings"][0] and "AVX2" in got["warnings"][0]
+    assert (
+        len(got["warnings"]) == 1
+        and "56x slower" in got["warnings"][0]
+        and "AVX2" in got["warnings"][0]
+    )
 
 
 def test_auto_on_this_cpu_follows_its_features() -> None:
     flags = _cpu_flags()
-    native = cpu_isa().startswith(("AVX512", "AMX")) and bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
+    native = cpu_isa().startswith(("AVX512", "AMX")) and bool(
+        {"avx512_bf16", "amx_bf16", "amx_tile"} & flags
+    )
     assert native_bfloat16("cpu") == native
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" never warns

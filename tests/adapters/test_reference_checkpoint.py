@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -28,7 +28,6 @@ from smolora.adapters.reference_checkpoint import (
 from smolora.adapters.reference_format import ReferenceCheckpointError
 from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.tiny_llava import load_llava
-
 from tests.adapters.reference_layout import ReferenceLayout, write_reference_checkpoint
 
 SPECS = [InstructionSpec(f"task{k}", f"Instruction number {k}.") for k in range(5)]
@@ -49,8 +48,15 @@ def test_tensors_map_onto_canonical_layers(ref: ReferenceLayout, tiny_model_dir:
     experts stacked in the same order (VU first), gates as they are, fc rows as fusion vectors."""
     res = _convert(ref, tiny_model_dir)
     t = res.tensors
-    names = {"model.mm_projector.0": "projector.linear_1", "model.mm_projector.2": "projector.linear_2"}
-    names |= {f"model.layers.{i}.mlp.{k}": f"layers.{i}.mlp.{k}" for i in range(2) for k in ("gate_proj", "up_proj", "down_proj")}
+    names = {
+        "model.mm_projector.0": "projector.linear_1",
+        "model.mm_projector.2": "projector.linear_2",
+    }
+    names |= {
+        f"model.layers.{i}.mlp.{k}": f"layers.{i}.mlp.{k}"
+        for i in range(2)
+        for k in ("gate_proj", "up_proj", "down_proj")
+    }
     assert set(ref.modules) == set(names) and len(t) == 6 * len(names)
     for module, canon in names.items():
         for e in range(4):
@@ -63,7 +69,9 @@ def test_tensors_map_onto_canonical_layers(ref: ReferenceLayout, tiny_model_dir:
         assert all(v.dtype == torch.float32 for v in t.values())
 
 
-def test_manifest_records_reference_semantics_and_instruction_table(ref: ReferenceLayout, tiny_model_dir: Path) -> None:
+def test_manifest_records_reference_semantics_and_instruction_table(
+    ref: ReferenceLayout, tiny_model_dir: Path
+) -> None:
     m = _convert(ref, tiny_model_dir, tasks=["sqa", "vqa", "cap", "cls", "gqa"]).manifest
     cfg = SMoLoRAConfig.from_dict(m.adapter_config)
     assert (cfg.num_experts, cfg.rank, cfg.alpha, cfg.expert_rank) == (4, 16, 48.0, 4)
@@ -80,7 +88,9 @@ def test_manifest_records_reference_semantics_and_instruction_table(ref: Referen
     assert m.training["imported_from"]["adapter_config"]["ins_type"] == 2
 
 
-def test_published_import_loads_into_our_model(ref: ReferenceLayout, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_published_import_loads_into_our_model(
+    ref: ReferenceLayout, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """The published version passes verification against the base and fits `SMoLoRAModel`."""
     res = _convert(ref, tiny_model_dir)
     entry = publish_checkpoint(tmp_path / "registry", res.tensors, res.manifest)
@@ -92,7 +102,9 @@ def test_published_import_loads_into_our_model(ref: ReferenceLayout, tiny_model_
     assert entry.path.name == "v0001-task2"
 
 
-def test_one_spelling_only_and_safetensors_are_accepted(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_one_spelling_only_and_safetensors_are_accepted(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     """`.mlp.weight` only (PEFT's state dict), the `.weight` alias only (LLaVA's trainer
     collects `named_parameters`, which lists a shared tensor once), or safetensors."""
     from safetensors.torch import save_file
@@ -106,37 +118,64 @@ def test_one_spelling_only_and_safetensors_are_accepted(tmp_path: Path, tiny_mod
     from_alias = _convert(alias, tiny_model_dir)
     assert all(torch.equal(from_alias.tensors[k], res.tensors[k]) for k in res.tensors)
     assert all(n.startswith("layers.") for n in res.manifest.layers)
-    assert res.manifest.adapter_config["target_modules"] == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert res.manifest.adapter_config["target_modules"] == [
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     (layout.path / "adapter_model.bin").unlink()
-    save_file({k: v.contiguous() for k, v in layout.state.items()}, str(layout.path / "adapter_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in layout.state.items()},
+        str(layout.path / "adapter_model.safetensors"),
+    )
     again = _convert(layout, tiny_model_dir)
     assert all(torch.equal(again.tensors[k], res.tensors[k]) for k in res.tensors)
 
 
-def test_default_instructions_are_the_papers_cvit_list(tmp_path: Path, tiny_model_dir: Path, instruction_encoder) -> None:
+def test_default_instructions_are_the_papers_cvit_list(
+    tmp_path: Path, tiny_model_dir: Path, instruction_encoder
+) -> None:
     """With no instruction file the CVIT list names the rows; texts whose MiniLM embeddings
     are the rows (as the paper computed them) score cosine 1."""
     cvit = cvit_instructions()
-    assert [s.task for s in cvit] == ["scienceqa", "textvqa", "flickr30k", "imagenet", "gqa", "vqav2", "places365"]
+    assert [s.task for s in cvit] == [
+        "scienceqa",
+        "textvqa",
+        "flickr30k",
+        "imagenet",
+        "gqa",
+        "vqav2",
+        "places365",
+    ]
     emb = instruction_encoder.encode([s.text for s in cvit])
     layout = write_reference_checkpoint(tmp_path / "ref", ins_emb=emb, ins_type=5)
-    res = convert_reference_checkpoint(layout.path, tiny_model_dir, encoder=instruction_encoder.encode)
+    res = convert_reference_checkpoint(
+        layout.path, tiny_model_dir, encoder=instruction_encoder.encode
+    )
     assert res.manifest.tasks == ["scienceqa", "textvqa", "flickr30k", "imagenet", "gqa", "vqav2"]
     assert [t["text"] for t in res.manifest.instruction_types] == [s.text for s in cvit]
     assert res.instruction_similarity is not None and min(res.instruction_similarity) > 0.9999
     # A table with fewer rows takes the list's first rows (task ids are CVIT order).
     short = write_reference_checkpoint(tmp_path / "short", ins_emb=emb[:3], ins_type=0)
-    assert [t["name"] for t in convert_reference_checkpoint(short.path, tiny_model_dir).manifest.instruction_types] == \
-        ["scienceqa", "textvqa", "flickr30k"]
+    assert [
+        t["name"]
+        for t in convert_reference_checkpoint(short.path, tiny_model_dir).manifest.instruction_types
+    ] == ["scienceqa", "textvqa", "flickr30k"]
 
 
 def test_instruction_files(tmp_path: Path) -> None:
     j = tmp_path / "ins.json"
     j.write_text(json.dumps({"instructions": [{"task": "a", "text": "Do A."}, "Do B."]}))
-    assert read_instruction_file(j) == [InstructionSpec("a", "Do A."), InstructionSpec("task1", "Do B.")]
+    assert read_instruction_file(j) == [
+        InstructionSpec("a", "Do A."),
+        InstructionSpec("task1", "Do B."),
+    ]
     t = tmp_path / "ins.txt"
     t.write_text("What is it?\\nAnswer briefly.\n\nDescribe it.\n")
-    assert read_instruction_file(t) == [InstructionSpec("task0", "What is it?\nAnswer briefly."), InstructionSpec("task1", "Describe it.")]
+    assert read_instruction_file(t) == [
+        InstructionSpec("task0", "What is it?\nAnswer briefly."),
+        InstructionSpec("task1", "Describe it."),
+    ]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"task": "x"}]))
     with pytest.raises(ReferenceCheckpointError, match="'text'"):
@@ -155,17 +194,26 @@ def _non_lora(base: Path, change: bool) -> dict[str, torch.Tensor]:
     for i, name in (("0", "linear_1"), ("2", "linear_2")):
         for kind in ("weight", "bias"):
             t = proj[f"multi_modal_projector.{name}.{kind}"].clone()
-            out[f"base_model.model.model.mm_projector.{i}.{kind}"] = t + 0.25 if change and kind == "weight" else t
+            out[f"base_model.model.model.mm_projector.{i}.{kind}"] = (
+                t + 0.25 if change and kind == "weight" else t
+            )
     return out
 
 
-def test_non_lora_trainables_equal_to_the_base_are_accepted(ref: ReferenceLayout, tiny_model_dir: Path) -> None:
+def test_non_lora_trainables_equal_to_the_base_are_accepted(
+    ref: ReferenceLayout, tiny_model_dir: Path
+) -> None:
     torch.save(_non_lora(tiny_model_dir, change=False), ref.path / "non_lora_trainables.bin")
     res = _convert(ref, tiny_model_dir)
-    assert res.patched_base is None and res.manifest.training["imported_from"]["non_lora_trainables"] == "equal to the base"
+    assert (
+        res.patched_base is None
+        and res.manifest.training["imported_from"]["non_lora_trainables"] == "equal to the base"
+    )
 
 
-def test_trained_projector_is_refused_or_patched_into_a_base_copy(ref: ReferenceLayout, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_trained_projector_is_refused_or_patched_into_a_base_copy(
+    ref: ReferenceLayout, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     trained = _non_lora(tiny_model_dir, change=True)
     torch.save(trained, ref.path / "non_lora_trainables.bin")
     with pytest.raises(ReferenceCheckpointError, match="own projector weights.*--patch-base"):
@@ -173,17 +221,34 @@ def test_trained_projector_is_refused_or_patched_into_a_base_copy(ref: Reference
     res = _convert(ref, tiny_model_dir, patched_base_dir=tmp_path / "patched")
     assert res.patched_base == tmp_path / "patched"
     patched = _projector(res.patched_base)
-    assert torch.equal(patched["multi_modal_projector.linear_1.weight"], trained["base_model.model.model.mm_projector.0.weight"])
-    assert torch.equal(patched["multi_modal_projector.linear_2.bias"], _projector(tiny_model_dir)["multi_modal_projector.linear_2.bias"])
-    assert res.manifest.base_model["fingerprint"] == base_model_fingerprint(res.patched_base) != base_model_fingerprint(tiny_model_dir)
-    assert res.manifest.base_model["patched_from"]["fingerprint"] == base_model_fingerprint(tiny_model_dir)
+    assert torch.equal(
+        patched["multi_modal_projector.linear_1.weight"],
+        trained["base_model.model.model.mm_projector.0.weight"],
+    )
+    assert torch.equal(
+        patched["multi_modal_projector.linear_2.bias"],
+        _projector(tiny_model_dir)["multi_modal_projector.linear_2.bias"],
+    )
+    assert (
+        res.manifest.base_model["fingerprint"]
+        == base_model_fingerprint(res.patched_base)
+        != base_model_fingerprint(tiny_model_dir)
+    )
+    assert res.manifest.base_model["patched_from"]["fingerprint"] == base_model_fingerprint(
+        tiny_model_dir
+    )
     load_llava(res.patched_base)  # a complete model folder
     with pytest.raises(ReferenceCheckpointError, match="already exists"):
         _convert(ref, tiny_model_dir, patched_base_dir=tmp_path / "patched")
 
 
-def test_non_lora_trainables_with_other_weights_are_refused(ref: ReferenceLayout, tiny_model_dir: Path) -> None:
-    torch.save({"base_model.model.model.embed_tokens.weight": torch.zeros(3)}, ref.path / "non_lora_trainables.bin")
+def test_non_lora_trainables_with_other_weights_are_refused(
+    ref: ReferenceLayout, tiny_model_dir: Path
+) -> None:
+    torch.save(
+        {"base_model.model.model.embed_tokens.weight": torch.zeros(3)},
+        ref.path / "non_lora_trainables.bin",
+    )
     with pytest.raises(ReferenceCheckpointError, match="other than the projector"):
         _convert(ref, tiny_model_dir)
 
@@ -275,26 +340,34 @@ def _targets_elsewhere(r: ReferenceLayout) -> None:
     r.config["target_modules"] = ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (_drop_expert, r"missing lora_B\.loraB\.3\.weight"),
-    (_conflict, "two names with different tensors"),
-    (_unknown, "not SMoLoRA reference keys"),
-    (_attention, "cannot route: model.layers.0.self_attn.q_proj"),
-    (_wrong_shape, r"lora_vu_gate\.weight: shape \[2, 65\], expected \[2, 64\]"),
-    (_partial_layers, r"up_proj is adapted in some decoder layers but not in layers \[1\]"),
-    (_extra_layer, r"decoder layers \[7\], but the base has 2"),
-    (_nan, "NaN"),
-    (_int_tensor, "not floating point"),
-    (_odd_experts, "must be even"),
-    (_rank_not_divisible, "not a positive multiple of expert_num"),
-    (_no_table, "no 'ins_emb'"),
-    (_table_path, "is a file name"),
-    (_wide_table, "768 dims.*384"),
-    (_ins_type_outside, "ins_type=5 is not a row"),
-    (_no_expert_num, "not a SMoLoRA adapter"),
-    (_targets_elsewhere, "not from the same run"),
-])
-def test_refusals(ref: ReferenceLayout, tiny_model_dir: Path, corrupt: Callable[[ReferenceLayout], None], message: str) -> None:
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_drop_expert, r"missing lora_B\.loraB\.3\.weight"),
+        (_conflict, "two names with different tensors"),
+        (_unknown, "not SMoLoRA reference keys"),
+        (_attention, "cannot route: model.layers.0.self_attn.q_proj"),
+        (_wrong_shape, r"lora_vu_gate\.weight: shape \[2, 65\], expected \[2, 64\]"),
+        (_partial_layers, r"up_proj is adapted in some decoder layers but not in layers \[1\]"),
+        (_extra_layer, r"decoder layers \[7\], but the base has 2"),
+        (_nan, "NaN"),
+        (_int_tensor, "not floating point"),
+        (_odd_experts, "must be even"),
+        (_rank_not_divisible, "not a positive multiple of expert_num"),
+        (_no_table, "no 'ins_emb'"),
+        (_table_path, "is a file name"),
+        (_wide_table, "768 dims.*384"),
+        (_ins_type_outside, "ins_type=5 is not a row"),
+        (_no_expert_num, "not a SMoLoRA adapter"),
+        (_targets_elsewhere, "not from the same run"),
+    ],
+)
+def test_refusals(
+    ref: ReferenceLayout,
+    tiny_model_dir: Path,
+    corrupt: Callable[[ReferenceLayout], None],
+    message: str,
+) -> None:
     corrupt(ref)
     ref.save()
     with pytest.raises(ReferenceCheckpointError, match=message):
@@ -304,7 +377,9 @@ def test_refusals(ref: ReferenceLayout, tiny_model_dir: Path, corrupt: Callable[
 def test_pickled_objects_are_never_unpickled(ref: ReferenceLayout, tiny_model_dir: Path) -> None:
     MARKER.unlink(missing_ok=True)
     torch.save({**ref.state, "evil": Evil()}, ref.path / "adapter_model.bin")
-    with pytest.raises(ReferenceCheckpointError, match="pickled objects other than tensors.*never unpickled"):
+    with pytest.raises(
+        ReferenceCheckpointError, match="pickled objects other than tensors.*never unpickled"
+    ):
         _convert(ref, tiny_model_dir)
     assert not MARKER.exists()
     torch.save([torch.zeros(2)], ref.path / "adapter_model.bin")
@@ -315,10 +390,16 @@ def test_pickled_objects_are_never_unpickled(ref: ReferenceLayout, tiny_model_di
         _convert(ref, tiny_model_dir)
 
 
-def test_instruction_counts_and_names_must_match_the_table(ref: ReferenceLayout, tiny_model_dir: Path) -> None:
-    with pytest.raises(ReferenceCheckpointError, match="4 instructions given, but ins_emb has 5 rows"):
+def test_instruction_counts_and_names_must_match_the_table(
+    ref: ReferenceLayout, tiny_model_dir: Path
+) -> None:
+    with pytest.raises(
+        ReferenceCheckpointError, match="4 instructions given, but ins_emb has 5 rows"
+    ):
         _convert(ref, tiny_model_dir, instructions=SPECS[:4])
-    with pytest.raises(ReferenceCheckpointError, match="3 task names given, but ins_emb has 5 rows"):
+    with pytest.raises(
+        ReferenceCheckpointError, match="3 task names given, but ins_emb has 5 rows"
+    ):
         _convert(ref, tiny_model_dir, tasks=["a", "b", "c"])
     with pytest.raises(ReferenceCheckpointError, match=r"task names \['a'\] repeat"):
         _convert(ref, tiny_model_dir, tasks=["a", "a", "b", "c", "d"])
@@ -328,11 +409,15 @@ def test_instruction_counts_and_names_must_match_the_table(ref: ReferenceLayout,
         convert_reference_checkpoint(ref.path, tiny_model_dir)
 
 
-def test_missing_files_and_non_llava_base(ref: ReferenceLayout, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_missing_files_and_non_llava_base(
+    ref: ReferenceLayout, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ReferenceCheckpointError, match="no config.json"):
         _convert(ref, tmp_path)
     (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (tmp_path / "llama" / "config.json").write_text(
+        json.dumps({"model_type": "llama", "hidden_size": 64})
+    )
     with pytest.raises(ReferenceCheckpointError, match="must be an HF LLaVA folder"):
         _convert(ref, tmp_path / "llama")
     (ref.path / "adapter_model.bin").unlink()

@@ -7,16 +7,30 @@ import torch
 from torch import nn
 
 from smolora.adapters.baselines import LoRAConfig, LoRALinear
-from smolora.adapters.smolora import RoutingContext, SMoLoRAConfig, SMoLoRALinear, dense_reference_delta
-from smolora.adapters.smolora import router
+from smolora.adapters.smolora import (
+    RoutingContext,
+    SMoLoRAConfig,
+    SMoLoRALinear,
+    dense_reference_delta,
+    router,
+)
 
 D_IN, D_OUT = 24, 20
 
 
-def make_layer(num_experts: int = 8, rank: int = 16, router_training: str = "frozen_random", seed: int = 0) -> SMoLoRALinear:
+def make_layer(
+    num_experts: int = 8, rank: int = 16, router_training: str = "frozen_random", seed: int = 0
+) -> SMoLoRALinear:
     torch.manual_seed(seed)
-    cfg = SMoLoRAConfig(num_experts=num_experts, rank=rank, alpha=2.0 * rank, dropout=0.0, instruction_dim=8,
-                        router_training=router_training, gate_init_std=1.0)
+    cfg = SMoLoRAConfig(
+        num_experts=num_experts,
+        rank=rank,
+        alpha=2.0 * rank,
+        dropout=0.0,
+        instruction_dim=8,
+        router_training=router_training,
+        gate_init_std=1.0,
+    )
     layer = SMoLoRALinear(nn.Linear(D_IN, D_OUT), cfg, "layers.0.mlp.up_proj")
     layer.reset_parameters(torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -24,8 +38,14 @@ def make_layer(num_experts: int = 8, rank: int = 16, router_training: str = "fro
     return layer
 
 
-def run(layer: SMoLoRALinear, x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "pinned",
-        ctx: RoutingContext | None = None) -> tuple[torch.Tensor, RoutingContext]:
+def run(
+    layer: SMoLoRALinear,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mode: str = "pinned",
+    ctx: RoutingContext | None = None,
+) -> tuple[torch.Tensor, RoutingContext]:
     ctx = ctx or RoutingContext(u, vu_routing=mode)
     ctx.set_token_mask(mask)
     layer.context = ctx
@@ -35,7 +55,9 @@ def run(layer: SMoLoRALinear, x: torch.Tensor, u: torch.Tensor, mask: torch.Tens
         layer.context = None
 
 
-def manual_routes(layer: SMoLoRALinear, x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def manual_routes(
+    layer: SMoLoRALinear, x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VU route from the masked mean, IF route from u, written out longhand."""
     means = torch.stack([x[b][mask[b].bool()].mean(0) for b in range(x.shape[0])])
     return (means @ layer.gate_vu.t()).argmax(-1), (u @ layer.gate_if.t()).argmax(-1)
@@ -59,9 +81,13 @@ def test_routes_and_output_match_longhand_formula() -> None:
     route = ctx.routes[layer.name]
     assert torch.equal(route.vu_expert, v)
     assert torch.equal(route.if_expert, f + 4)
-    assert len(set(v.tolist())) > 1 and len(set(f.tolist())) > 1, "the batch must exercise several routes"
+    assert len(set(v.tolist())) > 1 and len(set(f.tolist())) > 1, (
+        "the batch must exercise several routes"
+    )
     for b in range(6):
-        torch.testing.assert_close(y[b], manual_output(layer, x[b], int(v[b]), int(f[b])), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            y[b], manual_output(layer, x[b], int(v[b]), int(f[b])), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_one_hot_routing_equals_plain_lora() -> None:
@@ -76,7 +102,11 @@ def test_one_hot_routing_equals_plain_lora() -> None:
     r_e = layer.config.expert_rank
     for b in range(5):
         v, f = int(route.vu_expert[b]), int(route.if_expert[b])
-        lora = LoRALinear(layer.base, LoRAConfig(rank=2 * r_e, alpha=layer.config.scaling * 2 * r_e, dropout=0.0), "ref")
+        lora = LoRALinear(
+            layer.base,
+            LoRAConfig(rank=2 * r_e, alpha=layer.config.scaling * 2 * r_e, dropout=0.0),
+            "ref",
+        )
         with torch.no_grad():
             lora.lora_A.copy_(torch.cat([layer.lora_A[v], layer.lora_A[f]]))
             lora.lora_B.copy_(torch.cat([0.5 * layer.lora_B[v], 0.5 * layer.lora_B[f]], dim=1))
@@ -89,8 +119,12 @@ def test_routed_only_equals_dense_all_experts_reference() -> None:
     y, ctx = run(layer, x, u)
     route = ctx.routes[layer.name]
     owners = torch.arange(7).repeat_interleave(4)
-    dense = dense_reference_delta(layer, x.reshape(-1, D_IN), route.vu_expert, route.if_expert - 4, owners)
-    torch.testing.assert_close(y.reshape(-1, D_OUT), layer.base(x).reshape(-1, D_OUT) + dense, rtol=1e-5, atol=1e-5)
+    dense = dense_reference_delta(
+        layer, x.reshape(-1, D_IN), route.vu_expert, route.if_expert - 4, owners
+    )
+    torch.testing.assert_close(
+        y.reshape(-1, D_OUT), layer.base(x).reshape(-1, D_OUT) + dense, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_masked_mean_ignores_padding() -> None:
@@ -98,17 +132,20 @@ def test_masked_mean_ignores_padding() -> None:
     u = torch.randn(3, 8)
     real = [torch.randn(n, D_IN) for n in (5, 2, 4)]
     solo = [run(layer, r[None], u[i : i + 1])[0][0] for i, r in enumerate(real)]
-    solo_routes = [int(run(layer, r[None], u[i : i + 1])[1].routes[layer.name].vu_expert[0]) for i, r in enumerate(real)]
+    solo_routes = [
+        int(run(layer, r[None], u[i : i + 1])[1].routes[layer.name].vu_expert[0])
+        for i, r in enumerate(real)
+    ]
     # Left-pad to length 5 with large garbage: it must not move any route or real output.
     x = torch.full((3, 5, D_IN), 50.0)
     mask = torch.zeros(3, 5)
     for i, r in enumerate(real):
-        x[i, 5 - len(r):] = r
-        mask[i, 5 - len(r):] = 1
+        x[i, 5 - len(r) :] = r
+        mask[i, 5 - len(r) :] = 1
     y, ctx = run(layer, x, u, mask)
     assert ctx.routes[layer.name].vu_expert.tolist() == solo_routes
     for i, r in enumerate(real):
-        torch.testing.assert_close(y[i, 5 - len(r):], solo[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y[i, 5 - len(r) :], solo[i], rtol=1e-5, atol=1e-5)
     # The unmasked mean (the reference's padding quirk) does pick other routes here.
     _, unmasked = run(layer, x, u, None)
     assert unmasked.routes[layer.name].vu_expert.tolist() != solo_routes
@@ -131,15 +168,25 @@ def test_decode_routing_matches_step_by_step_reference(mode: str) -> None:
         expect_vu = prefill_vu if mode == "pinned" else step_vu
         changed |= not torch.equal(step_vu, prefill_vu)
         for b in range(4):
-            torch.testing.assert_close(y[b], manual_output(layer, step[b], int(expect_vu[b]), int(f[b])), rtol=1e-5, atol=1e-5)
-    assert changed, "the decode tokens must route differently from the prompt for this test to discriminate"
+            torch.testing.assert_close(
+                y[b],
+                manual_output(layer, step[b], int(expect_vu[b]), int(f[b])),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    assert changed, (
+        "the decode tokens must route differently from the prompt for this test to discriminate"
+    )
     route = ctx.routes[layer.name]
     assert torch.equal(route.vu_expert, prefill_vu)
     assert len(route.vu_steps) == (len(steps) if mode == "per_step" else 0)
 
 
 def test_straight_through_keeps_values_and_trains_gates() -> None:
-    frozen, learned = make_layer(router_training="frozen_random"), make_layer(router_training="learned")
+    frozen, learned = (
+        make_layer(router_training="frozen_random"),
+        make_layer(router_training="learned"),
+    )
     learned.load_state_dict(frozen.state_dict())
     assert not frozen.gate_vu.requires_grad and learned.gate_vu.requires_grad
     x, u = torch.randn(4, 5, D_IN), torch.randn(4, 8)

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import torch
 
-from smolora.adapters.reference_generate import ReferenceRequest, generate_batch, generate_one_by_one
+from smolora.adapters.reference_generate import (
+    ReferenceRequest,
+    generate_batch,
+    generate_one_by_one,
+)
 from smolora.adapters.smolora import RoutingContext
 from smolora.adapters.tiny_llava import load_llava
 from tests.adapters.helpers import adapted_tiny, chat_prompt, shape_image
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (20, 40, 230), (240, 220, 20)]
-QUESTIONS = ["What colour is the shape?", "How many shapes are there?", "Describe the image briefly in one sentence.", "Read the text in the image."]
+QUESTIONS = [
+    "What colour is the shape?",
+    "How many shapes are there?",
+    "Describe the image briefly in one sentence.",
+    "Read the text in the image.",
+]
 
 
 def requests(processor, n: int = 4) -> list[ReferenceRequest]:
     gen = torch.Generator().manual_seed(7)
     return [
-        ReferenceRequest(chat_prompt(processor, QUESTIONS[i % 4]), shape_image(COLOURS[i % 4], box=(2 + i, 3, 20 + i, 25)), torch.randn(384, generator=gen))
+        ReferenceRequest(
+            chat_prompt(processor, QUESTIONS[i % 4]),
+            shape_image(COLOURS[i % 4], box=(2 + i, 3, 20 + i, 25)),
+            torch.randn(384, generator=gen),
+        )
         for i in range(n)
     ]
 
@@ -28,7 +41,11 @@ def test_default_targets_are_mlp_projections_and_projector(tiny_model_dir) -> No
         + ["projector.linear_1", "projector.linear_2"]
     )
     assert all(l.image_side == n.startswith("projector.") for n, l in smodel.layers.items())
-    assert all(not p.requires_grad for n, p in smodel.model.named_parameters() if "lora_" not in n and "fuse_" not in n)
+    assert all(
+        not p.requires_grad
+        for n, p in smodel.model.named_parameters()
+        if "lora_" not in n and "fuse_" not in n
+    )
 
 
 def test_detach_restores_base_outputs(tiny_model_dir) -> None:
@@ -55,7 +72,9 @@ def test_routes_differ_across_requests_and_batch_equals_one_by_one(tiny_model_di
     assert len(routes) > 1, "requests with different images and instructions must route differently"
     for s, b in zip(solo, batched):
         assert s.token_ids == b.token_ids
-        assert [(t["vu_expert"], t["if_expert"]) for t in s.trace] == [(t["vu_expert"], t["if_expert"]) for t in b.trace]
+        assert [(t["vu_expert"], t["if_expert"]) for t in s.trace] == [
+            (t["vu_expert"], t["if_expert"]) for t in b.trace
+        ]
 
 
 def test_rows_past_eos_do_not_count_in_batched_traces(tiny_model_dir) -> None:
@@ -87,7 +106,9 @@ def test_pinned_kv_cache_equals_full_recompute(tiny_model_dir) -> None:
         ctx = RoutingContext(req.instruction[None], pinned_vu=pinned)
         with torch.no_grad(), smodel.routing(ctx):
             logits = smodel.model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
-        assert int(logits[0, -1].argmax()) == tok, f"token {k} differs between KV-cache decode and full recompute"
+        assert int(logits[0, -1].argmax()) == tok, (
+            f"token {k} differs between KV-cache decode and full recompute"
+        )
         ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
 
 
@@ -104,7 +125,8 @@ def test_per_step_mode_reroutes_decode_tokens(tiny_model_dir) -> None:
         assert [t["vu_expert"] for t in a.trace] == [t["vu_expert"] for t in b.trace]
     rerouted = any(
         any(step != t["vu_expert"] for step in r.vu_steps.get(t["layer"], []))
-        for r in per_step for t in r.trace
+        for r in per_step
+        for t in r.trace
     )
     assert rerouted
 

@@ -21,7 +21,13 @@ def test_same_seed_builds_the_same_model(tiny_model_dir, tmp_path) -> None:
 def test_tokenizer_specials_roundtrip_and_chat_template(tiny_model_dir) -> None:
     _, processor = load_llava(tiny_model_dir)
     tok = processor.tokenizer
-    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == [
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<unk>",
+        "<image>",
+    ]
     text = "Ünïcode and unseen words: zebra 42!"
     ids = tok(text).input_ids
     assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
@@ -37,7 +43,11 @@ def test_tokenizer_specials_roundtrip_and_chat_template(tiny_model_dir) -> None:
 def test_processor_expands_image_tokens_and_model_runs(tiny_model_dir) -> None:
     model, processor = load_llava(tiny_model_dir)
     preset = get_preset("tiny")
-    inputs = processor(images=[shape_image((10, 200, 10))], text=[chat_prompt(processor, "What colour?")], return_tensors="pt")
+    inputs = processor(
+        images=[shape_image((10, 200, 10))],
+        text=[chat_prompt(processor, "What colour?")],
+        return_tensors="pt",
+    )
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == preset.image_tokens
     assert inputs["pixel_values"].shape == (1, 3, preset.image_size, preset.image_size)
     with torch.no_grad():

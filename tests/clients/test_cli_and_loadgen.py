@@ -10,21 +10,36 @@ import pytest
 
 from smolora.clients.cli import main
 from smolora.clients.loadgen import LoadgenConfig, check_loopback, percentiles, run_load
-from tests.server.api.helpers import HashingEmbedder, image_bytes, instruction_types, publish_version, wait_until
+from tests.server.api.helpers import (
+    HashingEmbedder,
+    image_bytes,
+    instruction_types,
+    publish_version,
+    wait_until,
+)
 
 
 def _cli(srv, *args: str) -> list[str]:
     return ["--base-url", srv.base_url, "--api-key", "sk-c", "--admin-api-key", "adm-c", *args]
 
 
-def test_cli_chat_models_versions(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_chat_models_versions(
+    server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     srv, _, _ = server
     img = tmp_path / "img.png"
     img.write_bytes(image_bytes())
     assert main(_cli(srv, "chat", str(img), "What is it?", "--max-tokens", "2")) == 0
     out = capsys.readouterr()
     assert out.out.strip() == "a red" and "tiny-llava@" in out.err and "w_vu" in out.err
-    assert main(_cli(srv, "chat", str(img), "What is it?", "--max-tokens", "2", "--stream", "--no-trace")) == 0
+    assert (
+        main(
+            _cli(
+                srv, "chat", str(img), "What is it?", "--max-tokens", "2", "--stream", "--no-trace"
+            )
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == "a red"
     assert main(_cli(srv, "models")) == 0
     assert "tiny-llava" in capsys.readouterr().out
@@ -36,13 +51,17 @@ def test_cli_chat_models_versions(server, tmp_path: Path, capsys: pytest.Capture
     assert "HTTP 401" in capsys.readouterr().err
 
 
-def test_cli_publish_then_the_watcher_serves_it(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_publish_then_the_watcher_serves_it(
+    server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     srv, engine, reg = server
     staging = publish_version(tmp_path / "staging", "gqa", instruction_types(HashingEmbedder()))
     assert main(["publish", str(staging.path), "--registry", str(reg)]) == 0
     published = json.loads(capsys.readouterr().out)["published"]
-    wait_until(lambda: getattr(engine.active_version(), "version", None) == published,
-               what="the watcher to activate the published version")
+    wait_until(
+        lambda: getattr(engine.active_version(), "version", None) == published,
+        what="the watcher to activate the published version",
+    )
     (staging.path / "adapter.safetensors").write_bytes(b"corrupt")
     assert main(["publish", str(staging.path), "--registry", str(reg)]) == 1
     assert "sha256" in capsys.readouterr().err
@@ -50,13 +69,22 @@ def test_cli_publish_then_the_watcher_serves_it(server, tmp_path: Path, capsys: 
 
 def test_loadgen_reports_throughput_and_percentiles(server) -> None:
     srv, _, _ = server
-    cfg = LoadgenConfig(base_url=srv.base_url, api_key="sk-c", num_requests=8, concurrency=3, max_tokens=4,
-                        max_duration_s=30)
+    cfg = LoadgenConfig(
+        base_url=srv.base_url,
+        api_key="sk-c",
+        num_requests=8,
+        concurrency=3,
+        max_tokens=4,
+        max_duration_s=30,
+    )
     report = asyncio.run(run_load(cfg)).to_dict()
     assert report["requests_sent"] == 8 and report["requests_ok"] == 8 and report["errors"] == {}
     assert report["output_tokens"] == 32 and report["requests_per_s"] > 0
     for key in ("ttft_s", "itl_s", "e2e_s"):
-        assert report[key]["count"] > 0 and report[key]["p50"] <= report[key]["p99"] <= report[key]["max"]
+        assert (
+            report[key]["count"] > 0
+            and report[key]["p50"] <= report[key]["p99"] <= report[key]["max"]
+        )
     assert "api_key" not in report["config"]
 
 

@@ -10,7 +10,13 @@ import openai
 import pytest
 from PIL import Image
 
-from smolora.clients import ChatResult, SmoloraAPIError, SmoloraClient, image_to_data_url, routing_trace
+from smolora.clients import (
+    ChatResult,
+    SmoloraAPIError,
+    SmoloraClient,
+    image_to_data_url,
+    routing_trace,
+)
 from tests.server.api.helpers import image_bytes
 
 
@@ -30,15 +36,26 @@ def test_image_to_data_url_accepts_paths_pil_and_bytes(tmp_path: Path) -> None:
 def test_routing_trace_reads_dicts_and_objects() -> None:
     body = {"smolora": {"trace": [{"index": 0, "layers": [{"layer": "l", "vu_expert": 1}]}]}}
     assert routing_trace(body) == [{"layer": "l", "vu_expert": 1}]
-    assert routing_trace(body, index=1) is None and routing_trace({"smolora": {"trace": None}}) is None
+    assert (
+        routing_trace(body, index=1) is None and routing_trace({"smolora": {"trace": None}}) is None
+    )
 
 
 def test_chat_stream_and_admin(server) -> None:
     srv, engine, _ = server
     c = SmoloraClient(srv.base_url, api_key="sk-c", admin_api_key="adm-c", max_retries=0)
     assert c.models() == ["tiny-llava", "tiny-llava@2"]
-    r = c.chat(image_bytes(), "What colour is it?\nAnswer the question using a single word or phrase.", max_tokens=3)
-    assert isinstance(r, ChatResult) and r.text == "a red circle" and r.version == 2 and r.finish_reason == "length"
+    r = c.chat(
+        image_bytes(),
+        "What colour is it?\nAnswer the question using a single word or phrase.",
+        max_tokens=3,
+    )
+    assert (
+        isinstance(r, ChatResult)
+        and r.text == "a red circle"
+        and r.version == 2
+        and r.finish_reason == "length"
+    )
     assert r.instruction["source"] == "snapped" and r.trace and r.usage["completion_tokens"] == 3
     r = c.chat(None, "Hello", instruction_type="caption", max_tokens=1, trace=False)
     assert r.trace is None and r.instruction["source"] == "type"

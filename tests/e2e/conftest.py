@@ -13,14 +13,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from smolora.adapters.checkpoint import CheckpointManifest, RegistryEntry, base_model_fingerprint, publish_checkpoint
+from smolora.adapters.checkpoint import (
+    CheckpointManifest,
+    RegistryEntry,
+    base_model_fingerprint,
+    publish_checkpoint,
+)
 from smolora.adapters.instructions import InstructionType
 from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.tiny_llava import load_llava
@@ -33,21 +39,33 @@ TYPES = {
 ADMIN_KEY = "e2e-admin"
 
 
-def publish_smolora(registry: Path, model_dir: Path, encoder: Any, task: str, seed: int) -> RegistryEntry:
+def publish_smolora(
+    registry: Path, model_dir: Path, encoder: Any, task: str, seed: int
+) -> RegistryEntry:
     """Publish a SMoLoRA adapter with visible expert effects (non-zero B) and an instruction table."""
     model, _ = load_llava(model_dir)
-    smodel = SMoLoRAModel(model, SMoLoRAConfig(num_experts=4, rank=16, alpha=32.0, dropout=0.0, gate_init_std=0.5),
-                          seed=seed)
+    smodel = SMoLoRAModel(
+        model,
+        SMoLoRAConfig(num_experts=4, rank=16, alpha=32.0, dropout=0.0, gate_init_std=0.5),
+        seed=seed,
+    )
     gen = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for layer in smodel.layers.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.5)
     embs = encoder.encode([t for t, _ in TYPES.values()])
-    types = [InstructionType(n, t, k, tuple(e.tolist())).to_dict() for (n, (t, k)), e in zip(TYPES.items(), embs)]
+    types = [
+        InstructionType(n, t, k, tuple(e.tolist())).to_dict()
+        for (n, (t, k)), e in zip(TYPES.items(), embs)
+    ]
     manifest = CheckpointManifest(
-        adapter_kind="smolora", adapter_config=smodel.config.to_dict(),
-        base_model={"fingerprint": base_model_fingerprint(model_dir), "name": "tiny"}, layers=list(smodel.layers),
-        tasks=[task], instruction_types=types)
+        adapter_kind="smolora",
+        adapter_config=smodel.config.to_dict(),
+        base_model={"fingerprint": base_model_fingerprint(model_dir), "name": "tiny"},
+        layers=list(smodel.layers),
+        tasks=[task],
+        instruction_types=types,
+    )
     return publish_checkpoint(registry, smodel.adapter_state_dict(), manifest)
 
 
@@ -60,16 +78,34 @@ class RemoteServer:
         key_file = workdir / "admin.key"
         key_file.write_text(ADMIN_KEY + "\n")
         source = ["--registry", str(registry)] if registry is not None else ["--no-adapters"]
-        self.cmd = [sys.executable, "-m", "smolora.server", "serve", "--model", str(model_dir), *source,
-                    "--port", "0", "--port-file", str(self.port_file), "--admin-api-key-file", str(key_file),
-                    "--served-model-name", "tiny-llava", "--watch-interval", "0.2", *extra]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "smolora.server",
+            "serve",
+            "--model",
+            str(model_dir),
+            *source,
+            "--port",
+            "0",
+            "--port-file",
+            str(self.port_file),
+            "--admin-api-key-file",
+            str(key_file),
+            "--served-model-name",
+            "tiny-llava",
+            "--watch-interval",
+            "0.2",
+            *extra,
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "RemoteServer":
+    def __enter__(self) -> RemoteServer:
         env = dict(os.environ)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             self._wait(lambda: self.port_file.is_file(), 120, "the port file")
             self.url = f"http://127.0.0.1:{int(self.port_file.read_text())}"
@@ -90,7 +126,9 @@ class RemoteServer:
         while not predicate():
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}) before {what}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server exited ({self.proc.returncode}) before {what}:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {what} after {timeout_s}s:\n{self.log_tail()}")
             time.sleep(0.2)
@@ -110,26 +148,44 @@ class RemoteServer:
 
 
 @pytest.fixture(scope="session")
-def e2e_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, instruction_encoder: Any) -> Path:
+def e2e_registry(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, instruction_encoder: Any
+) -> Path:
     reg = tmp_path_factory.mktemp("e2e-registry")
     publish_smolora(reg, tiny_model_dir, instruction_encoder, "vqa", seed=1)
     return reg
 
 
 @pytest.fixture(scope="session")
-def remote(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, e2e_registry: Path) -> Iterator[RemoteServer]:
+def remote(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, e2e_registry: Path
+) -> Iterator[RemoteServer]:
     work = tmp_path_factory.mktemp("e2e-server")
-    extra = ["--engine-option", "max_model_len=256", "--engine-option", f"kv_cache_bytes={64 * 1024 * 1024}",
-             "--engine-option", "max_num_seqs=8"]
+    extra = [
+        "--engine-option",
+        "max_model_len=256",
+        "--engine-option",
+        f"kv_cache_bytes={64 * 1024 * 1024}",
+        "--engine-option",
+        "max_num_seqs=8",
+    ]
     with RemoteServer(work, tiny_model_dir, e2e_registry, extra) as srv:
         yield srv
 
 
 @pytest.fixture(scope="session")
-def remote_base(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[RemoteServer]:
+def remote_base(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[RemoteServer]:
     """The same model served with `--no-adapters` (base-only: no registry, no MiniLM)."""
     work = tmp_path_factory.mktemp("e2e-base-server")
-    extra = ["--engine-option", "max_model_len=256", "--engine-option", f"kv_cache_bytes={32 * 1024 * 1024}",
-             "--engine-option", "max_num_seqs=4"]
+    extra = [
+        "--engine-option",
+        "max_model_len=256",
+        "--engine-option",
+        f"kv_cache_bytes={32 * 1024 * 1024}",
+        "--engine-option",
+        "max_num_seqs=4",
+    ]
     with RemoteServer(work, tiny_model_dir, None, extra) as srv:
         yield srv

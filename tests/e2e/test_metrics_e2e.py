@@ -29,7 +29,9 @@ IMG = data_url(image_bytes("PNG", (32, 32), (40, 200, 40)))
 #: dashboards query them: every `vllm:*` name (promtool reserves ':' for recording rules), and
 #: the histogram `vllm:iteration_tokens_total`. Any other lint fails the test.
 COLON_LINT = "metric names should not contain ':'"
-VLLM_NAME_LINTS = {'vllm:iteration_tokens_total non-counter metrics should not have "_total" suffix'}
+VLLM_NAME_LINTS = {
+    'vllm:iteration_tokens_total non-counter metrics should not have "_total" suffix'
+}
 
 
 def _scrape(remote: RemoteServer) -> str:
@@ -39,30 +41,59 @@ def _scrape(remote: RemoteServer) -> str:
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
-def _sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+def _sum(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all(dict(ls).get(k) == x for k, x in labels.items())
+    )
 
 
 def _check_with_promtool(text: str) -> None:
     """`promtool check metrics` on a scrape: it parses, our families draw no lint at all, and
     vLLM's only the known lints of vLLM's own names (`VLLM_NAME_LINTS`, the ':')."""
-    proc = subprocess.run([promtool_path(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [promtool_path(), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     problems = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert proc.returncode in (0, 3), (proc.returncode, problems)  # 1 = the exposition did not parse
-    other = [p for p in problems
-             if not (p.startswith("vllm:") and p.endswith(COLON_LINT)) and p not in VLLM_NAME_LINTS]
+    assert proc.returncode in (0, 3), (
+        proc.returncode,
+        problems,
+    )  # 1 = the exposition did not parse
+    other = [
+        p
+        for p in problems
+        if not (p.startswith("vllm:") and p.endswith(COLON_LINT)) and p not in VLLM_NAME_LINTS
+    ]
     assert not other, other
 
 
 def _send(remote: RemoteServer, n: int) -> list[Any]:
-    client = openai.OpenAI(base_url=remote.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    return [client.chat.completions.create(model="tiny-llava", temperature=0.0, max_tokens=4 + i,
-                                           messages=[user_message(f"Describe the image, part {i}.", [IMG])])
-            for i in range(n)]
+    client = openai.OpenAI(
+        base_url=remote.url + "/v1", api_key="unused", max_retries=0, timeout=120
+    )
+    return [
+        client.chat.completions.create(
+            model="tiny-llava",
+            temperature=0.0,
+            max_tokens=4 + i,
+            messages=[user_message(f"Describe the image, part {i}.", [IMG])],
+        )
+        for i in range(n)
+    ]
 
 
 def _check_live_scrape(remote: RemoteServer) -> str:
@@ -76,21 +107,40 @@ def _check_live_scrape(remote: RemoteServer) -> str:
 
     families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(families) == len(set(families)), "a family is exposed twice"
-    assert any(f.startswith("smolora_") for f in families) and any(f.startswith("vllm:") for f in families)
+    assert any(f.startswith("smolora_") for f in families) and any(
+        f.startswith("vllm:") for f in families
+    )
     completion = sum(r.usage.completion_tokens for r in responses)
     prompt = sum(r.usage.prompt_tokens for r in responses)
     # vLLM's counts and ours of the same three requests agree with each other and with the responses.
     assert delta("vllm:request_success_total") == 3
     assert delta("smolora_requests_total", status="200") == 3
-    assert delta("vllm:generation_tokens_total") == delta("smolora_generation_tokens_total") == completion
+    assert (
+        delta("vllm:generation_tokens_total")
+        == delta("smolora_generation_tokens_total")
+        == completion
+    )
     assert delta("vllm:prompt_tokens_total") == delta("smolora_prompt_tokens_total") == prompt
-    assert delta("vllm:time_to_first_token_seconds_count") == delta("smolora_time_to_first_token_seconds_count") == 3
+    assert (
+        delta("vllm:time_to_first_token_seconds_count")
+        == delta("smolora_time_to_first_token_seconds_count")
+        == 3
+    )
     assert delta("vllm:e2e_request_latency_seconds_count") == 3
     assert delta("vllm:iteration_tokens_total_sum") >= prompt
     assert 0.0 <= _sum(after, "vllm:kv_cache_usage_perc") <= 1.0
-    assert _sum(after, "vllm:num_requests_running") == 0 and _sum(after, "vllm:num_requests_waiting") == 0
-    vllm_models = {dict(ls).get("model_name") for (n, ls) in after if n.startswith("vllm:") and "model_name" in dict(ls)}
-    assert vllm_models == {"tiny-llava"}  # the served name, as `vllm serve --served-model-name` labels it
+    assert (
+        _sum(after, "vllm:num_requests_running") == 0
+        and _sum(after, "vllm:num_requests_waiting") == 0
+    )
+    vllm_models = {
+        dict(ls).get("model_name")
+        for (n, ls) in after
+        if n.startswith("vllm:") and "model_name" in dict(ls)
+    }
+    assert vllm_models == {
+        "tiny-llava"
+    }  # the served name, as `vllm serve --served-model-name` labels it
     _check_with_promtool(text)
     return text
 
@@ -115,6 +165,12 @@ def test_dashboard_and_alerts_use_only_live_names(remote: RemoteServer) -> None:
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     exprs += re.findall(r"expr: (.+)", (ROOT / "deploy/alerts.yml").read_text())
     used = {n for e in exprs for n in re.findall(r"vllm:[a-z0-9_:]+", e)}
-    assert {"vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
-            "vllm:num_preemptions_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"} <= used
+    assert {
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:num_preemptions_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prefix_cache_queries_total",
+    } <= used
     assert used <= exposed, sorted(used - exposed)

@@ -47,11 +47,18 @@ def test_chat_completion_with_trace_and_usage(remote: RemoteServer, tiny_model_d
     assert resp.model == "tiny-llava@1" and resp.choices[0].finish_reason in ("stop", "length")
     assert resp.usage.completion_tokens >= 1
     renderer = PromptRenderer.from_model_dir(tiny_model_dir)
-    prompt = renderer.render([{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": QUESTION}]}])
-    assert resp.usage.prompt_tokens == renderer.count_tokens(prompt, 1)  # engine's count == the server's check
+    prompt = renderer.render(
+        [{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": QUESTION}]}]
+    )
+    assert resp.usage.prompt_tokens == renderer.count_tokens(
+        prompt, 1
+    )  # engine's count == the server's check
     ext = resp.smolora
     assert ext["version"] == 1 and ext["instruction"]["source"] == "snapped"
-    assert ext["instruction"]["type"] == "vqa_short" and ext["instruction"]["rule"] == "trailing_imperative"
+    assert (
+        ext["instruction"]["type"] == "vqa_short"
+        and ext["instruction"]["rule"] == "trailing_imperative"
+    )
     layers = ext["trace"][0]["layers"]
     names = {l["layer"] for l in layers}
     assert "projector.linear_1" in names and any(n.startswith("layers.1.mlp") for n in names)
@@ -59,17 +66,27 @@ def test_chat_completion_with_trace_and_usage(remote: RemoteServer, tiny_model_d
     assert all(abs(l["w_vu"] + l["w_if"] - 1.0) < 1e-4 for l in layers)
 
 
-def test_streaming_matches_non_streaming_and_snapping_matches_the_named_type(remote: RemoteServer) -> None:
+def test_streaming_matches_non_streaming_and_snapping_matches_the_named_type(
+    remote: RemoteServer,
+) -> None:
     client = _client(remote)
     plain = _ask(client, extra_body={"smolora": {"trace": True}})
-    stream = _ask(client, stream=True, stream_options={"include_usage": True}, extra_body={"smolora": {"trace": True}})
+    stream = _ask(
+        client,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"smolora": {"trace": True}},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     assert chunks[-1].smolora["trace"] == plain.smolora["trace"]
-    named = _ask(client, text="What colour is the circle?",
-                 extra_body={"smolora": {"trace": True, "instruction_type": "vqa_short"}})
+    named = _ask(
+        client,
+        text="What colour is the circle?",
+        extra_body={"smolora": {"trace": True, "instruction_type": "vqa_short"}},
+    )
     assert named.smolora["instruction"]["source"] == "type"
     ifs = lambda r: [l["if_expert"] for l in r.smolora["trace"][0]["layers"]]  # noqa: E731
     assert ifs(named) == ifs(plain)  # the snapped instruction routes exactly like the named type
@@ -78,28 +95,43 @@ def test_streaming_matches_non_streaming_and_snapping_matches_the_named_type(rem
 def test_bad_input_gets_4xx_and_the_server_keeps_serving(remote: RemoteServer) -> None:
     client = _client(remote)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny-llava", messages=[user_message("x", ["data:image/png;base64,@@"])])
+        client.chat.completions.create(
+            model="tiny-llava", messages=[user_message("x", ["data:image/png;base64,@@"])]
+        )
     assert e.value.body["code"] == "invalid_base64"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny-llava", messages=[user_message("x", [IMG, IMG])])
     assert e.value.body["code"] == "too_many_images"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny-llava", messages=[user_message("x " * 400, [IMG])])
+        client.chat.completions.create(
+            model="tiny-llava", messages=[user_message("x " * 400, [IMG])]
+        )
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="tiny-llava@9", messages=[user_message("x", [IMG])])
-    r = httpx.post(remote.url + "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    r = httpx.post(
+        remote.url + "/v1/chat/completions",
+        content=b"{nope",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert _ask(client).choices[0].message.content is not None
 
 
-def test_hot_publish_is_picked_up_and_versions_are_selectable(remote: RemoteServer, e2e_registry: Path,
-                                                              tiny_model_dir: Path, instruction_encoder: Any) -> None:
+def test_hot_publish_is_picked_up_and_versions_are_selectable(
+    remote: RemoteServer, e2e_registry: Path, tiny_model_dir: Path, instruction_encoder: Any
+) -> None:
     client = _client(remote)
     before = _ask(client, extra_body={"smolora": {"trace": True}})
     publish_smolora(e2e_registry, tiny_model_dir, instruction_encoder, "caption", seed=2)
-    wait_until(lambda: "tiny-llava@2" in [m.id for m in client.models.list()], 120, "v2 to be loaded")
-    wait_until(lambda: httpx.get(remote.url + "/ready").json().get("active_version") == 2, 60, "v2 to be active")
+    wait_until(
+        lambda: "tiny-llava@2" in [m.id for m in client.models.list()], 120, "v2 to be loaded"
+    )
+    wait_until(
+        lambda: httpx.get(remote.url + "/ready").json().get("active_version") == 2,
+        60,
+        "v2 to be active",
+    )
     v2 = _ask(client, extra_body={"smolora": {"trace": True}})
     v1 = _ask(client, model="tiny-llava@1", extra_body={"smolora": {"trace": True}})
     assert v2.model == "tiny-llava@2" and v1.model == "tiny-llava@1"
@@ -126,18 +158,30 @@ def test_stop_string_is_applied_by_the_engine_and_keeps_the_trace(remote: Remote
     full = _ask(client, max_tokens=16, extra_body={"smolora": {"trace": True}})
     text = full.choices[0].message.content
     assert len(text) > 6, text
-    start = next(i for i in range(2, len(text) - 2) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
-    stop = text[start:start + 2]
+    start = next(
+        i
+        for i in range(2, len(text) - 2)
+        if text[i : i + 2].strip() and text.find(text[i : i + 2]) == i
+    )
+    stop = text[start : start + 2]
     cut = _ask(client, max_tokens=16, stop=[stop], extra_body={"smolora": {"trace": True}})
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:start]
     assert cut.usage.completion_tokens < full.usage.completion_tokens
-    assert cut.smolora["trace"][0]["layers"]  # the engine finished the request, so the trace came back
-    routes = lambda r: [(l["layer"], l["vu_expert"], l["if_expert"]) for l in r.smolora["trace"][0]["layers"]]  # noqa: E731
+    assert cut.smolora["trace"][0][
+        "layers"
+    ]  # the engine finished the request, so the trace came back
+    routes = lambda r: [
+        (l["layer"], l["vu_expert"], l["if_expert"]) for l in r.smolora["trace"][0]["layers"]
+    ]  # noqa: E731
     assert routes(cut) == routes(full)
-    streamed = _ask(client, max_tokens=16, stop=[stop], stream=True, extra_body={"smolora": {"trace": True}})
+    streamed = _ask(
+        client, max_tokens=16, stop=[stop], stream=True, extra_body={"smolora": {"trace": True}}
+    )
     chunks = list(streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:start]
-    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].smolora["trace"][0]["layers"]
+    assert (
+        chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].smolora["trace"][0]["layers"]
+    )
 
 
 def test_base_only_server_serves_the_base_model(remote_base: RemoteServer) -> None:
@@ -147,10 +191,19 @@ def test_base_only_server_serves_the_base_model(remote_base: RemoteServer) -> No
     assert [m.id for m in client.models.list()] == ["tiny-llava"]
     resp = _ask(client, extra_body={"smolora": {"trace": True}})
     assert resp.model == "tiny-llava" and resp.usage.completion_tokens >= 1
-    assert resp.smolora == {"model": "tiny-llava", "adapters": False, "version": None, "version_name": None,
-                            "instruction": None, "trace": None}
+    assert resp.smolora == {
+        "model": "tiny-llava",
+        "adapters": False,
+        "version": None,
+        "version_name": None,
+        "instruction": None,
+        "trace": None,
+    }
     chunks = list(_ask(client, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == resp.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == resp.choices[0].message.content
+    )
     with pytest.raises(openai.NotFoundError):
         _ask(client, model="tiny-llava@1")
     with pytest.raises(openai.BadRequestError) as e:
@@ -164,19 +217,48 @@ def test_metrics_after_traffic(remote: RemoteServer) -> None:
     _ask(_client(remote))
     from prometheus_client.parser import text_string_to_metric_families
 
-    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(remote.url + "/metrics").text)}
+    fams = {
+        f.name: f for f in text_string_to_metric_families(httpx.get(remote.url + "/metrics").text)
+    }
     count = lambda name: next(s.value for s in fams[name].samples if s.name.endswith("_count"))  # noqa: E731
-    assert count("smolora_time_to_first_token_seconds") >= 1 and count("smolora_e2e_request_latency_seconds") >= 1
+    assert (
+        count("smolora_time_to_first_token_seconds") >= 1
+        and count("smolora_e2e_request_latency_seconds") >= 1
+    )
     assert count("smolora_checkpoint_load_duration_seconds") >= 1
-    kinds = {s.labels["kind"] for s in fams["smolora_expert_selections"].samples if s.name.endswith("_total")}
+    kinds = {
+        s.labels["kind"]
+        for s in fams["smolora_expert_selections"].samples
+        if s.name.endswith("_total")
+    }
     assert kinds == {"vu", "if"}
 
 
 def test_load_generator_cli(remote: RemoteServer, tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    proc = subprocess.run([sys.executable, "-m", "smolora.clients", "--base-url", remote.url, "loadgen",
-                           "--requests", "8", "--concurrency", "4", "--max-tokens", "6", "--image-size", "32",
-                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smolora.clients",
+            "--base-url",
+            remote.url,
+            "loadgen",
+            "--requests",
+            "8",
+            "--concurrency",
+            "4",
+            "--max-tokens",
+            "6",
+            "--image-size",
+            "32",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["requests_ok"] == 8 and report["output_tokens_per_s"] > 0

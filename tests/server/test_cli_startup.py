@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from smolora.server.startup_checks import StartupCheckError, check_model_folder, check_prompt_rendering, check_registry
+from smolora.server.startup_checks import (
+    StartupCheckError,
+    check_model_folder,
+    check_prompt_rendering,
+    check_registry,
+)
 from tests.fixtures.hf_llava import TEMPLATES, build_hf_llava
 
 
@@ -27,7 +32,9 @@ def _refused(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert len(errors) == 1, proc.stderr[-3000:]
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
-    assert "vLLM" not in proc.stderr and "starting the vLLM engine" not in proc.stderr  # nothing of the engine ran
+    assert (
+        "vLLM" not in proc.stderr and "starting the vLLM engine" not in proc.stderr
+    )  # nothing of the engine ran
 
 
 def _copy_without(src: Path, dst: Path, *names: str) -> Path:
@@ -44,14 +51,23 @@ def test_missing_model_folder(tmp_path: Path) -> None:
 
 def test_folder_without_config(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a model")
-    _refused(_serve("--model", str(tmp_path), "--no-adapters"), f"--model {tmp_path}: not a model folder",
-             "no config.json")
+    _refused(
+        _serve("--model", str(tmp_path), "--no-adapters"),
+        f"--model {tmp_path}: not a model folder",
+        "no config.json",
+    )
 
 
 def test_other_architecture(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    _refused(_serve("--model", str(tmp_path), "--no-adapters"), str(tmp_path), "model_type 'bert'",
-             "not a LLaVA model")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertModel"]})
+    )
+    _refused(
+        _serve("--model", str(tmp_path), "--no-adapters"),
+        str(tmp_path),
+        "model_type 'bert'",
+        "not a LLaVA model",
+    )
 
 
 def test_folder_without_tokenizer(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -61,19 +77,30 @@ def test_folder_without_tokenizer(tmp_path: Path, tiny_model_dir: Path) -> None:
 
 def test_template_that_drops_images(tmp_path: Path) -> None:
     folder = build_hf_llava(tmp_path / "drops", template=TEMPLATES / "drops-images.jinja")
-    _refused(_serve("--model", str(folder), "--no-adapters"), f"--model {folder}", "chat template",
-             "cannot render an image request")
+    _refused(
+        _serve("--model", str(folder), "--no-adapters"),
+        f"--model {folder}",
+        "chat template",
+        "cannot render an image request",
+    )
 
 
 def test_missing_registry(tmp_path: Path, tiny_model_dir: Path) -> None:
     registry = tmp_path / "no-such-registry"
-    _refused(_serve("--model", str(tiny_model_dir), "--registry", str(registry)),
-             f"--registry {registry}: no such folder")
+    _refused(
+        _serve("--model", str(tiny_model_dir), "--registry", str(registry)),
+        f"--registry {registry}: no such folder",
+    )
 
 
 def test_initial_version_not_published(tmp_path: Path, tiny_model_dir: Path) -> None:
-    _refused(_serve("--model", str(tiny_model_dir), "--registry", str(tmp_path), "--initial-version", "7"),
-             f"--registry {tmp_path}", "--initial-version 7 is not published there (published: none)")
+    _refused(
+        _serve(
+            "--model", str(tiny_model_dir), "--registry", str(tmp_path), "--initial-version", "7"
+        ),
+        f"--registry {tmp_path}",
+        "--initial-version 7 is not published there (published: none)",
+    )
 
 
 # -- the checks in-process: what else they refuse, and that servable folders pass ----------------
@@ -85,15 +112,23 @@ def test_servable_folders_pass(tmp_path: Path, tiny_model_dir: Path) -> None:
     check_registry(tmp_path, None)  # an existing empty registry is served once a version appears
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("file", "not a folder"),
-    ("bad_json", "config.json cannot be read as JSON"),
-    ("original_llava", "convert_llava_weights_to_hf"),
-    ("no_vision_config", "no vision_config"),
-    ("no_weights", "no weights"),
-    ("missing_shard", "names weight shards that are missing: ['model-00002-of-00002.safetensors']"),
-])
-def test_model_folder_refusals(tmp_path: Path, tiny_model_dir: Path, case: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("file", "not a folder"),
+        ("bad_json", "config.json cannot be read as JSON"),
+        ("original_llava", "convert_llava_weights_to_hf"),
+        ("no_vision_config", "no vision_config"),
+        ("no_weights", "no weights"),
+        (
+            "missing_shard",
+            "names weight shards that are missing: ['model-00002-of-00002.safetensors']",
+        ),
+    ],
+)
+def test_model_folder_refusals(
+    tmp_path: Path, tiny_model_dir: Path, case: str, needle: str
+) -> None:
     folder = _copy_without(tiny_model_dir, tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     if case == "file":
@@ -101,8 +136,9 @@ def test_model_folder_refusals(tmp_path: Path, tiny_model_dir: Path, case: str, 
     elif case == "bad_json":
         (folder / "config.json").write_text("{not json")
     elif case == "original_llava":
-        (folder / "config.json").write_text(json.dumps({"model_type": "llava_llama",
-                                                        "architectures": ["LlavaLlamaForCausalLM"]}))
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"]})
+        )
     elif case == "no_vision_config":
         del config["vision_config"]
         (folder / "config.json").write_text(json.dumps(config))
@@ -110,8 +146,16 @@ def test_model_folder_refusals(tmp_path: Path, tiny_model_dir: Path, case: str, 
         (folder / "model.safetensors").unlink()
     elif case == "missing_shard":
         (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "weight_map": {
+                        "a": "model-00001-of-00002.safetensors",
+                        "b": "model-00002-of-00002.safetensors",
+                    }
+                }
+            )
+        )
     with pytest.raises(StartupCheckError) as err:
         check_model_folder(folder)
     assert str(err.value).startswith(f"--model {folder}: ") and needle in str(err.value)

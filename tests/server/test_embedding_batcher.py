@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import pytest
 import torch
@@ -67,7 +67,9 @@ def test_concurrent_callers_share_encode_calls_and_get_their_own_embedding() -> 
         assert isinstance(got, torch.Tensor), text
         torch.testing.assert_close(got, want)
     assert emb.max_active == 1, "the encoder ran concurrently"
-    assert sorted(t for b in emb.batches for t in b) == sorted(texts)  # every text encoded exactly once
+    assert sorted(t for b in emb.batches for t in b) == sorted(
+        texts
+    )  # every text encoded exactly once
     assert encoder.calls == len(emb.batches) < len(texts)
     assert max(len(b) for b in emb.batches) > 1
 
@@ -94,7 +96,9 @@ def test_an_encoder_error_reaches_every_caller_of_that_batch_only() -> None:
         else:
             assert isinstance(r, torch.Tensor)
     # the encoder is usable afterwards
-    torch.testing.assert_close(encoder.encode_one("good again"), HashingEmbedder().encode(["good again"])[0])
+    torch.testing.assert_close(
+        encoder.encode_one("good again"), HashingEmbedder().encode(["good again"])[0]
+    )
 
 
 def test_a_lone_caller_is_encoded_at_once() -> None:

@@ -47,12 +47,16 @@ tests:
 
 
 def _promtool(*args: str, cwd: Path) -> None:
-    proc = subprocess.run([promtool_path(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [promtool_path(), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_prometheus_config_and_rules_pass_promtool() -> None:
-    _promtool("check", "config", "prometheus.yml", cwd=DEPLOY)  # also checks alerts.yml, its rule file
+    _promtool(
+        "check", "config", "prometheus.yml", cwd=DEPLOY
+    )  # also checks alerts.yml, its rule file
 
 
 def test_engine_alerts_fire_on_vllm_series(tmp_path: Path) -> None:

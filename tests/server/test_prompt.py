@@ -47,8 +47,11 @@ def test_llava15_template_gets_image_parts_and_string_content(llava15_dir: Path)
     assert prompt == "Be brief. USER: <image>\nWhat colour is the circle? ASSISTANT:"
     # a plain string content (which this template alone renders as nothing) keeps its text
     assert r.render([{"role": "user", "content": "Hello there"}]) == "USER: Hello there ASSISTANT:"
-    history = [{"role": "user", "content": [IMAGE, _text("Q1")]}, {"role": "assistant", "content": "A1"},
-               {"role": "user", "content": "Q2"}]
+    history = [
+        {"role": "user", "content": [IMAGE, _text("Q1")]},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ]
     assert r.render(history) == "USER: <image>\nQ1 ASSISTANT: A1 USER: Q2 ASSISTANT:"
 
 
@@ -57,25 +60,42 @@ def test_count_tokens_expands_the_image_at_the_config_token_id(llava15_dir: Path
     prompt = r.render(_msgs(IMAGE, _text("What colour?")))
     ids = r.tokenizer(prompt)["input_ids"]
     image_id = r.tokenizer.convert_tokens_to_ids("<image>")
-    assert image_id >= 500 and ids.count(image_id) == 1  # added at the end of the vocabulary, as llava-hf's
+    assert (
+        image_id >= 500 and ids.count(image_id) == 1
+    )  # added at the end of the vocabulary, as llava-hf's
     assert r.count_tokens(prompt, 1) == len(ids) + r.image_tokens - 1 and r.image_tokens == 16
 
 
-def test_interleaved_template_keeps_the_image_where_it_stands(llava15_dir: Path, tmp_path: Path) -> None:
-    r = PromptRenderer.from_model_dir(_with_template(llava15_dir, tmp_path / "m", INTERLEAVED_TEMPLATE))
+def test_interleaved_template_keeps_the_image_where_it_stands(
+    llava15_dir: Path, tmp_path: Path
+) -> None:
+    r = PromptRenderer.from_model_dir(
+        _with_template(llava15_dir, tmp_path / "m", INTERLEAVED_TEMPLATE)
+    )
     assert r.content_format == "openai"
     prompt = r.render(_msgs(_text("Look: "), IMAGE, _text(" what is it?")))
-    assert prompt == "<|im_start|>user\nLook: <image> what is it?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        prompt == "<|im_start|>user\nLook: <image> what is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
-def test_string_template_gets_placeholders_before_the_text(llava15_dir: Path, tmp_path: Path) -> None:
-    r = PromptRenderer.from_model_dir(_with_template(llava15_dir, tmp_path / "m", TEMPLATES / "vicuna-string.jinja"))
+def test_string_template_gets_placeholders_before_the_text(
+    llava15_dir: Path, tmp_path: Path
+) -> None:
+    r = PromptRenderer.from_model_dir(
+        _with_template(llava15_dir, tmp_path / "m", TEMPLATES / "vicuna-string.jinja")
+    )
     assert r.content_format == "string"
-    assert r.render(_msgs(_text("What colour?"), IMAGE, system="Sys.")) == "Sys. USER: <image>\nWhat colour? ASSISTANT:"
+    assert (
+        r.render(_msgs(_text("What colour?"), IMAGE, system="Sys."))
+        == "Sys. USER: <image>\nWhat colour? ASSISTANT:"
+    )
     assert r.render([{"role": "user", "content": "Hi"}]) == "USER: Hi ASSISTANT:"
 
 
-def test_template_that_drops_images_is_refused_naming_the_folder(llava15_dir: Path, tmp_path: Path) -> None:
+def test_template_that_drops_images_is_refused_naming_the_folder(
+    llava15_dir: Path, tmp_path: Path
+) -> None:
     bad = _with_template(llava15_dir, tmp_path / "bad", TEMPLATES / "drops-images.jinja")
     with pytest.raises(ChatTemplateError) as e:
         PromptRenderer.from_model_dir(bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from smolora.adapters.instructions import InstructionEncoder
 from smolora.adapters.reference_generate import ReferenceRequest, generate_batch
@@ -12,9 +13,8 @@ from smolora.adapters.smolora import RoutingContext, SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.tiny_llava import load_llava
 from smolora.training.data.collate import IGNORE_INDEX, ExampleEncoder
 from smolora.training.data.mini_cvit import load_split
-from smolora.training.evaluate import evaluate_task, greedy_generate, no_scope, score_predictions
 from smolora.training.data.tasks import TASKS
-from PIL import Image
+from smolora.training.evaluate import evaluate_task, greedy_generate, no_scope, score_predictions
 
 
 def test_labels_cover_only_the_answer_and_eos(base_dir: Path, data_root: Path) -> None:
@@ -25,7 +25,10 @@ def test_labels_cover_only_the_answer_and_eos(base_dir: Path, data_root: Path) -
     for i, ex in enumerate(examples):
         ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
         target = ids[labels != IGNORE_INDEX]
-        assert enc.tokenizer.decode(target, skip_special_tokens=False).strip() == ex.answer + enc.eos_token
+        assert (
+            enc.tokenizer.decode(target, skip_special_tokens=False).strip()
+            == ex.answer + enc.eos_token
+        )
         assert int((ids == enc.image_token_id).sum()) == enc.num_image_tokens
         assert mask[0] == 1  # right padding for training
     gen = enc.collate_generate(examples)
@@ -35,14 +38,18 @@ def test_labels_cover_only_the_answer_and_eos(base_dir: Path, data_root: Path) -
 
 def test_greedy_generate_matches_reference_for_smolora(base_dir: Path, data_root: Path) -> None:
     model, processor = load_llava(base_dir)
-    smodel = SMoLoRAModel(model, SMoLoRAConfig(num_experts=4, rank=8, alpha=16, dropout=0.0), seed=1)
+    smodel = SMoLoRAModel(
+        model, SMoLoRAConfig(num_experts=4, rank=8, alpha=16, dropout=0.0), seed=1
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-zero B so that routing changes the outputs
         for layer in smodel.layers.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
     enc = ExampleEncoder(processor)
     minilm = InstructionEncoder()
-    examples = load_split(data_root, "single", "vqav2", "test", limit=3) + load_split(data_root, "single", "sqa", "test", limit=2)
+    examples = load_split(data_root, "single", "vqav2", "test", limit=3) + load_split(
+        data_root, "single", "sqa", "test", limit=2
+    )
     batch = enc.collate_generate(examples)
     u = minilm.encode(batch["instructions"])
 

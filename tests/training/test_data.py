@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 
 from smolora.training.data.cvit_json import extract_instruction, load_examples
-from smolora.training.data.mini_cvit import MiniCVITConfig, build_mini_cvit, few_shot_split, load_pretrain, load_split
+from smolora.training.data.mini_cvit import (
+    MiniCVITConfig,
+    build_mini_cvit,
+    few_shot_split,
+    load_pretrain,
+    load_split,
+)
 from smolora.training.data.tasks import TASKS, UPSTREAM_ORDER, ZERO_SHOT
 from smolora.training.metrics import follows_format
 
-TINY = MiniCVITConfig(seed=11, image_size=32, train_per_task=5, test_per_task=3, few_shot_max=2, pretrain_size=4)
+TINY = MiniCVITConfig(
+    seed=11, image_size=32, train_per_task=5, test_per_task=3, few_shot_max=2, pretrain_size=4
+)
 
 
 def _digest(root: Path) -> str:
@@ -28,7 +36,9 @@ def _digest(root: Path) -> str:
 def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path: Path) -> None:
     a = build_mini_cvit(tmp_path / "a", TINY, progress=False)
     b = build_mini_cvit(tmp_path / "b", TINY, progress=False)
-    c = build_mini_cvit(tmp_path / "c", MiniCVITConfig(**{**TINY.__dict__, "seed": 12}), progress=False)
+    c = build_mini_cvit(
+        tmp_path / "c", MiniCVITConfig(**{**TINY.__dict__, "seed": 12}), progress=False
+    )
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
 
@@ -53,7 +63,19 @@ def test_structure_of_a_build(data_root: Path) -> None:
 
 
 def test_multi_type_uses_several_templates(tmp_path: Path) -> None:
-    root = build_mini_cvit(tmp_path, MiniCVITConfig(seed=0, image_size=32, train_per_task=60, test_per_task=3, few_shot_max=1, pretrain_size=1, tasks=("vqav2",)), progress=False)
+    root = build_mini_cvit(
+        tmp_path,
+        MiniCVITConfig(
+            seed=0,
+            image_size=32,
+            train_per_task=60,
+            test_per_task=3,
+            few_shot_max=1,
+            pretrain_size=1,
+            tasks=("vqav2",),
+        ),
+        progress=False,
+    )
     assert len({ex.instruction for ex in load_split(root, "multi", "vqav2", "train")}) == 5
 
 
@@ -81,7 +103,10 @@ def test_loader_reads_llava_training_records(tmp_path: Path) -> None:
             "id": "q1",
             "image": "coco/1.jpg",
             "conversations": [
-                {"from": "human", "value": "<image>\nWhat is the man holding?\nAnswer the question using a single word or phrase."},
+                {
+                    "from": "human",
+                    "value": "<image>\nWhat is the man holding?\nAnswer the question using a single word or phrase.",
+                },
                 {"from": "gpt", "value": "umbrella"},
             ],
         },
@@ -89,7 +114,10 @@ def test_loader_reads_llava_training_records(tmp_path: Path) -> None:
             "id": "q2",
             "image": "sqa/2.png",
             "conversations": [
-                {"from": "human", "value": "Which is a mammal?\nA. frog\nB. dog\nAnswer with the option's letter from the given choices directly.\n<image>"},
+                {
+                    "from": "human",
+                    "value": "Which is a mammal?\nA. frog\nB. dog\nAnswer with the option's letter from the given choices directly.\n<image>",
+                },
                 {"from": "gpt", "value": "B"},
                 {"from": "human", "value": "second turn is ignored"},
                 {"from": "gpt", "value": "x"},
@@ -102,7 +130,10 @@ def test_loader_reads_llava_training_records(tmp_path: Path) -> None:
     ex = load_examples(path, image_root=tmp_path / "imgs")
     assert ex[0].task == "vqav2"
     assert ex[0].image == tmp_path / "imgs" / "coco/1.jpg"
-    assert ex[0].prompt == "What is the man holding?\nAnswer the question using a single word or phrase."
+    assert (
+        ex[0].prompt
+        == "What is the man holding?\nAnswer the question using a single word or phrase."
+    )
     assert ex[0].instruction == "Answer the question using a single word or phrase."
     assert ex[0].answer == "umbrella" and ex[0].references == ("umbrella",)
     assert ex[1].instruction == "Answer with the option's letter from the given choices directly."
@@ -112,8 +143,18 @@ def test_loader_reads_llava_training_records(tmp_path: Path) -> None:
 def test_loader_reads_question_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "textvqa.jsonl"
     lines = [
-        {"question_id": 7, "image": "a.png", "text": "what is written?\nAnswer the question using a single word or phrase.", "answer": "stop"},
-        {"question_id": 8, "image": "b.png", "text": "<image>\ncaption?", "answers": ["x y.", "z w."]},
+        {
+            "question_id": 7,
+            "image": "a.png",
+            "text": "what is written?\nAnswer the question using a single word or phrase.",
+            "answer": "stop",
+        },
+        {
+            "question_id": 8,
+            "image": "b.png",
+            "text": "<image>\ncaption?",
+            "answers": ["x y.", "z w."],
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in lines))
     ex = load_examples(path, task="textvqa", image_root=tmp_path)

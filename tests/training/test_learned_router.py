@@ -15,9 +15,14 @@ from smolora.training.data.mini_cvit import load_split
 from smolora.training.methods import build_method
 
 
-def test_a_task_reusing_an_instruction_trains_only_its_own_vu_expert(base_dir: Path, data_root: Path, tmp_path: Path) -> None:
+def test_a_task_reusing_an_instruction_trains_only_its_own_vu_expert(
+    base_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
     run = RunConfig(
-        method="smolora_learned", data_root=data_root, base_dir=base_dir, out_dir=tmp_path,
+        method="smolora_learned",
+        data_root=data_root,
+        base_dir=base_dir,
+        out_dir=tmp_path,
         adapter=AdapterSizes(rank=8, alpha=16, num_experts=4, lora_rank=4, lora_alpha=8),
     )
     model, processor = load_llava(base_dir)
@@ -67,4 +72,3 @@ def test_a_task_reusing_an_instruction_trains_only_its_own_vu_expert(base_dir: P
             assert g is not None
             nonzero = [e for e in range(4) if torch.count_nonzero(g[e]) > 0]
             assert nonzero == method.trainable_experts(name), name
-

@@ -13,7 +13,9 @@ MATRIX = [[80.0, None, None], [60.0, 90.0, None], [50.0, 70.0, 100.0]]
 
 def test_ap_map_bwt_by_hand() -> None:
     assert metrics.average_performance(MATRIX) == pytest.approx((50 + 70 + 100) / 3)
-    assert metrics.mean_average_performance(MATRIX) == pytest.approx((80 + (60 + 90) / 2 + (50 + 70 + 100) / 3) / 3)
+    assert metrics.mean_average_performance(MATRIX) == pytest.approx(
+        (80 + (60 + 90) / 2 + (50 + 70 + 100) / 3) / 3
+    )
     assert metrics.backward_transfer(MATRIX) == pytest.approx(((50 - 80) + (70 - 90)) / 2)
 
 
@@ -41,7 +43,8 @@ def test_normalisation_and_exact_match() -> None:
 
 
 @pytest.mark.parametrize(
-    "pred,letter", [("B", "B"), ("B.", "B"), ("(C)", "C"), ("A. red", "A"), ("red", None), ("Blue", None)]
+    "pred,letter",
+    [("B", "B"), ("B.", "B"), ("(C)", "C"), ("A. red", "A"), ("red", None), ("Blue", None)],
 )
 def test_option_letter_parsing(pred: str, letter: str | None) -> None:
     assert metrics.parse_option_letter(pred) == letter
@@ -93,7 +96,9 @@ def test_cider_d_partial_match_by_hand() -> None:
 
 def test_cider_d_long_identical_caption_scores_ten_and_disjoint_zero() -> None:
     refs = [["a red circle on a beach"], ["two blue stars in a forest"]]
-    assert metrics.cider_d(["a red circle on a beach"], refs[:1] * 1)[0] == 0.0  # one image: idf is log(1) = 0
+    assert (
+        metrics.cider_d(["a red circle on a beach"], refs[:1] * 1)[0] == 0.0
+    )  # one image: idf is log(1) = 0
     scores = metrics.cider_d(["a red circle on a beach", "green squares at night"], refs)
     assert scores[0] == pytest.approx(10.0)
     assert scores[1] == 0.0

@@ -10,8 +10,15 @@ from smolora.training.report import markdown_table, stage_ap, write_report
 
 def _fake(method: str, matrix: list, ap: float, bwt: float | None) -> dict:
     return {
-        "method": method, "setting": "single", "tasks": ["sqa", "textvqa"], "AP": ap, "MAP": ap, "BWT": bwt, "MIF": 90.0,
-        "matrix": matrix, "unseen": {"vizwiz": {"score": 10.0}, "places_5shot": {"score": 30.0}},
+        "method": method,
+        "setting": "single",
+        "tasks": ["sqa", "textvqa"],
+        "AP": ap,
+        "MAP": ap,
+        "BWT": bwt,
+        "MIF": 90.0,
+        "matrix": matrix,
+        "unseen": {"vizwiz": {"score": 10.0}, "places_5shot": {"score": 30.0}},
         "robustness": {"AP_heldout": 40.0},
     }
 

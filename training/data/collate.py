@@ -14,8 +14,9 @@ It does not embed instructions (methods do) and does not batch by length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -56,10 +57,14 @@ class ExampleEncoder:
         self.cache = cache
         self.image_token: str = processor.image_token
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        self.pad_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id: int = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        )
         self.eos_token: str = self.tokenizer.eos_token
         size = self._image_side()
-        probe = processor(text=[self.image_token], images=[Image.new("RGB", (size, size))], return_tensors="pt")
+        probe = processor(
+            text=[self.image_token], images=[Image.new("RGB", (size, size))], return_tensors="pt"
+        )
         self.num_image_tokens = int((probe["input_ids"] == self.image_token_id).sum())
         self._ids: dict[tuple[str, str, str], EncodedExample] = {}
         self._pixels: dict[str, Tensor] = {}
@@ -71,21 +76,29 @@ class ExampleEncoder:
     # -- single examples ------------------------------------------------------------------
     def prompt_text(self, ex: Example) -> str:
         """The chat-formatted prompt with one image placeholder."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.prompt}]}
+        ]
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
 
     def encode(self, ex: Example) -> EncodedExample:
         """Prompt and answer token ids of an example (cached by id, prompt and answer)."""
         key = (ex.id, ex.prompt, ex.answer)
         if self.cache and key in self._ids:
             return self._ids[key]
-        text = self.prompt_text(ex).replace(self.image_token, self.image_token * self.num_image_tokens, 1)
+        text = self.prompt_text(ex).replace(
+            self.image_token, self.image_token * self.num_image_tokens, 1
+        )
         prompt_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
             keep_head = prompt_ids.index(self.image_token_id) + self.num_image_tokens
             cut = len(prompt_ids) - self.max_prompt_tokens
             prompt_ids = prompt_ids[:keep_head] + prompt_ids[keep_head + cut :]
-        answer_ids = self.tokenizer(" " + ex.answer + self.eos_token, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(" " + ex.answer + self.eos_token, add_special_tokens=False)[
+            "input_ids"
+        ]
         enc = EncodedExample(list(prompt_ids), list(answer_ids))
         if self.cache:
             self._ids[key] = enc
@@ -98,12 +111,16 @@ class ExampleEncoder:
             ValueError: for a text-only example (every mini-CVIT/CVIT record has an image).
         """
         if ex.image is None:
-            raise ValueError(f"example {ex.id!r} has no image; text-only examples are not supported")
+            raise ValueError(
+                f"example {ex.id!r} has no image; text-only examples are not supported"
+            )
         key = str(ex.image)
         if self.cache and key in self._pixels:
             return self._pixels[key]
         with Image.open(ex.image) as im:
-            pv = self.processor.image_processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"][0]
+            pv = self.processor.image_processor(images=[im.convert("RGB")], return_tensors="pt")[
+                "pixel_values"
+            ][0]
         if self.cache:
             self._pixels[key] = pv
         return pv

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -63,7 +64,13 @@ def human_value(question: str, instruction: str) -> str:
 
 
 def make_record(
-    rid: str, image: str, question: str, instruction: str, answer: str, task: str, references: Sequence[str]
+    rid: str,
+    image: str,
+    question: str,
+    instruction: str,
+    answer: str,
+    task: str,
+    references: Sequence[str],
 ) -> dict[str, Any]:
     """A LLaVA-format record with mini-CVIT's extra keys."""
     return {
@@ -91,7 +98,12 @@ def extract_instruction(prompt: str, known: Iterable[str] = ()) -> str:
 
 
 def _strip_placeholder(value: str) -> str:
-    return value.replace(IMAGE_PLACEHOLDER + "\n", "").replace("\n" + IMAGE_PLACEHOLDER, "").replace(IMAGE_PLACEHOLDER, "").strip()
+    return (
+        value.replace(IMAGE_PLACEHOLDER + "\n", "")
+        .replace("\n" + IMAGE_PLACEHOLDER, "")
+        .replace(IMAGE_PLACEHOLDER, "")
+        .strip()
+    )
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -128,7 +140,11 @@ def parse_record(
         answer = str(raw[0] if isinstance(raw, list) and raw else raw).strip()
     else:
         raise ValueError(f"record {rid!r}: neither 'conversations' nor 'text' is present")
-    refs = rec.get("references") or (rec.get("answers") if isinstance(rec.get("answers"), list) else None) or [answer]
+    refs = (
+        rec.get("references")
+        or (rec.get("answers") if isinstance(rec.get("answers"), list) else None)
+        or [answer]
+    )
     instruction = rec.get("instruction") or extract_instruction(prompt, known_instructions)
     image = rec.get("image")
     image_path = None

@@ -19,21 +19,40 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from tqdm import tqdm
 
 from smolora.training.data.cvit_json import Example, load_examples, make_record, write_records
-from smolora.training.data.scene import describe, render_scene, sample_cover, sample_scene, sample_single_object
-from smolora.training.data.tasks import FEW_SHOT, TASKS, UPSTREAM_ORDER, ZERO_SHOT, all_backgrounds, make_item, places_item
+from smolora.training.data.scene import (
+    describe,
+    render_scene,
+    sample_cover,
+    sample_scene,
+    sample_single_object,
+)
+from smolora.training.data.tasks import (
+    FEW_SHOT,
+    TASKS,
+    UPSTREAM_ORDER,
+    ZERO_SHOT,
+    all_backgrounds,
+    make_item,
+    places_item,
+)
 
 logger = logging.getLogger(__name__)
 
 Setting = Literal["single", "multi"]
 GENERATOR_VERSION = 1
-PRETRAIN_PROMPTS = ("Describe the image.", "What is in this picture?", "Tell me about the image.", "What do you see?")
+PRETRAIN_PROMPTS = (
+    "Describe the image.",
+    "What is in this picture?",
+    "Tell me about the image.",
+    "What do you see?",
+)
 
 
 @dataclass
@@ -63,8 +82,13 @@ class MiniCVITConfig:
         self.tasks = tuple(self.tasks)
         unknown = [t for t in self.tasks if t not in TASKS or TASKS[t].kind != "upstream"]
         if unknown:
-            raise ValueError(f"not upstream mini-CVIT tasks: {unknown}; choose from {list(UPSTREAM_ORDER)}")
-        if min(self.train_per_task, self.test_per_task, self.few_shot_max) < 1 or self.pretrain_size < 0:
+            raise ValueError(
+                f"not upstream mini-CVIT tasks: {unknown}; choose from {list(UPSTREAM_ORDER)}"
+            )
+        if (
+            min(self.train_per_task, self.test_per_task, self.few_shot_max) < 1
+            or self.pretrain_size < 0
+        ):
             raise ValueError("item counts must be positive")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
@@ -99,7 +123,9 @@ def _write_split(
         per_setting = {"single": spec.single_template, "multi": multi_seen}
         for setting, instruction in per_setting.items():
             files.setdefault((setting, split), []).append(
-                make_record(rid, rel, item.question, instruction, item.answer, task, item.references)
+                make_record(
+                    rid, rel, item.question, instruction, item.answer, task, item.references
+                )
             )
             if split == "test":
                 files.setdefault((setting, "test_heldout"), []).append(
@@ -110,7 +136,9 @@ def _write_split(
         write_records(root / setting / task / f"{name}.json", records)
 
 
-def build_mini_cvit(root: str | Path, config: MiniCVITConfig | None = None, progress: bool = True) -> Path:
+def build_mini_cvit(
+    root: str | Path, config: MiniCVITConfig | None = None, progress: bool = True
+) -> Path:
     """Generate the benchmark into `root` (skipped when an identical build is there).
 
     Args:
@@ -125,7 +153,9 @@ def build_mini_cvit(root: str | Path, config: MiniCVITConfig | None = None, prog
     out = Path(root)
     manifest_path = out / "manifest.json"
     want = {"config": cfg.to_dict(), "tasks": {t: asdict(TASKS[t]) for t in TASKS}}
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == json.loads(json.dumps(want)):
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == json.loads(
+        json.dumps(want)
+    ):
         logger.info("mini-CVIT already built at %s", out)
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +175,9 @@ def build_mini_cvit(root: str | Path, config: MiniCVITConfig | None = None, prog
         for task in FEW_SHOT:
             rng = _rng(cfg.seed, task, "shots")
             # Shot k of every class before shot k+1, so the first k*classes items are k-shot.
-            shots = [places_item(rng, bg) for _ in range(cfg.few_shot_max) for bg in all_backgrounds()]
+            shots = [
+                places_item(rng, bg) for _ in range(cfg.few_shot_max) for bg in all_backgrounds()
+            ]
             _write_split(out, cfg, task, "train", len(shots), bar, items=shots)
             _write_split(out, cfg, task, "test", cfg.test_per_task, bar)
         _write_pretrain(out, cfg, bar)
@@ -161,13 +193,25 @@ def _write_pretrain(root: Path, cfg: MiniCVITConfig, bar: tqdm) -> None:
     for i in range(cfg.pretrain_size):
         r = rng.random()
         scene = (
-            sample_single_object(rng) if r < 0.15
-            else sample_cover(rng) if r < 0.25
+            sample_single_object(rng)
+            if r < 0.15
+            else sample_cover(rng)
+            if r < 0.25
             else sample_scene(rng, 0, 5, sign=rng.random() < 0.35)
         )
         rel = f"images/pretrain/{i:05d}.png"
         render_scene(scene, cfg.image_size, seed=rng.randrange(1 << 30)).save(root / rel)
-        records.append(make_record(f"pretrain-{i:05d}", rel, "", rng.choice(PRETRAIN_PROMPTS), describe(scene), "pretrain", []))
+        records.append(
+            make_record(
+                f"pretrain-{i:05d}",
+                rel,
+                "",
+                rng.choice(PRETRAIN_PROMPTS),
+                describe(scene),
+                "pretrain",
+                [],
+            )
+        )
         bar.update(1)
     write_records(root / "pretrain" / "train.json", records)
 
@@ -182,7 +226,9 @@ def task_file(root: str | Path, setting: Setting, task: str, split: str) -> Path
     return Path(root) / setting / task / f"{split}.json"
 
 
-def load_split(root: str | Path, setting: Setting, task: str, split: str, limit: int | None = None) -> list[Example]:
+def load_split(
+    root: str | Path, setting: Setting, task: str, split: str, limit: int | None = None
+) -> list[Example]:
     """Load one mini-CVIT split as `Example`s (images resolved against `root`).
 
     Raises:
@@ -190,7 +236,9 @@ def load_split(root: str | Path, setting: Setting, task: str, split: str, limit:
     """
     path = task_file(root, setting, task, split)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: build mini-CVIT first (python -m smolora.training build-data --out {root})")
+        raise FileNotFoundError(
+            f"{path} is missing: build mini-CVIT first (python -m smolora.training build-data --out {root})"
+        )
     spec = TASKS.get(task)
     known = (spec.templates + spec.heldout) if spec else ()
     return load_examples(path, task=task, image_root=root, known_instructions=known, limit=limit)
@@ -209,4 +257,6 @@ def few_shot_split(examples: list[Example], shots: int) -> list[Example]:
 
 def load_pretrain(root: str | Path, limit: int | None = None) -> list[Example]:
     """The base-alignment descriptions."""
-    return load_examples(Path(root) / "pretrain" / "train.json", task="pretrain", image_root=root, limit=limit)
+    return load_examples(
+        Path(root) / "pretrain" / "train.json", task="pretrain", image_root=root, limit=limit
+    )

@@ -25,7 +25,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 195),
     "orange": (245, 140, 30),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon")
+SHAPES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "diamond",
+    "ring",
+    "hexagon",
+)
 SIZES: tuple[str, ...] = ("small", "large")
 #: Background scenes: (top colour, bottom colour, horizon as a fraction of the height, texture).
 BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], float, str]] = {
@@ -39,15 +48,54 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], float, 
     "ocean": ((170, 210, 240), (40, 90, 160), 0.4, "waves"),
 }
 WORDS: tuple[str, ...] = (
-    "cat", "dog", "sun", "bus", "stop", "open", "sale", "book", "milk", "taxi", "park", "exit",
-    "fish", "cake", "moon", "tree", "bird", "shop", "home", "bank", "road", "gold", "rain", "wind",
+    "cat",
+    "dog",
+    "sun",
+    "bus",
+    "stop",
+    "open",
+    "sale",
+    "book",
+    "milk",
+    "taxi",
+    "park",
+    "exit",
+    "fish",
+    "cake",
+    "moon",
+    "tree",
+    "bird",
+    "shop",
+    "home",
+    "bank",
+    "road",
+    "gold",
+    "rain",
+    "wind",
 )
-NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 #: Grid cells (row, col) of a 3x3 layout and their names.
 CELL_NAMES: dict[tuple[int, int], str] = {
-    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
-    (1, 0): "left", (1, 1): "center", (1, 2): "right",
-    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left",
+    (1, 1): "center",
+    (1, 2): "right",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right",
 }
 
 
@@ -100,11 +148,18 @@ class Scene:
 
     def count(self, shape: str | None = None, colour: str | None = None) -> int:
         """How many objects match the shape and/or colour."""
-        return sum((shape is None or o.shape == shape) and (colour is None or o.colour == colour) for o in self.objects)
+        return sum(
+            (shape is None or o.shape == shape) and (colour is None or o.colour == colour)
+            for o in self.objects
+        )
 
     def find(self, shape: str | None = None, colour: str | None = None) -> list[SceneObject]:
         """The objects matching the shape and/or colour."""
-        return [o for o in self.objects if (shape is None or o.shape == shape) and (colour is None or o.colour == colour)]
+        return [
+            o
+            for o in self.objects
+            if (shape is None or o.shape == shape) and (colour is None or o.colour == colour)
+        ]
 
 
 def sample_scene(
@@ -151,13 +206,19 @@ def sample_scene(
 def sample_single_object(rng: random.Random) -> Scene:
     """One huge object near the centre (the object-classification pictures)."""
     obj = SceneObject(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), "huge", (1, 1))
-    return Scene(rng.choice(tuple(BACKGROUNDS)), [obj], jitter=[(rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3))])
+    return Scene(
+        rng.choice(tuple(BACKGROUNDS)),
+        [obj],
+        jitter=[(rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3))],
+    )
 
 
 def sample_cover(rng: random.Random) -> Scene:
     """A book cover: a solid colour, a title word, and a small shape as its emblem."""
     colour = rng.choice(tuple(COLOURS))
-    emblem = SceneObject(rng.choice(SHAPES), rng.choice([c for c in COLOURS if c != colour]), "small", (0, 1))
+    emblem = SceneObject(
+        rng.choice(SHAPES), rng.choice([c for c in COLOURS if c != colour]), "small", (0, 1)
+    )
     return Scene(rng.choice(tuple(BACKGROUNDS)), [emblem], cover=(colour, rng.choice(WORDS)))
 
 
@@ -165,7 +226,7 @@ def sample_cover(rng: random.Random) -> Scene:
 # Text
 # --------------------------------------------------------------------------------------
 def article(word: str) -> str:
-    """"a" or "an" for the word that follows."""
+    """ "a" or "an" for the word that follows."""
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
@@ -203,8 +264,16 @@ def describe(scene: Scene) -> str:
 # --------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------
-def _polygon(cx: float, cy: float, r: float, n: int, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(phase + 2 * math.pi * k / n), cy + r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+def _polygon(
+    cx: float, cy: float, r: float, n: int, phase: float = -math.pi / 2
+) -> list[tuple[float, float]]:
+    return [
+        (
+            cx + r * math.cos(phase + 2 * math.pi * k / n),
+            cy + r * math.sin(phase + 2 * math.pi * k / n),
+        )
+        for k in range(n)
+    ]
 
 
 def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -216,7 +285,14 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return pts
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    fill: tuple[int, int, int],
+) -> None:
     """Draw one filled shape of radius `r` centred at (cx, cy) with a dark outline."""
     outline = (25, 25, 25)
     w = max(1, int(r / 6))
@@ -251,12 +327,17 @@ def _background(draw: ImageDraw.ImageDraw, name: str, size: int, rng: random.Ran
     if texture == "trees":
         for _ in range(5):
             x = rng.uniform(0, size)
-            draw.polygon([(x, h - size * 0.2), (x - size * 0.06, h + 2), (x + size * 0.06, h + 2)], fill=(30, 70, 35))
+            draw.polygon(
+                [(x, h - size * 0.2), (x - size * 0.06, h + 2), (x + size * 0.06, h + 2)],
+                fill=(30, 70, 35),
+            )
     elif texture == "buildings":
         x = 0.0
         while x < size:
             w = rng.uniform(0.1, 0.2) * size
-            draw.rectangle((x, h - rng.uniform(0.1, 0.3) * size, x + w - 2, h), fill=(130, 135, 150))
+            draw.rectangle(
+                (x, h - rng.uniform(0.1, 0.3) * size, x + w - 2, h), fill=(130, 135, 150)
+            )
             x += w
     elif texture == "stars":
         for _ in range(12):
@@ -267,7 +348,9 @@ def _background(draw: ImageDraw.ImageDraw, name: str, size: int, rng: random.Ran
             y = h + (k + 1) * (size - h) / 5
             draw.line((0, y, size, y), fill=(90, 140, 200), width=max(1, size // 64))
     elif texture == "dunes":
-        draw.ellipse((-size * 0.2, h - size * 0.05, size * 0.6, h + size * 0.15), fill=(225, 185, 120))
+        draw.ellipse(
+            (-size * 0.2, h - size * 0.05, size * 0.6, h + size * 0.15), fill=(225, 185, 120)
+        )
 
 
 def render_scene(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Image:
@@ -291,7 +374,9 @@ def render_scene(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Ima
     if scene.cover is not None:
         colour, title = scene.cover
         draw.rectangle((0, 0, s, s), fill=COLOURS[colour])
-        draw.rectangle((s * 0.06, s * 0.06, s * 0.94, s * 0.94), outline=(250, 250, 250), width=max(1, s // 48))
+        draw.rectangle(
+            (s * 0.06, s * 0.06, s * 0.94, s * 0.94), outline=(250, 250, 250), width=max(1, s // 48)
+        )
         emblem = scene.objects[0]
         draw_shape(draw, emblem.shape, s / 2, s * 0.25, s * 0.1, COLOURS[emblem.colour])
         _text(draw, title.upper(), s / 2, s * 0.62, s * 0.2, (250, 250, 250))
@@ -307,11 +392,25 @@ def render_scene(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Ima
         draw_shape(draw, o.shape, cx, cy, r, COLOURS[o.colour])
     if scene.sign:
         top = 2 * cell + cell * 0.12
-        draw.rectangle((s * 0.1, top, s * 0.9, s - cell * 0.12), fill=(250, 250, 250), outline=(30, 30, 30), width=max(1, s // 64))
-        _text(draw, scene.sign.upper(), s / 2, (top + s - cell * 0.12) / 2, cell * 0.6, (10, 10, 10))
+        draw.rectangle(
+            (s * 0.1, top, s * 0.9, s - cell * 0.12),
+            fill=(250, 250, 250),
+            outline=(30, 30, 30),
+            width=max(1, s // 64),
+        )
+        _text(
+            draw, scene.sign.upper(), s / 2, (top + s - cell * 0.12) / 2, cell * 0.6, (10, 10, 10)
+        )
     return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
-def _text(draw: ImageDraw.ImageDraw, text: str, cx: float, cy: float, height: float, fill: tuple[int, int, int]) -> None:
+def _text(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    cx: float,
+    cy: float,
+    height: float,
+    fill: tuple[int, int, int],
+) -> None:
     font = ImageFont.load_default(size=max(6, int(height)))
     draw.text((cx, cy), text, fill=fill, font=font, anchor="mm")

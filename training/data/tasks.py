@@ -77,7 +77,11 @@ TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
         TaskSpec(
-            "sqa", "ScienceQA", "upstream", "accuracy", "letter",
+            "sqa",
+            "ScienceQA",
+            "upstream",
+            "accuracy",
+            "letter",
             (
                 "Answer with the option's letter from the given choices directly.",
                 "Select the correct answer from the given choices and respond with the letter of the chosen option.",
@@ -92,7 +96,11 @@ TASKS: dict[str, TaskSpec] = {
             3,
         ),
         TaskSpec(
-            "textvqa", "TextVQA", "upstream", "accuracy", "short",
+            "textvqa",
+            "TextVQA",
+            "upstream",
+            "accuracy",
+            "short",
             (
                 SHORT,
                 "Capture the essence of your response in a single word or a concise phrase.",
@@ -100,11 +108,18 @@ TASKS: dict[str, TaskSpec] = {
                 "Respond with the written word only.",
                 "Give the text you can read, as one word.",
             ),
-            ("What text appears in the picture? Reply with just that word.", "Transcribe the written word briefly."),
+            (
+                "What text appears in the picture? Reply with just that word.",
+                "Transcribe the written word briefly.",
+            ),
             4,
         ),
         TaskSpec(
-            "caption", "Flickr30k", "upstream", "cider", "caption",
+            "caption",
+            "Flickr30k",
+            "upstream",
+            "cider",
+            "caption",
             (
                 CAPTION,
                 "Describe the image briefly in one sentence.",
@@ -112,11 +127,18 @@ TASKS: dict[str, TaskSpec] = {
                 "Summarise the scene in a single sentence.",
                 "Give a one-sentence description of the photo.",
             ),
-            ("Caption this image with one sentence.", "In one short sentence, say what the picture shows."),
+            (
+                "Caption this image with one sentence.",
+                "In one short sentence, say what the picture shows.",
+            ),
             24,
         ),
         TaskSpec(
-            "imagenet", "ImageNet", "upstream", "accuracy", "short",
+            "imagenet",
+            "ImageNet",
+            "upstream",
+            "accuracy",
+            "short",
             (
                 "What is the object in the image? Answer the question using a single word or phrase.",
                 "Identify the object in the picture and name its category in one word.",
@@ -124,11 +146,18 @@ TASKS: dict[str, TaskSpec] = {
                 "Name the object shown in the image.",
                 "Classify the object in the photo with a single word.",
             ),
-            ("What category is the pictured object? One word, please.", "Tell me the class of the object you see."),
+            (
+                "What category is the pictured object? One word, please.",
+                "Tell me the class of the object you see.",
+            ),
             4,
         ),
         TaskSpec(
-            "gqa", "GQA", "upstream", "accuracy", "short",
+            "gqa",
+            "GQA",
+            "upstream",
+            "accuracy",
+            "short",
             (
                 SHORT,
                 "Reason about the objects and their relations, then answer in a word or two.",
@@ -136,11 +165,18 @@ TASKS: dict[str, TaskSpec] = {
                 "Look at where the objects are and give a brief answer.",
                 "Respond with a single word that answers the question.",
             ),
-            ("Think about the spatial layout and reply in one word.", "Briefly answer the question about the scene."),
+            (
+                "Think about the spatial layout and reply in one word.",
+                "Briefly answer the question about the scene.",
+            ),
             4,
         ),
         TaskSpec(
-            "vqav2", "VQAv2", "upstream", "accuracy", "short",
+            "vqav2",
+            "VQAv2",
+            "upstream",
+            "accuracy",
+            "short",
             (
                 SHORT,
                 "Answer the visual question with one word or number.",
@@ -152,9 +188,14 @@ TASKS: dict[str, TaskSpec] = {
             4,
         ),
         TaskSpec(
-            "vizwiz", "VizWiz", "zeroshot", "accuracy", "short",
+            "vizwiz",
+            "VizWiz",
+            "zeroshot",
+            "accuracy",
+            "short",
             (
-                "When the provided information is insufficient, respond with 'Unanswerable'. " + SHORT,
+                "When the provided information is insufficient, respond with 'Unanswerable'. "
+                + SHORT,
                 "If the image cannot answer the question, reply 'unanswerable'; otherwise answer briefly.",
                 "Answer in a word or phrase, or say 'unanswerable' when the picture does not show it.",
                 "Reply briefly; say 'unanswerable' if the question cannot be answered from the image.",
@@ -167,7 +208,11 @@ TASKS: dict[str, TaskSpec] = {
             4,
         ),
         TaskSpec(
-            "textcaps", "TextCaps", "zeroshot", "cider", "caption",
+            "textcaps",
+            "TextCaps",
+            "zeroshot",
+            "cider",
+            "caption",
             (
                 CAPTION,
                 "Describe the image in one sentence, including any text it shows.",
@@ -175,11 +220,18 @@ TASKS: dict[str, TaskSpec] = {
                 "Caption the picture and say what the sign reads.",
                 "Give a single-sentence description including the text in the image.",
             ),
-            ("Describe this picture and its text in one sentence.", "One sentence: what does the image show and say?"),
+            (
+                "Describe this picture and its text in one sentence.",
+                "One sentence: what does the image show and say?",
+            ),
             24,
         ),
         TaskSpec(
-            "ocrvqa", "OCR-VQA", "zeroshot", "accuracy", "short",
+            "ocrvqa",
+            "OCR-VQA",
+            "zeroshot",
+            "accuracy",
+            "short",
             (
                 SHORT,
                 "Read the cover and answer with a single word.",
@@ -191,7 +243,11 @@ TASKS: dict[str, TaskSpec] = {
             4,
         ),
         TaskSpec(
-            "places", "Places365", "fewshot", "accuracy", "short",
+            "places",
+            "Places365",
+            "fewshot",
+            "accuracy",
+            "short",
             (
                 "What is the scene in the image? " + SHORT,
                 "Classify the scene shown in the picture with one word.",
@@ -273,7 +329,11 @@ def _sqa(rng: random.Random) -> TaskItem:
             if not large or not small:
                 continue
             a, b = rng.choice(large), rng.choice(small)
-            if a.name == b.name or scene.count(a.shape, a.colour) > 1 or scene.count(b.shape, b.colour) > 1:
+            if (
+                a.name == b.name
+                or scene.count(a.shape, a.colour) > 1
+                or scene.count(b.shape, b.colour) > 1
+            ):
                 continue
             opts, letter = _options(rng, f"the {a.name}", [f"the {a.name}", f"the {b.name}"], 2)
             q = "Which object is larger?"
@@ -284,25 +344,41 @@ def _sqa(rng: random.Random) -> TaskItem:
 
 def _textvqa(rng: random.Random) -> TaskItem:
     scene = sample_scene(rng, 0, 3, sign=True)
-    q = rng.choice(("What is written on the sign?", "What does the sign say?", "What word is shown in the image?"))
+    q = rng.choice(
+        (
+            "What is written on the sign?",
+            "What does the sign say?",
+            "What word is shown in the image?",
+        )
+    )
     return TaskItem(scene, q, scene.sign or "", [scene.sign or ""])
 
 
 _WHERE = {
-    "beach": "on a beach", "forest": "in a forest", "desert": "in a desert", "city": "in a city",
-    "snow": "in the snow", "night": "at night", "field": "in a field", "ocean": "over the ocean",
+    "beach": "on a beach",
+    "forest": "in a forest",
+    "desert": "in a desert",
+    "city": "in a city",
+    "snow": "in the snow",
+    "night": "at night",
+    "field": "in a field",
+    "ocean": "over the ocean",
 }
 
 
 def _groups(scene: Scene) -> str:
-    """"a red circle, two blue stars and a green square"."""
+    """ "a red circle, two blue stars and a green square"."""
     seen: dict[str, int] = {}
     for o in scene.objects:
         seen[o.name] = seen.get(o.name, 0) + 1
     phrases = []
     for name, n in seen.items():
         colour, shape = name.split(" ")
-        phrases.append(f"{article(colour)} {name}" if n == 1 else f"{number_word(n)} {colour} {plural(shape, n)}")
+        phrases.append(
+            f"{article(colour)} {name}"
+            if n == 1
+            else f"{number_word(n)} {colour} {plural(shape, n)}"
+        )
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
@@ -398,7 +474,9 @@ def _vizwiz(rng: random.Random) -> TaskItem:
             if scene.sign is None and rng.random() < 0.5:
                 return TaskItem(scene, "What does the sign say?", "unanswerable", ["unanswerable"])
             absent = [s for s in SHAPES if scene.count(shape=s) == 0]
-            return TaskItem(scene, f"What colour is the {rng.choice(absent)}?", "unanswerable", ["unanswerable"])
+            return TaskItem(
+                scene, f"What colour is the {rng.choice(absent)}?", "unanswerable", ["unanswerable"]
+            )
         if scene.sign is not None and rng.random() < 0.3:
             return TaskItem(scene, "What does the sign say?", scene.sign, [scene.sign])
         if o := _unique_shape(rng, scene):
@@ -431,8 +509,16 @@ def _places(rng: random.Random) -> TaskItem:
 
 
 _GENERATORS = {
-    "sqa": _sqa, "textvqa": _textvqa, "caption": _caption, "imagenet": _imagenet, "gqa": _gqa,
-    "vqav2": _vqav2, "vizwiz": _vizwiz, "textcaps": _textcaps, "ocrvqa": _ocrvqa, "places": _places,
+    "sqa": _sqa,
+    "textvqa": _textvqa,
+    "caption": _caption,
+    "imagenet": _imagenet,
+    "gqa": _gqa,
+    "vqav2": _vqav2,
+    "vizwiz": _vizwiz,
+    "textcaps": _textcaps,
+    "ocrvqa": _ocrvqa,
+    "places": _places,
 }
 
 

@@ -16,8 +16,14 @@ from smolora.training.methods.zeroshot import ZeroShotMethod
 METHODS: dict[str, type[ContinualMethod]] = {
     m.name: m
     for m in (
-        SMoLoRAMethod, LearnedSMoLoRAMethod, SeqLoRAMethod, MoELoRAMethod, ReplayMethod,
-        DirLoRAMethod, MultitaskMethod, ZeroShotMethod,
+        SMoLoRAMethod,
+        LearnedSMoLoRAMethod,
+        SeqLoRAMethod,
+        MoELoRAMethod,
+        ReplayMethod,
+        DirLoRAMethod,
+        MultitaskMethod,
+        ZeroShotMethod,
     )
 }
 

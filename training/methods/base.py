@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +52,7 @@ class ContinualMethod:
     joint = False
     #: The trainer's no-grad forward (see `Probe`), set by the trainer before any stage
     #: (also when resuming, where `end_task` runs without `prepare_task`).
-    probe: "Probe | None" = None
+    probe: Probe | None = None
 
     def __init__(self, run: RunConfig, instructions: InstructionEncoder):
         self.run = run
@@ -76,14 +77,16 @@ class ContinualMethod:
         return self.adapter.config.to_dict() if self.adapter is not None else {}  # type: ignore[attr-defined]
 
     # -- one task stage ---------------------------------------------------------------
-    def prepare_task(self, index: int, task: str, examples: list[Example], probe: "Probe") -> None:
+    def prepare_task(self, index: int, task: str, examples: list[Example], probe: Probe) -> None:
         """Called before `begin_task` with the task's training examples and a way to run
         no-grad forwards of some of them (e.g. to fit routers); default: nothing."""
 
     def begin_task(self, index: int, task: str) -> None:
         """Called before training task number `index` (0-based)."""
 
-    def batches(self, index: int, examples: list[Example], batch_size: int, rng: random.Random) -> Iterator[list[Example]]:
+    def batches(
+        self, index: int, examples: list[Example], batch_size: int, rng: random.Random
+    ) -> Iterator[list[Example]]:
         """Endless training batches: reshuffled passes over the task's examples."""
         order: list[int] = []
         while True:
@@ -109,7 +112,9 @@ class ContinualMethod:
         """What a forward of `batch` needs (train and eval alike)."""
         return no_scope(batch)
 
-    def evaluation(self, task: str, instruction_texts: list[str] | None = None) -> contextlib.AbstractContextManager[None]:
+    def evaluation(
+        self, task: str, instruction_texts: list[str] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """Weights that answer `task` (whose instructions are `instruction_texts`) at
         evaluation; default: the current ones."""
         return contextlib.nullcontext()

@@ -11,7 +11,7 @@ version published after task t holds task t's LoRA; a resumed run reloads each v
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor

@@ -19,5 +19,11 @@ class MoELoRAMethod(ContinualMethod):
 
     def build_adapter(self, model: nn.Module) -> MoELoRAModel:
         a = self.run.adapter
-        cfg = MoELoRAConfig(num_experts=a.num_experts, rank=a.rank, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules)
+        cfg = MoELoRAConfig(
+            num_experts=a.num_experts,
+            rank=a.rank,
+            alpha=a.alpha,
+            dropout=a.dropout,
+            target_modules=a.target_modules,
+        )
         return MoELoRAModel(model, cfg, seed=self.run.seed)

@@ -9,7 +9,7 @@ rebuilds it without storing it.
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 from smolora.training.data.cvit_json import Example
 from smolora.training.methods.seqlora import SeqLoRAMethod
@@ -24,7 +24,9 @@ class ReplayMethod(SeqLoRAMethod):
         super().__init__(*args, **kwargs)
         self.buffer: list[Example] = []
 
-    def batches(self, index: int, examples: list[Example], batch_size: int, rng: random.Random) -> Iterator[list[Example]]:
+    def batches(
+        self, index: int, examples: list[Example], batch_size: int, rng: random.Random
+    ) -> Iterator[list[Example]]:
         n_replay = int(round(self.run.replay_ratio * batch_size)) if self.buffer else 0
         current = super().batches(index, examples, batch_size - n_replay, rng)
         for batch in current:

@@ -35,8 +35,9 @@ holds the pure parts (assignment, fitting, memory); `smolora.py` wires it into t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -63,7 +64,9 @@ def gate_accuracy(gate: Tensor, feats: Tensor, targets: Tensor) -> float:
     return float(((feats.float() @ gate.float().t()).argmax(-1) == targets).float().mean())
 
 
-def fit_gate(gate: Tensor, feats: Tensor, targets: Tensor, steps: int = 300, lr: float = 0.05) -> Tensor:
+def fit_gate(
+    gate: Tensor, feats: Tensor, targets: Tensor, steps: int = 300, lr: float = 0.05
+) -> Tensor:
     """Fit a bias-free gate so that `argmax(feats @ G^T)` equals `targets`.
 
     Features are standardised by their global RMS for the optimiser's sake and the scale is
@@ -87,7 +90,9 @@ def fit_gate(gate: Tensor, feats: Tensor, targets: Tensor, steps: int = 300, lr:
     return (w / scale).to(gate.dtype)
 
 
-def _softmax_regression(w0: Tensor, xs: Tensor, targets: Tensor, steps: int, lr: float, l2: float) -> Tensor:
+def _softmax_regression(
+    w0: Tensor, xs: Tensor, targets: Tensor, steps: int, lr: float, l2: float
+) -> Tensor:
     """`steps` full-batch Adam steps of softmax cross-entropy on `xs @ W^T` from `w0` (plus
     `l2` times the mean squared row norm when `l2` is non-zero); returns the detached `W`."""
     w = w0.clone().requires_grad_(True)
@@ -104,7 +109,12 @@ def _softmax_regression(w0: Tensor, xs: Tensor, targets: Tensor, steps: int, lr:
 
 
 def fit_gate_fresh(
-    num_experts: int, feats: Tensor, targets: Tensor, steps: int = 400, lr: float = 0.05, l2: float = 1e-3
+    num_experts: int,
+    feats: Tensor,
+    targets: Tensor,
+    steps: int = 400,
+    lr: float = 0.05,
+    l2: float = 1e-3,
 ) -> Tensor:
     """Fit a bias-free gate from zero so that `argmax(feats @ G^T)` equals `targets`, with an
     L2 penalty (a margin that generalises to unseen requests rather than memorising a few
@@ -130,7 +140,9 @@ def fit_gate_fresh(
         return torch.zeros(num_experts, d)
     x = feats.detach().float()
     scale = x.pow(2).mean(0).sqrt().clamp_min(1e-6)  # [d]
-    return _softmax_regression(torch.zeros(num_experts, d), x / scale, targets, steps, lr, l2) / scale
+    return (
+        _softmax_regression(torch.zeros(num_experts, d), x / scale, targets, steps, lr, l2) / scale
+    )
 
 
 @dataclass
@@ -142,8 +154,8 @@ class RouteEntry:
     layer: str
     kind: Kind
     expert: int
-    feats: Tensor                      # [n, d] inputs that must route to `expert`
-    texts: tuple[str, ...] = ()        # instruction texts (IF entries)
+    feats: Tensor  # [n, d] inputs that must route to `expert`
+    texts: tuple[str, ...] = ()  # instruction texts (IF entries)
 
 
 @dataclass
@@ -179,21 +191,29 @@ class RouteMemory:
         no earlier stage was assigned (a reused expert stays as the earlier task left it)."""
         mine = [e for e in self.entries if e.layer == layer and e.stage == stage]
         earlier = {(e.kind, e.expert) for e in self.entries if e.layer == layer and e.stage < stage}
-        return sorted(e.expert + (half if e.kind == "if" else 0) for e in mine if (e.kind, e.expert) not in earlier)
+        return sorted(
+            e.expert + (half if e.kind == "if" else 0)
+            for e in mine
+            if (e.kind, e.expert) not in earlier
+        )
 
     def vu_paired_with(self, layer: str, if_expert: int) -> set[int]:
         """VU experts of earlier tasks whose IF expert in this layer is `if_expert`."""
         stages = {e.stage for e in self.of(layer, "if") if e.expert == if_expert}
         return {e.expert for e in self.of(layer, "vu") if e.stage in stages}
 
-    def training_set(self, layer: str, kind: Kind, upto: int | None = None) -> tuple[Tensor, Tensor]:
+    def training_set(
+        self, layer: str, kind: Kind, upto: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """All remembered inputs of one gate and their target experts (stages `<= upto`
         only, when given)."""
         es = [e for e in self.of(layer, kind) if upto is None or e.stage <= upto]
         if not es:
             return torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)
         feats = torch.cat([e.feats.float() for e in es])
-        targets = torch.cat([torch.full((e.feats.shape[0],), e.expert, dtype=torch.long) for e in es])
+        targets = torch.cat(
+            [torch.full((e.feats.shape[0],), e.expert, dtype=torch.long) for e in es]
+        )
         return feats, targets
 
     def to_list(self) -> list[dict]:
@@ -201,5 +221,5 @@ class RouteMemory:
         return [dict(e.__dict__) for e in self.entries]
 
     @classmethod
-    def from_list(cls, items: list[dict] | None) -> "RouteMemory":
+    def from_list(cls, items: list[dict] | None) -> RouteMemory:
         return cls([RouteEntry(**d) for d in items or []])

@@ -14,7 +14,9 @@ from smolora.training.methods.base import ContinualMethod
 def lora_config(method: ContinualMethod) -> LoRAConfig:
     """The plain-LoRA config of a run."""
     a = method.run.adapter
-    return LoRAConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout, target_modules=a.target_modules)
+    return LoRAConfig(
+        rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.dropout, target_modules=a.target_modules
+    )
 
 
 class SeqLoRAMethod(ContinualMethod):

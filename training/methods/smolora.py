@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,14 @@ from smolora.training.config import RunConfig
 from smolora.training.data.cvit_json import Example
 from smolora.training.evaluate import MaskHook
 from smolora.training.methods.base import ContinualMethod, Probe
-from smolora.training.methods.route_fit import RouteEntry, RouteMemory, fit_gate, fit_gate_fresh, gate_accuracy, pick_expert
+from smolora.training.methods.route_fit import (
+    RouteEntry,
+    RouteMemory,
+    fit_gate,
+    fit_gate_fresh,
+    gate_accuracy,
+    pick_expert,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +68,9 @@ class SMoLoRAMethod(ContinualMethod):
             router_training=self.router_training,
         )
         smodel = SMoLoRAModel(model, cfg, seed=self.run.seed)
-        smodel.set_gates_trainable(False)  # no gate trains by gradient during a task (see module doc)
+        smodel.set_gates_trainable(
+            False
+        )  # no gate trains by gradient during a task (see module doc)
         return smodel
 
     @property
@@ -75,8 +85,11 @@ class SMoLoRAMethod(ContinualMethod):
     @contextlib.contextmanager
     def scope(self, batch: dict[str, Any]) -> Iterator[MaskHook]:
         device = batch["input_ids"].device if hasattr(batch["input_ids"], "device") else "cpu"
-        ctx = RoutingContext(self.embed(batch["instructions"]).to(device), vu_routing=self.smodel.config.vu_routing,
-                             pinned_vu=self.pinned_vu(batch["input_ids"].shape[0], device))
+        ctx = RoutingContext(
+            self.embed(batch["instructions"]).to(device),
+            vu_routing=self.smodel.config.vu_routing,
+            pinned_vu=self.pinned_vu(batch["input_ids"].shape[0], device),
+        )
         self._ctx = ctx
         try:
             with self.smodel.routing(ctx):
@@ -131,7 +144,9 @@ class LearnedSMoLoRAMethod(SMoLoRAMethod):
         for name, layer in smodel.layers.items():
             self._grad_mask[name] = torch.ones(layer.config.num_experts)
             for param in (layer.lora_A, layer.lora_B):
-                param.register_hook(lambda g, name=name: g * self._grad_mask[name].to(g)[:, None, None])
+                param.register_hook(
+                    lambda g, name=name: g * self._grad_mask[name].to(g)[:, None, None]
+                )
         return smodel
 
     def trainable_experts(self, layer: str) -> list[int]:
@@ -153,20 +168,33 @@ class LearnedSMoLoRAMethod(SMoLoRAMethod):
             if_expert = self.memory.if_expert_for(name, texts)
             if if_expert is None:
                 if_expert = pick_expert(self.memory.loads(name, "if", half))
-            self.memory.entries.append(RouteEntry(index, task, name, "if", if_expert, inst, tuple(texts)))
+            self.memory.entries.append(
+                RouteEntry(index, task, name, "if", if_expert, inst, tuple(texts))
+            )
             vu_expert = None
             if not layer.image_side:
-                vu_expert = pick_expert(self.memory.loads(name, "vu", half), avoid=self.memory.vu_paired_with(name, if_expert))
+                vu_expert = pick_expert(
+                    self.memory.loads(name, "vu", half),
+                    avoid=self.memory.vu_paired_with(name, if_expert),
+                )
                 # Inputs are filled in by `end_task`, once the task's experts have trained.
-                self.memory.entries.append(RouteEntry(index, task, name, "vu", vu_expert, torch.zeros(0, layer.gate_vu.shape[1])))
+                self.memory.entries.append(
+                    RouteEntry(
+                        index, task, name, "vu", vu_expert, torch.zeros(0, layer.gate_vu.shape[1])
+                    )
+                )
             x, y = self.memory.training_set(name, "if")
             with torch.no_grad():
                 layer.gate_if.copy_(fit_gate(layer.gate_if, x, y))
             mask = torch.zeros(self.smodel.config.num_experts)
             mask[self.memory.owned(name, index, half)] = 1.0
             self._grad_mask[name] = mask
-            log["layers"][name] = {"vu": vu_expert, "if": if_expert, "trains": self.trainable_experts(name),
-                                   "fit_accuracy": {"if": gate_accuracy(layer.gate_if, x, y)}}
+            log["layers"][name] = {
+                "vu": vu_expert,
+                "if": if_expert,
+                "trains": self.trainable_experts(name),
+                "fit_accuracy": {"if": gate_accuracy(layer.gate_if, x, y)},
+            }
         self.fit_log.append(log)
 
     def begin_task(self, index: int, task: str) -> None:
@@ -198,21 +226,38 @@ class LearnedSMoLoRAMethod(SMoLoRAMethod):
                 continue
             x, y = self.memory.training_set(name, "vu", upto=index)
             with torch.no_grad():
-                layer.gate_vu.copy_(fit_gate_fresh(half, x, y, l2=self.gate_l2).to(layer.gate_vu.dtype))
+                layer.gate_vu.copy_(
+                    fit_gate_fresh(half, x, y, l2=self.gate_l2).to(layer.gate_vu.dtype)
+                )
             acc["vu"] = gate_accuracy(layer.gate_vu, x, y)
-        worst = min(v["fit_accuracy"]["vu"] for v in log["layers"].values() if v["fit_accuracy"].get("vu") is not None)
-        logger.info("%s: VU gates refit after task %d (%s); worst remembered-route accuracy %.3f", self.name, index, task, worst)
+        worst = min(
+            v["fit_accuracy"]["vu"]
+            for v in log["layers"].values()
+            if v["fit_accuracy"].get("vu") is not None
+        )
+        logger.info(
+            "%s: VU gates refit after task %d (%s); worst remembered-route accuracy %.3f",
+            self.name,
+            index,
+            task,
+            worst,
+        )
 
     # -- forwards ---------------------------------------------------------------------
     def pinned_vu(self, batch_size: int, device: Any) -> dict[str, Tensor] | None:
         """While a task trains (and while its inputs are probed): its assigned VU experts."""
         if self._pins is None:
             return None
-        return {name: torch.full((batch_size,), e, dtype=torch.long, device=device) for name, e in self._pins.items()}
+        return {
+            name: torch.full((batch_size,), e, dtype=torch.long, device=device)
+            for name, e in self._pins.items()
+        }
 
     def _vu_routes(self, index: int) -> dict[str, int]:
         """Stage `index`'s VU expert per text layer (from the route memory)."""
-        return {e.layer: e.expert for e in self.memory.entries if e.stage == index and e.kind == "vu"}
+        return {
+            e.layer: e.expert for e in self.memory.entries if e.stage == index and e.kind == "vu"
+        }
 
     # -- state ------------------------------------------------------------------------
     def run_state(self) -> Any:
@@ -234,7 +279,9 @@ class LearnedSMoLoRAMethod(SMoLoRAMethod):
             x = args[0]
             layout = ctx.text_layout(x)
             xf = x.detach().reshape(-1, x.shape[-1])
-            got[mod.name].append(smolora_router.segment_mean(xf, layout.owners, layout.valid, layout.num_segments))  # type: ignore[attr-defined]
+            got[mod.name].append(
+                smolora_router.segment_mean(xf, layout.owners, layout.valid, layout.num_segments)
+            )  # type: ignore[attr-defined]
 
         for name in pins:
             handles.append(self.smodel.layers[name].register_forward_pre_hook(hook))

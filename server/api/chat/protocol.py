@@ -17,7 +17,7 @@ The extension rides in the body as `"smolora": {...}` (the OpenAI SDK sends it w
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,8 +33,10 @@ def _no_lone_surrogates(value: str) -> str:
     not a character, cannot be encoded as UTF-8, and would fail the tokenizer."""
     match = _SURROGATE.search(value)
     if match is not None:
-        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(match.group()):04X}) at character "
-                         f"{match.start()}; send valid Unicode text (pair surrogates or use UTF-8)")
+        raise ValueError(
+            f"contains a lone UTF-16 surrogate (U+{ord(match.group()):04X}) at character "
+            f"{match.start()}; send valid Unicode text (pair surrogates or use UTF-8)"
+        )
     return value
 
 
@@ -72,7 +74,7 @@ class ImagePart(_Strict):
         return {"url": v} if isinstance(v, str) else v
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -113,9 +115,11 @@ class SmoloraRequestOptions(_Strict):
     vu_routing: Literal["pinned", "per_step"] | None = None
 
     @model_validator(mode="after")
-    def _one_instruction(self) -> "SmoloraRequestOptions":
+    def _one_instruction(self) -> SmoloraRequestOptions:
         if self.instruction is not None and self.instruction_type is not None:
-            raise ValueError("give either smolora.instruction or smolora.instruction_type, not both")
+            raise ValueError(
+                "give either smolora.instruction or smolora.instruction_type, not both"
+            )
         if self.instruction is not None and not self.instruction.strip():
             raise ValueError("smolora.instruction must not be blank")
         return self
@@ -164,7 +168,7 @@ class ChatCompletionRequest(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _supported(self) -> "ChatCompletionRequest":
+    def _supported(self) -> ChatCompletionRequest:
         unsupported = []
         if self.logit_bias:
             unsupported.append("logit_bias")
@@ -175,8 +179,10 @@ class ChatCompletionRequest(BaseModel):
         if self.response_format and self.response_format.get("type", "text") != "text":
             unsupported.append("response_format")
         if unsupported:
-            raise ValueError(f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported by "
-                             "this server; leave unset")
+            raise ValueError(
+                f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported by "
+                "this server; leave unset"
+            )
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
@@ -186,4 +192,8 @@ class ChatCompletionRequest(BaseModel):
 
     def completion_limit(self) -> int | None:
         """`max_completion_tokens` (current OpenAI name) or else `max_tokens`."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )

@@ -30,9 +30,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from PIL import Image
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -40,11 +41,24 @@ from starlette.types import Receive, Scope, Send
 
 from smolora.server.api.chat.protocol import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
 from smolora.server.api.checkpoints.serving import VersionManager
-from smolora.server.api.errors import (InvalidRequestError, NotFoundError, ServiceUnavailableError, engine_busy,
-                                       engine_error_to_api, sse_error_event)
-from smolora.server.engine.protocol import (EngineClient, EngineError, GenerateChunk, GenerateRequest, LayerRoute,
-                                            TokenLogprob, VersionInfo)
+from smolora.server.api.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+    engine_busy,
+    engine_error_to_api,
+    sse_error_event,
+)
 from smolora.server.api.state import ServerState
+from smolora.server.engine.protocol import (
+    EngineClient,
+    EngineError,
+    GenerateChunk,
+    GenerateRequest,
+    LayerRoute,
+    TokenLogprob,
+    VersionInfo,
+)
 from smolora.server.images import ImageError
 from smolora.server.instruction_source import ResolvedInstruction, UnknownInstructionTypeError
 from smolora.server.prompt import PromptRenderer
@@ -92,16 +106,23 @@ def parse_model_name(model: str, served: str) -> int | None:
         NotFoundError: another model name, or a malformed version.
     """
     name, sep, ver = model.partition("@")
-    hint = (f"this server serves {served!r} (the active checkpoint version) and {served}@<version> for each "
-            "resident version; see GET /v1/models")
+    hint = (
+        f"this server serves {served!r} (the active checkpoint version) and {served}@<version> for each "
+        "resident version; see GET /v1/models"
+    )
     if name != served:
-        raise NotFoundError(f"the model {model!r} does not exist; {hint}", param="model", code="model_not_found")
+        raise NotFoundError(
+            f"the model {model!r} does not exist; {hint}", param="model", code="model_not_found"
+        )
     if not sep:
         return None
     digits = ver[1:] if ver[:1] in ("v", "V") else ver
     if not digits.isdigit() or int(digits) < 1:
-        raise NotFoundError(f"the model {model!r} does not exist: {ver!r} is not a version number; {hint}",
-                            param="model", code="model_not_found")
+        raise NotFoundError(
+            f"the model {model!r} does not exist: {ver!r} is not a version number; {hint}",
+            param="model",
+            code="model_not_found",
+        )
     return int(digits)
 
 
@@ -115,17 +136,23 @@ def check_base_only_request(req: ChatCompletionRequest, served: str) -> None:
     """
     name, sep, _ = req.model.partition("@")
     if name != served or sep:
-        raise NotFoundError(f"the model {req.model!r} does not exist; this server serves the base model {served!r} "
-                            "with adapters disabled (no checkpoint versions); see GET /v1/models", param="model",
-                            code="model_not_found")
+        raise NotFoundError(
+            f"the model {req.model!r} does not exist; this server serves the base model {served!r} "
+            "with adapters disabled (no checkpoint versions); see GET /v1/models",
+            param="model",
+            code="model_not_found",
+        )
     ext = req.smolora
     if ext is None:
         return
     for field_name in ("version", "instruction", "instruction_type", "vu_routing"):
         if getattr(ext, field_name) is not None:
-            raise InvalidRequestError(f"smolora.{field_name} cannot be honoured: this server serves the base model "
-                                      "with adapters disabled (started with --no-adapters); drop the field",
-                                      param=f"smolora.{field_name}", code="adapters_disabled")
+            raise InvalidRequestError(
+                f"smolora.{field_name} cannot be honoured: this server serves the base model "
+                "with adapters disabled (started with --no-adapters); drop the field",
+                param=f"smolora.{field_name}",
+                code="adapters_disabled",
+            )
 
 
 async def until_disconnected(receive: Receive) -> None:
@@ -182,12 +209,18 @@ class ChatService:
             info = self._resolve_version(req, versions)
 
         if req.n > s.max_n or req.n > s.max_concurrent_requests:
-            raise InvalidRequestError(f"n={req.n} is over this server's limit of {min(s.max_n, s.max_concurrent_requests)}",
-                                      param="n", code="invalid_value")
+            raise InvalidRequestError(
+                f"n={req.n} is over this server's limit of {min(s.max_n, s.max_concurrent_requests)}",
+                param="n",
+                code="invalid_value",
+            )
         stops = req.stop_list()
         if len(stops) > s.max_stop_sequences:
-            raise InvalidRequestError(f"{len(stops)} stop strings given; at most {s.max_stop_sequences} are allowed",
-                                      param="stop", code="invalid_value")
+            raise InvalidRequestError(
+                f"{len(stops)} stop strings given; at most {s.max_stop_sequences} are allowed",
+                param="stop",
+                code="invalid_value",
+            )
 
         template_messages, image_urls, user_text = self._check_messages(req.messages, renderer)
         images = await self._load_images(image_urls)
@@ -196,11 +229,16 @@ class ChatService:
         if info is not None and resolver is not None:
             try:
                 instruction = await asyncio.to_thread(
-                    resolver.resolve, info.instruction_table, user_text,
-                    ext.instruction if ext else None, ext.instruction_type if ext else None)
+                    resolver.resolve,
+                    info.instruction_table,
+                    user_text,
+                    ext.instruction if ext else None,
+                    ext.instruction_type if ext else None,
+                )
             except UnknownInstructionTypeError as e:
-                raise InvalidRequestError(str(e), param="smolora.instruction_type",
-                                          code="unknown_instruction_type") from None
+                raise InvalidRequestError(
+                    str(e), param="smolora.instruction_type", code="unknown_instruction_type"
+                ) from None
 
         prompt = renderer.render(template_messages)
         prompt_tokens = renderer.count_tokens(prompt, len(images))
@@ -213,11 +251,14 @@ class ChatService:
         try:
             requests = [
                 GenerateRequest(
-                    prompt=prompt, image=images[0] if images else None, request_id=f"{request_id}-{i}",
+                    prompt=prompt,
+                    image=images[0] if images else None,
+                    request_id=f"{request_id}-{i}",
                     instruction=instruction.embedding if instruction else None,
                     instruction_source=instruction.source if instruction else "explicit",
                     instruction_similarity=instruction.similarity if instruction else None,
-                    version=info.version if info else None, trace=engine_trace,
+                    version=info.version if info else None,
+                    trace=engine_trace,
                     vu_routing=ext.vu_routing if ext else None,
                     max_tokens=max_tokens,
                     temperature=1.0 if req.temperature is None else req.temperature,
@@ -225,25 +266,36 @@ class ChatService:
                     seed=None if req.seed is None else _wrap_seed(req.seed + i),
                     top_k=0 if req.top_k is None else req.top_k,
                     min_p=req.min_p or 0.0,
-                    repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                    repetition_penalty=1.0
+                    if req.repetition_penalty is None
+                    else req.repetition_penalty,
                     presence_penalty=req.presence_penalty or 0.0,
                     frequency_penalty=req.frequency_penalty or 0.0,
                     min_tokens=req.min_tokens or 0,
                     ignore_eos=bool(req.ignore_eos),
                     logprobs=logprobs,
-                    stop=list(stops) or None)
+                    stop=list(stops) or None,
+                )
                 for i in range(req.n)
             ]
         except EngineError as e:  # the engine's own checks of a request (after ours)
             raise engine_error_to_api(e, s.retry_after_s) from None
         return PreparedChat(
-            request_id=request_id, created=int(time.time()),
-            model_label=s.served_model_name if info is None else f"{s.served_model_name}@{info.version}",
-            version=info, prompt_tokens=prompt_tokens, instruction=instruction, requests=requests,
+            request_id=request_id,
+            created=int(time.time()),
+            model_label=s.served_model_name
+            if info is None
+            else f"{s.served_model_name}@{info.version}",
+            version=info,
+            prompt_tokens=prompt_tokens,
+            instruction=instruction,
+            requests=requests,
             logprobs=logprobs is not None,
             trace_requested=trace_requested and info is not None,
-            stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            arrival=arrival)
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            arrival=arrival,
+        )
 
     @staticmethod
     def _check_sampling_rules(req: ChatCompletionRequest, max_tokens: int) -> int | None:
@@ -253,33 +305,54 @@ class ChatService:
             InvalidRequestError: naming the field to fix.
         """
         if req.top_logprobs is not None and not req.logprobs:
-            raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+            raise InvalidRequestError(
+                "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value"
+            )
         if req.min_tokens is not None and req.min_tokens > max_tokens:
-            raise InvalidRequestError(f"min_tokens={req.min_tokens} is over the completion limit of {max_tokens} "
-                                      "tokens (max_tokens, or what the context leaves); lower it",
-                                      param="min_tokens", code="invalid_value")
+            raise InvalidRequestError(
+                f"min_tokens={req.min_tokens} is over the completion limit of {max_tokens} "
+                "tokens (max_tokens, or what the context leaves); lower it",
+                param="min_tokens",
+                code="invalid_value",
+            )
         return (req.top_logprobs or 0) if req.logprobs else None
 
     def _resolve_version(self, req: ChatCompletionRequest, versions: VersionManager) -> VersionInfo:
         from_model = parse_model_name(req.model, self.settings.served_model_name)
         from_ext = req.smolora.version if req.smolora else None
         if from_model is not None and from_ext is not None and from_model != from_ext:
-            raise InvalidRequestError(f"model names version {from_model} but smolora.version is {from_ext}; "
-                                      "give one or make them agree", param="smolora.version", code="invalid_value")
+            raise InvalidRequestError(
+                f"model names version {from_model} but smolora.version is {from_ext}; "
+                "give one or make them agree",
+                param="smolora.version",
+                code="invalid_value",
+            )
         version = from_model or from_ext or versions.active()
         if version is None:
-            raise ServiceUnavailableError("no checkpoint version is active", retry_after_s=self.settings.retry_after_s,
-                                          code="not_ready")
+            raise ServiceUnavailableError(
+                "no checkpoint version is active",
+                retry_after_s=self.settings.retry_after_s,
+                code="not_ready",
+            )
         info = versions.get(version)
         if info is None:
-            resident = ", ".join(f"{self.settings.served_model_name}@{v.version}" for v in versions.resident()) or "none"
-            raise NotFoundError(f"checkpoint version {version} is not loaded on this server (resident: {resident}); "
-                                "see GET /v1/models (an admin can load published versions)", param="model" if from_model else "smolora.version",
-                                code="model_not_found")
+            resident = (
+                ", ".join(
+                    f"{self.settings.served_model_name}@{v.version}" for v in versions.resident()
+                )
+                or "none"
+            )
+            raise NotFoundError(
+                f"checkpoint version {version} is not loaded on this server (resident: {resident}); "
+                "see GET /v1/models (an admin can load published versions)",
+                param="model" if from_model else "smolora.version",
+                code="model_not_found",
+            )
         return info
 
-    def _check_messages(self, messages: list[ChatMessage], renderer: PromptRenderer
-                        ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], str]:
+    def _check_messages(
+        self, messages: list[ChatMessage], renderer: PromptRenderer
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], str]:
         image_urls: list[tuple[str, str]] = []
         template: list[dict[str, Any]] = []
         for i, m in enumerate(messages):
@@ -293,26 +366,42 @@ class ChatService:
                 for j, part in enumerate(content):
                     if isinstance(part, ImagePart):
                         if m.role != "user":
-                            raise InvalidRequestError(f"images are only accepted in user messages, not {m.role!r}",
-                                                      param=f"messages[{i}].content[{j}]", code="invalid_value")
-                        image_urls.append((f"messages[{i}].content[{j}].image_url.url", part.image_url.url))
+                            raise InvalidRequestError(
+                                f"images are only accepted in user messages, not {m.role!r}",
+                                param=f"messages[{i}].content[{j}]",
+                                code="invalid_value",
+                            )
+                        image_urls.append(
+                            (f"messages[{i}].content[{j}].image_url.url", part.image_url.url)
+                        )
                         parts.append({"type": "image_url"})
                     elif isinstance(part, TextPart):
                         self._check_text(part.text, f"messages[{i}].content[{j}].text", renderer)
                         parts.append({"type": "text", "text": part.text})
             if m.role == "user" and not parts:
-                raise InvalidRequestError("a user message needs text or an image", param=f"messages[{i}].content",
-                                          code="invalid_value")
+                raise InvalidRequestError(
+                    "a user message needs text or an image",
+                    param=f"messages[{i}].content",
+                    code="invalid_value",
+                )
             role = "system" if m.role == "developer" else m.role
             template.append({"role": role, "content": parts})
         if messages[-1].role != "user":
-            raise InvalidRequestError("the last message must be from the user", param=f"messages[{len(messages) - 1}].role",
-                                      code="invalid_value")
+            raise InvalidRequestError(
+                "the last message must be from the user",
+                param=f"messages[{len(messages) - 1}].role",
+                code="invalid_value",
+            )
         engine = self.state.engine
-        limit = min(self.settings.max_images_per_request, engine.max_images_per_prompt if engine else 1)
+        limit = min(
+            self.settings.max_images_per_request, engine.max_images_per_prompt if engine else 1
+        )
         if len(image_urls) > limit:
-            raise InvalidRequestError(f"{len(image_urls)} images sent; this server takes at most {limit} per request",
-                                      param="messages", code="too_many_images")
+            raise InvalidRequestError(
+                f"{len(image_urls)} images sent; this server takes at most {limit} per request",
+                param="messages",
+                code="too_many_images",
+            )
         last = template[-1]["content"]
         user_text = "\n".join(p["text"] for p in last if p["type"] == "text")
         return template, image_urls, user_text
@@ -320,11 +409,17 @@ class ChatService:
     @staticmethod
     def _check_text(text: str, param: str, renderer: PromptRenderer) -> None:
         if renderer.image_token in text:
-            raise InvalidRequestError(f"text must not contain the reserved image placeholder {renderer.image_token!r}; "
-                                      "send images as image_url parts", param=param, code="invalid_value")
+            raise InvalidRequestError(
+                f"text must not contain the reserved image placeholder {renderer.image_token!r}; "
+                "send images as image_url parts",
+                param=param,
+                code="invalid_value",
+            )
 
     async def _load_images(self, urls: list[tuple[str, str]]) -> list[Image.Image]:
-        results = await asyncio.gather(*(self.state.images.load(url) for _, url in urls), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.state.images.load(url) for _, url in urls), return_exceptions=True
+        )
         out: list[Image.Image] = []
         for (param, _), res in zip(urls, results):
             if isinstance(res, ImageError):
@@ -334,22 +429,39 @@ class ChatService:
             out.append(res)
         return out
 
-    def _completion_budget(self, req: ChatCompletionRequest, prompt_tokens: int, num_images: int,
-                           renderer: PromptRenderer, engine: EngineClient) -> int:
+    def _completion_budget(
+        self,
+        req: ChatCompletionRequest,
+        prompt_tokens: int,
+        num_images: int,
+        renderer: PromptRenderer,
+        engine: EngineClient,
+    ) -> int:
         max_len = engine.max_model_len
         if prompt_tokens >= max_len:
-            images = (f", of which {num_images} image(s) x {renderer.image_tokens} tokens" if num_images else "")
+            images = (
+                f", of which {num_images} image(s) x {renderer.image_tokens} tokens"
+                if num_images
+                else ""
+            )
             raise InvalidRequestError(
                 f"the prompt is {prompt_tokens} tokens{images}; this model's context is {max_len} tokens including "
-                "the completion; shorten the messages or send fewer images", param="messages",
-                code="context_length_exceeded")
+                "the completion; shorten the messages or send fewer images",
+                param="messages",
+                code="context_length_exceeded",
+            )
         room = max_len - prompt_tokens
         limit = req.completion_limit()
         if limit is not None and limit > room:
-            param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            param = (
+                "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            )
             raise InvalidRequestError(
                 f"{param}={limit} with a {prompt_tokens}-token prompt exceeds the context of {max_len} tokens; "
-                f"ask for at most {room}", param=param, code="context_length_exceeded")
+                f"ask for at most {room}",
+                param=param,
+                code="context_length_exceeded",
+            )
         return limit if limit is not None else min(self.settings.default_max_tokens, room)
 
     # --- generation -----------------------------------------------------------------------------
@@ -378,8 +490,12 @@ class ChatService:
                     self.state.admission.release(n)
 
             body = self._sse(prepared, waited)
-            return LeasedStreamingResponse(body, release, media_type="text/event-stream",
-                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return LeasedStreamingResponse(
+                body,
+                release,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
         work = asyncio.ensure_future(self._complete(prepared, n, choices))
         if receive is None:
@@ -402,7 +518,9 @@ class ChatService:
             work.result()  # re-raises an APIError
         return JSONResponse(self._completion_body(prepared, choices))
 
-    async def _complete(self, prepared: PreparedChat, n: int, choices: dict[int, "_ChoiceState"]) -> None:
+    async def _complete(
+        self, prepared: PreparedChat, n: int, choices: dict[int, _ChoiceState]
+    ) -> None:
         """Run a non-streaming request's choices to the end (admission slots held meanwhile)."""
         async with self.state.admission.slot(n) as waited:
             try:
@@ -412,8 +530,9 @@ class ChatService:
             except Exception as e:
                 raise engine_error_to_api(e, self.settings.retry_after_s) from None
 
-    async def _events(self, prepared: PreparedChat, waited: float, choices: dict[int, _ChoiceState]
-                      ) -> AsyncIterator[tuple[int, GenerateChunk]]:
+    async def _events(
+        self, prepared: PreparedChat, waited: float, choices: dict[int, _ChoiceState]
+    ) -> AsyncIterator[tuple[int, GenerateChunk]]:
         """Run every choice's engine request; yield chunks as they come, keep per-choice state and metrics.
 
         A chunk the engine finished with reason "abort" (it dropped the request) raises a 503.
@@ -441,7 +560,10 @@ class ChatService:
                 queue.put_nowait((index, _END))
 
         metrics = self.state.metrics
-        tasks = [asyncio.create_task(run(i), name=f"{prepared.request_id}-{i}") for i in range(len(choices))]
+        tasks = [
+            asyncio.create_task(run(i), name=f"{prepared.request_id}-{i}")
+            for i in range(len(choices))
+        ]
         first_token_at: float | None = None
         open_choices = len(tasks)
         completed = False
@@ -453,8 +575,16 @@ class ChatService:
                     if choices[index].finish_reason is None:
                         # The engine ended the stream without a finish chunk: close the choice.
                         choices[index].finish_reason = "stop"
-                        yield index, GenerateChunk(prepared.requests[index].request_id or "", [], "", finished=True,
-                                                   finish_reason="stop")
+                        yield (
+                            index,
+                            GenerateChunk(
+                                prepared.requests[index].request_id or "",
+                                [],
+                                "",
+                                finished=True,
+                                finish_reason="stop",
+                            ),
+                        )
                     continue
                 if isinstance(item, BaseException):
                     raise item
@@ -481,7 +611,11 @@ class ChatService:
                     st.logprobs.extend(chunk.logprobs)
                 if chunk.finished:
                     st.finish_reason = chunk.finish_reason
-                    st.trace = chunk.trace.layers if chunk.trace is not None and prepared.version is not None else None
+                    st.trace = (
+                        chunk.trace.layers
+                        if chunk.trace is not None and prepared.version is not None
+                        else None
+                    )
                     st.vu_routing = chunk.trace.vu_routing if st.trace is not None else None
                     st.prompt_tokens = chunk.prompt_tokens
                     st.queue_seconds = chunk.queue_seconds
@@ -496,9 +630,13 @@ class ChatService:
             metrics.e2e_latency.observe(now - prepared.arrival)
             engine_queue = choices[0].queue_seconds or 0.0
             metrics.queue_time.observe(waited + engine_queue)
-            metrics.observe_tokens(self._prompt_tokens(prepared, choices), sum(c.tokens for c in choices.values()))
+            metrics.observe_tokens(
+                self._prompt_tokens(prepared, choices), sum(c.tokens for c in choices.values())
+            )
             for c in choices.values():
-                metrics.observe_finish(c.finish_reason if completed and c.finish_reason else "abort")
+                metrics.observe_finish(
+                    c.finish_reason if completed and c.finish_reason else "abort"
+                )
                 if c.trace:
                     metrics.observe_routes(c.trace)
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -513,33 +651,68 @@ class ChatService:
         c = sum(x.tokens for x in choices.values())
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def _extension(self, prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> dict[str, Any]:
+    def _extension(
+        self, prepared: PreparedChat, choices: dict[int, _ChoiceState]
+    ) -> dict[str, Any]:
         if prepared.version is None:  # base-only serving
-            return {"model": prepared.model_label, "adapters": False, "version": None, "version_name": None,
-                    "instruction": None, "trace": None}
+            return {
+                "model": prepared.model_label,
+                "adapters": False,
+                "version": None,
+                "version_name": None,
+                "instruction": None,
+                "trace": None,
+            }
         trace = None
         if prepared.trace_requested:
-            trace = [{"index": i, "vu_routing": c.vu_routing, "layers": [r.to_dict() for r in (c.trace or ())]}
-                     for i, c in sorted(choices.items())]
+            trace = [
+                {
+                    "index": i,
+                    "vu_routing": c.vu_routing,
+                    "layers": [r.to_dict() for r in (c.trace or ())],
+                }
+                for i, c in sorted(choices.items())
+            ]
         assert prepared.instruction is not None
-        return {"model": prepared.model_label, "adapters": True, "version": prepared.version.version,
-                "version_name": prepared.version.name, "instruction": prepared.instruction.to_trace(), "trace": trace}
-
-    def _completion_body(self, prepared: PreparedChat, choices: dict[int, _ChoiceState]) -> dict[str, Any]:
         return {
-            "id": prepared.request_id, "object": "chat.completion", "created": prepared.created,
             "model": prepared.model_label,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": openai_logprobs(c.logprobs) if prepared.logprobs else None,
-                         "finish_reason": c.finish_reason} for i, c in sorted(choices.items())],
+            "adapters": True,
+            "version": prepared.version.version,
+            "version_name": prepared.version.name,
+            "instruction": prepared.instruction.to_trace(),
+            "trace": trace,
+        }
+
+    def _completion_body(
+        self, prepared: PreparedChat, choices: dict[int, _ChoiceState]
+    ) -> dict[str, Any]:
+        return {
+            "id": prepared.request_id,
+            "object": "chat.completion",
+            "created": prepared.created,
+            "model": prepared.model_label,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "logprobs": openai_logprobs(c.logprobs) if prepared.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in sorted(choices.items())
+            ],
             "usage": self._usage(prepared, choices),
             "system_fingerprint": None,
             "smolora": self._extension(prepared, choices),
         }
 
     def _chunk(self, prepared: PreparedChat, choices: list[dict[str, Any]], **extra: Any) -> str:
-        body: dict[str, Any] = {"id": prepared.request_id, "object": "chat.completion.chunk",
-                                "created": prepared.created, "model": prepared.model_label, "choices": choices}
+        body: dict[str, Any] = {
+            "id": prepared.request_id,
+            "object": "chat.completion.chunk",
+            "created": prepared.created,
+            "model": prepared.model_label,
+            "choices": choices,
+        }
         if prepared.include_usage:
             body["usage"] = None
         body.update(extra)
@@ -550,27 +723,57 @@ class ChatService:
         choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
         try:
             for i in range(n):
-                yield self._chunk(prepared, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}])
+                yield self._chunk(
+                    prepared,
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                )
             finished = 0
             async with aclosing(self._events(prepared, waited, choices)) as events:
                 async for index, chunk in events:
                     logprobs = openai_logprobs(chunk.logprobs or []) if prepared.logprobs else None
                     if not chunk.finished:
                         if chunk.text or chunk.logprobs:
-                            yield self._chunk(prepared, [{"index": index, "delta": {"content": chunk.text},
-                                                          "logprobs": logprobs, "finish_reason": None}])
+                            yield self._chunk(
+                                prepared,
+                                [
+                                    {
+                                        "index": index,
+                                        "delta": {"content": chunk.text},
+                                        "logprobs": logprobs,
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            )
                         continue
                     finished += 1
-                    choice = [{"index": index, "delta": {"content": chunk.text} if chunk.text else {},
-                               "logprobs": logprobs, "finish_reason": chunk.finish_reason}]
+                    choice = [
+                        {
+                            "index": index,
+                            "delta": {"content": chunk.text} if chunk.text else {},
+                            "logprobs": logprobs,
+                            "finish_reason": chunk.finish_reason,
+                        }
+                    ]
                     if finished == n and not prepared.include_usage:
-                        yield self._chunk(prepared, choice, smolora=self._extension(prepared, choices))
+                        yield self._chunk(
+                            prepared, choice, smolora=self._extension(prepared, choices)
+                        )
                     else:
                         yield self._chunk(prepared, choice)
             if prepared.include_usage:
-                yield self._chunk(prepared, [], usage=self._usage(prepared, choices),
-                                  smolora=self._extension(prepared, choices))
+                yield self._chunk(
+                    prepared,
+                    [],
+                    usage=self._usage(prepared, choices),
+                    smolora=self._extension(prepared, choices),
+                )
             yield "data: [DONE]\n\n"
         except Exception as e:  # the stream has started: report in-band, then end it
             err = engine_error_to_api(e, self.settings.retry_after_s)
@@ -586,7 +789,11 @@ def openai_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
     """OpenAI's choice `logprobs` object: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`."""
 
     def entry(t: TokenLogprob) -> dict[str, Any]:
-        return {"token": t.token, "logprob": max(t.logprob, MIN_LOGPROB), "bytes": list(t.token.encode("utf-8", errors="replace"))}
+        return {
+            "token": t.token,
+            "logprob": max(t.logprob, MIN_LOGPROB),
+            "bytes": list(t.token.encode("utf-8", errors="replace")),
+        }
 
     return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top]} for t in tokens]}
 

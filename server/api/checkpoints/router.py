@@ -1,11 +1,11 @@
 """Checkpoint admin routes (admin API key): list, load, activate, roll back, unload.
 
-    GET    /admin/checkpoints                  registry + residency + active + history
-    POST   /admin/checkpoints/load             {"version": N, "activate": false}
-    POST   /admin/checkpoints/activate         {"version": N}
-    POST   /admin/checkpoints/rollback         {}  (back to the previously active version)
-    POST   /admin/checkpoints/unload           {"version": N}
-    DELETE /admin/checkpoints/{version}        same as unload
+GET    /admin/checkpoints                  registry + residency + active + history
+POST   /admin/checkpoints/load             {"version": N, "activate": false}
+POST   /admin/checkpoints/activate         {"version": N}
+POST   /admin/checkpoints/rollback         {}  (back to the previously active version)
+POST   /admin/checkpoints/unload           {"version": N}
+DELETE /admin/checkpoints/{version}        same as unload
 """
 
 from __future__ import annotations
@@ -19,13 +19,24 @@ from smolora.server.api.checkpoints.protocol import LoadRequest, VersionRequest
 from smolora.server.api.state import get_state
 from smolora.server.engine.protocol import VersionInfo
 
-router = APIRouter(prefix="/admin/checkpoints", tags=["admin"], dependencies=[Depends(require_admin_key)])
+router = APIRouter(
+    prefix="/admin/checkpoints", tags=["admin"], dependencies=[Depends(require_admin_key)]
+)
 
 
 def version_json(v: VersionInfo, active: int | None) -> dict[str, Any]:
-    return {"version": v.version, "name": v.name, "tasks": list(v.tasks), "path": str(v.path),
-            "loaded_at": v.loaded_at, "load_seconds": v.load_seconds, "active": v.version == active,
-            "instruction_types": [{"name": t.name, "text": t.text, "task": t.task} for t in v.instruction_table.types]}
+    return {
+        "version": v.version,
+        "name": v.name,
+        "tasks": list(v.tasks),
+        "path": str(v.path),
+        "loaded_at": v.loaded_at,
+        "load_seconds": v.load_seconds,
+        "active": v.version == active,
+        "instruction_types": [
+            {"name": t.name, "text": t.text, "task": t.task} for t in v.instruction_table.types
+        ],
+    }
 
 
 @router.get("")

@@ -20,10 +20,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smolora.adapters.checkpoint import CheckpointError, RegistryEntry, latest_version, list_versions
-from smolora.server.api.errors import APIError, ConflictError, NotFoundError, ServiceUnavailableError
-from smolora.server.engine.protocol import (EngineClient, EngineError, NoFreeSlotError, VersionInfo, VersionLoadError,
-                                            VersionNotResidentError)
+from smolora.adapters.checkpoint import (
+    CheckpointError,
+    RegistryEntry,
+    latest_version,
+    list_versions,
+)
+from smolora.server.api.errors import (
+    APIError,
+    ConflictError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from smolora.server.engine.protocol import (
+    EngineClient,
+    EngineError,
+    NoFreeSlotError,
+    VersionInfo,
+    VersionLoadError,
+    VersionNotResidentError,
+)
 from smolora.server.metrics import Metrics
 
 log = logging.getLogger("smolora.server.versions")
@@ -47,8 +63,14 @@ class VersionManager:
         retry_after_s: Retry-After of a 503 when the engine has no free slot.
     """
 
-    def __init__(self, engine: EngineClient, registry_dir: Path, metrics: Metrics, max_resident: int,
-                 retry_after_s: int = 1):
+    def __init__(
+        self,
+        engine: EngineClient,
+        registry_dir: Path,
+        metrics: Metrics,
+        max_resident: int,
+        retry_after_s: int = 1,
+    ):
         self.engine = engine
         self.retry_after_s = retry_after_s
         self.registry_dir = Path(registry_dir)
@@ -79,9 +101,12 @@ class VersionManager:
         info = self.get(version)
         if info is None:
             resident = ", ".join(str(v.version) for v in self.resident()) or "none"
-            raise NotFoundError(f"checkpoint version {version} is not loaded (resident: {resident}); "
-                                "load it through the admin API first", param="smolora.version",
-                                code="version_not_found")
+            raise NotFoundError(
+                f"checkpoint version {version} is not loaded (resident: {resident}); "
+                "load it through the admin API first",
+                param="smolora.version",
+                code="version_not_found",
+            )
         return info
 
     async def describe(self) -> dict[str, Any]:
@@ -92,19 +117,41 @@ class VersionManager:
         out = []
         for e in entries:
             v = resident.get(e.version)
-            out.append({"version": e.version, "name": e.name, "task": e.task, "path": str(e.path),
-                        "resident": v is not None, "active": e.version == active,
-                        "loaded_at": v.loaded_at if v else None,
-                        "instruction_types": [t.name for t in v.instruction_table.types] if v else None})
+            out.append(
+                {
+                    "version": e.version,
+                    "name": e.name,
+                    "task": e.task,
+                    "path": str(e.path),
+                    "resident": v is not None,
+                    "active": e.version == active,
+                    "loaded_at": v.loaded_at if v else None,
+                    "instruction_types": [t.name for t in v.instruction_table.types] if v else None,
+                }
+            )
         for num, v in resident.items():  # resident but no longer in the registry folder
             if not any(e.version == num for e in entries):
-                out.append({"version": num, "name": v.name, "task": v.tasks[-1] if v.tasks else None,
-                            "path": str(v.path), "resident": True, "active": num == active,
-                            "loaded_at": v.loaded_at, "instruction_types": [t.name for t in v.instruction_table.types]})
+                out.append(
+                    {
+                        "version": num,
+                        "name": v.name,
+                        "task": v.tasks[-1] if v.tasks else None,
+                        "path": str(v.path),
+                        "resident": True,
+                        "active": num == active,
+                        "loaded_at": v.loaded_at,
+                        "instruction_types": [t.name for t in v.instruction_table.types],
+                    }
+                )
         out.sort(key=lambda d: d["version"])
         latest = await asyncio.to_thread(latest_version, self.registry_dir)
-        return {"registry": str(self.registry_dir), "active": active, "latest": latest.version if latest else None,
-                "history": list(self.history), "versions": out}
+        return {
+            "registry": str(self.registry_dir),
+            "active": active,
+            "latest": latest.version if latest else None,
+            "history": list(self.history),
+            "versions": out,
+        }
 
     # --- changes -----------------------------------------------------------------------
     async def load(self, version: int, activate: bool = False) -> VersionInfo:
@@ -124,8 +171,11 @@ class VersionManager:
     async def _load_locked(self, version: int) -> VersionInfo:
         entry = next((e for e in await self.registry() if e.version == version), None)
         if entry is None:
-            raise NotFoundError(f"version {version} is not published in the registry {self.registry_dir}",
-                                param="version", code="version_not_found")
+            raise NotFoundError(
+                f"version {version} is not published in the registry {self.registry_dir}",
+                param="version",
+                code="version_not_found",
+            )
         await self._evict_for_one_more()
         t0 = time.perf_counter()
         try:
@@ -133,12 +183,18 @@ class VersionManager:
         except (VersionLoadError, CheckpointError) as e:
             self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
             log.warning("refused checkpoint %s: %s", entry.path, e)
-            raise CheckpointRejected(f"checkpoint {entry.name} cannot be served: {e}", param="version",
-                                     code="checkpoint_rejected") from None
+            raise CheckpointRejected(
+                f"checkpoint {entry.name} cannot be served: {e}",
+                param="version",
+                code="checkpoint_rejected",
+            ) from None
         except NoFreeSlotError as e:
             self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
-            raise ServiceUnavailableError(f"no free version slot now ({e})", retry_after_s=self.retry_after_s,
-                                          code="no_free_slot") from None
+            raise ServiceUnavailableError(
+                f"no free version slot now ({e})",
+                retry_after_s=self.retry_after_s,
+                code="no_free_slot",
+            ) from None
         except BaseException:
             self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
             raise
@@ -158,10 +214,17 @@ class VersionManager:
             try:
                 await self.engine.unload_version(victim.version)
             except EngineError as e:  # e.g. in-flight requests are pinned to it
-                raise ServiceUnavailableError(f"no room for another resident version now: version {victim.version} "
-                                              f"cannot be unloaded ({e})", retry_after_s=self.retry_after_s,
-                                              code="no_free_slot") from None
-            log.info("unloaded version %d to make room (max %d resident)", victim.version, self.max_resident)
+                raise ServiceUnavailableError(
+                    f"no room for another resident version now: version {victim.version} "
+                    f"cannot be unloaded ({e})",
+                    retry_after_s=self.retry_after_s,
+                    code="no_free_slot",
+                ) from None
+            log.info(
+                "unloaded version %d to make room (max %d resident)",
+                victim.version,
+                self.max_resident,
+            )
             resident.remove(victim)
         self._publish_metrics()
 
@@ -209,7 +272,9 @@ class VersionManager:
                 log.info("rolled back from version %s to %d", current, prev)
                 self._publish_metrics()
                 return self.require(prev)
-            raise ConflictError("there is no earlier active version to roll back to", code="no_previous_version")
+            raise ConflictError(
+                "there is no earlier active version to roll back to", code="no_previous_version"
+            )
 
     async def unload(self, version: int) -> None:
         """Unload a resident version that is not active (the engine frees its slot).
@@ -222,14 +287,18 @@ class VersionManager:
         async with self._lock:
             self.require(version)
             if self.active() == version:
-                raise ConflictError(f"version {version} is active; activate another version before unloading it",
-                                    code="version_active")
+                raise ConflictError(
+                    f"version {version} is active; activate another version before unloading it",
+                    code="version_active",
+                )
             try:
                 await self.engine.unload_version(version)
             except VersionNotResidentError as e:
                 raise NotFoundError(str(e), code="version_not_found") from None
             except EngineError as e:
-                raise ConflictError(f"version {version} cannot be unloaded now: {e}", code="version_busy") from None
+                raise ConflictError(
+                    f"version {version} cannot be unloaded now: {e}", code="version_busy"
+                ) from None
             log.info("unloaded version %d", version)
             self._publish_metrics()
 
@@ -238,7 +307,9 @@ class VersionManager:
         if initial_version is None:
             latest = await asyncio.to_thread(latest_version, self.registry_dir)
             if latest is None:
-                log.warning("registry %s has no published version yet; waiting for one", self.registry_dir)
+                log.warning(
+                    "registry %s has no published version yet; waiting for one", self.registry_dir
+                )
                 return None
             initial_version = latest.version
         return await self.load(initial_version, activate=True)

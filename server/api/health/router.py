@@ -46,14 +46,30 @@ async def ready(request: Request) -> JSONResponse:
         if unhealthy is not None:
             reason = f"engine unhealthy: {unhealthy}"
     if reason is not None:
-        return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503,
-                            headers={"Retry-After": str(state.settings.retry_after_s)})
+        return JSONResponse(
+            {"status": "not_ready", "reason": reason},
+            status_code=503,
+            headers={"Retry-After": str(state.settings.retry_after_s)},
+        )
     if state.versions is None:  # base-only serving
-        return JSONResponse({"status": "ready", "model": state.settings.served_model_name, "adapters": False,
-                             "active_version": None, "resident_versions": []})
-    return JSONResponse({"status": "ready", "model": state.settings.served_model_name, "adapters": True,
-                         "active_version": state.versions.active(),
-                         "resident_versions": [v.version for v in state.versions.resident()]})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": state.settings.served_model_name,
+                "adapters": False,
+                "active_version": None,
+                "resident_versions": [],
+            }
+        )
+    return JSONResponse(
+        {
+            "status": "ready",
+            "model": state.settings.served_model_name,
+            "adapters": True,
+            "active_version": state.versions.active(),
+            "resident_versions": [v.version for v in state.versions.resident()],
+        }
+    )
 
 
 @router.get("/metrics")

@@ -20,23 +20,54 @@ def model_cards(state: ServerState) -> list[dict[str, Any]]:
     """OpenAI model objects: `name` (the active version) and `name@N` for each resident version N."""
     name = state.settings.served_model_name
     if not state.settings.adapters:
-        return [{"id": name, "object": "model", "created": 0, "owned_by": "smolora", "root": name, "parent": None,
-                 "smolora": {"adapters": False, "active_version": None, "alias_of": None}}]
+        return [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "smolora",
+                "root": name,
+                "parent": None,
+                "smolora": {"adapters": False, "active_version": None, "alias_of": None},
+            }
+        ]
     versions = state.versions
     active = versions.active() if versions else None
     resident = versions.resident() if versions else []
     created = int(min((v.loaded_at for v in resident), default=0))
-    cards: list[dict[str, Any]] = [{
-        "id": name, "object": "model", "created": created, "owned_by": "smolora", "root": name, "parent": None,
-        "smolora": {"adapters": True, "active_version": active, "alias_of": f"{name}@{active}" if active else None},
-    }]
+    cards: list[dict[str, Any]] = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "smolora",
+            "root": name,
+            "parent": None,
+            "smolora": {
+                "adapters": True,
+                "active_version": active,
+                "alias_of": f"{name}@{active}" if active else None,
+            },
+        }
+    ]
     for v in resident:
-        cards.append({
-            "id": f"{name}@{v.version}", "object": "model", "created": int(v.loaded_at), "owned_by": "smolora",
-            "root": name, "parent": name,
-            "smolora": {"version": v.version, "name": v.name, "tasks": list(v.tasks), "active": v.version == active,
-                        "instruction_types": [t.name for t in v.instruction_table.types]},
-        })
+        cards.append(
+            {
+                "id": f"{name}@{v.version}",
+                "object": "model",
+                "created": int(v.loaded_at),
+                "owned_by": "smolora",
+                "root": name,
+                "parent": name,
+                "smolora": {
+                    "version": v.version,
+                    "name": v.name,
+                    "tasks": list(v.tasks),
+                    "active": v.version == active,
+                    "instruction_types": [t.name for t in v.instruction_table.types],
+                },
+            }
+        )
     return cards
 
 
@@ -50,5 +81,8 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     for card in model_cards(get_state(request)):
         if card["id"] == model_id:
             return card
-    raise NotFoundError(f"the model {model_id!r} does not exist; see GET /v1/models", param="model",
-                        code="model_not_found")
+    raise NotFoundError(
+        f"the model {model_id!r} does not exist; see GET /v1/models",
+        param="model",
+        code="model_not_found",
+    )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -26,13 +27,21 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def running_app(model_dir: Path, registry: Path, engine: ScriptedEngine | None = None, embedder: Any = None,
-                ready: bool = True, **overrides: Any) -> Iterator[tuple[TestClient, ScriptedEngine, Any]]:
+def running_app(
+    model_dir: Path,
+    registry: Path,
+    engine: ScriptedEngine | None = None,
+    embedder: Any = None,
+    ready: bool = True,
+    **overrides: Any,
+) -> Iterator[tuple[TestClient, ScriptedEngine, Any]]:
     """A TestClient on a fresh app (lifespan running); waits for /ready unless `ready=False`."""
     engine = engine or ScriptedEngine()
     embedder = embedder or HashingEmbedder()
     overrides.setdefault("watch_registry", False)
-    settings = ServerSettings(model_dir=model_dir, registry_dir=registry, served_model_name="tiny-llava", **overrides)
+    settings = ServerSettings(
+        model_dir=model_dir, registry_dir=registry, served_model_name="tiny-llava", **overrides
+    )
     app = create_app(settings, scripted_factory(engine), embedder_factory=lambda: embedder)
     with TestClient(app, raise_server_exceptions=False) as client:
         if ready:
@@ -41,9 +50,19 @@ def running_app(model_dir: Path, registry: Path, engine: ScriptedEngine | None =
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir: Path, registry: Path) -> Iterator[tuple[TestClient, ScriptedEngine, Any]]:
+def served(
+    tiny_model_dir: Path, registry: Path
+) -> Iterator[tuple[TestClient, ScriptedEngine, Any]]:
     """One app for a module: keys required, admin key set, v2 (latest) active."""
-    with running_app(tiny_model_dir, registry, api_keys=("sk-test",), admin_api_key="admin-test",
-                     max_images_per_request=2, max_image_bytes=200_000, max_image_pixels=256 * 256,
-                     max_request_bytes=2_000_000, max_n=4) as ctx:
+    with running_app(
+        tiny_model_dir,
+        registry,
+        api_keys=("sk-test",),
+        admin_api_key="admin-test",
+        max_images_per_request=2,
+        max_image_bytes=200_000,
+        max_image_pixels=256 * 256,
+        max_request_bytes=2_000_000,
+        max_n=4,
+    ) as ctx:
         yield ctx

@@ -12,8 +12,9 @@ import asyncio
 import hashlib
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import torch
@@ -46,20 +47,32 @@ class HashingEmbedder:
         return out
 
 
-def instruction_types(embedder: Any, names: Sequence[str] = tuple(INSTRUCTIONS)) -> list[dict[str, Any]]:
+def instruction_types(
+    embedder: Any, names: Sequence[str] = tuple(INSTRUCTIONS)
+) -> list[dict[str, Any]]:
     """The `instruction_types` manifest entries of `names`, embedded with `embedder`."""
     texts = [INSTRUCTIONS[n][0] for n in names]
     embs = embedder.encode(texts)
-    return [InstructionType(n, INSTRUCTIONS[n][0], INSTRUCTIONS[n][1], tuple(float(x) for x in e)).to_dict()
-            for n, e in zip(names, embs)]
+    return [
+        InstructionType(
+            n, INSTRUCTIONS[n][0], INSTRUCTIONS[n][1], tuple(float(x) for x in e)
+        ).to_dict()
+        for n, e in zip(names, embs)
+    ]
 
 
-def publish_version(registry: Path, task: str, types: list[dict[str, Any]], fingerprint: str = "f" * 64) -> RegistryEntry:
+def publish_version(
+    registry: Path, task: str, types: list[dict[str, Any]], fingerprint: str = "f" * 64
+) -> RegistryEntry:
     """Publish a small, valid checkpoint version (format v1) into `registry`."""
     manifest = CheckpointManifest(
-        adapter_kind="smolora", adapter_config={"num_experts": 8, "rank": 8, "alpha": 16},
-        base_model={"fingerprint": fingerprint, "name": "tiny"}, layers=["layers.0.mlp.up_proj"], tasks=[task],
-        instruction_types=types)
+        adapter_kind="smolora",
+        adapter_config={"num_experts": 8, "rank": 8, "alpha": 16},
+        base_model={"fingerprint": fingerprint, "name": "tiny"},
+        layers=["layers.0.mlp.up_proj"],
+        tasks=[task],
+        instruction_types=types,
+    )
     return publish_checkpoint(registry, {"layers.0.mlp.up_proj.A": torch.zeros(8, 4)}, manifest)
 
 
@@ -79,8 +92,16 @@ class ServerThread:
     """
 
     def __init__(self, app: Any):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                   lifespan="on", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=0,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=5,
+            )
+        )
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -88,9 +109,11 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.server.serve())
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), what="uvicorn to start")
+        wait_until(
+            lambda: self.server.started or not self.thread.is_alive(), what="uvicorn to start"
+        )
         if not self.server.started:
             raise RuntimeError("uvicorn did not start")
         port = self.server.servers[0].sockets[0].getsockname()[1]
@@ -102,4 +125,6 @@ class ServerThread:
         self.thread.join(timeout=30)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        wait_until(lambda: httpx.get(self.base_url + "/ready").status_code == 200, timeout_s, "/ready")
+        wait_until(
+            lambda: httpx.get(self.base_url + "/ready").status_code == 200, timeout_s, "/ready"
+        )

@@ -16,14 +16,24 @@ import asyncio
 import hashlib
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 from smolora.adapters.checkpoint import verify_checkpoint
-from smolora.server.engine.protocol import (EngineHealth, EngineUnavailableError, GenerateChunk, GenerateRequest,
-                                            LayerRoute, RequestTrace, TokenLogprob, VersionInfo, VersionInUseError, VersionLoadError,
-                                            VersionNotResidentError)
+from smolora.server.engine.protocol import (
+    EngineHealth,
+    EngineUnavailableError,
+    GenerateChunk,
+    GenerateRequest,
+    LayerRoute,
+    RequestTrace,
+    TokenLogprob,
+    VersionInfo,
+    VersionInUseError,
+    VersionLoadError,
+    VersionNotResidentError,
+)
 from smolora.server.settings import ServerSettings
 
 LAYERS = ("projector.linear_1", "layers.0.mlp.up_proj", "layers.1.mlp.down_proj")
@@ -38,8 +48,12 @@ class ScriptedEngine:
         num_experts: E of the fake routes.
     """
 
-    def __init__(self, reply: str = "a red circle on the left of a blue square", max_model_len: int = 256,
-                 num_experts: int = 8):
+    def __init__(
+        self,
+        reply: str = "a red circle on the left of a blue square",
+        max_model_len: int = 256,
+        num_experts: int = 8,
+    ):
         self.reply = reply.split()
         self.max_model_len = max_model_len
         self.max_images_per_prompt = 1
@@ -79,7 +93,9 @@ class ScriptedEngine:
         finished = False
         try:
             while not self._hold.is_set():
-                await asyncio.sleep(0.001)  # a double's wait loop, not a test sleep: released by the test
+                await asyncio.sleep(
+                    0.001
+                )  # a double's wait loop, not a test sleep: released by the test
             sp = request
             stops = sp.stop or []
             text, produced, reason = "", 0, "length"
@@ -92,24 +108,46 @@ class ScriptedEngine:
                 candidate = text + piece
                 hit = min((candidate.find(s) for s in stops if s in candidate), default=-1)
                 if hit >= 0:
-                    piece = candidate[:hit][len(text):]
+                    piece = candidate[:hit][len(text) :]
                     produced += 1
-                    yield GenerateChunk(rid, [i], piece, finished=True, finish_reason="stop", version=version,
-                                        prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
-                                        queue_seconds=0.0, logprobs=self._logprobs(request, i, piece))
+                    yield GenerateChunk(
+                        rid,
+                        [i],
+                        piece,
+                        finished=True,
+                        finish_reason="stop",
+                        version=version,
+                        prompt_tokens=self._prompt_tokens(request),
+                        trace=self._trace(request),
+                        queue_seconds=0.0,
+                        logprobs=self._logprobs(request, i, piece),
+                    )
                     finished = True
                     return
                 text = candidate
                 produced += 1
                 last = produced >= sp.max_tokens or i == len(words) - 1
                 if last:
-                    reason = "length" if produced >= sp.max_tokens and i < len(words) - 1 else "stop"
-                    yield GenerateChunk(rid, [i], piece, finished=True, finish_reason=reason, version=version,
-                                        prompt_tokens=self._prompt_tokens(request), trace=self._trace(request),
-                                        queue_seconds=0.0, logprobs=self._logprobs(request, i, piece))
+                    reason = (
+                        "length" if produced >= sp.max_tokens and i < len(words) - 1 else "stop"
+                    )
+                    yield GenerateChunk(
+                        rid,
+                        [i],
+                        piece,
+                        finished=True,
+                        finish_reason=reason,
+                        version=version,
+                        prompt_tokens=self._prompt_tokens(request),
+                        trace=self._trace(request),
+                        queue_seconds=0.0,
+                        logprobs=self._logprobs(request, i, piece),
+                    )
                     finished = True
                     return
-                yield GenerateChunk(rid, [i], piece, version=version, logprobs=self._logprobs(request, i, piece))
+                yield GenerateChunk(
+                    rid, [i], piece, version=version, logprobs=self._logprobs(request, i, piece)
+                )
                 await asyncio.sleep(0)
         finally:
             self.in_flight -= 1
@@ -123,9 +161,10 @@ class ScriptedEngine:
         if request.logprobs is None:
             return None
         lp = -0.1 * (i + 1)
-        top = [TokenLogprob(i, piece, lp)] + [TokenLogprob(1000 + k, f"alt{k}", lp - 1.0 - k)
-                                             for k in range(request.logprobs - 1)]
-        return [TokenLogprob(i, piece, lp, top[:request.logprobs])]
+        top = [TokenLogprob(i, piece, lp)] + [
+            TokenLogprob(1000 + k, f"alt{k}", lp - 1.0 - k) for k in range(request.logprobs - 1)
+        ]
+        return [TokenLogprob(i, piece, lp, top[: request.logprobs])]
 
     def _prompt_tokens(self, request: GenerateRequest) -> int:
         assert isinstance(request.prompt, str)
@@ -138,9 +177,17 @@ class ScriptedEngine:
         emb = list(request.instruction)
         if_expert = half + max(range(half), key=lambda k: emb[k])
         seed = int(hashlib.sha256(str(request.prompt).encode()).hexdigest(), 16)
-        layers = [LayerRoute(layer, (seed >> (4 * j)) % half, if_expert, 0.5, 0.5) for j, layer in enumerate(LAYERS)]
-        return RequestTrace(request.version, request.vu_routing or "pinned", request.instruction_source, request.instruction_similarity,
-                            layers)
+        layers = [
+            LayerRoute(layer, (seed >> (4 * j)) % half, if_expert, 0.5, 0.5)
+            for j, layer in enumerate(LAYERS)
+        ]
+        return RequestTrace(
+            request.version,
+            request.vu_routing or "pinned",
+            request.instruction_source,
+            request.instruction_similarity,
+            layers,
+        )
 
     async def load_version(self, path: str | Path, activate: bool = True) -> VersionInfo:
         try:
@@ -148,9 +195,15 @@ class ScriptedEngine:
         except Exception as e:
             raise VersionLoadError(str(e), type(e).__name__) from e
         assert manifest.version is not None
-        info = VersionInfo(version=manifest.version, path=Path(path), tasks=list(manifest.tasks), slot=None,
-                           instruction_types=list(manifest.instruction_types), loaded_at=time.time(),
-                           load_seconds=0.0)
+        info = VersionInfo(
+            version=manifest.version,
+            path=Path(path),
+            tasks=list(manifest.tasks),
+            slot=None,
+            instruction_types=list(manifest.instruction_types),
+            loaded_at=time.time(),
+            load_seconds=0.0,
+        )
         self._versions[info.version] = info
         if activate:
             await self.activate(info.version)
@@ -171,7 +224,9 @@ class ScriptedEngine:
         if version == self._active:
             raise VersionInUseError("cannot unload the active version")
         if self.pinned.get(version):
-            raise VersionInUseError(f"{self.pinned[version]} in-flight request(s) are pinned to version {version}")
+            raise VersionInUseError(
+                f"{self.pinned[version]} in-flight request(s) are pinned to version {version}"
+            )
         return self._versions.pop(version)
 
     def list_versions(self) -> list[VersionInfo]:
@@ -183,9 +238,13 @@ class ScriptedEngine:
     async def health(self) -> EngineHealth:
         if self.dead:
             raise EngineUnavailableError("scripted engine marked dead")
-        return EngineHealth(ok=True, adapters=bool(self._versions), active_version=self._active,
-                            resident_versions={i: v for i, v in enumerate(sorted(self._versions))},
-                            in_flight=self.in_flight)
+        return EngineHealth(
+            ok=True,
+            adapters=bool(self._versions),
+            active_version=self._active,
+            resident_versions={i: v for i, v in enumerate(sorted(self._versions))},
+            in_flight=self.in_flight,
+        )
 
     async def shutdown(self) -> None:
         pass

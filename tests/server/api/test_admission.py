@@ -14,7 +14,9 @@ from smolora.server.metrics import Metrics
 def test_slots_queue_and_refusals() -> None:
     async def go() -> None:
         m = Metrics()
-        a = AdmissionController(max_running=2, max_waiting=1, queue_timeout_s=5, retry_after_s=2, metrics=m)
+        a = AdmissionController(
+            max_running=2, max_waiting=1, queue_timeout_s=5, retry_after_s=2, metrics=m
+        )
         assert await a.acquire(2) == 0.0
         waiter = asyncio.create_task(a.acquire(1))
         await asyncio.sleep(0)  # let it enqueue

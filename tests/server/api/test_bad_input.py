@@ -39,12 +39,18 @@ def test_a_full_queue_gets_429_with_retry_after(tiny_model_dir, registry) -> Non
     from tests.server.api.conftest import running_app
     from tests.server.api.helpers import wait_until
 
-    with running_app(tiny_model_dir, registry, max_concurrent_requests=1, max_waiting_requests=0) as (client, engine, _):
+    with running_app(
+        tiny_model_dir, registry, max_concurrent_requests=1, max_waiting_requests=0
+    ) as (client, engine, _):
         engine.hold()
         import threading
 
         results: list[int] = []
-        t = threading.Thread(target=lambda: results.append(client.post("/v1/chat/completions", json=ok_body()).status_code))
+        t = threading.Thread(
+            target=lambda: results.append(
+                client.post("/v1/chat/completions", json=ok_body()).status_code
+            )
+        )
         t.start()
         wait_until(lambda: engine.in_flight == 1, what="the first request to be in flight")
         r = client.post("/v1/chat/completions", json=ok_body())

@@ -11,7 +11,13 @@ import pytest
 
 from smolora.server.app import create_app
 from smolora.server.settings import ServerSettings
-from tests.server.api.helpers import HashingEmbedder, ServerThread, data_url, image_bytes, user_message
+from tests.server.api.helpers import (
+    HashingEmbedder,
+    ServerThread,
+    data_url,
+    image_bytes,
+    user_message,
+)
 from tests.server.api.scripted_engine import ScriptedEngine, scripted_factory
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -28,29 +34,46 @@ def _events(text: str) -> list[Any]:
     out = []
     for block in text.split("\n\n"):
         if block.startswith("data: "):
-            payload = block[len("data: "):]
+            payload = block[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
 
 
 def test_completion_shape_usage_and_extension(served) -> None:
     client, engine, _ = served
-    r = _post(client, max_tokens=4, smolora={"trace": True},
-              messages=[user_message("What colour is the circle?\nAnswer the question using a single word or phrase.",
-                                     [IMG])])
+    r = _post(
+        client,
+        max_tokens=4,
+        smolora={"trace": True},
+        messages=[
+            user_message(
+                "What colour is the circle?\nAnswer the question using a single word or phrase.",
+                [IMG],
+            )
+        ],
+    )
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "tiny-llava@2"
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "a red circle on"} and choice["finish_reason"] == "length"
+    assert (
+        choice["message"] == {"role": "assistant", "content": "a red circle on"}
+        and choice["finish_reason"] == "length"
+    )
     assert body["usage"]["completion_tokens"] == 4
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 4
     ext = body["smolora"]
-    assert ext["version"] == 2 and ext["model"] == "tiny-llava@2" and ext["version_name"] == "v0002-caption"
+    assert (
+        ext["version"] == 2
+        and ext["model"] == "tiny-llava@2"
+        and ext["version_name"] == "v0002-caption"
+    )
     assert ext["instruction"]["source"] == "snapped" and ext["instruction"]["type"] == "vqa_short"
     assert ext["instruction"]["rule"] == "trailing_imperative"
     layers = ext["trace"][0]["layers"]
-    assert {l["layer"] for l in layers} >= {"layers.0.mlp.up_proj"} and all(0 <= l["vu_expert"] < 4 for l in layers)
+    assert {l["layer"] for l in layers} >= {"layers.0.mlp.up_proj"} and all(
+        0 <= l["vu_expert"] < 4 for l in layers
+    )
     sent = engine.inputs[-1]
     assert sent.prompt.startswith("USER: <image>\n") and sent.prompt.endswith("ASSISTANT:")
     assert sent.image is not None and sent.image.size == (32, 32) and len(sent.instruction) == 384
@@ -61,8 +84,16 @@ def test_trace_is_off_by_default_and_versions_are_selectable(served) -> None:
     client, engine, _ = served
     r = _post(client, max_tokens=2)
     assert r.json()["smolora"]["trace"] is None
-    client.post("/admin/checkpoints/load", headers={"Authorization": "Bearer admin-test"}, json={"version": 1})
-    for body in ({"model": "tiny-llava@1"}, {"model": "tiny-llava@v1"}, {"smolora": {"version": 1}}):
+    client.post(
+        "/admin/checkpoints/load",
+        headers={"Authorization": "Bearer admin-test"},
+        json={"version": 1},
+    )
+    for body in (
+        {"model": "tiny-llava@1"},
+        {"model": "tiny-llava@v1"},
+        {"smolora": {"version": 1}},
+    ):
         r = _post(client, max_tokens=1, **body)
         assert r.status_code == 200 and r.json()["model"] == "tiny-llava@1", body
         assert engine.inputs[-1].version == 1
@@ -92,7 +123,9 @@ def test_vu_routing_choice_reaches_the_engine_and_the_trace(served) -> None:
 
 def test_sampling_options_reach_the_engine(served) -> None:
     client, engine, _ = served
-    r = _post(client, max_completion_tokens=6, temperature=0.5, top_p=0.9, seed=7, stop=["circle"], n=2)
+    r = _post(
+        client, max_completion_tokens=6, temperature=0.5, top_p=0.9, seed=7, stop=["circle"], n=2
+    )
     body = r.json()
     assert [c["message"]["content"] for c in body["choices"]] == ["a red ", "a red "]
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "stop"]
@@ -108,19 +141,30 @@ def test_default_max_tokens_is_capped_by_the_context_left(served) -> None:
     client, engine, _ = served
     _post(client)
     sent = engine.inputs[-1]
-    prompt_tokens = client.app.state.smolora.renderer.count_tokens(sent.prompt, int(sent.image is not None))
+    prompt_tokens = client.app.state.smolora.renderer.count_tokens(
+        sent.prompt, int(sent.image is not None)
+    )
     assert prompt_tokens > 16  # one image alone is 16 tokens of the tiny model
     assert sent.max_tokens == min(256, engine.max_model_len - prompt_tokens)
 
 
 def test_streaming_frames_usage_and_last_chunk_extension(served) -> None:
     client, _, _ = served
-    r = _post(client, stream=True, max_tokens=3, n=2, stream_options={"include_usage": True}, smolora={"trace": True})
+    r = _post(
+        client,
+        stream=True,
+        max_tokens=3,
+        n=2,
+        stream_options={"include_usage": True},
+        smolora={"trace": True},
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = _events(r.text)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny-llava@2" for c in chunks)
+    assert all(
+        c["object"] == "chat.completion.chunk" and c["model"] == "tiny-llava@2" for c in chunks
+    )
     assert {c["choices"][0]["delta"].get("role") for c in chunks[:2]} == {"assistant"}
     text = {0: "", 1: ""}
     finishes = {}
@@ -140,7 +184,11 @@ def test_streaming_without_usage_puts_extension_on_the_finish_chunk(served) -> N
     client, _, _ = served
     events = _events(_post(client, stream=True, max_tokens=2).text)
     last = events[-2]
-    assert last["choices"][0]["finish_reason"] == "length" and last["smolora"]["version"] == 2 and "usage" not in last
+    assert (
+        last["choices"][0]["finish_reason"] == "length"
+        and last["smolora"]["version"] == 2
+        and "usage" not in last
+    )
 
 
 def test_engine_failure_mid_request_is_a_typed_error_and_serving_goes_on(served) -> None:
@@ -161,35 +209,60 @@ def test_engine_failure_mid_request_is_a_typed_error_and_serving_goes_on(served)
 
 def test_official_openai_client_over_a_real_socket(tiny_model_dir: Path, registry: Path) -> None:
     engine = ScriptedEngine()
-    settings = ServerSettings(model_dir=tiny_model_dir, registry_dir=registry, served_model_name="tiny-llava",
-                              api_keys=("sk-x",), watch_registry=False)
+    settings = ServerSettings(
+        model_dir=tiny_model_dir,
+        registry_dir=registry,
+        served_model_name="tiny-llava",
+        api_keys=("sk-x",),
+        watch_registry=False,
+    )
     app = create_app(settings, scripted_factory(engine), embedder_factory=HashingEmbedder)
     with ServerThread(app) as srv:
         srv.wait_ready()
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="sk-x", max_retries=0)
         msgs = [user_message("Describe the image briefly in one sentence.", [IMG])]
-        resp = client.chat.completions.create(model="tiny-llava", messages=msgs, max_tokens=3,
-                                              extra_body={"smolora": {"trace": True}})
-        assert resp.choices[0].message.content == "a red circle" and resp.usage.completion_tokens == 3
+        resp = client.chat.completions.create(
+            model="tiny-llava", messages=msgs, max_tokens=3, extra_body={"smolora": {"trace": True}}
+        )
+        assert (
+            resp.choices[0].message.content == "a red circle" and resp.usage.completion_tokens == 3
+        )
         assert resp.model == "tiny-llava@2" and resp.smolora["trace"][0]["layers"]
-        stream = client.chat.completions.create(model="tiny-llava", messages=msgs, max_tokens=3, stream=True,
-                                                stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="tiny-llava",
+            messages=msgs,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = list(stream)
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a red circle"
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a red circle"
+        )
         assert chunks[-1].usage.completion_tokens == 3 and chunks[-1].smolora["version"] == 2
         assert [m.id for m in client.models.list()] == ["tiny-llava", "tiny-llava@2"]
         with pytest.raises(openai.NotFoundError) as e:
             client.chat.completions.create(model="gpt-4", messages=msgs)
         assert e.value.body["code"] == "model_not_found"
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=srv.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+            openai.OpenAI(
+                base_url=srv.base_url + "/v1", api_key="wrong", max_retries=0
+            ).models.list()
 
 
 def _one_slot_server(tiny_model_dir: Path, registry: Path, engine: ScriptedEngine) -> ServerThread:
     """A server (not yet started) on the scripted engine that admits one request and queues none."""
-    settings = ServerSettings(model_dir=tiny_model_dir, registry_dir=registry, served_model_name="tiny-llava",
-                              watch_registry=False, max_concurrent_requests=1, max_waiting_requests=0)
-    return ServerThread(create_app(settings, scripted_factory(engine), embedder_factory=HashingEmbedder))
+    settings = ServerSettings(
+        model_dir=tiny_model_dir,
+        registry_dir=registry,
+        served_model_name="tiny-llava",
+        watch_registry=False,
+        max_concurrent_requests=1,
+        max_waiting_requests=0,
+    )
+    return ServerThread(
+        create_app(settings, scripted_factory(engine), embedder_factory=HashingEmbedder)
+    )
 
 
 def test_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, registry: Path) -> None:
@@ -201,7 +274,12 @@ def test_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, regis
     with _one_slot_server(tiny_model_dir, registry, engine) as srv:
         srv.wait_ready()
         engine.hold()
-        body = {"model": "tiny-llava", "messages": [user_message()], "stream": True, "max_tokens": 5}
+        body = {
+            "model": "tiny-llava",
+            "messages": [user_message()],
+            "stream": True,
+            "max_tokens": 5,
+        }
         with httpx.Client(base_url=srv.base_url, timeout=10) as c:
             with c.stream("POST", "/v1/chat/completions", json=body) as r:
                 assert r.status_code == 200
@@ -216,11 +294,15 @@ def test_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, regis
         # the metrics must be recorded before the cleanup awaits anything)
         metrics = httpx.get(srv.base_url + "/metrics").text
         assert 'smolora_request_finish_total{reason="abort"} 1.0' in metrics
-        ok = httpx.post(srv.base_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=10)
+        ok = httpx.post(
+            srv.base_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=10
+        )
         assert ok.status_code == 200
 
 
-def test_non_streaming_client_disconnect_aborts_the_engine_request(tiny_model_dir: Path, registry: Path) -> None:
+def test_non_streaming_client_disconnect_aborts_the_engine_request(
+    tiny_model_dir: Path, registry: Path
+) -> None:
     import socket
     from urllib.parse import urlsplit
 
@@ -232,11 +314,15 @@ def test_non_streaming_client_disconnect_aborts_the_engine_request(tiny_model_di
     with _one_slot_server(tiny_model_dir, registry, engine) as srv:
         srv.wait_ready()
         engine.hold()
-        payload = json.dumps({"model": "tiny-llava", "messages": [user_message()], "max_tokens": 5}).encode()
+        payload = json.dumps(
+            {"model": "tiny-llava", "messages": [user_message()], "max_tokens": 5}
+        ).encode()
         url = urlsplit(srv.base_url)
         sock = socket.create_connection((url.hostname, url.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
         wait_until(lambda: engine.in_flight == 1, what="the request to reach the engine")
         request_id = engine.inputs[-1].request_id
         sock.close()  # the client leaves before any byte of the answer
@@ -250,8 +336,17 @@ def test_non_streaming_client_disconnect_aborts_the_engine_request(tiny_model_di
 
 def test_vllm_sampling_extras_reach_the_engine(served) -> None:
     client, engine, _ = served
-    r = _post(client, max_tokens=3, top_k=5, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
-              frequency_penalty=-0.5, min_tokens=2, ignore_eos=True)
+    r = _post(
+        client,
+        max_tokens=3,
+        top_k=5,
+        min_p=0.1,
+        repetition_penalty=1.2,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        min_tokens=2,
+        ignore_eos=True,
+    )
     assert r.status_code == 200, r.text
     sent = engine.inputs[-1]
     assert (sent.top_k, sent.min_p, sent.repetition_penalty) == (5, 0.1, 1.2)
@@ -260,8 +355,16 @@ def test_vllm_sampling_extras_reach_the_engine(served) -> None:
     assert r.json()["choices"][0]["logprobs"] is None
     _post(client, max_tokens=1)  # unset: vLLM's neutral values
     sent = engine.inputs[-1]
-    assert (sent.top_k, sent.min_p, sent.repetition_penalty, sent.presence_penalty, sent.frequency_penalty,
-            sent.min_tokens, sent.ignore_eos, sent.logprobs) == (0, 0.0, 1.0, 0.0, 0.0, 0, False, None)
+    assert (
+        sent.top_k,
+        sent.min_p,
+        sent.repetition_penalty,
+        sent.presence_penalty,
+        sent.frequency_penalty,
+        sent.min_tokens,
+        sent.ignore_eos,
+        sent.logprobs,
+    ) == (0, 0.0, 1.0, 0.0, 0.0, 0, False, None)
 
 
 def _check_logprobs_content(content: list[dict[str, Any]], top: int) -> None:
@@ -282,7 +385,9 @@ def test_logprobs_in_the_openai_shape_json_and_streaming(served) -> None:
     assert "".join(e["token"] for e in content) == body["choices"][0]["message"]["content"]
     _check_logprobs_content(content, 2)
     assert [e["logprob"] for e in content] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
-    body = _post(client, max_tokens=2, logprobs=True).json()  # top_logprobs unset: the chosen tokens only
+    body = _post(
+        client, max_tokens=2, logprobs=True
+    ).json()  # top_logprobs unset: the chosen tokens only
     assert engine.inputs[-1].logprobs == 0
     _check_logprobs_content(body["choices"][0]["logprobs"]["content"], 0)
 

@@ -10,7 +10,13 @@ from smolora.server.api.checkpoints.serving import VersionManager
 from smolora.server.metrics import Metrics
 from smolora.server.registry_watch import RegistryWatcher
 from tests.server.api.conftest import running_app
-from tests.server.api.helpers import HashingEmbedder, instruction_types, publish_version, user_message, wait_until
+from tests.server.api.helpers import (
+    HashingEmbedder,
+    instruction_types,
+    publish_version,
+    user_message,
+    wait_until,
+)
 from tests.server.api.scripted_engine import ScriptedEngine
 
 ADMIN = {"Authorization": "Bearer adm"}
@@ -23,11 +29,16 @@ def _registry(tmp_path: Path, n: int) -> Path:
     return tmp_path / "reg"
 
 
-def test_admin_needs_the_admin_key_and_is_off_without_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_admin_needs_the_admin_key_and_is_off_without_one(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     reg = _registry(tmp_path, 1)
     with running_app(tiny_model_dir, reg, admin_api_key="adm", api_keys=("inf",)) as (client, _, _):
         assert client.get("/admin/checkpoints").status_code == 401
-        assert client.get("/admin/checkpoints", headers={"Authorization": "Bearer inf"}).status_code == 401
+        assert (
+            client.get("/admin/checkpoints", headers={"Authorization": "Bearer inf"}).status_code
+            == 401
+        )
         assert client.get("/admin/checkpoints", headers=ADMIN).status_code == 200
     with running_app(tiny_model_dir, reg) as (client, _, _):
         r = client.get("/admin/checkpoints", headers=ADMIN)
@@ -36,18 +47,31 @@ def test_admin_needs_the_admin_key_and_is_off_without_one(tiny_model_dir: Path, 
 
 def test_load_activate_rollback_unload(tiny_model_dir: Path, tmp_path: Path) -> None:
     reg = _registry(tmp_path, 3)
-    with running_app(tiny_model_dir, reg, admin_api_key="adm", max_resident_versions=2,
-                     initial_version=1) as (client, engine, _):
+    with running_app(
+        tiny_model_dir, reg, admin_api_key="adm", max_resident_versions=2, initial_version=1
+    ) as (client, engine, _):
         listing = client.get("/admin/checkpoints", headers=ADMIN).json()
         assert listing["active"] == 1 and listing["latest"] == 3
-        assert [(v["version"], v["resident"]) for v in listing["versions"]] == [(1, True), (2, False), (3, False)]
+        assert [(v["version"], v["resident"]) for v in listing["versions"]] == [
+            (1, True),
+            (2, False),
+            (3, False),
+        ]
         r = client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 2})
-        assert r.status_code == 200 and r.json()["loaded"]["version"] == 2 and r.json()["active"] == 1
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llava", "tiny-llava@1", "tiny-llava@2"]
+        assert (
+            r.status_code == 200 and r.json()["loaded"]["version"] == 2 and r.json()["active"] == 1
+        )
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [
+            "tiny-llava",
+            "tiny-llava@1",
+            "tiny-llava@2",
+        ]
         r = client.post("/admin/checkpoints/activate", headers=ADMIN, json={"version": 2})
         assert r.json()["active"] == 2
-        chat = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()],
-                                                         "max_tokens": 1})
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny-llava", "messages": [user_message()], "max_tokens": 1},
+        )
         assert chat.json()["smolora"]["version"] == 2
         # Activating v3 (not resident) loads it; only 2 may be resident, so the oldest inactive (v1) goes.
         r = client.post("/admin/checkpoints/activate", headers=ADMIN, json={"version": 3})
@@ -69,7 +93,9 @@ def test_load_activate_rollback_unload(tiny_model_dir: Path, tmp_path: Path) -> 
         assert r.status_code == 400 and r.json()["error"]["param"] == "version"
 
 
-def test_corrupt_published_version_is_refused_with_422(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_corrupt_published_version_is_refused_with_422(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     reg = _registry(tmp_path, 2)
     bad = next(reg.glob("v0002-*"))
     (bad / "adapter.safetensors").write_bytes(b"tampered")
@@ -81,24 +107,36 @@ def test_corrupt_published_version_is_refused_with_422(tiny_model_dir: Path, tmp
         assert 'smolora_checkpoint_loads_total{result="error"} 1.0' in metrics
 
 
-def test_not_ready_until_a_version_is_published_then_the_watcher_activates_it(tiny_model_dir: Path,
-                                                                               tmp_path: Path) -> None:
+def test_not_ready_until_a_version_is_published_then_the_watcher_activates_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     reg = tmp_path / "empty-registry"
-    with running_app(tiny_model_dir, reg, ready=False, watch_registry=True, watch_interval_s=0.05) as (client, _, _):
+    with running_app(
+        tiny_model_dir, reg, ready=False, watch_registry=True, watch_interval_s=0.05
+    ) as (client, _, _):
         wait_until(lambda: client.app.state.smolora.started, what="start-up")
         assert client.get("/health").status_code == 200
         r = client.get("/ready")
         assert r.status_code == 503 and "no checkpoint version is active" in r.json()["reason"]
-        chat = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]})
+        chat = client.post(
+            "/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]}
+        )
         assert chat.status_code == 503 and chat.headers["Retry-After"] == "1"
         publish_version(reg, "first", instruction_types(HashingEmbedder()))
-        wait_until(lambda: client.get("/ready").status_code == 200, what="the watcher to pick up v1")
+        wait_until(
+            lambda: client.get("/ready").status_code == 200, what="the watcher to pick up v1"
+        )
         publish_version(reg, "second", instruction_types(HashingEmbedder()))
-        wait_until(lambda: client.get("/ready").json().get("active_version") == 2, what="v2 to become active")
-        assert 'smolora_checkpoint_active_version 2.0' in client.get("/metrics").text
+        wait_until(
+            lambda: client.get("/ready").json().get("active_version") == 2,
+            what="v2 to become active",
+        )
+        assert "smolora_checkpoint_active_version 2.0" in client.get("/metrics").text
 
 
-def test_health_reports_a_dead_engine_and_a_failed_start(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_health_reports_a_dead_engine_and_a_failed_start(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     reg = _registry(tmp_path, 1)
     with running_app(tiny_model_dir, reg) as (client, engine, _):
         engine.dead = True
@@ -108,7 +146,9 @@ def test_health_reports_a_dead_engine_and_a_failed_start(tiny_model_dir: Path, t
         wait_until(lambda: client.app.state.smolora.started, what="start-up to fail")
         r = client.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "failed"
-        chat = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]})
+        chat = client.post(
+            "/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]}
+        )
         assert chat.status_code == 503 and chat.json()["error"]["code"] == "not_ready"
 
 
@@ -176,17 +216,29 @@ def test_watcher_retries_a_version_refused_for_lack_of_a_free_slot(tmp_path: Pat
     asyncio.run(go())
 
 
-def test_unload_refuses_a_version_pinned_by_in_flight_requests_then_frees_it(tiny_model_dir: Path,
-                                                                             tmp_path: Path) -> None:
+def test_unload_refuses_a_version_pinned_by_in_flight_requests_then_frees_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     import threading
 
     reg = _registry(tmp_path, 2)
-    with running_app(tiny_model_dir, reg, admin_api_key="adm", initial_version=2) as (client, engine, _):
-        assert client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 1}).status_code == 200
+    with running_app(tiny_model_dir, reg, admin_api_key="adm", initial_version=2) as (
+        client,
+        engine,
+        _,
+    ):
+        assert (
+            client.post("/admin/checkpoints/load", headers=ADMIN, json={"version": 1}).status_code
+            == 200
+        )
         engine.hold()
         body = {"model": "tiny-llava@1", "messages": [user_message()], "max_tokens": 2}
         results: list[int] = []
-        t = threading.Thread(target=lambda: results.append(client.post("/v1/chat/completions", json=body).status_code))
+        t = threading.Thread(
+            target=lambda: results.append(
+                client.post("/v1/chat/completions", json=body).status_code
+            )
+        )
         t.start()
         wait_until(lambda: engine.pinned.get(1) == 1, what="a request pinned to version 1")
         r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
@@ -196,7 +248,10 @@ def test_unload_refuses_a_version_pinned_by_in_flight_requests_then_frees_it(tin
         assert results == [200]
         r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
         assert r.status_code == 200 and r.json() == {"unloaded": 1, "active": 2}
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-llava", "tiny-llava@2"]
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [
+            "tiny-llava",
+            "tiny-llava@2",
+        ]
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})

@@ -42,8 +42,18 @@ def test_dashboard_and_alerts_use_only_exposed_metrics() -> None:
 
 def test_dockerfile_mirrors_the_install_script() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    for needle in ("requirements/cpu.txt", "requirements/gpu.txt", "SMOLORA_TARGET=cpu", "SMOLORA_TARGET=gpu",
-                   "scripts/install.sh", "AS cpu", "AS gpu", "HEALTHCHECK", "/health", 'VOLUME ["/models", "/registry"]'):
+    for needle in (
+        "requirements/cpu.txt",
+        "requirements/gpu.txt",
+        "SMOLORA_TARGET=cpu",
+        "SMOLORA_TARGET=gpu",
+        "scripts/install.sh",
+        "AS cpu",
+        "AS gpu",
+        "HEALTHCHECK",
+        "/health",
+        'VOLUME ["/models", "/registry"]',
+    ):
         assert needle in text, needle
     assert text.count("USER 10001:10001") == 2
     assert "vllm==0.32.0" in (ROOT / "requirements/gpu.txt").read_text()

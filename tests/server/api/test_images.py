@@ -8,14 +8,25 @@ import base64
 import httpx
 import pytest
 
-from smolora.server.images import (ImageError, ImageLimits, ImageLoader, RemoteImageFetcher, decode_image,
-                                   host_allowed, parse_data_url)
+from smolora.server.images import (
+    ImageError,
+    ImageLimits,
+    ImageLoader,
+    RemoteImageFetcher,
+    decode_image,
+    host_allowed,
+    parse_data_url,
+)
 from tests.server.api.helpers import data_url, image_bytes
 
-LIMITS = ImageLimits(max_bytes=50_000, max_pixels=128 * 128, formats=("PNG", "JPEG", "WEBP"), max_count=2)
+LIMITS = ImageLimits(
+    max_bytes=50_000, max_pixels=128 * 128, formats=("PNG", "JPEG", "WEBP"), max_count=2
+)
 
 
-@pytest.mark.parametrize("fmt,media", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    "fmt,media", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
+)
 def test_accepted_formats_decode_to_rgb(fmt: str, media: str) -> None:
     img = decode_image(parse_data_url(data_url(image_bytes(fmt, (40, 30)), media), LIMITS), LIMITS)
     assert img.mode == "RGB" and img.size == (40, 30)
@@ -24,19 +35,22 @@ def test_accepted_formats_decode_to_rgb(fmt: str, media: str) -> None:
 def test_jpg_alias_and_whitespace_in_base64_are_accepted() -> None:
     url = data_url(image_bytes("JPEG"), "image/jpg")
     head, payload = url.split(",", 1)
-    wrapped = head + "," + "\n".join(payload[i:i + 60] for i in range(0, len(payload), 60))
+    wrapped = head + "," + "\n".join(payload[i : i + 60] for i in range(0, len(payload), 60))
     assert decode_image(parse_data_url(wrapped, LIMITS), LIMITS).size == (32, 32)
 
 
-@pytest.mark.parametrize("url,code", [
-    ("data:image/png;base64,%%%notbase64", "invalid_base64"),
-    ("data:image/png;base64,", "invalid_base64"),
-    ("data:image/png,rawbytes", "invalid_image_url"),
-    ("data:image/png;base64", "invalid_image_url"),
-    ("data:text/plain;base64,aGVsbG8=", "unsupported_media_type"),
-    ("data:image/gif;base64,R0lGODlh", "unsupported_image_format"),
-    ("image/png;base64,AAAA", "invalid_image_url"),
-])
+@pytest.mark.parametrize(
+    "url,code",
+    [
+        ("data:image/png;base64,%%%notbase64", "invalid_base64"),
+        ("data:image/png;base64,", "invalid_base64"),
+        ("data:image/png,rawbytes", "invalid_image_url"),
+        ("data:image/png;base64", "invalid_image_url"),
+        ("data:text/plain;base64,aGVsbG8=", "unsupported_media_type"),
+        ("data:image/gif;base64,R0lGODlh", "unsupported_image_format"),
+        ("image/png;base64,AAAA", "invalid_image_url"),
+    ],
+)
 def test_bad_data_urls_say_what_is_wrong(url: str, code: str) -> None:
     with pytest.raises(ImageError) as e:
         parse_data_url(url, LIMITS)
@@ -79,7 +93,9 @@ def test_host_allowlist_matching() -> None:
     allow = ("images.example.com", ".cdn.example.org")
     assert host_allowed("images.example.com", allow)
     assert host_allowed("a.cdn.example.org", allow) and host_allowed("cdn.example.org", allow)
-    assert not host_allowed("evil.com", allow) and not host_allowed("images.example.com.evil.com", allow)
+    assert not host_allowed("evil.com", allow) and not host_allowed(
+        "images.example.com.evil.com", allow
+    )
 
 
 def _mock_transport(body: bytes, status: int = 200, delay: float = 0.0) -> httpx.MockTransport:
@@ -104,7 +120,9 @@ def _load(url: str, allow: tuple[str, ...], transport: httpx.MockTransport, time
 
 def test_remote_fetch_only_from_allowlisted_hosts() -> None:
     png = image_bytes()
-    assert _load("https://images.example.com/a.png", ("images.example.com",), _mock_transport(png)).size == (32, 32)
+    assert _load(
+        "https://images.example.com/a.png", ("images.example.com",), _mock_transport(png)
+    ).size == (32, 32)
     with pytest.raises(ImageError) as e:
         _load("https://other.example.com/a.png", ("images.example.com",), _mock_transport(png))
     assert e.value.code == "image_host_not_allowed"
@@ -119,17 +137,28 @@ def test_remote_fetch_limits_status_size_and_time() -> None:
         _load("https://images.example.com/a.png", allow, _mock_transport(b"", status=404))
     assert e.value.code == "image_fetch_failed"
     with pytest.raises(ImageError) as e:
-        _load("https://images.example.com/a.png", allow, _mock_transport(b"x" * (LIMITS.max_bytes + 1)))
+        _load(
+            "https://images.example.com/a.png",
+            allow,
+            _mock_transport(b"x" * (LIMITS.max_bytes + 1)),
+        )
     assert e.value.code == "image_too_large"
     with pytest.raises(ImageError) as e:
-        _load("https://images.example.com/a.png", allow, _mock_transport(image_bytes(), delay=1.0), timeout=0.05)
+        _load(
+            "https://images.example.com/a.png",
+            allow,
+            _mock_transport(image_bytes(), delay=1.0),
+            timeout=0.05,
+        )
     assert e.value.code == "image_fetch_timeout"
     with pytest.raises(ImageError) as e:
         _load("ftp://images.example.com/a.png", allow, _mock_transport(b""))
     assert e.value.code == "invalid_image_url"
 
 
-def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import smolora.server.images as images
 
     threaded: list[object] = []
@@ -143,14 +172,18 @@ def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(monkeypat
     limits = ImageLimits(max_bytes=5_000_000, max_pixels=1024 * 1024, formats=("PNG",), max_count=1)
 
     async def load(data: bytes) -> object:
-        loader = ImageLoader(limits, RemoteImageFetcher((), 1.0, limits.max_bytes), inline_max_pixels=64 * 64)
+        loader = ImageLoader(
+            limits, RemoteImageFetcher((), 1.0, limits.max_bytes), inline_max_pixels=64 * 64
+        )
         try:
             return await loader.load(data_url(data))
         finally:
             await loader.fetcher.aclose()
 
     assert asyncio.run(load(image_bytes("PNG", (64, 64)))).size == (64, 64) and threaded == []
-    assert asyncio.run(load(image_bytes("PNG", (65, 64)))).size == (65, 64) and threaded == [images.decode_image]
+    assert asyncio.run(load(image_bytes("PNG", (65, 64)))).size == (65, 64) and threaded == [
+        images.decode_image
+    ]
     with pytest.raises(ImageError) as e:  # garbage is still reported by decode_image
         asyncio.run(load(b"not an image"))
     assert e.value.code == "invalid_image"

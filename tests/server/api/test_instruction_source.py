@@ -6,28 +6,51 @@ import pytest
 import torch
 
 from smolora.adapters.instructions import InstructionTable, InstructionType
-from smolora.server.instruction_source import (InstructionResolver, UnknownInstructionTypeError, extract_instruction,
-                                               is_imperative)
+from smolora.server.instruction_source import (
+    InstructionResolver,
+    UnknownInstructionTypeError,
+    extract_instruction,
+    is_imperative,
+)
 from tests.server.api.helpers import INSTRUCTIONS, HashingEmbedder
 
 DEFAULT = "Provide a one-sentence caption for the provided image."
 
 
-@pytest.mark.parametrize("text,expected,rule", [
-    ("What colour is the circle?\nAnswer the question using a single word or phrase.",
-     "Answer the question using a single word or phrase.", "trailing_imperative"),
-    ("What colour is the circle? Answer the question using a single word or phrase.",
-     "Answer the question using a single word or phrase.", "trailing_imperative"),
-    ("Which shape is red?\nA. circle\nB. square\nAnswer with the option's letter from the given choices directly.",
-     "Answer with the option's letter from the given choices directly.", "trailing_imperative"),
-    ("Describe the image briefly. Use one sentence.", "Describe the image briefly. Use one sentence.",
-     "trailing_imperative"),
-    ("Is it red? Please answer yes or no.", "Please answer yes or no.", "trailing_imperative"),
-    ("How many shapes are there?", "How many shapes are there?", "whole_text"),
-    ("The circle is red.\nWhat colour is it?", "The circle is red. What colour is it?", "whole_text"),
-    ("", DEFAULT, "default"),
-    ("   \n  ", DEFAULT, "default"),
-])
+@pytest.mark.parametrize(
+    "text,expected,rule",
+    [
+        (
+            "What colour is the circle?\nAnswer the question using a single word or phrase.",
+            "Answer the question using a single word or phrase.",
+            "trailing_imperative",
+        ),
+        (
+            "What colour is the circle? Answer the question using a single word or phrase.",
+            "Answer the question using a single word or phrase.",
+            "trailing_imperative",
+        ),
+        (
+            "Which shape is red?\nA. circle\nB. square\nAnswer with the option's letter from the given choices directly.",
+            "Answer with the option's letter from the given choices directly.",
+            "trailing_imperative",
+        ),
+        (
+            "Describe the image briefly. Use one sentence.",
+            "Describe the image briefly. Use one sentence.",
+            "trailing_imperative",
+        ),
+        ("Is it red? Please answer yes or no.", "Please answer yes or no.", "trailing_imperative"),
+        ("How many shapes are there?", "How many shapes are there?", "whole_text"),
+        (
+            "The circle is red.\nWhat colour is it?",
+            "The circle is red. What colour is it?",
+            "whole_text",
+        ),
+        ("", DEFAULT, "default"),
+        ("   \n  ", DEFAULT, "default"),
+    ],
+)
 def test_extraction_rule(text: str, expected: str, rule: str) -> None:
     got = extract_instruction(text, DEFAULT)
     assert (got.text, got.rule) == (expected, rule)
@@ -42,8 +65,12 @@ def test_questions_are_never_imperative() -> None:
 def _table(emb: HashingEmbedder) -> InstructionTable:
     names = ("vqa_short", "mc_letter")
     vecs = emb.encode([INSTRUCTIONS[n][0] for n in names])
-    return InstructionTable([InstructionType(n, INSTRUCTIONS[n][0], INSTRUCTIONS[n][1], tuple(v.tolist()))
-                             for n, v in zip(names, vecs)])
+    return InstructionTable(
+        [
+            InstructionType(n, INSTRUCTIONS[n][0], INSTRUCTIONS[n][1], tuple(v.tolist()))
+            for n, v in zip(names, vecs)
+        ]
+    )
 
 
 def test_resolution_order_and_snapping() -> None:
@@ -53,13 +80,25 @@ def test_resolution_order_and_snapping() -> None:
     typed = r.resolve(table, "anything", instruction_type="mc_letter")
     assert (typed.source, typed.type_name, typed.similarity) == ("type", "mc_letter", 1.0)
     assert typed.embedding == table.get("mc_letter").embedding
-    explicit = r.resolve(table, "What colour?\nAnswer with the option's letter.", instruction="Say it loud.")
+    explicit = r.resolve(
+        table, "What colour?\nAnswer with the option's letter.", instruction="Say it loud."
+    )
     assert explicit.source == "explicit" and explicit.text == "Say it loud."
     snapped = r.resolve(table, "What colour?\nAnswer the question using a single word or phrase.")
-    assert (snapped.source, snapped.type_name, snapped.rule) == ("snapped", "vqa_short", "trailing_imperative")
-    assert snapped.embedding == table.get("vqa_short").embedding and snapped.similarity == pytest.approx(1.0)
+    assert (snapped.source, snapped.type_name, snapped.rule) == (
+        "snapped",
+        "vqa_short",
+        "trailing_imperative",
+    )
+    assert snapped.embedding == table.get(
+        "vqa_short"
+    ).embedding and snapped.similarity == pytest.approx(1.0)
     loose = r.resolve(table, "Tell me a story about dragons.")
-    assert loose.source == "extracted" and loose.similarity < 0.75 and loose.text == "Tell me a story about dragons."
+    assert (
+        loose.source == "extracted"
+        and loose.similarity < 0.75
+        and loose.text == "Tell me a story about dragons."
+    )
     assert len(loose.embedding) == 384
     with pytest.raises(UnknownInstructionTypeError, match="known: vqa_short, mc_letter"):
         r.resolve(table, "x", instruction_type="nope")
@@ -74,10 +113,17 @@ def test_empty_table_never_snaps() -> None:
 def test_minilm_snaps_a_paraphrase_to_its_type(instruction_encoder) -> None:
     names = ("vqa_short", "mc_letter", "caption")
     vecs = instruction_encoder.encode([INSTRUCTIONS[n][0] for n in names])
-    table = InstructionTable([InstructionType(n, INSTRUCTIONS[n][0], INSTRUCTIONS[n][1], tuple(v.tolist()))
-                              for n, v in zip(names, vecs)])
+    table = InstructionTable(
+        [
+            InstructionType(n, INSTRUCTIONS[n][0], INSTRUCTIONS[n][1], tuple(v.tolist()))
+            for n, v in zip(names, vecs)
+        ]
+    )
     r = InstructionResolver(instruction_encoder, 0.75, DEFAULT)
-    got = r.resolve(table, "Which one is red?\nA. circle\nB. star\nAnswer with the letter of the correct option.")
+    got = r.resolve(
+        table,
+        "Which one is red?\nA. circle\nB. star\nAnswer with the letter of the correct option.",
+    )
     assert (got.source, got.type_name) == ("snapped", "mc_letter") and got.similarity >= 0.75
     assert torch.allclose(torch.tensor(got.embedding), vecs[1])
     unrelated = r.resolve(table, "Tell me a joke.")

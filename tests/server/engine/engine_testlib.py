@@ -15,8 +15,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smolora.adapters.checkpoint import CheckpointManifest, RegistryEntry, base_model_fingerprint, publish_checkpoint
-from smolora.adapters.reference_generate import ReferenceRequest, ReferenceResult, generate_one_by_one
+from smolora.adapters.checkpoint import (
+    CheckpointManifest,
+    RegistryEntry,
+    base_model_fingerprint,
+    publish_checkpoint,
+)
+from smolora.adapters.reference_generate import (
+    ReferenceRequest,
+    ReferenceResult,
+    generate_one_by_one,
+)
 from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.tiny_llava import load_llava
 
@@ -32,7 +41,9 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="engine-loop", daemon=True
+        )
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 600) -> T:
@@ -70,7 +81,9 @@ def publish(registry: Path, model_dir: Path, smodel: SMoLoRAModel, task: str) ->
 
 def random_images(n: int, size: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)
+    ]
 
 
 def random_instructions(n: int, seed: int) -> list[torch.Tensor]:
@@ -87,19 +100,32 @@ class Workload:
     instructions: list[torch.Tensor]
     max_tokens: list[int]
 
-    def reference(self, smodel: SMoLoRAModel, processor: Any, vu_routing: str) -> list[ReferenceResult]:
+    def reference(
+        self, smodel: SMoLoRAModel, processor: Any, vu_routing: str
+    ) -> list[ReferenceResult]:
         """Greedy reference generations, one request at a time (as the paper's code serves)."""
         out = []
         for p, im, u, m in zip(self.prompts, self.images, self.instructions, self.max_tokens):
-            out.extend(generate_one_by_one(smodel, processor, [ReferenceRequest(p, im, u)], m, vu_routing=vu_routing))  # type: ignore[arg-type]
+            out.extend(
+                generate_one_by_one(
+                    smodel, processor, [ReferenceRequest(p, im, u)], m, vu_routing=vu_routing
+                )
+            )  # type: ignore[arg-type]
         return out
 
 
 def make_workload(n: int, seed: int, text_only: int = 2, image_size: int = 32) -> Workload:
     """`n` requests: varied questions, `n - text_only` with distinct images, varied lengths."""
-    questions = ["What is in the picture?", "Describe the image.", "How many shapes are there?",
-                 "What color is the object?", "Answer with one word: what is it?", "Is there a cat?",
-                 "Write a caption.", "Where is the ball?"]
+    questions = [
+        "What is in the picture?",
+        "Describe the image.",
+        "How many shapes are there?",
+        "What color is the object?",
+        "Answer with one word: what is it?",
+        "Is there a cat?",
+        "Write a caption.",
+        "Where is the ball?",
+    ]
     images = random_images(n, image_size, seed)
     images[1] = images[0]  # same image, other question and instruction: no shared projector output
     prompts: list[str] = []
@@ -112,7 +138,9 @@ def make_workload(n: int, seed: int, text_only: int = 2, image_size: int = 32) -
         else:
             prompts.append(f"USER: {q} ASSISTANT:")
             imgs.append(None)
-    return Workload(prompts, imgs, random_instructions(n, seed), [6 + (i * 3) % 7 for i in range(n)])
+    return Workload(
+        prompts, imgs, random_instructions(n, seed), [6 + (i * 3) % 7 for i in range(n)]
+    )
 
 
 def running_engine(loop: LoopThread, **config: Any) -> Iterator[Any]:

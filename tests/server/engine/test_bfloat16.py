@@ -25,27 +25,46 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def bf16_engine(loop: LoopThread, tiny_model_dir: Path, version1: Any) -> Iterator[Any]:
     yield from running_engine(
-        loop, model_dir=tiny_model_dir, checkpoint=version1[0].path, num_slots=1, dtype="bfloat16",
-        max_num_seqs=16, max_model_len=128, max_num_batched_tokens=128, kv_cache_bytes=64 * 1024 * 1024,
+        loop,
+        model_dir=tiny_model_dir,
+        checkpoint=version1[0].path,
+        num_slots=1,
+        dtype="bfloat16",
+        max_num_seqs=16,
+        max_model_len=128,
+        max_num_batched_tokens=128,
+        kv_cache_bytes=64 * 1024 * 1024,
     )
 
 
-def test_bfloat16_engine_routes_like_the_reference_on_the_cpu_kernel(loop: LoopThread, bf16_engine: Any, version1: Any) -> None:
+def test_bfloat16_engine_routes_like_the_reference_on_the_cpu_kernel(
+    loop: LoopThread, bf16_engine: Any, version1: Any
+) -> None:
     _, smodel, processor = version1
     w = make_workload(10, seed=11, text_only=2)
-    reqs = [GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, instruction_source="explicit")
-            for p, im, u, m in zip(w.prompts, w.images, w.instructions, w.max_tokens)]
+    reqs = [
+        GenerateRequest(
+            prompt=p, image=im, instruction=u, max_tokens=m, instruction_source="explicit"
+        )
+        for p, im, u, m in zip(w.prompts, w.images, w.instructions, w.max_tokens)
+    ]
     results = loop.run(collect_all(bf16_engine, reqs))
     again = loop.run(collect_all(bf16_engine, reqs))
     stats = loop.run(bf16_engine.health()).detail
     assert stats["adapter_dtype"] == "bfloat16"
-    assert stats["routed_layers"] > 0 and stats["cpu_kernel_layers"] == stats["routed_layers"], stats
+    assert stats["routed_layers"] > 0 and stats["cpu_kernel_layers"] == stats["routed_layers"], (
+        stats
+    )
 
     refs = w.reference(smodel, processor, "pinned")  # float32, one request at a time
     routes = [r.trace.routes() for r in results]
-    assert routes == [[(t["layer"], t["vu_expert"], t["if_expert"]) for t in ref.trace] for ref in refs]
+    assert routes == [
+        [(t["layer"], t["vu_expert"], t["if_expert"]) for t in ref.trace] for ref in refs
+    ]
     assert len({tuple(r) for r in routes}) > 1, "every request took the same route"
-    assert [r.token_ids for r in again] == [r.token_ids for r in results], "the same batch again gives the same tokens"
+    assert [r.token_ids for r in again] == [r.token_ids for r in results], (
+        "the same batch again gives the same tokens"
+    )
     assert all(r.token_ids[:1] == ref.token_ids[:1] for r, ref in zip(results, refs))
     same = sum(r.token_ids == ref.token_ids for r, ref in zip(results, refs))
     assert same >= 8, f"only {same}/10 requests generated the float32 reference's tokens"

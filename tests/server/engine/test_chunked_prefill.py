@@ -21,8 +21,11 @@ from tests.server.engine.engine_testlib import make_adapter, make_workload
 def _text_routes(smodel, inputs, length: int, u: torch.Tensor) -> dict[str, int]:
     ctx = RoutingContext(u[None], vu_routing="pinned")
     with torch.no_grad(), smodel.routing(ctx):
-        smodel.model(input_ids=inputs["input_ids"][:, :length], pixel_values=inputs["pixel_values"],
-                     attention_mask=inputs["attention_mask"][:, :length])
+        smodel.model(
+            input_ids=inputs["input_ids"][:, :length],
+            pixel_values=inputs["pixel_values"],
+            attention_mask=inputs["attention_mask"][:, :length],
+        )
     return {n: int(r.vu_expert[0]) for n, r in ctx.routes.items() if n.startswith("layers.")}
 
 

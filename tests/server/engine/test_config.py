@@ -18,16 +18,27 @@ def model_dir(tmp_path: Path) -> Path:
 def test_chunked_prefill_is_refused_with_adapters(model_dir: Path) -> None:
     with pytest.raises(EngineConfigError, match="chunked_prefill"):
         EngineConfig(model_dir=model_dir, layout=AdapterLayout(), chunked_prefill=True)
-    EngineConfig(model_dir=model_dir, adapters=False, chunked_prefill=True)  # fine for the base model
+    EngineConfig(
+        model_dir=model_dir, adapters=False, chunked_prefill=True
+    )  # fine for the base model
 
 
 def test_other_invariants(model_dir: Path) -> None:
     with pytest.raises(EngineConfigError, match="enforce_eager"):
         EngineConfig(model_dir=model_dir, layout=AdapterLayout(), enforce_eager=False)
     with pytest.raises(EngineConfigError, match="max_num_batched_tokens"):
-        EngineConfig(model_dir=model_dir, layout=AdapterLayout(), max_model_len=256, max_num_batched_tokens=128)
+        EngineConfig(
+            model_dir=model_dir,
+            layout=AdapterLayout(),
+            max_model_len=256,
+            max_num_batched_tokens=128,
+        )
     with pytest.raises(EngineConfigError, match="extra_engine_args"):
-        EngineConfig(model_dir=model_dir, layout=AdapterLayout(), extra_engine_args={"enable_prefix_caching": True})
+        EngineConfig(
+            model_dir=model_dir,
+            layout=AdapterLayout(),
+            extra_engine_args={"enable_prefix_caching": True},
+        )
     with pytest.raises(EngineConfigError, match="target_modules"):
         AdapterLayout(target_modules=("self_attn.q_proj",))
     assert AdapterLayout.from_dict(AdapterLayout(num_slots=3).to_dict()).num_slots == 3
@@ -38,6 +49,11 @@ def test_cpu_overlap_is_auto_on_or_off(model_dir: Path) -> None:
         EngineConfig(model_dir=model_dir, layout=AdapterLayout(), cpu_overlap="always")  # type: ignore[arg-type]
     with pytest.raises(EngineConfigError, match="cpu_overlap"):
         AdapterLayout(cpu_overlap="yes")  # type: ignore[arg-type]
-    layout = AdapterLayout.from_smolora_config({"num_experts": 8, "rank": 64}, num_slots=1, trace_step_routes=0, cpu_overlap="off")
-    assert layout.cpu_overlap == "off" and AdapterLayout.from_dict(layout.to_dict()).cpu_overlap == "off"
+    layout = AdapterLayout.from_smolora_config(
+        {"num_experts": 8, "rank": 64}, num_slots=1, trace_step_routes=0, cpu_overlap="off"
+    )
+    assert (
+        layout.cpu_overlap == "off"
+        and AdapterLayout.from_dict(layout.to_dict()).cpu_overlap == "off"
+    )
     assert AdapterLayout().cpu_overlap == "auto"

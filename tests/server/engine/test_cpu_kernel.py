@@ -38,7 +38,9 @@ def test_builds_once_into_the_cache_dir(tmp_path: Path) -> None:
     assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("*")) == built
 
 
-def test_no_compiler_means_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_compiler_means_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     config = KernelConfig(cache_dir=str(tmp_path))
     monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
     with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
@@ -46,12 +48,21 @@ def test_no_compiler_means_the_torch_path(tmp_path: Path, monkeypatch: pytest.Mo
     assert "no C compiler" in caplog.text
     assert not cpu_kernel.kernel_available(config)
     with pytest.raises(RuntimeError, match="not available"):
-        cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 4, 8), torch.zeros(1, 1, 2, 8, 4),
-                                torch.zeros(1, 1, 2, 8), config=config)
+        cpu_kernel.RoutedKernel(
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, 1, 2, 4, 8),
+            torch.zeros(1, 1, 2, 8, 4),
+            torch.zeros(1, 1, 2, 8),
+            config=config,
+        )
 
 
-def test_a_failing_build_is_reported_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = KernelConfig(cache_dir=str(tmp_path), compiler="false")  # prints a version of nothing and fails
+def test_a_failing_build_is_reported_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = KernelConfig(
+        cache_dir=str(tmp_path), compiler="false"
+    )  # prints a version of nothing and fails
     with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
         assert cpu_kernel.load_kernel(config) is None
     assert "routed CPU kernel unavailable" in caplog.text
@@ -63,10 +74,16 @@ def test_disabled_by_config() -> None:
 
 
 def test_config_from_the_command_line_environment() -> None:
-    env = {"SMOLORA_CPU_KERNEL": "0", "SMOLORA_KERNEL_ISA": "avx2", "SMOLORA_KERNEL_PARALLEL_WORK": "7",
-           "SMOLORA_KERNEL_CACHE": "/tmp/k", "CC": "gcc"}
-    assert KernelConfig.from_environ(env) == KernelConfig(enabled=False, isa="avx2", min_parallel_work=7,
-                                                          cache_dir="/tmp/k", compiler="gcc")
+    env = {
+        "SMOLORA_CPU_KERNEL": "0",
+        "SMOLORA_KERNEL_ISA": "avx2",
+        "SMOLORA_KERNEL_PARALLEL_WORK": "7",
+        "SMOLORA_KERNEL_CACHE": "/tmp/k",
+        "CC": "gcc",
+    }
+    assert KernelConfig.from_environ(env) == KernelConfig(
+        enabled=False, isa="avx2", min_parallel_work=7, cache_dir="/tmp/k", compiler="gcc"
+    )
     assert KernelConfig.from_environ({"SMOLORA_KERNEL_ISA": "avx2"}, isa="native").isa == "native"
     assert KernelConfig.from_environ({}) == KernelConfig()
     with pytest.raises(KernelConfigError, match="isa"):
@@ -76,12 +93,18 @@ def test_config_from_the_command_line_environment() -> None:
 
 
 def _zmm_instructions(lib_path: Path) -> int:
-    text = subprocess.run(["objdump", "-d", str(lib_path)], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["objdump", "-d", str(lib_path)], capture_output=True, text=True, check=True
+    ).stdout
     return sum("%zmm" in line for line in text.splitlines())
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is needed to read the build")
-def test_avx2_build_has_no_avx512_instructions_and_native_uses_them_where_present(tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    shutil.which("objdump") is None, reason="objdump (binutils) is needed to read the build"
+)
+def test_avx2_build_has_no_avx512_instructions_and_native_uses_them_where_present(
+    tmp_path: Path,
+) -> None:
     """The AVX2 build is the code an AVX2-only CPU runs: not one AVX-512 (zmm) instruction."""
     if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
@@ -103,7 +126,12 @@ def test_rank_above_the_stack_buffer_is_refused() -> None:
         pytest.skip("no C compiler here")
     rp = cpu_kernel.MAX_RANK + 4
     with pytest.raises(ValueError, match="exceeds"):
-        cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 4, rp), torch.zeros(1, 1, 2, rp, 4), torch.zeros(1, 1, 2, rp))
+        cpu_kernel.RoutedKernel(
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, 1, 2, 4, rp),
+            torch.zeros(1, 1, 2, rp, 4),
+            torch.zeros(1, 1, 2, rp),
+        )
 
 
 def test_row_sums_match_index_add() -> None:
@@ -112,10 +140,14 @@ def test_row_sums_match_index_add() -> None:
     if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
     gen = torch.Generator().manual_seed(0)
-    kernel = cpu_kernel.RoutedKernel(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 24, 8),
-                                     torch.zeros(1, 1, 2, 8, 4), torch.zeros(1, 1, 2, 8))
-    x = torch.randn(50, 40, generator=gen)[:, 3:27]                       # [50, 24], row stride 40
-    row = torch.sort(torch.randint(0, 5, (50,), generator=gen)).values   # rows 0..4 of 7
+    kernel = cpu_kernel.RoutedKernel(
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, 1, 2, 24, 8),
+        torch.zeros(1, 1, 2, 8, 4),
+        torch.zeros(1, 1, 2, 8),
+    )
+    x = torch.randn(50, 40, generator=gen)[:, 3:27]  # [50, 24], row stride 40
+    row = torch.sort(torch.randint(0, 5, (50,), generator=gen)).values  # rows 0..4 of 7
     weight = (torch.rand(50, generator=gen) < 0.7).float() * 2.0
     expected = torch.zeros(7, 24).index_add_(0, row, x * weight[:, None])
     got = kernel.row_sums(x, row, weight, 7)
@@ -139,13 +171,22 @@ def _kernel_case(dtype: torch.dtype, seed: int = 0, sub_rows: tuple[int, ...] = 
     scale = torch.full((n,), 1.5)
     scale[4] = 0.0  # a token without adapter: its outputs stay as they are
     return dict(
-        sub_row=torch.tensor(sub_rows), a=a, b=b, fuse=fuse, x=x, y=y,
-        tok_slot=torch.randint(0, s, (n,), generator=gen), tok_scale=scale,
-        tok_vu=torch.randint(0, e // 2, (n, n_sub), generator=gen), tok_if=torch.randint(e // 2, e, (n, n_sub), generator=gen),
+        sub_row=torch.tensor(sub_rows),
+        a=a,
+        b=b,
+        fuse=fuse,
+        x=x,
+        y=y,
+        tok_slot=torch.randint(0, s, (n,), generator=gen),
+        tok_scale=scale,
+        tok_vu=torch.randint(0, e // 2, (n, n_sub), generator=gen),
+        tok_if=torch.randint(e // 2, e, (n, n_sub), generator=gen),
     )
 
 
-def _run(kernel: cpu_kernel.RoutedKernel, c: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _run(
+    kernel: cpu_kernel.RoutedKernel, c: dict, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     fusion = torch.zeros(x.shape[0], c["sub_row"].numel(), 2)
     kernel(x, y, c["tok_slot"], c["tok_scale"], c["tok_vu"], c["tok_if"], fusion, fusion.stride(0))
     return fusion
@@ -197,9 +238,16 @@ def test_bfloat16_calls_in_token_chunks_give_the_same_bits() -> None:
         pytest.skip("no C compiler here")
     c = _kernel_case(torch.bfloat16, seed=4)
     whole = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
-    chunked = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=2 * 4 * 72)
+    chunked = cpu_kernel.RoutedKernel(
+        c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=2 * 4 * 72
+    )
     assert chunked.chunk_tokens == 2 and whole.chunk_tokens is not None and whole.chunk_tokens >= 9
-    assert cpu_kernel.RoutedKernel(c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"]).chunk_tokens is None
+    assert (
+        cpu_kernel.RoutedKernel(
+            c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"]
+        ).chunk_tokens
+        is None
+    )
     y1, y2 = c["y"].clone(), c["y"].clone()
     f1, f2 = _run(whole, c, c["x"], y1), _run(chunked, c, c["x"], y2)
     assert torch.equal(y1, y2) and torch.equal(f1, f2)
@@ -217,13 +265,16 @@ def helper() -> Iterator[cpu_kernel.OverlapHelper]:
 
 def _bind(kernel: cpu_kernel.RoutedKernel, c: dict) -> tuple[cpu_kernel.BoundStep, torch.Tensor]:
     fusion = torch.zeros(c["x"].shape[0], c["sub_row"].numel(), 2)
-    return kernel.bind(c["tok_slot"], c["tok_scale"], c["tok_vu"], c["tok_if"], fusion, fusion.stride(0)), fusion
+    return kernel.bind(
+        c["tok_slot"], c["tok_scale"], c["tok_vu"], c["tok_if"], fusion, fusion.stride(0)
+    ), fusion
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sub_rows", [(0, 1), (1,)])
-def test_overlap_helper_adds_the_kernels_delta(helper: cpu_kernel.OverlapHelper, dtype: torch.dtype,
-                                               sub_rows: tuple[int, ...]) -> None:
+def test_overlap_helper_adds_the_kernels_delta(
+    helper: cpu_kernel.OverlapHelper, dtype: torch.dtype, sub_rows: tuple[int, ...]
+) -> None:
     """A step run on the overlap helper (submit, then finish into y) adds exactly the delta
     the kernel computes: float32 `y + delta` with delta the in-place call's on zeros (the
     in-place call adds the two experts to y one after the other, so it may differ from this
@@ -244,7 +295,9 @@ def test_overlap_helper_adds_the_kernels_delta(helper: cpu_kernel.OverlapHelper,
     step, fusion = _bind(overlapped, c)
     assert step.overlaps and not _bind(plain, c)[0].overlaps
     results = []
-    for round_ in range(40):  # finish at once (the caller mostly runs the job) or after 2 ms (the helper does)
+    for round_ in range(
+        40
+    ):  # finish at once (the caller mostly runs the job) or after 2 ms (the helper does)
         got = c["y"].clone()
         step.submit(c["x"])
         if round_ % 2:
@@ -289,22 +342,30 @@ def test_overlap_helper_drains_an_abandoned_job(helper: cpu_kernel.OverlapHelper
     with pytest.raises(RuntimeError, match="no job"):
         step.finish(again)
     step.submit(c["x"])
-    with pytest.raises(ValueError, match="got y torch.float64"):  # a wrong output: the job is dropped
+    with pytest.raises(
+        ValueError, match="got y torch.float64"
+    ):  # a wrong output: the job is dropped
         step.finish(again.double())
     step.submit(c["x"])
     step.finish(again := c["y"].clone())
     assert torch.equal(again, want)
 
 
-def test_overlap_helper_takes_steps_up_to_the_scratch_budget(helper: cpu_kernel.OverlapHelper) -> None:
+def test_overlap_helper_takes_steps_up_to_the_scratch_budget(
+    helper: cpu_kernel.OverlapHelper,
+) -> None:
     c = _kernel_case(torch.float32, seed=9)  # 9 tokens x 72 columns of float32 delta
-    small = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=8 * 4 * 72, helper=helper)
-    big = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=9 * 4 * 72, helper=helper)
+    small = cpu_kernel.RoutedKernel(
+        c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=8 * 4 * 72, helper=helper
+    )
+    big = cpu_kernel.RoutedKernel(
+        c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=9 * 4 * 72, helper=helper
+    )
     assert not _bind(small, c)[0].overlaps and _bind(big, c)[0].overlaps
 
 
 def test_overlap_helper_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """"off" never starts one; "auto" only for a single-threaded worker with a CPU to spare."""
+    """ "off" never starts one; "auto" only for a single-threaded worker with a CPU to spare."""
     if cpu_kernel.find_compiler() is None:
         pytest.skip("no C compiler here")
     assert cpu_kernel.start_overlap_helper("off") is None

@@ -31,16 +31,30 @@ from smolora.server.engine.protocol import (
     VersionLoadError,
     VersionNotResidentError,
 )
-
-from tests.server.engine.engine_testlib import LoopThread, Workload, make_adapter, make_workload, publish
+from tests.server.engine.engine_testlib import (
+    LoopThread,
+    Workload,
+    make_adapter,
+    make_workload,
+    publish,
+)
 
 pytestmark = pytest.mark.engine
 
 
-def _requests(w: Workload, vu_routing: str | None, version: int | None = None) -> list[GenerateRequest]:
+def _requests(
+    w: Workload, vu_routing: str | None, version: int | None = None
+) -> list[GenerateRequest]:
     return [
-        GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=vu_routing, version=version,  # type: ignore[arg-type]
-                        instruction_source="explicit")
+        GenerateRequest(
+            prompt=p,
+            image=im,
+            instruction=u,
+            max_tokens=m,
+            vu_routing=vu_routing,
+            version=version,  # type: ignore[arg-type]
+            instruction_source="explicit",
+        )
         for p, im, u, m in zip(w.prompts, w.images, w.instructions, w.max_tokens)
     ]
 
@@ -70,23 +84,31 @@ async def _staggered(engine: Any, requests: list[GenerateRequest]) -> list[Gener
     return results  # type: ignore[return-value]
 
 
-def _assert_matches_reference(results: list[GenerateChunk], refs: list[ReferenceResult], version: int, per_step: bool) -> None:
+def _assert_matches_reference(
+    results: list[GenerateChunk], refs: list[ReferenceResult], version: int, per_step: bool
+) -> None:
     for i, (got, ref) in enumerate(zip(results, refs)):
         assert got.token_ids == ref.token_ids, f"request {i}: tokens differ"
         assert got.version == version
         trace = got.trace
         assert trace is not None and trace.exact and trace.version == version
-        assert trace.routes() == [(r["layer"], r["vu_expert"], r["if_expert"]) for r in ref.trace], f"request {i}: routes differ"
+        assert trace.routes() == [
+            (r["layer"], r["vu_expert"], r["if_expert"]) for r in ref.trace
+        ], f"request {i}: routes differ"
         for mine, theirs in zip(trace.layers, ref.trace):
             assert mine.w_vu == pytest.approx(theirs["w_vu"], abs=1e-4)
             assert mine.w_if == pytest.approx(theirs["w_if"], abs=1e-4)
             if per_step and not mine.layer.startswith("projector."):
-                assert mine.vu_steps == ref.vu_steps[mine.layer], f"request {i}: per-step routes differ at {mine.layer}"
+                assert mine.vu_steps == ref.vu_steps[mine.layer], (
+                    f"request {i}: per-step routes differ at {mine.layer}"
+                )
 
 
 def _assert_routes_differ(results: list[GenerateChunk]) -> None:
     routes = [tuple(r.trace.routes()) for r in results if r.trace is not None]
-    assert len(set(routes)) > 1, "every request took the same route: the test would not exercise routing"
+    assert len(set(routes)) > 1, (
+        "every request took the same route: the test would not exercise routing"
+    )
     vu = {tuple(l.vu_expert for l in r.trace.layers) for r in results if r.trace}
     if_ = {tuple(l.if_expert for l in r.trace.layers) for r in results if r.trace}
     assert len(vu) > 1 and len(if_) > 1
@@ -99,7 +121,12 @@ def test_engine_is_vllm_with_our_architecture(engine: Any) -> None:
     assert isinstance(engine.vllm, AsyncLLM)
     assert engine.max_model_len == 128 and engine.max_images_per_prompt == 1
     active = engine.active_version()
-    assert active is not None and active.active and active.name == active.path.name and active.loaded_at > 0
+    assert (
+        active is not None
+        and active.active
+        and active.name == active.path.name
+        and active.loaded_at > 0
+    )
     cfg = engine.vllm.vllm_config
     assert cfg.model_config.architectures == [ARCHITECTURE]
     assert cfg.cache_config.enable_prefix_caching is False
@@ -108,26 +135,37 @@ def test_engine_is_vllm_with_our_architecture(engine: Any) -> None:
     assert cfg.use_v2_model_runner is False
 
 
-def test_base_engine_matches_hf_with_chunked_prefill(loop: LoopThread, base_engine: Any, tiny_model_dir: Path) -> None:
+def test_base_engine_matches_hf_with_chunked_prefill(
+    loop: LoopThread, base_engine: Any, tiny_model_dir: Path
+) -> None:
     """Adapters disabled: greedy tokens equal HF transformers, with every image prompt split
     across steps by vLLM's chunked prefill (32-token budget)."""
     from smolora.adapters.tiny_llava import load_llava
 
     w = make_workload(8, seed=3, text_only=2)
-    reqs = [GenerateRequest(prompt=p, image=im, max_tokens=m) for p, im, m in zip(w.prompts, w.images, w.max_tokens)]
+    reqs = [
+        GenerateRequest(prompt=p, image=im, max_tokens=m)
+        for p, im, m in zip(w.prompts, w.images, w.max_tokens)
+    ]
     results = loop.run(_staggered(base_engine, reqs))
     model, processor = load_llava(tiny_model_dir)
     for i, (p, im, m) in enumerate(zip(w.prompts, w.images, w.max_tokens)):
-        inputs = processor(text=p, images=im, return_tensors="pt") if im is not None else processor(text=p, return_tensors="pt")
+        inputs = (
+            processor(text=p, images=im, return_tensors="pt")
+            if im is not None
+            else processor(text=p, return_tensors="pt")
+        )
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=m, do_sample=False)
-        ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+        ref = out[0, inputs["input_ids"].shape[1] :].tolist()
         assert results[i].token_ids == ref, f"request {i}"
         assert results[i].trace is None and results[i].version is None
 
 
 @pytest.mark.parametrize("vu_routing", ["pinned", "per_step"])
-def test_mixed_batch_matches_reference(loop: LoopThread, engine: Any, version1: Any, vu_routing: str) -> None:
+def test_mixed_batch_matches_reference(
+    loop: LoopThread, engine: Any, version1: Any, vu_routing: str
+) -> None:
     """10 staggered concurrent requests (8 images, 2 text-only, different instructions and
     lengths) in one engine: tokens and routes equal the reference, request by request."""
     _, smodel, processor = version1
@@ -149,12 +187,16 @@ def test_pinned_and_per_step_share_a_batch(loop: LoopThread, engine: Any, versio
     _, smodel, processor = version1
     w = make_workload(8, seed=21, text_only=1)
     modes = ["pinned" if i % 2 else "per_step" for i in range(8)]
-    reqs = [GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=mode)  # type: ignore[arg-type]
-            for p, im, u, m, mode in zip(w.prompts, w.images, w.instructions, w.max_tokens, modes)]
+    reqs = [
+        GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=mode)  # type: ignore[arg-type]
+        for p, im, u, m, mode in zip(w.prompts, w.images, w.instructions, w.max_tokens, modes)
+    ]
     results = loop.run(_staggered(engine, reqs))
     for i, mode in enumerate(modes):
         one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
-        _assert_matches_reference([results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step")
+        _assert_matches_reference(
+            [results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step"
+        )
 
 
 def test_traces_are_fetched_in_batches(loop: LoopThread, engine: Any) -> None:
@@ -173,7 +215,9 @@ def test_closing_a_stream_aborts_the_request_in_the_engine(loop: LoopThread, eng
     deterministic: the tiny model can finish all its tokens before the server sees the
     client go; the HTTP side is tested with a held test double in tests/server/api.)"""
     limit = 110  # the engine's context is 128 tokens
-    req = GenerateRequest(prompt="USER: hi ASSISTANT:", instruction=[0.05] * 384, max_tokens=limit, ignore_eos=True)
+    req = GenerateRequest(
+        prompt="USER: hi ASSISTANT:", instruction=[0.05] * 384, max_tokens=limit, ignore_eos=True
+    )
 
     async def first_chunk_then_close() -> tuple[Any, Any, int]:
         steps_before = (await engine.health()).detail["steps_run"]
@@ -190,21 +234,27 @@ def test_closing_a_stream_aborts_the_request_in_the_engine(loop: LoopThread, eng
     first, health, steps = loop.run(first_chunk_then_close())
     assert first.token_ids and not first.finished
     assert health.in_flight == 0 and health.detail["live_requests"] == 0
-    assert steps < limit // 2, f"the engine ran {steps} steps for a request closed after its first token"
+    assert steps < limit // 2, (
+        f"the engine ran {steps} steps for a request closed after its first token"
+    )
 
 
 def test_invalid_requests_are_refused(loop: LoopThread, engine: Any) -> None:
     bad_dim = GenerateRequest(prompt="USER: hi ASSISTANT:", instruction=[0.0] * 10, max_tokens=2)
     with pytest.raises(InvalidRequestError, match="384"):
         loop.run(collect(engine, bad_dim))
-    unknown = GenerateRequest(prompt="USER: hi ASSISTANT:", instruction=[0.0] * 384, max_tokens=2, version=99)
+    unknown = GenerateRequest(
+        prompt="USER: hi ASSISTANT:", instruction=[0.0] * 384, max_tokens=2, version=99
+    )
     with pytest.raises(VersionNotResidentError):
         loop.run(collect(engine, unknown))
     with pytest.raises(InvalidRequestError):
         GenerateRequest(prompt="USER: hi ASSISTANT:", max_tokens=0)
 
 
-def test_hot_load_under_load(loop: LoopThread, engine: Any, version1: Any, registry: Path, tiny_model_dir: Path) -> None:
+def test_hot_load_under_load(
+    loop: LoopThread, engine: Any, version1: Any, registry: Path, tiny_model_dir: Path
+) -> None:
     """Publish version 2 while 6 requests stream on version 1: all complete with version-1
     outputs (equal to the version-1 reference), later requests get version 2 (equal to the
     version-2 reference). Then a corrupt and a mismatched version are refused and version 2
@@ -231,7 +281,9 @@ def test_hot_load_under_load(loop: LoopThread, engine: Any, version1: Any, regis
             last.token_ids = ids
             old_results[i] = last
 
-        tasks = [asyncio.create_task(stream(i, r)) for i, r in enumerate(_requests(w_old, "pinned"))]
+        tasks = [
+            asyncio.create_task(stream(i, r)) for i, r in enumerate(_requests(w_old, "pinned"))
+        ]
         await asyncio.gather(*(e.wait() for e in first_tokens))
         # Freeze the running requests in the engine (they keep their rows and KV cache) so
         # the publish + load below deterministically happens while all six are in flight.
@@ -247,9 +299,15 @@ def test_hot_load_under_load(loop: LoopThread, engine: Any, version1: Any, regis
         return old_results, list(new_results), info, in_flight_on_v1  # type: ignore[return-value]
 
     old, new, info, in_flight = loop.run(scenario())
-    assert info.active and in_flight[1] > 0, "the load must happen while version-1 requests are in flight"
-    _assert_matches_reference(old, w_old.reference(smodel1, processor, "pinned"), version=1, per_step=False)
-    _assert_matches_reference(new, w_new.reference(smodel2, processor, "pinned"), version=2, per_step=False)
+    assert info.active and in_flight[1] > 0, (
+        "the load must happen while version-1 requests are in flight"
+    )
+    _assert_matches_reference(
+        old, w_old.reference(smodel1, processor, "pinned"), version=1, per_step=False
+    )
+    _assert_matches_reference(
+        new, w_new.reference(smodel2, processor, "pinned"), version=2, per_step=False
+    )
     assert {v.version for v in engine.list_versions()} == {1, 2}
 
     # A corrupt version (published, then its tensors damaged) is refused; v2 keeps serving.
@@ -274,39 +332,58 @@ def test_hot_load_under_load(loop: LoopThread, engine: Any, version1: Any, regis
     shutil.rmtree(other.path)
 
 
-def test_preempted_requests_match_reference(loop: LoopThread, preempting_engine: Any, version1: Any) -> None:
+def test_preempted_requests_match_reference(
+    loop: LoopThread, preempting_engine: Any, version1: Any
+) -> None:
     """With a KV cache too small for the batch, vLLM preempts and recomputes requests; their
     tokens and traces (pinned and per-step routes, fusion means) still equal the reference."""
     _, smodel, processor = version1
     w = make_workload(10, seed=51, text_only=1)
     w.max_tokens = [30] * 10
     modes = ["pinned" if i % 2 else "per_step" for i in range(10)]
-    reqs = [GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=mode)  # type: ignore[arg-type]
-            for p, im, u, m, mode in zip(w.prompts, w.images, w.instructions, w.max_tokens, modes)]
+    reqs = [
+        GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=mode)  # type: ignore[arg-type]
+        for p, im, u, m, mode in zip(w.prompts, w.images, w.instructions, w.max_tokens, modes)
+    ]
     results = loop.run(collect_all(preempting_engine, reqs))
     stats = loop.run(preempting_engine.health()).detail
     assert stats["recomputed_requests"] > 0, "the KV cache was large enough: no preemption happened"
-    assert stats["overlap"] is None and stats["cpu_kernel_layers"] == stats["routed_layers"]  # in-place kernel calls
+    assert (
+        stats["overlap"] is None and stats["cpu_kernel_layers"] == stats["routed_layers"]
+    )  # in-place kernel calls
     for i, mode in enumerate(modes):
         one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
-        _assert_matches_reference([results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step")
+        _assert_matches_reference(
+            [results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step"
+        )
 
 
 def _text_requests(n: int, max_tokens: int, **sampling: Any) -> list[GenerateRequest]:
     w = make_workload(max(n, 2), seed=11, text_only=max(n, 2))
-    return [GenerateRequest(prompt=p, instruction=u, max_tokens=max_tokens, trace=False, **sampling)
-            for p, u in zip(w.prompts[:n], w.instructions[:n])]
+    return [
+        GenerateRequest(prompt=p, instruction=u, max_tokens=max_tokens, trace=False, **sampling)
+        for p, u in zip(w.prompts[:n], w.instructions[:n])
+    ]
 
 
 def test_ignore_eos_generates_exactly_max_tokens(loop: LoopThread, engine: Any) -> None:
     """Hot sampling over the tiny model's 512 tokens ends some requests at EOS early; the same
     requests with `ignore_eos` generate exactly `max_tokens` tokens."""
     max_tokens = 80
-    requests = [dataclasses.replace(r, temperature=2.0, seed=s) for s, r in enumerate(_text_requests(32, max_tokens))]
+    requests = [
+        dataclasses.replace(r, temperature=2.0, seed=s)
+        for s, r in enumerate(_text_requests(32, max_tokens))
+    ]
     results = loop.run(collect_all(engine, requests))
-    early = [i for i, r in enumerate(results) if r.finish_reason == "stop" and len(r.token_ids) < max_tokens]
+    early = [
+        i
+        for i, r in enumerate(results)
+        if r.finish_reason == "stop" and len(r.token_ids) < max_tokens
+    ]
     assert early, "no request met EOS: the test would not show that ignore_eos ignores it"
-    again = loop.run(collect_all(engine, [dataclasses.replace(requests[i], ignore_eos=True) for i in early]))
+    again = loop.run(
+        collect_all(engine, [dataclasses.replace(requests[i], ignore_eos=True) for i in early])
+    )
     assert [len(r.token_ids) for r in again] == [max_tokens] * len(early)
     assert {r.finish_reason for r in again} == {"length"}
 
@@ -317,14 +394,22 @@ def test_min_tokens_holds_off_stop_tokens(loop: LoopThread, engine: Any) -> None
     plain = loop.run(collect_all(engine, base))
     cases = [(b, p.token_ids[1]) for b, p in zip(base, plain) if p.token_ids[1] != p.token_ids[0]]
     assert cases, "every greedy output repeats its first token"
-    stopped = loop.run(collect_all(engine, [dataclasses.replace(b, stop_token_ids=[t]) for b, t in cases]))
+    stopped = loop.run(
+        collect_all(engine, [dataclasses.replace(b, stop_token_ids=[t]) for b, t in cases])
+    )
     assert all(r.finish_reason == "stop" and len(r.token_ids) == 2 for r in stopped)
-    held = loop.run(collect_all(engine, [dataclasses.replace(b, stop_token_ids=[t], min_tokens=6) for b, t in cases]))
+    held = loop.run(
+        collect_all(
+            engine, [dataclasses.replace(b, stop_token_ids=[t], min_tokens=6) for b, t in cases]
+        )
+    )
     for r, (_, t) in zip(held, cases):
         assert len(r.token_ids) >= 6 and t not in r.token_ids[:6]
 
 
-def test_logprobs_shapes_and_greedy_choice_is_the_most_likely(loop: LoopThread, engine: Any) -> None:
+def test_logprobs_shapes_and_greedy_choice_is_the_most_likely(
+    loop: LoopThread, engine: Any
+) -> None:
     results = loop.run(collect_all(engine, _text_requests(3, 6, logprobs=5)))
     for r in results:
         assert r.logprobs is not None and len(r.logprobs) == len(r.token_ids)
@@ -334,7 +419,9 @@ def test_logprobs_shapes_and_greedy_choice_is_the_most_likely(loop: LoopThread, 
             assert tops == sorted(tops, reverse=True) and sum(math.exp(v) for v in tops) <= 1 + 1e-5
             assert lp.top[0].token_id == tid and lp.logprob == pytest.approx(max(tops), abs=1e-6)
     chosen_only = loop.run(collect(engine, _text_requests(1, 4, logprobs=0)[0]))
-    assert chosen_only.logprobs is not None and len(chosen_only.logprobs) == len(chosen_only.token_ids)
+    assert chosen_only.logprobs is not None and len(chosen_only.logprobs) == len(
+        chosen_only.token_ids
+    )
     assert all(lp.top == [] and lp.logprob <= 0 for lp in chosen_only.logprobs)
     assert loop.run(collect(engine, _text_requests(1, 4)[0])).logprobs is None
 
@@ -346,9 +433,18 @@ def test_top_k_one_is_greedy(loop: LoopThread, engine: Any) -> None:
 
 
 def test_bad_sampling_values_are_invalid_requests(loop: LoopThread, engine: Any) -> None:
-    for bad in ({"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0.0}, {"presence_penalty": 2.5},
-                {"frequency_penalty": -3.0}, {"min_tokens": 9}, {"logprobs": 21}):
+    for bad in (
+        {"top_k": -2},
+        {"min_p": 1.5},
+        {"repetition_penalty": 0.0},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3.0},
+        {"min_tokens": 9},
+        {"logprobs": 21},
+    ):
         with pytest.raises(InvalidRequestError):
             GenerateRequest(prompt="USER: hi ASSISTANT:", max_tokens=8, **bad)
-    with pytest.raises(InvalidRequestError, match="temperature"):  # vLLM's own check, as a typed error
+    with pytest.raises(
+        InvalidRequestError, match="temperature"
+    ):  # vLLM's own check, as a typed error
         loop.run(collect(engine, _text_requests(1, 2, temperature=3.0)[0]))

@@ -42,10 +42,20 @@ def _tensors(layers: dict[str, SMoLoRALinear]) -> dict[str, torch.Tensor]:
 
 
 def _params(key: int, slot: int, u: torch.Tensor, mode: str) -> SimpleNamespace:
-    return SimpleNamespace(extra_args={"smolora": {"key": key, "slot": slot, "instruction": u.tolist(), "vu_routing": mode}})
+    return SimpleNamespace(
+        extra_args={
+            "smolora": {"key": key, "slot": slot, "instruction": u.tolist(), "vu_routing": mode}
+        }
+    )
 
 
-def _reference(layer: SMoLoRALinear, u: torch.Tensor, prompt: torch.Tensor, decode: list[torch.Tensor], mode: str) -> tuple[list[torch.Tensor], RoutingContext]:
+def _reference(
+    layer: SMoLoRALinear,
+    u: torch.Tensor,
+    prompt: torch.Tensor,
+    decode: list[torch.Tensor],
+    mode: str,
+) -> tuple[list[torch.Tensor], RoutingContext]:
     """The reference layer's outputs for one request: prompt forward, then one forward per
     decode token (as `generate_batch` drives it)."""
     ctx = RoutingContext(u[None], vu_routing=mode)  # type: ignore[arg-type]
@@ -60,9 +70,13 @@ def _reference(layer: SMoLoRALinear, u: torch.Tensor, prompt: torch.Tensor, deco
 def test_packed_requests_on_two_slots_match_reference(mode: str) -> None:
     names = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]
     slots = [_reference_layers(1, names), _reference_layers(2, names)]
-    layout = AdapterLayout(num_experts=E, rank=RANK, instruction_dim=384, num_slots=2, trace_step_routes=4)
+    layout = AdapterLayout(
+        num_experts=E, rank=RANK, instruction_dim=384, num_slots=2, trace_step_routes=4
+    )
     state = RowRoutingState(layout, max_rows=4, device=torch.device("cpu"))
-    adapter = RoutedAdapter(layout, names, [0, D_OUT], D_IN, D_OUT, 2 * D_OUT, state, False, torch.float32)
+    adapter = RoutedAdapter(
+        layout, names, [0, D_OUT], D_IN, D_OUT, 2 * D_OUT, state, False, torch.float32
+    )
     state.finalize()
     for s, layers in enumerate(slots):
         adapter.load_slot(s, _tensors(layers), state)
@@ -75,10 +89,16 @@ def test_packed_requests_on_two_slots_match_reference(mode: str) -> None:
     us = [torch.randn(384, generator=gen) for _ in lens]
     prompts = [torch.randn(n, D_IN, generator=gen) for n in lens]
     decodes = [[torch.randn(D_IN, generator=gen) for _ in range(3)] for _ in lens]
-    state.apply_batch_update(SimpleNamespace(
-        removed=[], moved=[],
-        added=[(i, _params(10 + i, req_slot[i], us[i], mode), [0] * n, []) for i, n in enumerate(lens)],
-    ))
+    state.apply_batch_update(
+        SimpleNamespace(
+            removed=[],
+            moved=[],
+            added=[
+                (i, _params(10 + i, req_slot[i], us[i], mode), [0] * n, [])
+                for i, n in enumerate(lens)
+            ],
+        )
+    )
 
     # Prefill: all prompts packed in one step; then three decode steps of one token each.
     got: list[list[torch.Tensor]] = [[] for _ in lens]
@@ -109,7 +129,11 @@ def test_packed_requests_on_two_slots_match_reference(mode: str) -> None:
             ref_cat.append(outs)
             route = ctx.routes[name]
             entry = trace["layers"][j]
-            assert (entry["layer"], entry["vu_expert"], entry["if_expert"]) == (name, int(route.vu_expert[0]), int(route.if_expert[0]))
+            assert (entry["layer"], entry["vu_expert"], entry["if_expert"]) == (
+                name,
+                int(route.vu_expert[0]),
+                int(route.if_expert[0]),
+            )
             mean = route.mean_fusion()[0]
             assert entry["w_vu"] == pytest.approx(float(mean[0]), abs=1e-5)
             if mode == "per_step":
@@ -129,10 +153,16 @@ def test_base_requests_and_padding_get_no_delta() -> None:
     state.slot_scaling[0] = 2.0
     state.slot_versions[0] = {"version": 1}
     u = torch.randn(384)
-    state.apply_batch_update(SimpleNamespace(
-        removed=[], moved=[],
-        added=[(0, _params(1, 0, u, "pinned"), [0] * 3, []), (1, SimpleNamespace(extra_args=None), [0] * 2, [])],
-    ))
+    state.apply_batch_update(
+        SimpleNamespace(
+            removed=[],
+            moved=[],
+            added=[
+                (0, _params(1, 0, u, "pinned"), [0] * 3, []),
+                (1, SimpleNamespace(extra_args=None), [0] * 2, []),
+            ],
+        )
+    )
     x = torch.randn(7, D_IN)  # 3 tokens of the SMoLoRA request, 2 of a base request, 2 padding
     step = state.text_step(torch.tensor([0, 1, 2, 0, 1, 0, 0]), torch.tensor([0, 3, 5]), 2, 5)
     delta = adapter.delta(x, step)
@@ -150,7 +180,13 @@ def test_condensing_move_releases_the_overwritten_request() -> None:
     state.finalize()
     state.slot_versions[0] = {"version": 1}
     u = torch.randn(384)
-    state.apply_batch_update(SimpleNamespace(removed=[], moved=[], added=[(i, _params(i, 0, u, "pinned"), [0] * 4, []) for i in range(3)]))
+    state.apply_batch_update(
+        SimpleNamespace(
+            removed=[],
+            moved=[],
+            added=[(i, _params(i, 0, u, "pinned"), [0] * 4, []) for i in range(3)],
+        )
+    )
     state.row_count[0] = 5.0  # request 0 processed tokens
     move = SimpleNamespace(name="UNIDIRECTIONAL")
     state.apply_batch_update(SimpleNamespace(removed=[], added=[], moved=[(2, 0, move)]))

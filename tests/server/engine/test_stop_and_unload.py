@@ -17,15 +17,22 @@ from typing import Any
 import pytest
 
 from smolora.server.engine.engine import collect
-from smolora.server.engine.protocol import (GenerateChunk, GenerateRequest, InvalidRequestError, VersionInUseError,
-                                            VersionNotResidentError)
+from smolora.server.engine.protocol import (
+    GenerateChunk,
+    GenerateRequest,
+    InvalidRequestError,
+    VersionInUseError,
+    VersionNotResidentError,
+)
 from tests.server.engine.engine_testlib import LoopThread, make_adapter, make_workload, publish
 
 pytestmark = pytest.mark.engine
 
 
 def _request(w: Any, i: int = 0, **kw: Any) -> GenerateRequest:
-    return GenerateRequest(prompt=w.prompts[i], image=w.images[i], instruction=w.instructions[i], **kw)
+    return GenerateRequest(
+        prompt=w.prompts[i], image=w.images[i], instruction=w.instructions[i], **kw
+    )
 
 
 def test_stop_string_finishes_in_the_engine_with_a_trace(loop: LoopThread, engine: Any) -> None:
@@ -33,13 +40,21 @@ def test_stop_string_finishes_in_the_engine_with_a_trace(loop: LoopThread, engin
     full = loop.run(collect(engine, _request(w, max_tokens=24, ignore_eos=True)))
     assert full.finish_reason == "length" and len(full.text) > 6
     # A stop string that first occurs a few characters in (the text of a random model is arbitrary).
-    start = next(i for i in range(2, len(full.text) - 2)
-                 if full.text[i:i + 2].strip() and full.text.find(full.text[i:i + 2]) == i)
-    stop = full.text[start:start + 2]
-    cut = loop.run(collect(engine, _request(w, max_tokens=24, ignore_eos=True, stop=[stop, "\x00never"])))
+    start = next(
+        i
+        for i in range(2, len(full.text) - 2)
+        if full.text[i : i + 2].strip() and full.text.find(full.text[i : i + 2]) == i
+    )
+    stop = full.text[start : start + 2]
+    cut = loop.run(
+        collect(engine, _request(w, max_tokens=24, ignore_eos=True, stop=[stop, "\x00never"]))
+    )
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[:start]  # truncated before the stop string, which is not included
-    assert 0 < len(cut.token_ids) < len(full.token_ids) and cut.token_ids == full.token_ids[:len(cut.token_ids)]
+    assert (
+        0 < len(cut.token_ids) < len(full.token_ids)
+        and cut.token_ids == full.token_ids[: len(cut.token_ids)]
+    )
     assert cut.trace is not None and cut.trace.version == cut.version == full.version
     assert cut.trace.routes() == full.trace.routes()
 
@@ -51,8 +66,9 @@ def test_more_than_four_stop_strings_are_refused() -> None:
         GenerateRequest(prompt="USER: hi ASSISTANT:", stop=[""])
 
 
-def test_unload_frees_the_slot_and_refuses_active_or_pinned_versions(loop: LoopThread, engine: Any, registry: Path,
-                                                                      tiny_model_dir: Path) -> None:
+def test_unload_frees_the_slot_and_refuses_active_or_pinned_versions(
+    loop: LoopThread, engine: Any, registry: Path, tiny_model_dir: Path
+) -> None:
     smodel, _ = make_adapter(tiny_model_dir, seed=7)
     entry = publish(registry, tiny_model_dir, smodel, "task-unload")
     info = loop.run(engine.load_version(entry.path, activate=False))
@@ -66,7 +82,9 @@ def test_unload_frees_the_slot_and_refuses_active_or_pinned_versions(loop: LoopT
         chunks: list[GenerateChunk] = []
 
         async def stream() -> None:
-            async for chunk in engine.generate(_request(w, max_tokens=16, ignore_eos=True, version=version)):
+            async for chunk in engine.generate(
+                _request(w, max_tokens=16, ignore_eos=True, version=version)
+            ):
                 chunks.append(chunk)
                 first.set()
 
