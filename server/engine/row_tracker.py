@@ -40,9 +40,7 @@ class SMoLoRARowTracker(LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         RequestArgs.parse(sampling_params.extra_args)
 
-    def __init__(
-        self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool
-    ) -> None:
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.state: RowRoutingState | None = None
         self._warned = False
 
