@@ -16,5 +16,13 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
         echo "warning: could not install promtool; the metrics tests that need it fail in CI" >&2
     fi
 fi
+# Chromium + its driver (Debian "chromium", "chromium-driver") run the operator console's
+# browser tests (tests/e2e/test_console.py, selenium on the system chromedriver; no browser
+# download). Installed quietly when missing and running as root.
+if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium + chromium-driver (apt-get)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver) \
+        >/dev/null 2>&1 || echo "warning: could not install chromium; the console browser tests fail in CI" >&2
+fi
 # Engines in tests size their KV cache explicitly (EngineConfig.kv_cache_bytes, tens of MiB).
 exec .venv/bin/python -m pytest tests -q --timeout=900 "$@"
