@@ -83,7 +83,8 @@ def _with_surrogate(body: dict[str, Any], *path: str | int) -> bytes:
     return json.dumps(body).encode()  # ensure_ascii writes the surrogate as the escape "\\ud800"
 
 
-# (id, request: dict with "json" or "content" and optional "headers", status, error type, code, param)
+# (id, request: dict with "json" or "content" and optional "headers", status, error type,
+#  code, param)
 CASES: list[tuple[str, dict[str, Any], int, str, str | None, str | None]] = [
     (
         "invalid_json",

@@ -1,16 +1,15 @@
-"""`python -m smolora.clients ...`: chat, checkpoint admin, publishing and load generation.
+"""`python -m smolora.clients ...`: chat, checkpoint admin and load generation over HTTP.
 
     chat IMAGE "question" [--instruction TEXT | --instruction-type NAME] [--version N] [--stream]
     models                      served model ids (name, name@N per resident version)
     versions                    registry and resident versions (admin key)
     load N [--activate] | activate N | rollback | unload N      (admin key)
-    publish CHECKPOINT_DIR --registry DIR     verify a checkpoint folder and publish it
-                                              into a registry (local filesystem; the
-                                              server's watcher then picks it up)
     loadgen [--requests N --concurrency C --duration S --max-tokens T --output FILE]
 
 `--base-url`, `--api-key` and `--admin-api-key` default to the variables
 SMOLORA_BASE_URL, SMOLORA_API_KEY and SMOLORA_ADMIN_API_KEY (read when the CLI runs).
+Every command talks to the server; none needs torch. Publishing a checkpoint folder into a
+registry is a filesystem step of the training package: `python -m smolora.training publish`.
 """
 
 from __future__ import annotations
@@ -70,10 +69,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if result.trace and not args.no_trace:
         print("   layer                        VU  IF   w_vu  w_if", file=sys.stderr)
         for t in result.trace:
-            print(
-                f"   {t['layer']:<28} {t['vu_expert']:>2} {t['if_expert']:>3}  {t['w_vu']:.2f}  {t['w_if']:.2f}",
-                file=sys.stderr,
-            )
+            experts = f"{t['vu_expert']:>2} {t['if_expert']:>3}"
+            weights = f"{t['w_vu']:.2f}  {t['w_if']:.2f}"
+            print(f"   {t['layer']:<28} {experts}  {weights}", file=sys.stderr)
     return 0
 
 
@@ -97,16 +95,6 @@ def cmd_admin(args: argparse.Namespace) -> int:
         _print(c.unload(args.version))
     else:
         _print(c.rollback())
-    return 0
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    # The registry format is the adapters library's; publishing is a local filesystem step.
-    from smolora.adapters.checkpoint import load_checkpoint, publish_checkpoint
-
-    ckpt = load_checkpoint(args.checkpoint)  # verifies format and hashes
-    entry = publish_checkpoint(args.registry, ckpt.tensors, ckpt.manifest)
-    _print({"published": entry.version, "name": entry.name, "path": str(entry.path)})
     return 0
 
 
@@ -172,11 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "rollback", help="re-activate the previously active version (admin)"
     ).set_defaults(func=cmd_admin)
-
-    pub = sub.add_parser("publish", help="publish a checkpoint folder into a registry folder")
-    pub.add_argument("checkpoint", type=Path)
-    pub.add_argument("--registry", type=Path, required=True)
-    pub.set_defaults(func=cmd_publish)
 
     lg = sub.add_parser("loadgen", help="load-test a local server")
     lg.add_argument("--model")

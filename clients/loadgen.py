@@ -36,7 +36,8 @@ QUESTIONS = (
     "What colour is the circle?\nAnswer the question using a single word or phrase.",
     "Describe the image briefly in one sentence.",
     "How many shapes are there?",
-    "Which shape is on the left?\nA. circle\nB. square\nAnswer with the option's letter from the given choices directly.",
+    "Which shape is on the left?\nA. circle\nB. square\n"
+    "Answer with the option's letter from the given choices directly.",
 )
 
 
@@ -95,7 +96,8 @@ def check_loopback(base_url: str) -> None:
     except ValueError:
         pass
     raise ValueError(
-        f"the load generator only targets loopback addresses (127.0.0.1, ::1, localhost), not {host!r}"
+        "the load generator only targets loopback addresses (127.0.0.1, ::1, localhost), "
+        f"not {host!r}"
     )
 
 

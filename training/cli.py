@@ -7,6 +7,8 @@ Commands:
   evaluate    evaluate a published checkpoint (or the bare base) on tasks
   report      collect method results into a table (Markdown + JSON) and plots
   import-reference  publish a checkpoint of the paper's reference code (import_reference.py)
+  publish     verify a checkpoint folder and publish it into a registry folder (the
+              server's watcher then picks it up)
 
 This module parses arguments and prints; the work is in the library modules.
 """
@@ -142,6 +144,32 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="mini_cvit")
 
 
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("publish", help="publish a checkpoint folder into a registry folder")
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder (manifest + safetensors)")
+    p.add_argument("--registry", type=Path, required=True, help="registry folder to publish into")
+
+
+def publish(checkpoint: Path, registry: Path) -> int:
+    """Verify `checkpoint` (format and hashes) and publish it into `registry`; print the entry.
+
+    Returns:
+        0 once published; 1 (with `error: ...` on stderr) when the folder fails verification
+        or the registry cannot be written.
+    """
+    from smolora.adapters.checkpoint import load_checkpoint, publish_checkpoint
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        entry = publish_checkpoint(registry, ckpt.tensors, ckpt.manifest)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    published = {"published": entry.version, "name": entry.name, "path": str(entry.path)}
+    print(json.dumps(published, indent=2))
+    return 0
+
+
 def _pick(value, default):
     return default if value is None else value
 
@@ -207,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _add_evaluate,
         _add_report,
         import_reference.add_parser,
+        _add_publish,
     ):
         add(sub)
     args = parser.parse_args(argv)
@@ -273,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(res, indent=1))
     elif args.command == "import-reference":
         return import_reference.run(args)
+    elif args.command == "publish":
+        return publish(args.checkpoint, args.registry)
     elif args.command == "report":
         from smolora.training.report import write_report
 

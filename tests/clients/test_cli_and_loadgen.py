@@ -11,11 +11,7 @@ import pytest
 from smolora.clients.cli import main
 from smolora.clients.loadgen import LoadgenConfig, check_loopback, percentiles, run_load
 from tests.server.api.helpers import (
-    HashingEmbedder,
     image_bytes,
-    instruction_types,
-    publish_version,
-    wait_until,
 )
 
 
@@ -49,22 +45,6 @@ def test_cli_chat_models_versions(
     assert "HTTP 404" in capsys.readouterr().err
     assert main(["--base-url", srv.base_url, "--api-key", "wrong", "models"]) == 1
     assert "HTTP 401" in capsys.readouterr().err
-
-
-def test_cli_publish_then_the_watcher_serves_it(
-    server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    srv, engine, reg = server
-    staging = publish_version(tmp_path / "staging", "gqa", instruction_types(HashingEmbedder()))
-    assert main(["publish", str(staging.path), "--registry", str(reg)]) == 0
-    published = json.loads(capsys.readouterr().out)["published"]
-    wait_until(
-        lambda: getattr(engine.active_version(), "version", None) == published,
-        what="the watcher to activate the published version",
-    )
-    (staging.path / "adapter.safetensors").write_bytes(b"corrupt")
-    assert main(["publish", str(staging.path), "--registry", str(reg)]) == 1
-    assert "sha256" in capsys.readouterr().err
 
 
 def test_loadgen_reports_throughput_and_percentiles(server) -> None:

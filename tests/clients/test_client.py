@@ -1,4 +1,5 @@
-"""`SmoloraClient`, its image helpers and routing-trace access, against the HTTP layer (ScriptedEngine)."""
+"""`SmoloraClient`, its image helpers and routing-trace access, against the HTTP layer
+(ScriptedEngine)."""
 
 from __future__ import annotations
 
