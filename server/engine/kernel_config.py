@@ -1,4 +1,4 @@
-"""`KernelConfig`: how the routed CPU kernel (`cpu_kernel.py`) is built and run.
+"""`KernelConfig`: how the routed CPU kernel (`kernel_build.py`) is built and run.
 
 A typed setting passed in (engine config -> vLLM hf_overrides -> the worker's model), never
 read from the environment by the library: the CLI maps its flags and environment onto it

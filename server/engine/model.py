@@ -40,8 +40,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from smolora.server.engine.config import HF_CONFIG_KEY, KERNEL_CONFIG_KEY, MM_KEY, AdapterLayout
-from smolora.server.engine.cpu_kernel import DEFAULT_KERNEL, OverlapHelper, start_overlap_helper
+from smolora.server.engine.kernel_build import DEFAULT_KERNEL
 from smolora.server.engine.kernel_config import KernelConfig
+from smolora.server.engine.overlap_helper import OverlapHelper, start_overlap_helper
 from smolora.server.engine.processor import (
     SMoLoRALlavaDummyInputsBuilder,
     SMoLoRALlavaMultiModalProcessor,
@@ -126,7 +127,8 @@ class RoutedLlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: [N, hidden]
         step = self.scope.current
-        # Each delta starts before its base matmul, so the overlap helper (if any) computes it meanwhile.
+        # Each delta starts before its base matmul, so the overlap helper (if any) computes it
+        # meanwhile.
         gu = self.gate_up_adapter if step is not None else None
         pending = gu.begin_delta(x, step) if gu is not None else None
         h, _ = self.gate_up_proj(x)
@@ -298,7 +300,8 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 prefix=maybe_prefix(prefix, "language_model"),
                 architectures=["LlamaForCausalLM"],
             )
-        #: Runs the MLP layers' routed deltas beside their base matmuls (`AdapterLayout.cpu_overlap`).
+        #: Runs the MLP layers' routed deltas beside their base matmuls
+        #: (`AdapterLayout.cpu_overlap`).
         self.overlap_helper = (
             start_overlap_helper(self.layout.cpu_overlap, self.kernel_config)
             if self.smolora_state is not None and device.type == "cpu"

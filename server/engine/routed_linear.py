@@ -10,16 +10,17 @@ token, each token with its own request's slot, VU expert and IF expert:
   delta = w_vu h_vu + w_if h_if
 
 Only the two routed experts per token and sublayer are computed, on one of two paths:
-- on a CPU in float32 or bfloat16 (steps of at most `AdapterLayout.cpu_kernel_max_tokens` tokens): the
-  compiled kernel (`cpu_kernel.py`), which buckets the rows by expert itself and reads each
-  routed expert once per call. Grouped matmuls would run one tiny matmul per expert group
-  there, and in decode their per-call overhead, not the arithmetic, would set the cost;
-- otherwise (GPU, other dtypes, larger steps): the (token, sublayer, expert kind) rows are sorted by (slot, sublayer, expert)
-  group and run through two grouped matmuls (`torch.nn.functional.grouped_mm`: one for A,
-  one for B).
+- on a CPU in float32 or bfloat16 (steps of at most `AdapterLayout.cpu_kernel_max_tokens`
+  tokens): the compiled kernel (`routed_kernel.py`), which buckets the rows by expert itself
+  and reads each routed expert once per call. Grouped matmuls would run one tiny matmul per
+  expert group there, and in decode their per-call overhead, not the arithmetic, would set
+  the cost;
+- otherwise (GPU, other dtypes, larger steps): the (token, sublayer, expert kind) rows are
+  sorted by (slot, sublayer, expert) group and run through two grouped matmuls
+  (`torch.nn.functional.grouped_mm`: one for A, one for B).
 Both read the fusion logit in rank space, `f . (B z) = (B^T f) . z`, before B, and scale z
 by the fusion weights, so one B product gives the fused delta. No Python loop over requests
-or experts. With an overlap helper (`cpu_kernel.OverlapHelper`), a text-side kernel step can
+or experts. With an overlap helper (`overlap_helper.OverlapHelper`), a text-side kernel step can
 start before the base matmul and be added after it (`begin_delta` / `end_delta`).
 
 It does not decide rows or prompt tokens (`row_state.py`) or read checkpoints
@@ -36,16 +37,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from smolora.server.engine.config import AdapterLayout
-from smolora.server.engine.cpu_kernel import (
-    DEFAULT_KERNEL,
-    DTYPES,
-    MAX_RANK,
-    BoundStep,
-    OverlapHelper,
-    RoutedKernel,
-    kernel_available,
-)
+from smolora.server.engine.kernel_build import DEFAULT_KERNEL, DTYPES, MAX_RANK, kernel_available
 from smolora.server.engine.kernel_config import KernelConfig
+from smolora.server.engine.overlap_helper import OverlapHelper
+from smolora.server.engine.routed_kernel import BoundStep, RoutedKernel
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
 
 
@@ -95,7 +90,8 @@ class RoutedAdapter(nn.Module):
         for width, what in ((d_in, "input"), (d_out, "output")):
             if width % align:
                 raise ValueError(
-                    f"{names[0]}: {what} width {width} must be a multiple of {align} for grouped matmuls"
+                    f"{names[0]}: {what} width {width} must be a multiple of {align} "
+                    "for grouped matmuls"
                 )
         self.num_slots = layout.num_slots
         self.out_offsets = list(out_offsets)

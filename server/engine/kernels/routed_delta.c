@@ -12,49 +12,44 @@
  * expert group (a counting sort), and each group's A and B are read once for all of its rows:
  * inside a model forward the base weights evict the adapters from the core's caches between
  * calls, so reading an expert once per call instead of once per token is what keeps the
- * cost down. For ranks 16 and 32, A is applied to blocks of up to four rows at once, each
- * row in 16-wide vectors with its own four partial sums (as many independent multiply-add
- * chains as the core can run). Software prefetching was measured and dropped: the hardware
- * prefetchers follow each expert's contiguous weights better (10-15% faster without).
+ * cost down. For ranks 16 and 32, A is applied to blocks of up to four rows at once in the
+ * build's native vectors (below), with as many independent multiply-add chains as the
+ * registers hold. No software prefetching: the hardware prefetchers follow each expert's
+ * contiguous weights.
  * Layouts are RoutedAdapter's buffers:
  *   lora_a [S, n_sub, E, d_in, rp]   (row i of A_e^T holds the rp weights x_i meets)
  *   lora_b [S, n_sub, E, rp, d_out]
  *   fuse_r [S, n_sub, E, rp]          (B_e^T fuse of the expert's group)
  * The arguments are ordered layer (shapes, weights), then step (routes, fusion buffer), then
- * call (x, y), so the caller binds the first two once per step (cpu_kernel.py).
+ * call (x, y), so the caller binds the first two once per step (routed_kernel.py).
  * bfloat16 models (smolora_routed_delta_bf16): x, y, lora_a and lora_b hold bfloat16; the
  * experts are widened exactly to float32 as they are read, all arithmetic is float32 as
  * for float32 models, and each output element is rounded to bfloat16 once, after both
  * experts' contributions are summed (y = bf16(y + delta), round to nearest even). That sum
- * lives in a float32 buffer of n_tok x (max(sub_row) + 1) x d_out; cpu_kernel.py splits
+ * lives in a float32 buffer of n_tok x (max(sub_row) + 1) x d_out; routed_kernel.py splits
  * large steps into token chunks to bound it.
- * The build is ISO C11, so the compiler does not fuse multiply-adds; fusing them
- * (-ffp-contract=fast) was measured and did not help inside the engine.
+ * The build is ISO C11, so the compiler does not fuse multiply-adds (results do not depend
+ * on whether the CPU has FMA).
  * Fusion weights (w_vu, w_if) of token t, sublayer j go to fusion[t * fusion_stride + 2 j + {0,1}]
  * (0.5 each for tokens without adapter). Calls with at least min_parallel_work multiply-adds
  * (rows x (d_in + d_out) x rp) run on the OpenMP threads: experts split over threads for
  * A, output columns for B. Built against the libgomp torch has loaded (same soname), they
  * are torch's own intra-op threads. Returns 0, or 1 for a rank above MAX_RANK, 2 for an
  * expert or slot out of range, 3 when out of memory. The caller checks shapes, dtypes and
- * contiguity (server/engine/cpu_kernel.py).
+ * contiguity (server/engine/routed_kernel.py). The overlap helper thread is overlap_helper.c.
  */
-#define _GNU_SOURCE  /* pthread_setaffinity_np, CPU_SET: the overlap helper's pinning */
 #include <math.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define MAX_RANK 256
+#include "routed_delta.h"
 
 /* for (int64_t I = 0; I < N; ++I) { BODY }: on the OpenMP threads when PAR, else in the
  * calling thread without entering OpenMP at all. The overlap helper must not enter it:
@@ -73,42 +68,75 @@
 #define PFOR(PAR, PRAGMA, I, N, ...) do { (void)(PAR); for (int64_t I = 0; I < (N); ++I) { __VA_ARGS__ } } while (0)
 #endif
 
+/* The native vector `vf`: VW floats, the widest the build's instruction set has (16 with
+ * AVX-512, else 8). GCC splits a generic vector wider than the hardware's into halves that
+ * pass through the stack, so every loop is written in native vectors; the blockings below
+ * are chosen per width so that a loop's accumulators and weights fit the register file
+ * (32 vector registers with AVX-512, 16 with AVX2):
+ *   SHRINK_SPLIT: independent partial sums per row along d_in in the A pass;
+ *   EXPAND_RANKS: B vectors held in registers per block of output columns in the B pass
+ *                 (a rank above it is applied in chunks of it; the order of the additions
+ *                 into an output element is the same either way). */
+#ifdef __AVX512F__
+#define VW 16
+#define SHRINK_SPLIT 4
+#define EXPAND_RANKS 32
+#else
+#define VW 8
+#define SHRINK_SPLIT 1
+#define EXPAND_RANKS 8
+#endif
+
 typedef float v8f __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static inline v8f load8(const float *p) { v8f v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
 static inline v8f splat8(float s) { return (v8f){s, s, s, s, s, s, s, s}; }
-
-typedef float v16f __attribute__((vector_size(64)));
-
-static inline v16f load16(const float *p) { v16f v; __builtin_memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
-static inline v16f splat16(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+static inline vf loadv(const float *p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline vf splatv(float s) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(s);
+#elif defined(__AVX2__)
+    return (vf)_mm256_set1_ps(s);
+#else
+    vf v;
+    for (int k = 0; k < VW; ++k) v[k] = s;
+    return v;
+#endif
+}
 
 /* bfloat16: the top 16 bits of a float32. Widening is exact (a shift); narrowing rounds to
  * nearest even and keeps NaNs quiet NaNs (as torch does). */
-typedef uint16_t bf16_t;
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 
 static inline float widen1(bf16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, sizeof f); return f; }
-static inline v16f widen16(const bf16_t *p) {
-#ifdef __AVX512F__  /* one zero-extending load and a shift (generic vectors split it in halves) */
+static inline vf widenv(const bf16_t *p) {
+    /* one zero-extending load and a shift (a generic conversion splits it in halves) */
+#if defined(__AVX512F__)
     const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
-    v16f f; memcpy(&f, &u, sizeof f); return f;
+#elif defined(__AVX2__)
+    const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
 #else
-    v16h h; memcpy(&h, p, sizeof h);
-    const v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f; memcpy(&f, &u, sizeof f); return f;
+    vh h; memcpy(&h, p, sizeof h);
+    const vu u = __builtin_convertvector(h, vu) << 16;
 #endif
+    vf f; memcpy(&f, &u, sizeof f); return f;
 }
-static inline void narrow16(bf16_t *p, v16f v) {
-    v16u u; memcpy(&u, &v, sizeof u);
-    const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const v16u nan = (v16u)((v16i)(u & 0x7fffffffu) > (v16i){0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000});
-    const v16u out = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
-    const v16h h = __builtin_convertvector(out, v16h);
+static inline vu splatv_u32(uint32_t s) {
+    vu v;
+    for (int k = 0; k < VW; ++k) v[k] = s;
+    return v;
+}
+static inline void narrowv(bf16_t *p, vf v) {
+    vu u; memcpy(&u, &v, sizeof u);
+    const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vu nan = (vu)((vi)(u & 0x7fffffffu) > (vi)splatv_u32(0x7f800000u));
+    const vu out = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+    const vh h = __builtin_convertvector(out, vh);
     memcpy(p, &h, sizeof h);
 }
 static inline bf16_t narrow1(float f) {
@@ -120,8 +148,8 @@ static inline bf16_t narrow1(float f) {
 /* Expert weights are read through these, per weight type W (f32: float, bf16: bf16_t). */
 typedef float wt_f32;
 typedef bf16_t wt_bf16;
-static inline v16f wload16_f32(const float *p) { return load16(p); }
-static inline v16f wload16_bf16(const bf16_t *p) { return widen16(p); }
+static inline vf wloadv_f32(const float *p) { return loadv(p); }
+static inline vf wloadv_bf16(const bf16_t *p) { return widenv(p); }
 static inline v8f wload8_f32(const float *p) { return load8(p); }
 static inline v8f wload8_bf16(const bf16_t *p) {
     v8f v; for (int k = 0; k < 8; ++k) v[k] = widen1(p[k]); return v;
@@ -152,57 +180,67 @@ static inline float wload1_bf16(const bf16_t *p) { return widen1(*p); }
         for (int k = 0; k < NV; ++k) store8(z + 8 * k, (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])); \
     }
 
-/* z = A^T x for TB rows of one group at once, rp = 16 NV: A is read once per block of rows.
- * Each row keeps the same four partial sums along d_in as shrink_v* (bit-identical), so
- * the block size only changes how many independent FMA chains are in flight. */
-#define DEFINE_SHRINK16_ROWS(W, NV, TB)                                                       \
-    static void shrink16_##W##_##NV##_##TB(const float *const *xs, const wt_##W *restrict a,  \
-                                           int64_t d_in, float *const *zs) {                  \
-        const int64_t rp = 16 * NV;                                                           \
-        v16f acc[TB][4][NV];                                                                  \
+#if SHRINK_SPLIT == 4
+#define SPLIT_SUM(p) (((p)[0] + (p)[1]) + ((p)[2] + (p)[3]))
+#elif SHRINK_SPLIT == 2
+#define SPLIT_SUM(p) ((p)[0] + (p)[1])
+#else
+#define SPLIT_SUM(p) ((p)[0])
+#endif
+
+/* z = A^T x for TB rows of one group at once, for rank RANK (RANK / VW vectors per row of
+ * A): A is read once per block of rows. Each row keeps the same SHRINK_SPLIT partial sums
+ * along d_in whatever TB is (bit-identical), so the block size only changes how many
+ * independent multiply-add chains are in flight. */
+#define DEFINE_SHRINK_ROWS(W, RANK, TB)                                                       \
+    static void shrink_r##RANK##_##W##_##TB(const float *const *xs, const wt_##W *restrict a, \
+                                            int64_t d_in, float *const *zs) {                 \
+        enum { NV = RANK / VW };                                                              \
+        vf acc[TB][NV][SHRINK_SPLIT];                                                         \
         for (int t = 0; t < TB; ++t)                                                          \
-            for (int u = 0; u < 4; ++u)                                                       \
-                for (int k = 0; k < NV; ++k) acc[t][u][k] = splat16(0.0f);                    \
+            for (int k = 0; k < NV; ++k)                                                      \
+                for (int u = 0; u < SHRINK_SPLIT; ++u) acc[t][k][u] = splatv(0.0f);           \
         int64_t i = 0;                                                                        \
-        for (; i + 4 <= d_in; i += 4)                                                         \
-            for (int u = 0; u < 4; ++u) {                                                     \
-                v16f ak[NV];                                                                  \
-                for (int k = 0; k < NV; ++k) ak[k] = wload16_##W(a + (i + u) * rp + 16 * k);  \
+        for (; i + SHRINK_SPLIT <= d_in; i += SHRINK_SPLIT)                                   \
+            for (int u = 0; u < SHRINK_SPLIT; ++u) {                                          \
+                vf ak[NV];                                                                    \
+                for (int k = 0; k < NV; ++k) ak[k] = wloadv_##W(a + (i + u) * RANK + VW * k); \
                 for (int t = 0; t < TB; ++t) {                                                \
-                    const v16f xi = splat16(xs[t][i + u]);                                    \
-                    for (int k = 0; k < NV; ++k) acc[t][u][k] += xi * ak[k];                  \
+                    const vf xi = splatv(xs[t][i + u]);                                       \
+                    for (int k = 0; k < NV; ++k) acc[t][k][u] += xi * ak[k];                  \
                 }                                                                             \
             }                                                                                 \
         for (; i < d_in; ++i) {                                                               \
-            v16f ak[NV];                                                                      \
-            for (int k = 0; k < NV; ++k) ak[k] = wload16_##W(a + i * rp + 16 * k);            \
+            vf ak[NV];                                                                        \
+            for (int k = 0; k < NV; ++k) ak[k] = wloadv_##W(a + i * RANK + VW * k);           \
             for (int t = 0; t < TB; ++t) {                                                    \
-                const v16f xi = splat16(xs[t][i]);                                            \
-                for (int k = 0; k < NV; ++k) acc[t][0][k] += xi * ak[k];                      \
+                const vf xi = splatv(xs[t][i]);                                               \
+                for (int k = 0; k < NV; ++k) acc[t][k][0] += xi * ak[k];                      \
             }                                                                                 \
         }                                                                                     \
         for (int t = 0; t < TB; ++t)                                                          \
-            for (int k = 0; k < NV; ++k)                                                      \
-                store16(zs[t] + 16 * k, (acc[t][0][k] + acc[t][1][k]) + (acc[t][2][k] + acc[t][3][k])); \
+            for (int k = 0; k < NV; ++k) storev(zs[t] + VW * k, SPLIT_SUM(acc[t][k]));        \
     }
 
 /* For the rows of one expert group: out_i += B^T c_i, B [rp, d_out], c_i the row's scaled
- * z. Sixteen outputs at a time, the rp B vectors of that block stay in registers across
- * the group's rows, so B is read once per call. */
+ * z. VW outputs at a time; up to EXPAND_RANKS B vectors of that block stay in registers
+ * across the group's rows, so B is read once per call. */
 #define DEFINE_EXPAND_ROWS(W, RP)                                                             \
     static void expand_rows_##W##_##RP(float *const *outs, const float *const *cs, int64_t nrows, \
                                        const wt_##W *restrict b, int64_t d_out, int64_t o0, int64_t o1) { \
+        enum { RC = RP < EXPAND_RANKS ? RP : EXPAND_RANKS };                                  \
         int64_t o = o0;                                                                       \
-        for (; o + 16 <= o1; o += 16) {                                                       \
-            v16f bb[RP];                                                                      \
-            for (int r = 0; r < RP; ++r) bb[r] = wload16_##W(b + r * d_out + o);              \
-            for (int64_t i = 0; i < nrows; ++i) {                                             \
-                const float *c = cs[i];                                                       \
-                v16f acc = load16(outs[i] + o);                                               \
-                for (int r = 0; r < RP; ++r) acc += splat16(c[r]) * bb[r];                    \
-                store16(outs[i] + o, acc);                                                    \
+        for (; o + VW <= o1; o += VW)                                                         \
+            for (int r0 = 0; r0 < RP; r0 += RC) {                                             \
+                vf bb[RC];                                                                    \
+                for (int r = 0; r < RC; ++r) bb[r] = wloadv_##W(b + (r0 + r) * d_out + o);    \
+                for (int64_t i = 0; i < nrows; ++i) {                                         \
+                    const float *c = cs[i] + r0;                                              \
+                    vf acc = loadv(outs[i] + o);                                              \
+                    for (int r = 0; r < RC; ++r) acc += splatv(c[r]) * bb[r];                 \
+                    storev(outs[i] + o, acc);                                                 \
+                }                                                                             \
             }                                                                                 \
-        }                                                                                     \
         for (; o < o1; ++o)                                                                   \
             for (int64_t i = 0; i < nrows; ++i) {                                             \
                 float acc = outs[i][o];                                                       \
@@ -239,17 +277,17 @@ static inline float wload1_bf16(const bf16_t *p) { return widen1(*p); }
                                 int64_t rp, float *const *zs, int64_t n) {                    \
         int64_t i = 0;                                                                        \
         if (rp == 16) {                                                                       \
-            for (; i + 4 <= n; i += 4) shrink16_##W##_1_4(xs + i, a, d_in, zs + i);           \
+            for (; i + 4 <= n; i += 4) shrink_r16_##W##_4(xs + i, a, d_in, zs + i);           \
             switch (n - i) {                                                                  \
-                case 3: shrink16_##W##_1_3(xs + i, a, d_in, zs + i); break;                   \
-                case 2: shrink16_##W##_1_2(xs + i, a, d_in, zs + i); break;                   \
-                case 1: shrink16_##W##_1_1(xs + i, a, d_in, zs + i); break;                   \
+                case 3: shrink_r16_##W##_3(xs + i, a, d_in, zs + i); break;                   \
+                case 2: shrink_r16_##W##_2(xs + i, a, d_in, zs + i); break;                   \
+                case 1: shrink_r16_##W##_1(xs + i, a, d_in, zs + i); break;                   \
             }                                                                                 \
             return;                                                                           \
         }                                                                                     \
         if (rp == 32) {                                                                       \
-            for (; i + 2 <= n; i += 2) shrink16_##W##_2_2(xs + i, a, d_in, zs + i);           \
-            if (i < n) shrink16_##W##_2_1(xs + i, a, d_in, zs + i);                           \
+            for (; i + 2 <= n; i += 2) shrink_r32_##W##_2(xs + i, a, d_in, zs + i);           \
+            if (i < n) shrink_r32_##W##_1(xs + i, a, d_in, zs + i);                           \
             return;                                                                           \
         }                                                                                     \
         for (; i < n; ++i) {                                                                  \
@@ -270,12 +308,12 @@ static inline float wload1_bf16(const bf16_t *p) { return widen1(*p); }
 
 #define DEFINE_WEIGHT_TYPE(W)                                                                 \
     DEFINE_SHRINK(W, 1)                                                                       \
-    DEFINE_SHRINK16_ROWS(W, 1, 1)                                                             \
-    DEFINE_SHRINK16_ROWS(W, 1, 2)                                                             \
-    DEFINE_SHRINK16_ROWS(W, 1, 3)                                                             \
-    DEFINE_SHRINK16_ROWS(W, 1, 4)                                                             \
-    DEFINE_SHRINK16_ROWS(W, 2, 1)                                                             \
-    DEFINE_SHRINK16_ROWS(W, 2, 2)                                                             \
+    DEFINE_SHRINK_ROWS(W, 16, 1)                                                              \
+    DEFINE_SHRINK_ROWS(W, 16, 2)                                                              \
+    DEFINE_SHRINK_ROWS(W, 16, 3)                                                              \
+    DEFINE_SHRINK_ROWS(W, 16, 4)                                                              \
+    DEFINE_SHRINK_ROWS(W, 32, 1)                                                              \
+    DEFINE_SHRINK_ROWS(W, 32, 2)                                                              \
     DEFINE_EXPAND_ROWS(W, 8)                                                                  \
     DEFINE_EXPAND_ROWS(W, 16)                                                                 \
     DEFINE_EXPAND_ROWS(W, 32)                                                                 \
@@ -293,13 +331,13 @@ static void widen_rows(const bf16_t *x, int64_t x_stride, int64_t n, int64_t d, 
         const bf16_t *xt = x + t * x_stride;
         float *ot = out + t * d;
         int64_t i = 0;
-        for (; i + 16 <= d; i += 16) store16(ot + i, widen16(xt + i));
+        for (; i + VW <= d; i += VW) storev(ot + i, widenv(xt + i));
         for (; i < d; ++i) ot[i] = widen1(xt[i]);
     }
 }
 
 /* Columns of a token's delta row: the adapted sublayers' output rows, up to the last one. */
-static int64_t delta_cols(int64_t n_sub, const int64_t *sub_row, int64_t d_out) {
+int64_t delta_cols(int64_t n_sub, const int64_t *sub_row, int64_t d_out) {
     int64_t rows = 0;
     for (int64_t j = 0; j < n_sub; ++j) rows = sub_row[j] + 1 > rows ? sub_row[j] + 1 : rows;
     return rows * d_out;
@@ -307,7 +345,7 @@ static int64_t delta_cols(int64_t n_sub, const int64_t *sub_row, int64_t d_out) 
 
 /* y[t, sub j] += delta[t, sub j] for the tokens with an adapter, delta float32 [n_tok, y_cols]
  * (bf16: y = bf16(y + delta), rounded once, to nearest even). */
-static void add_delta_rows(int bf16, int64_t n_tok, int64_t n_sub, int64_t d_out, const int64_t *sub_row,
+void add_delta_rows(int bf16, int64_t n_tok, int64_t n_sub, int64_t d_out, const int64_t *sub_row,
                            const float *tok_scale, const float *delta, int64_t y_cols, void *y_out, int64_t y_stride,
                            int parallel) {
     PFOR(parallel, "omp parallel for", t, n_tok,
@@ -317,11 +355,11 @@ static void add_delta_rows(int bf16, int64_t n_tok, int64_t n_sub, int64_t d_out
             int64_t o = 0;
             if (bf16) {
                 bf16_t *yt = (bf16_t *)y_out + t * y_stride + sub_row[j] * d_out;
-                for (; o + 16 <= d_out; o += 16) narrow16(yt + o, widen16(yt + o) + load16(dt + o));
+                for (; o + VW <= d_out; o += VW) narrowv(yt + o, widenv(yt + o) + loadv(dt + o));
                 for (; o < d_out; ++o) yt[o] = narrow1(widen1(yt[o]) + dt[o]);
             } else {
                 float *yt = (float *)y_out + t * y_stride + sub_row[j] * d_out;
-                for (; o + 16 <= d_out; o += 16) store16(yt + o, load16(yt + o) + load16(dt + o));
+                for (; o + VW <= d_out; o += VW) storev(yt + o, loadv(yt + o) + loadv(dt + o));
                 for (; o < d_out; ++o) yt[o] += dt[o];
             }
         }
@@ -339,7 +377,7 @@ static void expand_groups(int bf16, int64_t n_groups, const int64_t *start, floa
     }
 }
 
-static int routed_delta(
+int routed_delta(
     int bf16, int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp, int64_t d_in, int64_t d_out,
     const int64_t *sub_row, const void *lora_a, const void *lora_b, const float *fuse_r,
     const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
@@ -515,183 +553,3 @@ int smolora_row_sums_f32(int64_t n_tok, int64_t d, const float *x, int64_t x_str
     return 0;
 }
 
-/* ---- Overlap helper ---------------------------------------------------------------------
- * One thread, pinned to CPUs the caller does not compute on, that runs a layer's routed
- * delta while the caller runs the layer's base matmul:
- *
- *   smolora_helper_submit(h, ..., x)   post the job (the helper picks it up at once)
- *   <base matmul into y>               the caller's own work
- *   smolora_helper_finish(h, y)        wait for the job, then y += delta
- *
- * The helper writes the delta to its own float32 buffer, so it never touches y while the
- * caller writes it; finish adds it (bfloat16: y = bf16(y + delta), as the in-place call does).
- * If the helper has not started the job when finish is called (it was asleep or descheduled),
- * the caller runs the job itself: waiting is never longer than doing the work. Either way the
- * arithmetic is the same, so the result does not depend on which thread ran it.
- * One job at a time. The helper sleeps on a condition variable until a job is posted, so it
- * uses its CPU only while it computes (polling through a forward instead was no faster, and
- * it delayed the engine core and API process that share that CPU). It never enters OpenMP
- * (PFOR above): libgomp would bind it to the worker's CPUs.
- * The handle belongs to the process that created it (threads do not survive fork). */
-
-enum { JOB_EMPTY, JOB_POSTED, JOB_RUNNING, JOB_DONE };
-
-typedef struct {
-    int bf16;
-    int64_t n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out;
-    const int64_t *sub_row; const void *lora_a, *lora_b; const float *fuse_r;
-    const int64_t *tok_slot; const float *tok_scale; const int64_t *tok_vu, *tok_if;
-    float *fusion; int64_t fusion_stride;
-    const void *x; int64_t x_stride;
-    int64_t y_cols;
-    int rc;
-} helper_job;
-
-typedef struct smolora_helper {
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    _Atomic int state;
-    _Atomic int sleeping;
-    _Atomic int stop;
-    _Atomic int64_t jobs_helper, jobs_caller;
-    int64_t wait_ns, caller_ns;   /* caller side only: time finish waited for the helper / ran jobs itself */
-    helper_job job;
-    float *delta;
-    size_t delta_cap;   /* floats */
-} smolora_helper;
-
-static void run_job(smolora_helper *h) {
-    helper_job *j = &h->job;
-    j->rc = routed_delta(j->bf16, j->n_tok, j->n_slot, j->n_sub, j->n_exp, j->rp, j->d_in, j->d_out, j->sub_row,
-                         j->lora_a, j->lora_b, j->fuse_r, j->tok_slot, j->tok_scale, j->tok_vu, j->tok_if,
-                         j->fusion, j->fusion_stride, INT64_MAX, j->x, j->x_stride, NULL, 0, h->delta);
-}
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void *helper_main(void *arg) {
-    smolora_helper *h = arg;
-    for (;;) {
-        pthread_mutex_lock(&h->mu);
-        atomic_store(&h->sleeping, 1);
-        while (atomic_load(&h->state) != JOB_POSTED && !atomic_load(&h->stop)) pthread_cond_wait(&h->cv, &h->mu);
-        atomic_store(&h->sleeping, 0);
-        pthread_mutex_unlock(&h->mu);
-        if (atomic_load(&h->stop)) return NULL;
-        int expected = JOB_POSTED;
-        if (atomic_compare_exchange_strong(&h->state, &expected, JOB_RUNNING)) {
-            run_job(h);
-            atomic_fetch_add(&h->jobs_helper, 1);
-            atomic_store(&h->state, JOB_DONE);
-        }
-    }
-}
-
-static void wake(smolora_helper *h) {
-    if (atomic_load(&h->sleeping)) {
-        pthread_mutex_lock(&h->mu);
-        pthread_cond_signal(&h->cv);
-        pthread_mutex_unlock(&h->mu);
-    }
-}
-
-/* Start a helper pinned to cpus[0..n_cpus) (n_cpus 0: not pinned). NULL if it cannot start. */
-smolora_helper *smolora_helper_start(const int64_t *cpus, int64_t n_cpus) {
-    smolora_helper *h = calloc(1, sizeof *h);
-    if (!h) return NULL;
-    pthread_mutex_init(&h->mu, NULL);
-    pthread_cond_init(&h->cv, NULL);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    if (n_cpus > 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        for (int64_t i = 0; i < n_cpus; ++i)
-            if (cpus[i] >= 0 && cpus[i] < CPU_SETSIZE) CPU_SET((int)cpus[i], &set);
-        pthread_attr_setaffinity_np(&attr, sizeof set, &set);
-    }
-    const int err = pthread_create(&h->thread, &attr, helper_main, h);
-    pthread_attr_destroy(&attr);
-    if (err) { free(h); return NULL; }
-    return h;
-}
-
-void smolora_helper_stop(smolora_helper *h) {
-    if (!h) return;
-    pthread_mutex_lock(&h->mu);
-    atomic_store(&h->stop, 1);
-    pthread_cond_signal(&h->cv);
-    pthread_mutex_unlock(&h->mu);
-    pthread_join(h->thread, NULL);
-    free(h->delta);
-    free(h);
-}
-
-/* out[0..4): jobs run so far by the helper thread, jobs callers ran (finish found them not
- * started), nanoseconds callers waited in finish for the helper, nanoseconds they ran jobs. */
-void smolora_helper_counts(smolora_helper *h, int64_t *out) {
-    out[0] = atomic_load(&h->jobs_helper);
-    out[1] = atomic_load(&h->jobs_caller);
-    out[2] = h->wait_ns;
-    out[3] = h->caller_ns;
-}
-
-/* Post one routed-delta job (the arguments of smolora_routed_delta_*, without y). The tensors
- * must stay alive and unchanged until smolora_helper_finish returns. Returns 0, 1 for a rank
- * above MAX_RANK, 3 when out of memory, 4 when a job is already pending. */
-int smolora_helper_submit(
-    smolora_helper *h, int64_t bf16, int64_t n_tok, int64_t n_slot, int64_t n_sub, int64_t n_exp, int64_t rp,
-    int64_t d_in, int64_t d_out, const int64_t *sub_row, const void *lora_a, const void *lora_b, const float *fuse_r,
-    const int64_t *tok_slot, const float *tok_scale, const int64_t *tok_vu, const int64_t *tok_if,
-    float *fusion, int64_t fusion_stride, int64_t min_parallel_work, const void *x, int64_t x_stride)
-{
-    (void)min_parallel_work;  /* the helper runs single-threaded */
-    if (atomic_load(&h->state) != JOB_EMPTY) return 4;
-    if (rp > MAX_RANK) return 1;
-    const int64_t y_cols = delta_cols(n_sub, sub_row, d_out);
-    const size_t need = (size_t)(n_tok * y_cols);
-    if (need > h->delta_cap) {
-        float *grown = realloc(h->delta, need * sizeof *grown);
-        if (!grown) return 3;
-        h->delta = grown;
-        h->delta_cap = need;
-    }
-    h->job = (helper_job){(int)bf16, n_tok, n_slot, n_sub, n_exp, rp, d_in, d_out, sub_row, lora_a, lora_b, fuse_r,
-                          tok_slot, tok_scale, tok_vu, tok_if, fusion, fusion_stride, x, x_stride, y_cols, 0};
-    atomic_store(&h->state, JOB_POSTED);
-    wake(h);
-    return 0;
-}
-
-/* Wait for the pending job (or run it here if the helper has not started it) and add its
- * delta to y (the model dtype; row stride y_stride elements). y NULL: only wait (a caller
- * abandoning the job). Returns the job's code (0 ok, see smolora_routed_delta_*), 5 if no job
- * was pending. */
-int smolora_helper_finish(smolora_helper *h, void *y, int64_t y_stride) {
-    int expected = JOB_POSTED;
-    const int64_t t0 = now_ns();
-    if (atomic_compare_exchange_strong(&h->state, &expected, JOB_RUNNING)) {
-        run_job(h);
-        atomic_fetch_add(&h->jobs_caller, 1);
-        h->caller_ns += now_ns() - t0;
-    } else if (expected == JOB_EMPTY) {
-        return 5;
-    } else {
-        while (atomic_load_explicit(&h->state, memory_order_acquire) != JOB_DONE) {
-#ifdef __x86_64__
-            __builtin_ia32_pause();
-#endif
-        }
-        h->wait_ns += now_ns() - t0;
-    }
-    const helper_job *j = &h->job;
-    const int rc = j->rc;
-    if (rc == 0 && y) add_delta_rows(j->bf16, j->n_tok, j->n_sub, j->d_out, j->sub_row, j->tok_scale, h->delta, j->y_cols, y, y_stride, 0);
-    atomic_store(&h->state, JOB_EMPTY);
-    return rc;
-}

@@ -1,7 +1,8 @@
 """The routed layer (`RoutedAdapter`) against a dense per-token reference computed straight
-from the checkpoint tensors, without vLLM, on each of its paths (the compiled CPU kernel built for AVX-512 where the CPU
-has it and built without AVX-512 as an AVX2-only CPU runs it, and grouped matmuls): many requests on one or three checkpoint slots, a base request and padding
-tokens in one decode batch, fused and single sublayers (incl. a sublayer in the second half
+from the checkpoint tensors, without vLLM, on each of its paths (the compiled CPU kernel
+built for AVX-512 where the CPU has it and built without AVX-512 as an AVX2-only CPU runs it,
+and grouped matmuls): many requests on one or three checkpoint slots, a base request and
+padding tokens in one decode batch, fused and single sublayers (incl. a sublayer in the second half
 of a fused output), the cached plan reused across steps, a slot reloaded under the same plan
 key, the kernel's specialised and generic expert ranks, and prompt steps split over threads."""
 
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from smolora.server.engine import cpu_kernel
+from smolora.server.engine import kernel_build, overlap_helper, routed_kernel
 from smolora.server.engine.config import AdapterLayout
 from smolora.server.engine.kernel_config import KernelConfig
 from smolora.server.engine.routed_linear import RoutedAdapter
@@ -42,13 +43,14 @@ def _need_kernel(request: pytest.FixtureRequest) -> None:
     has to build; only a machine without one skips them."""
     path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
     if path in KERNEL_PATHS:
-        if cpu_kernel.find_compiler() is None:
+        if kernel_build.find_compiler() is None:
             pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
         if path == "kernel-avx512" and not _HAS_AVX512:
             pytest.skip(
-                "this CPU has no AVX-512: its native kernel build is the AVX2 one (tested as kernel-avx2)"
+                "this CPU has no AVX-512: its native kernel build is the AVX2 one "
+                "(tested as kernel-avx2)"
             )
-        assert cpu_kernel.kernel_available(_KERNEL_CONFIGS[path]), (
+        assert kernel_build.kernel_available(_KERNEL_CONFIGS[path]), (
             "a C compiler is present but the routed CPU kernel did not build"
         )
 
@@ -178,11 +180,12 @@ def _dense_reference(
 
 
 def _count_binds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the token count of every `RoutedKernel.bind` (each kernel step layout), binding as usual."""
+    """Record the token count of every `RoutedKernel.bind` (each kernel step layout), binding
+    as usual."""
     tokens: list[int] = []
-    real = cpu_kernel.RoutedKernel.bind
+    real = routed_kernel.RoutedKernel.bind
     monkeypatch.setattr(
-        cpu_kernel.RoutedKernel,
+        routed_kernel.RoutedKernel,
         "bind",
         lambda self, slot, *a: (tokens.append(slot.shape[0]), real(self, slot, *a))[1],
     )
@@ -348,7 +351,7 @@ def test_kernel_and_grouped_paths_agree_on_a_prompt_step_split_over_threads(
 ) -> None:
     """A prompt step run on three OpenMP threads (experts split for A, output columns for B):
     the kernel pins the same VU routes and adds the same delta as grouped matmuls."""
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler: the routed CPU kernel cannot be built here")
     threads = torch.get_num_threads()
     torch.set_num_threads(3)  # the kernel runs on torch's OpenMP threads
@@ -448,7 +451,7 @@ def test_overlapped_layer_matches_the_in_place_kernel(
         2 * D_OUT_BF16,
     )
     n_req, slots = 8, [0, 1]
-    helper = cpu_kernel.OverlapHelper(cpu_kernel.spare_cpus(), _KERNEL_CONFIGS[path])
+    helper = overlap_helper.OverlapHelper(overlap_helper.spare_cpus(), _KERNEL_CONFIGS[path])
     binds = _count_binds(monkeypatch)
     try:
         layers = {}

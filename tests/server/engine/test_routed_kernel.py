@@ -1,5 +1,6 @@
-"""Building, caching and refusing the routed CPU kernel (`cpu_kernel.py`). Its numerics are
-tested against the dense reference in `test_routed_dense_reference.py`."""
+"""Building, caching and refusing the routed CPU kernel (`kernel_build.py`,
+`routed_kernel.py`, `overlap_helper.py`). Its numerics are tested against the dense reference
+in `test_routed_dense_reference.py`."""
 
 from __future__ import annotations
 
@@ -14,27 +15,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolora.server.engine import cpu_kernel
+from smolora.server.engine import kernel_build, overlap_helper, routed_kernel
 from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
 
 
 @pytest.fixture(autouse=True)
 def _fresh_kernel_cache() -> Iterator[None]:
-    cpu_kernel.load_kernel.cache_clear()
+    kernel_build.load_kernel.cache_clear()
     yield
-    cpu_kernel.load_kernel.cache_clear()  # later tests load the kernel from their own environment
+    kernel_build.load_kernel.cache_clear()  # later tests load the kernel from their own environment
 
 
 def test_builds_once_into_the_cache_dir(tmp_path: Path) -> None:
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
     config = KernelConfig(cache_dir=str(tmp_path))
-    assert cpu_kernel.load_kernel(config) is not None
+    assert kernel_build.load_kernel(config) is not None
     built = list(tmp_path.glob("routed_delta-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_kernel.load_kernel.cache_clear()  # a new process: finds the build, does not rebuild
-    assert cpu_kernel.load_kernel(config) is not None
+    kernel_build.load_kernel.cache_clear()  # a new process: finds the build, does not rebuild
+    assert kernel_build.load_kernel(config) is not None
     assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("*")) == built
 
 
@@ -42,13 +43,13 @@ def test_no_compiler_means_the_torch_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = KernelConfig(cache_dir=str(tmp_path))
-    monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
-        assert cpu_kernel.load_kernel(config) is None
+    monkeypatch.setattr(kernel_build.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger=kernel_build.__name__):
+        assert kernel_build.load_kernel(config) is None
     assert "no C compiler" in caplog.text
-    assert not cpu_kernel.kernel_available(config)
+    assert not kernel_build.kernel_available(config)
     with pytest.raises(RuntimeError, match="not available"):
-        cpu_kernel.RoutedKernel(
+        routed_kernel.RoutedKernel(
             torch.zeros(1, dtype=torch.long),
             torch.zeros(1, 1, 2, 4, 8),
             torch.zeros(1, 1, 2, 8, 4),
@@ -63,14 +64,14 @@ def test_a_failing_build_is_reported_not_raised(
     config = KernelConfig(
         cache_dir=str(tmp_path), compiler="false"
     )  # prints a version of nothing and fails
-    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
-        assert cpu_kernel.load_kernel(config) is None
+    with caplog.at_level(logging.WARNING, logger=kernel_build.__name__):
+        assert kernel_build.load_kernel(config) is None
     assert "routed CPU kernel unavailable" in caplog.text
     assert not list(tmp_path.glob("*.so"))
 
 
 def test_disabled_by_config() -> None:
-    assert cpu_kernel.load_kernel(KernelConfig(enabled=False)) is None
+    assert kernel_build.load_kernel(KernelConfig(enabled=False)) is None
 
 
 def test_config_from_the_command_line_environment() -> None:
@@ -106,27 +107,27 @@ def test_avx2_build_has_no_avx512_instructions_and_native_uses_them_where_presen
     tmp_path: Path,
 ) -> None:
     """The AVX2 build is the code an AVX2-only CPU runs: not one AVX-512 (zmm) instruction."""
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
     avx2 = KernelConfig(isa="avx2", cache_dir=str(tmp_path / "avx2"))
-    assert cpu_kernel.load_kernel(avx2) is not None
+    assert kernel_build.load_kernel(avx2) is not None
     (built,) = (tmp_path / "avx2").glob("routed_delta-avx2-*.so")
     assert _zmm_instructions(built) == 0
-    assert "-mno-avx512f" in cpu_kernel.build_flags(avx2)
+    assert "-mno-avx512f" in kernel_build.build_flags(avx2)
     if "avx512f" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX-512: the native build is the AVX2 build")
     native = KernelConfig(cache_dir=str(tmp_path / "native"))
-    assert cpu_kernel.load_kernel(native) is not None
+    assert kernel_build.load_kernel(native) is not None
     (built_native,) = (tmp_path / "native").glob("routed_delta-native-*.so")
     assert _zmm_instructions(built_native) > 0
 
 
 def test_rank_above_the_stack_buffer_is_refused() -> None:
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
-    rp = cpu_kernel.MAX_RANK + 4
+    rp = kernel_build.MAX_RANK + 4
     with pytest.raises(ValueError, match="exceeds"):
-        cpu_kernel.RoutedKernel(
+        routed_kernel.RoutedKernel(
             torch.zeros(1, dtype=torch.long),
             torch.zeros(1, 1, 2, 4, rp),
             torch.zeros(1, 1, 2, rp, 4),
@@ -137,10 +138,10 @@ def test_rank_above_the_stack_buffer_is_refused() -> None:
 def test_row_sums_match_index_add() -> None:
     """The prompt-mean sums skip zero-weight tokens and equal torch's index_add_, including
     a strided input (a column slice) and rows that get no token."""
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
     gen = torch.Generator().manual_seed(0)
-    kernel = cpu_kernel.RoutedKernel(
+    kernel = routed_kernel.RoutedKernel(
         torch.zeros(1, dtype=torch.long),
         torch.zeros(1, 1, 2, 24, 8),
         torch.zeros(1, 1, 2, 8, 4),
@@ -185,7 +186,7 @@ def _kernel_case(dtype: torch.dtype, seed: int = 0, sub_rows: tuple[int, ...] = 
 
 
 def _run(
-    kernel: cpu_kernel.RoutedKernel, c: dict, x: torch.Tensor, y: torch.Tensor
+    kernel: routed_kernel.RoutedKernel, c: dict, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
     fusion = torch.zeros(x.shape[0], c["sub_row"].numel(), 2)
     kernel(x, y, c["tok_slot"], c["tok_scale"], c["tok_vu"], c["tok_if"], fusion, fusion.stride(0))
@@ -199,12 +200,12 @@ def test_bfloat16_kernel_is_the_float32_kernel_rounded_once(sub_rows: tuple[int,
     `bf16(y + delta)` with delta from the float32 kernel on the widened tensors and torch's
     rounding (nearest even; NaN stays NaN; tokens without adapter and sublayers without
     experts are left untouched)."""
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
     c = _kernel_case(torch.bfloat16, sub_rows=sub_rows)
     c["y"][2, 7] = float("nan")
-    k16 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
-    k32 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"])
+    k16 = routed_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+    k32 = routed_kernel.RoutedKernel(c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"])
     delta = torch.zeros(c["y"].shape)
     fusion32 = _run(k32, c, c["x"].float(), delta)
     got = c["y"].clone()
@@ -219,14 +220,14 @@ def test_bfloat16_kernel_is_the_float32_kernel_rounded_once(sub_rows: tuple[int,
 
 
 def test_kernel_refuses_mismatched_dtypes() -> None:
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
     c = _kernel_case(torch.bfloat16)
     with pytest.raises(ValueError, match="lora_a/lora_b"):
-        cpu_kernel.RoutedKernel(c["sub_row"], c["a"].half(), c["b"].half(), c["fuse"])
+        routed_kernel.RoutedKernel(c["sub_row"], c["a"].half(), c["b"].half(), c["fuse"])
     with pytest.raises(ValueError, match="lora_a/lora_b"):
-        cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"].float(), c["fuse"])
-    k16 = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+        routed_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"].float(), c["fuse"])
+    k16 = routed_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
     with pytest.raises(ValueError, match="built for torch.bfloat16"):
         _run(k16, c, c["x"].float(), c["y"].float())
 
@@ -234,16 +235,16 @@ def test_kernel_refuses_mismatched_dtypes() -> None:
 def test_bfloat16_calls_in_token_chunks_give_the_same_bits() -> None:
     """A bf16 step with more tokens than the scratch budget allows runs in chunks (here 2
     tokens, 5 chunks): outputs and fusion weights are identical to one call."""
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
     c = _kernel_case(torch.bfloat16, seed=4)
-    whole = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
-    chunked = cpu_kernel.RoutedKernel(
+    whole = routed_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+    chunked = routed_kernel.RoutedKernel(
         c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=2 * 4 * 72
     )
     assert chunked.chunk_tokens == 2 and whole.chunk_tokens is not None and whole.chunk_tokens >= 9
     assert (
-        cpu_kernel.RoutedKernel(
+        routed_kernel.RoutedKernel(
             c["sub_row"], c["a"].float(), c["b"].float(), c["fuse"]
         ).chunk_tokens
         is None
@@ -255,15 +256,17 @@ def test_bfloat16_calls_in_token_chunks_give_the_same_bits() -> None:
 
 
 @pytest.fixture
-def helper() -> Iterator[cpu_kernel.OverlapHelper]:
-    if cpu_kernel.find_compiler() is None:
+def helper() -> Iterator[overlap_helper.OverlapHelper]:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
-    h = cpu_kernel.OverlapHelper(cpu_kernel.spare_cpus())
+    h = overlap_helper.OverlapHelper(overlap_helper.spare_cpus())
     yield h
     h.close()
 
 
-def _bind(kernel: cpu_kernel.RoutedKernel, c: dict) -> tuple[cpu_kernel.BoundStep, torch.Tensor]:
+def _bind(
+    kernel: routed_kernel.RoutedKernel, c: dict
+) -> tuple[routed_kernel.BoundStep, torch.Tensor]:
     fusion = torch.zeros(c["x"].shape[0], c["sub_row"].numel(), 2)
     return kernel.bind(
         c["tok_slot"], c["tok_scale"], c["tok_vu"], c["tok_if"], fusion, fusion.stride(0)
@@ -273,7 +276,7 @@ def _bind(kernel: cpu_kernel.RoutedKernel, c: dict) -> tuple[cpu_kernel.BoundSte
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sub_rows", [(0, 1), (1,)])
 def test_overlap_helper_adds_the_kernels_delta(
-    helper: cpu_kernel.OverlapHelper, dtype: torch.dtype, sub_rows: tuple[int, ...]
+    helper: overlap_helper.OverlapHelper, dtype: torch.dtype, sub_rows: tuple[int, ...]
 ) -> None:
     """A step run on the overlap helper (submit, then finish into y) adds exactly the delta
     the kernel computes: float32 `y + delta` with delta the in-place call's on zeros (the
@@ -282,8 +285,8 @@ def test_overlap_helper_adds_the_kernels_delta(
     the token without adapter and the sublayer without experts are untouched. Whether the
     helper or the caller ran the job does not change a bit."""
     c = _kernel_case(dtype, seed=7, sub_rows=sub_rows)
-    plain = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
-    overlapped = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], helper=helper)
+    plain = routed_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"])
+    overlapped = routed_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], helper=helper)
     inplace = c["y"].clone()
     fusion_inplace = _run(plain, c, c["x"], inplace)
     if dtype == torch.float32:
@@ -317,12 +320,12 @@ def test_overlap_helper_adds_the_kernels_delta(
         assert torch.equal(results[0][:, cols], c["y"][:, cols])
 
 
-def test_overlap_helper_drains_an_abandoned_job(helper: cpu_kernel.OverlapHelper) -> None:
+def test_overlap_helper_drains_an_abandoned_job(helper: overlap_helper.OverlapHelper) -> None:
     """A caller that fails between submit and finish (its base matmul raised) leaves a job
     behind: the next submit, or `drain()` (the model calls it after every forward), waits
     for it and drops its result."""
     c = _kernel_case(torch.float32, seed=8)
-    kernel = cpu_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], helper=helper)
+    kernel = routed_kernel.RoutedKernel(c["sub_row"], c["a"], c["b"], c["fuse"], helper=helper)
     step, _ = _bind(kernel, c)
     want = c["y"].clone()
     step.submit(c["x"])
@@ -352,13 +355,13 @@ def test_overlap_helper_drains_an_abandoned_job(helper: cpu_kernel.OverlapHelper
 
 
 def test_overlap_helper_takes_steps_up_to_the_scratch_budget(
-    helper: cpu_kernel.OverlapHelper,
+    helper: overlap_helper.OverlapHelper,
 ) -> None:
     c = _kernel_case(torch.float32, seed=9)  # 9 tokens x 72 columns of float32 delta
-    small = cpu_kernel.RoutedKernel(
+    small = routed_kernel.RoutedKernel(
         c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=8 * 4 * 72, helper=helper
     )
-    big = cpu_kernel.RoutedKernel(
+    big = routed_kernel.RoutedKernel(
         c["sub_row"], c["a"], c["b"], c["fuse"], max_scratch_bytes=9 * 4 * 72, helper=helper
     )
     assert not _bind(small, c)[0].overlaps and _bind(big, c)[0].overlaps
@@ -366,18 +369,18 @@ def test_overlap_helper_takes_steps_up_to_the_scratch_budget(
 
 def test_overlap_helper_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """ "off" never starts one; "auto" only for a single-threaded worker with a CPU to spare."""
-    if cpu_kernel.find_compiler() is None:
+    if kernel_build.find_compiler() is None:
         pytest.skip("no C compiler here")
-    assert cpu_kernel.start_overlap_helper("off") is None
-    monkeypatch.setattr(cpu_kernel, "spare_cpus", lambda: ())
-    assert cpu_kernel.start_overlap_helper("auto") is None
-    on = cpu_kernel.start_overlap_helper("on")
+    assert overlap_helper.start_overlap_helper("off") is None
+    monkeypatch.setattr(overlap_helper, "spare_cpus", lambda: ())
+    assert overlap_helper.start_overlap_helper("auto") is None
+    on = overlap_helper.start_overlap_helper("on")
     assert on is not None and on.cpus == ()
     on.close()
-    monkeypatch.setattr(cpu_kernel, "spare_cpus", lambda: (0,))
+    monkeypatch.setattr(overlap_helper, "spare_cpus", lambda: (0,))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert cpu_kernel.start_overlap_helper("auto") is None
+    assert overlap_helper.start_overlap_helper("auto") is None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    auto = cpu_kernel.start_overlap_helper("auto")
+    auto = overlap_helper.start_overlap_helper("auto")
     assert auto is not None and auto.cpus == (0,)
     auto.close()
