@@ -33,6 +33,7 @@ from smolora.server.api.admission import AdmissionController
 from smolora.server.api.chat.router import router as chat_router
 from smolora.server.api.checkpoints.router import router as checkpoints_router
 from smolora.server.api.checkpoints.serving import VersionManager
+from smolora.server.api.console.router import router as console_router
 from smolora.server.api.errors import PayloadTooLargeError, install_exception_handlers
 from smolora.server.api.health.router import router as health_router
 from smolora.server.api.models.router import router as models_router
@@ -280,4 +281,5 @@ def create_app(
             checkpoints_router
         )  # base-only serving has no checkpoint versions to manage
     app.include_router(health_router)
+    app.include_router(console_router)  # the operator console at /console
     return app
