@@ -2,7 +2,7 @@
 server (the session's `remote`), each in a subprocess whose imports of torch, transformers,
 tokenizers, safetensors, vllm, numpy, fastapi, uvicorn and our own torch-side packages
 (`smolora.adapters`, `.training`, `.server`) fail as if they were not installed
-(tests/clients/torchless/sitecustomize.py).
+(tests/clients/torchless/; tests/clients/test_torchless.py checks the block itself).
 
 Admin commands are run so that they leave the shared server as they found it: `load` and
 `activate` of the active version (no-ops), `unload` of the active version (409) and `rollback`
@@ -12,31 +12,20 @@ with nothing to roll back to (409).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from tests.clients.torchless import run_torchless as _torchless
 from tests.e2e.conftest import ADMIN_KEY, RemoteServer
 from tests.server.api.helpers import data_url, image_bytes
 
 pytestmark = pytest.mark.e2e
 
-TORCHLESS = Path(__file__).parents[1] / "clients" / "torchless"
 QUESTION = "What colour is the circle?\nAnswer the question using a single word or phrase."
-
-
-def _torchless(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python *args` with the blocked packages unimportable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TORCHLESS), env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
 
 
 def _client_cli(remote: RemoteServer, *args: str) -> subprocess.CompletedProcess[str]:
@@ -47,21 +36,6 @@ def _client_cli(remote: RemoteServer, *args: str) -> subprocess.CompletedProcess
 def _json(proc: subprocess.CompletedProcess[str]) -> Any:
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-def test_the_block_holds() -> None:
-    for module in ("torch", "transformers", "vllm", "numpy", "smolora.adapters.checkpoint"):
-        proc = _torchless("-c", f"import {module}")
-        assert proc.returncode == 1 and "ModuleNotFoundError" in proc.stderr, (module, proc.stderr)
-    # The client's own modules import; nothing blocked is loaded behind a try/except either.
-    code = (
-        "import sys, smolora.clients, smolora.clients.cli, smolora.clients.loadgen, "
-        "smolora.clients.bad_requests; print(sorted(m for m in sys.modules "
-        "if m.split('.')[0] in ('torch', 'numpy', 'vllm', 'transformers')))"
-    )
-    proc = _torchless("-c", code)
-    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
-    assert _torchless("-m", "smolora.clients", "--help").returncode == 0
 
 
 def test_models_and_chat_without_torch(remote: RemoteServer, tmp_path: Path) -> None:
