@@ -1,19 +1,22 @@
 """`create_app(settings, engine_factory)`: the FastAPI app, its lifespan and middleware.
 
 The lifespan creates everything per app (no globals): metrics registry, admission
-controller, image loader, then, in a background task so that `/health` answers at once,
-the prompt renderer (tokenizer), the instruction encoder (MiniLM), the engine (from
-`engine_factory`, an async context manager), the start-up checkpoint version and the
-registry watcher. `/ready` turns 200 once all of that is up and a version is active.
-With adapters off (`settings.adapters=False`, base-only serving) only the renderer and the
-engine come up -- no instruction encoder, no version manager, no watcher, no checkpoint
-admin routes -- and `/ready` turns 200 once the engine is up.
-On shutdown the watcher stops and the engine context exits.
+controller, rate limiter, the worker threads of a request's CPU work (image decoding,
+tokenization, embedding), image loader, then, in a background task so that `/health`
+answers at once, the prompt renderer (tokenizer), the instruction encoder (MiniLM), the
+engine (from `engine_factory`, an async context manager), the start-up checkpoint version
+and the registry watcher. `/ready` turns 200 once all of that is up and a version is
+active. With adapters off (`settings.adapters=False`, base-only serving) only the
+renderer and the engine come up -- no instruction encoder, no version manager, no
+watcher, no checkpoint admin routes -- and `/ready` turns 200 once the engine is up.
+On shutdown the watcher stops and the engine context exits (draining before that is
+`server/api/drain.py`'s, started by the CLI on SIGTERM).
 
-`GuardMiddleware` bounds request bodies (413 before any parsing) and counts chat
-completion responses by status code. It does not know about vLLM: the engine arrives
-through `engine_factory` (`server/engine_factory.py` provides the vLLM one), an async
-context manager yielding an `EngineClient` (`server/engine/protocol.py`).
+`RequestContextMiddleware` (outermost) gives every response an `x-request-id` and emits
+the access log; `GuardMiddleware` bounds request bodies (413 before any parsing) and
+counts chat completion responses by status code. It does not know about vLLM: the engine
+arrives through `engine_factory` (`server/engine_factory.py` provides the vLLM one), an
+async context manager yielding an `EngineClient` (`server/engine/protocol.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -37,9 +41,11 @@ from smolora.server.api.console.router import router as console_router
 from smolora.server.api.errors import PayloadTooLargeError, install_exception_handlers
 from smolora.server.api.health.router import router as health_router
 from smolora.server.api.models.router import router as models_router
+from smolora.server.api.rate_limit import RateLimiter
+from smolora.server.api.request_id import RequestContextMiddleware
 from smolora.server.api.state import ServerState
 from smolora.server.engine.protocol import EngineClient
-from smolora.server.images import ImageLimits, ImageLoader, RemoteImageFetcher
+from smolora.server.images import ImageLimits, ImageLoader, RemoteImageFetcher, Resolver
 from smolora.server.instruction_source import Embedder, InstructionResolver
 from smolora.server.metrics import Metrics
 from smolora.server.prompt import PromptRenderer
@@ -81,7 +87,8 @@ class GuardMiddleware:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         too_large = PayloadTooLargeError(
-            f"the request body is over the limit of {self.max_body_bytes} bytes; send smaller or fewer images",
+            f"the request body is over the limit of {self.max_body_bytes} bytes; send smaller "
+            "or fewer images",
             code="request_too_large",
         )
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -207,6 +214,7 @@ def create_app(
     *,
     embedder_factory: EmbedderFactory = default_embedder,
     image_transport: httpx.AsyncBaseTransport | None = None,
+    image_resolver: Resolver | None = None,
 ) -> FastAPI:
     """Build the app.
 
@@ -215,6 +223,7 @@ def create_app(
         engine_factory: `settings -> async context manager yielding an EngineClient`.
         embedder_factory: builds the instruction encoder (MiniLM by default).
         image_transport: httpx transport for remote image fetches (tests pass a mock).
+        image_resolver: host name resolver of remote image fetches (tests pass a fake one).
 
     Returns:
         The FastAPI app; its lifespan starts and stops everything.
@@ -234,6 +243,11 @@ def create_app(
             settings.image_fetch_timeout_s,
             settings.max_image_bytes,
             transport=image_transport,
+            allow_networks=settings.image_url_allow_networks,
+            **({"resolver": image_resolver} if image_resolver is not None else {}),
+        )
+        executor = ThreadPoolExecutor(
+            settings.preparation_threads, thread_name_prefix="smolora-prepare"
         )
         state = ServerState(
             settings=settings,
@@ -245,7 +259,11 @@ def create_app(
                 settings.retry_after_s,
                 metrics,
             ),
-            images=ImageLoader(limits, fetcher),
+            images=ImageLoader(limits, fetcher, executor, metrics.images_decoded.inc),
+            rate_limiter=RateLimiter(
+                settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min
+            ),
+            executor=executor,
         )
         app.state.smolora = state
         stop = asyncio.Event()
@@ -258,13 +276,14 @@ def create_app(
         finally:
             stop.set()
             if not state.started:
-                task.cancel()  # still starting: do not wait for the engine to come up just to stop it
+                task.cancel()  # still starting: do not wait for the engine just to stop it
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=60)
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             await fetcher.aclose()
+            executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="smolora-serve",
@@ -274,6 +293,7 @@ def create_app(
     )
     install_exception_handlers(app)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware)  # outermost: ids on every response, 413s too
     app.include_router(chat_router)
     app.include_router(models_router)
     if settings.adapters:

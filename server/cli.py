@@ -6,7 +6,9 @@ no checkpoint registry, no instruction encoder, no checkpoint admin routes.
 Builds `ServerSettings` from arguments (API keys from files or, read once here at start-up,
 the environment variables `SMOLORA_API_KEYS` (comma-separated) and
 `SMOLORA_ADMIN_API_KEY`, so keys never appear in `ps`), creates the app with the vLLM
-engine factory of `server/engine_factory.py`, and runs uvicorn. `--port 0` lets the OS
+engine factory of `server/engine_factory.py`, and runs uvicorn; SIGTERM drains first
+(`/ready` 503, no new chat requests, `--shutdown-grace-s` for in-flight ones; see
+`DrainingServer`). `--access-log PATH|-` writes JSON-lines access records. `--port 0` lets the OS
 pick a free port; `--port-file` receives the bound port once the server listens (what
 tests and supervisors poll for).
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from smolora.adapters.precision import DTYPE_CHOICES, resolve_dtype, serving_device
+from smolora.server.api.access_log import configure_access_log
 from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
 from smolora.server.settings import ServerSettings
 from smolora.server.startup_checks import (
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-adapters",
         action="store_true",
-        help="serve the base model with SMoLoRA adapters disabled (no registry, no versions, no routing)",
+        help="serve the base model with SMoLoRA adapters disabled (no registry, no versions, "
+        "no routing)",
     )
     s.add_argument(
         "--served-model-name",
@@ -120,11 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"].default)
     s.add_argument("--max-request-bytes", type=int, default=d["max_request_bytes"].default)
     s.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=d["max_prompt_chars"].default,
+        help="most characters of message text per request, checked before tokenizing",
+    )
+    s.add_argument(
+        "--preparation-threads",
+        type=int,
+        default=d["preparation_threads"].default,
+        help="worker threads for image decoding, tokenization and instruction embedding",
+    )
+    s.add_argument(
         "--image-url-allow",
         action="append",
         default=[],
         metavar="HOST",
         help="allow http(s) image URLs from HOST (.example.com = subdomains too); repeatable",
+    )
+    s.add_argument(
+        "--image-url-allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="let allow-listed image hosts resolve into this private/loopback network; repeatable",
     )
     s.add_argument("--image-fetch-timeout", type=float, default=d["image_fetch_timeout_s"].default)
     s.add_argument("--default-max-tokens", type=int, default=d["default_max_tokens"].default)
@@ -134,6 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"].default)
     s.add_argument("--queue-timeout", type=float, default=d["queue_timeout_s"].default)
+    s.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=d["shutdown_grace_s"].default,
+        help="on SIGTERM: seconds in-flight requests may still run (/ready is 503 meanwhile)",
+    )
+    s.add_argument(
+        "--rate-limit-rpm",
+        type=float,
+        default=None,
+        help="chat requests per minute per API key (per client address without keys)",
+    )
+    s.add_argument(
+        "--rate-limit-tpm",
+        type=float,
+        default=None,
+        help="prompt + completion tokens per minute per API key",
+    )
+    s.add_argument(
+        "--access-log",
+        metavar="PATH|-",
+        help="write JSON-lines access records to PATH (appended) or '-' (stderr)",
+    )
     s.add_argument(
         "--snap-threshold",
         type=float,
@@ -161,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPE_CHOICES,
         default="auto",
-        help="model dtype; auto: bfloat16 where the CPU (AVX512_BF16/AMX) or GPU computes it natively, "
-        "float32 elsewhere",
+        help="model dtype; auto: bfloat16 where the CPU (AVX512_BF16/AMX) or GPU computes it "
+        "natively, float32 elsewhere",
     )
     s.add_argument("--log-level", default=d["log_level"].default)
     return p
@@ -224,6 +270,12 @@ def settings_from_args(
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         max_request_bytes=args.max_request_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        preparation_threads=args.preparation_threads,
+        image_url_allow_networks=tuple(args.image_url_allow_network),
+        shutdown_grace_s=args.shutdown_grace_s,
+        rate_limit_requests_per_min=args.rate_limit_rpm,
+        rate_limit_tokens_per_min=args.rate_limit_tpm,
         image_url_allowlist=tuple(args.image_url_allow),
         image_fetch_timeout_s=args.image_fetch_timeout,
         default_max_tokens=args.default_max_tokens,
@@ -240,8 +292,61 @@ def settings_from_args(
     )
 
 
+class DrainingServer:
+    """uvicorn's server, with SIGTERM/SIGINT draining the app before it stops.
+
+    The first signal starts `drain` (`server/api/drain.py`): `/ready` turns 503, new chat
+    requests get 503 `shutting_down`, in-flight ones have `settings.shutdown_grace_s` to
+    finish and streams still running then end with an error event and `[DONE]`; then
+    uvicorn closes the connections and runs the lifespan's shutdown. A second signal
+    stops at once.
+    """
+
+    def __init__(self, config: Any, grace_s: float):
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if not outer.on_signal(sig):
+                    super().handle_exit(sig, frame)  # stop now
+
+        self.server = _Server(config)
+        self.grace_s = grace_s
+        self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def on_signal(self, sig: int) -> bool:
+        """Start draining on the first signal; False (stop at once) on a later one."""
+        state = getattr(getattr(self.server.config.app, "state", None), "smolora", None)
+        if self._draining or state is None or self._loop is None:
+            return False
+        self._draining = True
+        log.info("signal %d: draining (grace %.1fs)", sig, self.grace_s)
+        self._loop.call_soon_threadsafe(self._start_drain, state)
+        return True
+
+    def _start_drain(self, state: Any) -> None:
+        from smolora.server.api.drain import drain
+
+        async def drain_then_exit() -> None:
+            try:
+                await drain(state, self.grace_s)
+            finally:
+                self.server.should_exit = True
+
+        self._drain_task = asyncio.get_running_loop().create_task(drain_then_exit())
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+
 async def serve(settings: ServerSettings, port_file: Path | None = None) -> None:
-    """Run uvicorn until interrupted; write the bound port to `port_file` once listening."""
+    """Run uvicorn until signalled (draining first); write the bound port to `port_file`
+    once listening."""
     import uvicorn
 
     from smolora.server.app import create_app
@@ -253,11 +358,12 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=5,  # after the drain: connections still open are closed
         access_log=False,
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    draining = DrainingServer(config, settings.shutdown_grace_s)
+    server = draining.server
+    task = asyncio.create_task(draining.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
@@ -283,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = settings_from_args(args)
+        if args.access_log:
+            configure_access_log(args.access_log)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

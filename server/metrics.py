@@ -82,7 +82,8 @@ class Metrics:
         )
         self.queue_time = Histogram(
             "smolora_request_queue_time_seconds",
-            "Time a request waited before running: the server's admission queue plus the engine's scheduler queue.",
+            "Time a request waited before running: the server's admission queue plus the "
+            "engine's scheduler queue.",
             buckets=_SLOW,
             registry=r,
         )
@@ -148,6 +149,11 @@ class Metrics:
             "smolora_instruction_source_total",
             "Requests by how their instruction was chosen.",
             ["source"],
+            registry=r,
+        )
+        self.images_decoded = Counter(
+            "smolora_images_decoded_total",
+            "Request images whose decoding started (only admitted requests decode images).",
             registry=r,
         )
 

@@ -54,7 +54,15 @@ class ServerSettings:
         image_url_allowlist: hosts from which `http(s)://` image URLs may be fetched; an
             entry `.example.com` allows every subdomain. Empty = only data URLs.
         image_fetch_timeout_s: total time limit of one remote image fetch.
+        image_url_allow_networks: networks (CIDR, e.g. `10.1.2.0/24`) a remote image host
+            may resolve into although they are private, loopback, link-local or reserved
+            (refused otherwise). Empty = only public addresses.
         max_request_bytes: most bytes of one HTTP request body.
+        max_prompt_chars: most characters of text (all messages together) in one chat
+            request, checked before anything is tokenized (a longer one gets 400
+            `text_too_long`).
+        preparation_threads: worker threads for a request's CPU work off the event loop
+            (image decoding, prompt rendering and tokenization, instruction embedding).
         default_max_tokens: completion length when a request names none (capped by the
             context left after the prompt).
         max_n: most choices (`n`) per request.
@@ -63,6 +71,15 @@ class ServerSettings:
         max_waiting_requests: requests waiting for a slot; beyond this a request gets 429.
         queue_timeout_s: a waiting request gets 503 after this long.
         retry_after_s: the Retry-After value sent with 429/503.
+        shutdown_grace_s: on SIGTERM, how long in-flight requests may run on while `/ready`
+            answers 503 and new chat requests are refused; streams still running then end
+            with an error event and `[DONE]`.
+        rate_limit_requests_per_min: per API key (per client address when the server has no
+            keys), chat requests allowed per minute (a token bucket holding one minute's
+            worth); None = no limit.
+        rate_limit_tokens_per_min: per API key, prompt + completion tokens per minute; a
+            request's tokens are charged when it ends and a key in debt is refused until
+            the bucket refills; None = no limit.
         snap_threshold: cosine similarity at or above which an extracted instruction is
             snapped to the nearest known instruction type of the checkpoint.
         default_instruction: the instruction used when the user's text is empty (an
@@ -93,7 +110,10 @@ class ServerSettings:
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
     image_url_allowlist: tuple[str, ...] = ()
     image_fetch_timeout_s: float = 10.0
+    image_url_allow_networks: tuple[str, ...] = ()
     max_request_bytes: int = 64 * 1024 * 1024
+    max_prompt_chars: int = 100_000
+    preparation_threads: int = 4
     default_max_tokens: int = 256
     max_n: int = 8
     max_stop_sequences: int = MAX_STOP_STRINGS
@@ -101,6 +121,9 @@ class ServerSettings:
     max_waiting_requests: int = 256
     queue_timeout_s: float = 60.0
     retry_after_s: int = 1
+    shutdown_grace_s: float = 30.0
+    rate_limit_requests_per_min: float | None = None
+    rate_limit_tokens_per_min: float | None = None
     snap_threshold: float = 0.75
     default_instruction: str = "Provide a one-sentence caption for the provided image."
     trace_default: bool = False
@@ -119,6 +142,7 @@ class ServerSettings:
         object.__setattr__(
             self, "image_url_allowlist", tuple(h.lower() for h in self.image_url_allowlist)
         )
+        object.__setattr__(self, "image_url_allow_networks", tuple(self.image_url_allow_networks))
         problems = self._problems()
         if problems:
             raise ValueError("invalid server settings: " + "; ".join(problems))
@@ -162,6 +186,8 @@ class ServerSettings:
             "max_n",
             "max_stop_sequences",
             "max_concurrent_requests",
+            "max_prompt_chars",
+            "preparation_threads",
         ):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1")
@@ -171,6 +197,19 @@ class ServerSettings:
             p.append("queue_timeout_s and image_fetch_timeout_s must be > 0")
         if self.retry_after_s < 1:
             p.append("retry_after_s must be >= 1")
+        if self.shutdown_grace_s < 0:
+            p.append("shutdown_grace_s must be >= 0")
+        for name in ("rate_limit_requests_per_min", "rate_limit_tokens_per_min"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                p.append(f"{name} must be > 0 (or None for no limit)")
+        for net in self.image_url_allow_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                p.append(
+                    f"image_url_allow_networks entry {net!r} is not a network (e.g. 10.1.2.0/24)"
+                )
         if not -1.0 <= self.snap_threshold <= 1.0:
             p.append("snap_threshold is a cosine similarity: it must be in [-1, 1]")
         known = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}

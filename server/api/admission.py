@@ -1,9 +1,12 @@
 """Admission control: a bounded number of engine requests in flight, a bounded FIFO wait.
 
-A chat completion with `n` choices takes `n` slots. When all slots are busy a request
-waits in FIFO order; when the wait queue is full it is refused at once with 429 and
-`Retry-After`, and a request that waited longer than the queue timeout gets 503. The
-running and waiting counts feed the `smolora_num_requests_running/_waiting` gauges.
+A chat completion with `n` choices takes `n` slots, before any of its expensive work
+(image decoding, embedding, tokenization) starts, and holds them until its response
+ends. When all slots are busy a request waits in FIFO order; when the wait queue is full
+it is refused at once with 429 and `Retry-After`, and a request that waited longer than
+the queue timeout gets 503 (on shutdown, `refuse_waiting` ends every waiting request with
+503 `shutting_down`). The running and waiting counts feed the
+`smolora_num_requests_running/_waiting` gauges.
 
 It does not schedule inside the engine (vLLM does); it keeps the server's memory and
 latency bounded when more requests arrive than the engine can take.
@@ -17,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from smolora.server.api.errors import RateLimitError, ServiceUnavailableError
+from smolora.server.api.errors import APIError, RateLimitError, ServiceUnavailableError
 from smolora.server.metrics import Metrics
 
 
@@ -75,8 +78,8 @@ class AdmissionController:
             return 0.0
         if len(self._queue) >= self.max_waiting:
             raise RateLimitError(
-                f"the server is at capacity ({self.running} running, {self.waiting} waiting); retry after "
-                f"{self.retry_after_s}s",
+                f"the server is at capacity ({self.running} running, {self.waiting} waiting); "
+                f"retry after {self.retry_after_s}s",
                 retry_after_s=self.retry_after_s,
             )
         t0 = time.perf_counter()
@@ -86,8 +89,13 @@ class AdmissionController:
         self._publish()
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
+        except APIError:  # refused while waiting (`refuse_waiting`): it holds no slot
+            if entry in self._queue:
+                self._queue.remove(entry)
+            self._publish()
+            raise
         except BaseException as exc:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Granted just as we gave up: hand the slots back.
                 self.release(slots)
             else:
@@ -98,7 +106,8 @@ class AdmissionController:
             self._publish()
             if isinstance(exc, TimeoutError):
                 raise ServiceUnavailableError(
-                    f"the request waited {self.queue_timeout_s:g}s for capacity; retry after {self.retry_after_s}s",
+                    f"the request waited {self.queue_timeout_s:g}s for capacity; "
+                    f"retry after {self.retry_after_s}s",
                     retry_after_s=self.retry_after_s,
                     code="queue_timeout",
                 ) from None
@@ -111,6 +120,28 @@ class AdmissionController:
         self.running -= slots
         self._grant()
         self._publish()
+
+    def refuse_waiting(self, reason: str) -> int:
+        """End every waiting request with a 503 `shutting_down` (they never get a slot).
+
+        Returns:
+            How many were waiting.
+        """
+        refused = 0
+        while self._queue:
+            _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(
+                    ServiceUnavailableError(
+                        f"{reason}; retry after {self.retry_after_s}s "
+                        "(another replica may serve it)",
+                        retry_after_s=self.retry_after_s,
+                        code="shutting_down",
+                    )
+                )
+                refused += 1
+        self._publish()
+        return refused
 
     def _grant(self) -> None:
         while self._queue and self.running + self._queue[0][0] <= self.max_running:

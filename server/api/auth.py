@@ -3,7 +3,8 @@
 Keys travel as `Authorization: Bearer <key>` (what the OpenAI SDK sends); `X-API-Key`
 is accepted too. Inference endpoints are open unless the server has inference keys;
 admin endpoints need the admin key and answer 403 when the server has none configured.
-Comparisons are constant-time. It does not rate-limit or log keys.
+Comparisons are constant-time. It does not rate-limit (`rate_limit.py` does, keyed by a
+hash of the presented key) or log keys.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from smolora.server.api.errors import AuthenticationError, PermissionDeniedError
 from smolora.server.api.state import get_state
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
+    """The key a request presents (`Authorization: Bearer` or `X-API-Key`), if any."""
     auth = request.headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -39,7 +41,7 @@ async def require_api_key(request: Request) -> None:
     keys = get_state(request).settings.api_keys
     if not keys:
         return
-    presented = _presented_key(request)
+    presented = presented_key(request)
     if presented is None:
         raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
     if not _matches(presented, keys):
@@ -55,7 +57,7 @@ async def require_admin_key(request: Request) -> None:
             "(--admin-api-key-file or SMOLORA_ADMIN_API_KEY)",
             code="admin_disabled",
         )
-    presented = _presented_key(request)
+    presented = presented_key(request)
     if presented is None:
         raise AuthenticationError("missing admin API key: send 'Authorization: Bearer <admin key>'")
     if not _matches(presented, (admin,)):

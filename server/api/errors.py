@@ -4,7 +4,8 @@ Every error a caller can see has the shape the OpenAI SDK parses:
 `{"error": {"message": str, "type": str, "param": str | null, "code": str | null}}`.
 Handlers cover our own `APIError`s, FastAPI's request validation (422 in FastAPI, 400
 here, with the offending field as `param`), unknown routes and methods, and anything
-unexpected (500, logged with a request id; a caller mistake must never end up there).
+unexpected (500 with a generic message and the request id; the exception goes to the log
+under that id; a caller mistake must never end up there).
 `engine_error_to_api` maps the engine's typed errors (`server/engine/protocol.py`) onto
 these. It does not decide what is a mistake: the serving modules raise these errors.
 """
@@ -135,13 +136,17 @@ class InternalServerError(APIError):
     error_type = "server_error"
 
 
-def engine_error_to_api(e: BaseException, retry_after_s: int) -> APIError:
+def engine_error_to_api(
+    e: BaseException, retry_after_s: int, request_id: str | None = None
+) -> APIError:
     """The error a caller sees for a failure while serving a request.
 
     `APIError`s pass through; the engine's errors map as: invalid request -> 400
     `invalid_input`, version not resident -> 404 `version_not_found`, no free slot -> 503
-    `engine_busy`, any other engine error -> 500 `engine_error`; anything else -> 500
-    `internal_error` (logged with a reference id).
+    `engine_busy`, engine not running -> 503 `engine_unavailable`, any other engine error
+    -> 500 `engine_error`; anything else -> 500 `internal_error`. A 500 never carries the
+    exception's text: the caller gets a generic message citing `request_id` (or a fresh
+    reference), and the exception goes to the log under the same id.
     """
     if isinstance(e, APIError):
         return e
@@ -151,12 +156,28 @@ def engine_error_to_api(e: BaseException, retry_after_s: int) -> APIError:
         return InvalidRequestError(f"{e}", code="invalid_input")
     if isinstance(e, engine_protocol.NoFreeSlotError):
         return engine_busy(f"{e}", retry_after_s)
-    ref = uuid.uuid4().hex[:12]
+    ref = request_id or uuid.uuid4().hex[:12]
+    if isinstance(e, engine_protocol.EngineUnavailableError):
+        log.error("engine unavailable (request %s): %s", ref, e)
+        return ServiceUnavailableError(
+            f"the engine is not running (request id {ref}); retry after {retry_after_s}s",
+            retry_after_s=retry_after_s,
+            code="engine_unavailable",
+        )
     if isinstance(e, engine_protocol.EngineError):
-        log.error("engine error (ref %s): %s", ref, e)
-        return InternalServerError(f"the engine failed (ref {ref}): {e}", code="engine_error")
-    log.error("unexpected error while generating (ref %s)", ref, exc_info=e)
-    return InternalServerError(f"internal server error (ref {ref})", code="internal_error")
+        log.error("engine error (request %s): %s", ref, e, exc_info=e)
+        return internal_error(ref, code="engine_error")
+    log.error("unexpected error while generating (request %s)", ref, exc_info=e)
+    return internal_error(ref)
+
+
+def internal_error(request_id: str, code: str = "internal_error") -> InternalServerError:
+    """A 500 that says nothing about the fault but the id its log line carries."""
+    return InternalServerError(
+        f"internal server error (request id {request_id}); this is a server fault, not your "
+        "request's; the server log has the details under this id",
+        code=code,
+    )
 
 
 def engine_busy(reason: str, retry_after_s: int) -> ServiceUnavailableError:
@@ -283,12 +304,16 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
 
 
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
-    ref = uuid.uuid4().hex[:12]
-    log.exception("unhandled error on %s %s (ref %s)", request.method, request.url.path, ref)
-    return InternalServerError(
-        f"internal server error (ref {ref}); this is a server fault, not your request's",
-        code="internal_error",
-    ).to_response()
+    access = getattr(request.state, "access", None)
+    ref = access.request_id if access is not None else uuid.uuid4().hex[:12]
+    log.error(
+        "unhandled error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        ref,
+        exc_info=exc,
+    )
+    return internal_error(ref).to_response()
 
 
 def install_exception_handlers(app: FastAPI) -> None:

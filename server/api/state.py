@@ -10,13 +10,16 @@ serving) the resolver and the version manager stay None and are not waited for.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from smolora.server.api.admission import AdmissionController
+from smolora.server.api.drain import DrainState
 from smolora.server.api.errors import ServiceUnavailableError
+from smolora.server.api.rate_limit import RateLimiter
 from smolora.server.engine.protocol import EngineClient
 from smolora.server.images import ImageLoader
 from smolora.server.instruction_source import InstructionResolver
@@ -43,6 +46,9 @@ class ServerState:
         versions: checkpoint version manager (None until the engine is up).
         startup_error: why start-up failed, if it did.
         started: the background start-up has finished (successfully or not).
+        drain: graceful-shutdown state (draining: not ready, no new chat requests).
+        rate_limiter: per-API-key request and token limits.
+        executor: worker threads for a request's CPU work (decode, tokenize, embed).
     """
 
     settings: ServerSettings
@@ -56,9 +62,14 @@ class ServerState:
     startup_error: str | None = None
     started: bool = False
     background: list = field(default_factory=list)
+    drain: DrainState = field(default_factory=DrainState)
+    rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(None, None))
+    executor: Executor | None = None
 
     def not_ready_reason(self) -> str | None:
         """Why the server cannot serve inference now, or None when it can."""
+        if self.drain.draining:
+            return "the server is shutting down"
         if self.startup_error:
             return f"start-up failed: {self.startup_error}"
         if not self.settings.adapters:
@@ -94,7 +105,9 @@ class ServerState:
         reason = self.not_ready_reason()
         if reason is not None:
             raise ServiceUnavailableError(
-                reason, retry_after_s=self.settings.retry_after_s, code="not_ready"
+                f"{reason}; retry after {self.settings.retry_after_s}s",
+                retry_after_s=self.settings.retry_after_s,
+                code="shutting_down" if self.drain.draining else "not_ready",
             )
         assert self.engine and self.renderer
         if self.settings.adapters:

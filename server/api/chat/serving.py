@@ -1,14 +1,19 @@
 """The logic of POST /v1/chat/completions, on the engine's `EngineClient` seam.
 
-`ChatService.create` validates what the request model cannot (model and version names,
-image count, image bytes and pixels, roles, context length, `n`, stop count), resolves
-the instruction (explicit text, a known type, or extracted from the user's text and
-snapped), renders the prompt, builds one engine `GenerateRequest` per choice (the type the
-engine itself takes: prompt, image, instruction embedding, version, sampling, trace), takes
-admission slots, runs them, and answers either one JSON completion or an SSE stream. Both carry `usage`, each
-choice's `finish_reason`, the model as `name@version`, and the `smolora` extension object
-(version, instruction source, and the routing trace when asked for; on the last chunk
-when streaming). It feeds the latency, token, finish and expert-selection metrics.
+`ChatService.create` first makes the cheap checks (`check`: readiness, model and version
+names, `n`, stop count, roles, image count, reserved placeholders, the `max_prompt_chars`
+text cap) and the caller's rate limit, then takes admission slots -- waiting in the
+bounded queue, or refused at once with 429 -- and only then does the expensive work
+(`prepare`): image decoding, instruction resolution (explicit text, a known type, or
+extracted from the user's text and snapped; MiniLM), prompt rendering and tokenization,
+all in the app's worker threads, never on the event loop. It then checks the context
+length and sampling rules, builds one engine `GenerateRequest` per choice (the type the
+engine itself takes: prompt, image, instruction embedding, version, sampling, trace),
+runs them, and answers either one JSON completion or an SSE stream. Both carry `usage`,
+each choice's `finish_reason`, the model as `name@version`, and the `smolora` extension
+object (version, instruction source, and the routing trace when asked for; on the last
+chunk when streaming). It feeds the latency, token, finish and expert-selection metrics,
+the caller's token bucket and the request's access record.
 
 With adapters off (base-only serving) there is no version and no instruction: the model
 is the plain served name, the instruction embedding is never computed, a request naming a
@@ -17,9 +22,11 @@ version (`name@N`: 404; `smolora.version`: 400) or an instruction (400, code
 no version, instruction or trace.
 
 Every caller mistake becomes a typed 4xx error before anything is submitted; an engine
-failure after a stream has started becomes an SSE error event followed by `[DONE]`. A
-non-streaming request whose client disconnects is cancelled, which aborts its engine
-requests (a streaming one is aborted when its body iterator is closed).
+failure after a stream has started becomes an SSE error event followed by `[DONE]`, and
+so does the end of the shutdown grace period (`api/drain.py`). A request whose client
+disconnects while it waits in the queue or is prepared is withdrawn (its slots
+released); a non-streaming one is cancelled while it generates too, which aborts its
+engine requests (a streaming one is aborted when its body iterator is closed).
 It knows nothing of vLLM.
 """
 
@@ -39,6 +46,7 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from smolora.server.api.access_log import AccessRecord
 from smolora.server.api.chat.protocol import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
 from smolora.server.api.checkpoints.serving import VersionManager
 from smolora.server.api.errors import (
@@ -60,7 +68,11 @@ from smolora.server.engine.protocol import (
     VersionInfo,
 )
 from smolora.server.images import ImageError
-from smolora.server.instruction_source import ResolvedInstruction, UnknownInstructionTypeError
+from smolora.server.instruction_source import (
+    InstructionResolver,
+    ResolvedInstruction,
+    UnknownInstructionTypeError,
+)
 from smolora.server.prompt import PromptRenderer
 
 log = logging.getLogger("smolora.server.chat")
@@ -84,6 +96,61 @@ class PreparedChat:
     stream: bool
     include_usage: bool
     arrival: float
+    client_key: str | None = None  # rate-limit key charged with the tokens
+    access: AccessRecord | None = None  # the access-log record filled in as it runs
+
+    @property
+    def log_id(self) -> str:
+        """The id a 500 cites and the log carries: the HTTP request id when there is one."""
+        return self.access.request_id if self.access is not None else self.request_id
+
+
+@dataclass
+class CheckedChat:
+    """A request past the cheap checks: nothing decoded or tokenized yet."""
+
+    req: ChatCompletionRequest
+    engine: EngineClient
+    renderer: PromptRenderer
+    resolver: InstructionResolver | None  # None with adapters off
+    info: VersionInfo | None  # None with adapters off
+    stops: list[str]
+    template_messages: list[dict[str, Any]]
+    image_urls: list[tuple[str, str]]  # (param, url) per image part
+    user_text: str
+
+
+def _render(
+    renderer: PromptRenderer, messages: list[dict[str, Any]], num_images: int
+) -> tuple[str, int]:
+    """The prompt text and its token count (runs in a worker thread)."""
+    prompt = renderer.render(messages)
+    return prompt, renderer.count_tokens(prompt, num_images)
+
+
+async def _unless_disconnected(coro: Any, receive: Receive | None) -> tuple[Any, bool]:
+    """Run `coro` to its end unless the client disconnects first (then cancel it).
+
+    Returns:
+        (its result, False), or (None, True) when the client left first.
+    """
+    work = asyncio.ensure_future(coro)
+    if receive is None:
+        return await work, False
+    watch = asyncio.ensure_future(until_disconnected(receive))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None, True
+    return work.result(), False  # re-raises an APIError
 
 
 @dataclass
@@ -107,8 +174,8 @@ def parse_model_name(model: str, served: str) -> int | None:
     """
     name, sep, ver = model.partition("@")
     hint = (
-        f"this server serves {served!r} (the active checkpoint version) and {served}@<version> for each "
-        "resident version; see GET /v1/models"
+        f"this server serves {served!r} (the active checkpoint version) and {served}@<version> "
+        "for each resident version; see GET /v1/models"
     )
     if name != served:
         raise NotFoundError(
@@ -193,15 +260,15 @@ class ChatService:
         self.settings = state.settings
 
     # --- validation and preparation -----------------------------------------------------------
-    async def prepare(self, req: ChatCompletionRequest, arrival: float) -> PreparedChat:
-        """Validate a request and build everything the engine needs.
+    def check(self, req: ChatCompletionRequest) -> CheckedChat:
+        """The cheap checks, before the request is admitted: readiness, model and version,
+        `n`, stop strings, messages and the text cap. Nothing is decoded or tokenized.
 
         Raises:
-            APIError: a 4xx naming the field to fix, or 503 when not ready.
+            APIError: a 4xx naming the field to fix, or 503 when not ready or draining.
         """
         engine, versions, resolver, renderer = self.state.require_serving()
         s = self.settings
-        ext = req.smolora
         if versions is None:
             check_base_only_request(req, s.served_model_name)
             info = None
@@ -210,7 +277,8 @@ class ChatService:
 
         if req.n > s.max_n or req.n > s.max_concurrent_requests:
             raise InvalidRequestError(
-                f"n={req.n} is over this server's limit of {min(s.max_n, s.max_concurrent_requests)}",
+                f"n={req.n} is over this server's limit of "
+                f"{min(s.max_n, s.max_concurrent_requests)}",
                 param="n",
                 code="invalid_value",
             )
@@ -221,17 +289,39 @@ class ChatService:
                 param="stop",
                 code="invalid_value",
             )
-
         template_messages, image_urls, user_text = self._check_messages(req.messages, renderer)
-        images = await self._load_images(image_urls)
+        return CheckedChat(
+            req, engine, renderer, resolver, info, stops, template_messages, image_urls, user_text
+        )
+
+    async def prepare(self, checked: CheckedChat, arrival: float) -> PreparedChat:
+        """The expensive part, once admitted: decode the images, resolve the instruction
+        (MiniLM), render and tokenize the prompt -- all in the worker threads, off the event
+        loop -- and build one engine request per choice.
+
+        Raises:
+            APIError: a 4xx naming the field to fix.
+        """
+        s = self.settings
+        req, engine, renderer, resolver, info = (
+            checked.req,
+            checked.engine,
+            checked.renderer,
+            checked.resolver,
+            checked.info,
+        )
+        ext = req.smolora
+        loop = asyncio.get_running_loop()
+        images = await self._load_images(checked.image_urls)
 
         instruction: ResolvedInstruction | None = None
         if info is not None and resolver is not None:
             try:
-                instruction = await asyncio.to_thread(
+                instruction = await loop.run_in_executor(
+                    self.state.executor,
                     resolver.resolve,
                     info.instruction_table,
-                    user_text,
+                    checked.user_text,
                     ext.instruction if ext else None,
                     ext.instruction_type if ext else None,
                 )
@@ -240,14 +330,16 @@ class ChatService:
                     str(e), param="smolora.instruction_type", code="unknown_instruction_type"
                 ) from None
 
-        prompt = renderer.render(template_messages)
-        prompt_tokens = renderer.count_tokens(prompt, len(images))
+        prompt, prompt_tokens = await loop.run_in_executor(
+            self.state.executor, _render, renderer, checked.template_messages, len(images)
+        )
         max_tokens = self._completion_budget(req, prompt_tokens, len(images), renderer, engine)
         logprobs = self._check_sampling_rules(req, max_tokens)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         trace_requested = s.trace_default if (ext is None or ext.trace is None) else ext.trace
         engine_trace = info is not None and (trace_requested or s.record_expert_metrics)
+        stops = checked.stops
         try:
             requests = [
                 GenerateRequest(
@@ -343,8 +435,8 @@ class ChatService:
                 or "none"
             )
             raise NotFoundError(
-                f"checkpoint version {version} is not loaded on this server (resident: {resident}); "
-                "see GET /v1/models (an admin can load published versions)",
+                f"checkpoint version {version} is not loaded on this server (resident: "
+                f"{resident}); see GET /v1/models (an admin can load published versions)",
                 param="model" if from_model else "smolora.version",
                 code="model_not_found",
             )
@@ -386,6 +478,14 @@ class ChatService:
                 )
             role = "system" if m.role == "developer" else m.role
             template.append({"role": role, "content": parts})
+        chars = sum(len(p["text"]) for m in template for p in m["content"] if p["type"] == "text")
+        if chars > self.settings.max_prompt_chars:
+            raise InvalidRequestError(
+                f"the messages hold {chars} characters of text; this server takes at most "
+                f"{self.settings.max_prompt_chars} per request (max_prompt_chars); shorten them",
+                param="messages",
+                code="text_too_long",
+            )
         if messages[-1].role != "user":
             raise InvalidRequestError(
                 "the last message must be from the user",
@@ -445,8 +545,9 @@ class ChatService:
                 else ""
             )
             raise InvalidRequestError(
-                f"the prompt is {prompt_tokens} tokens{images}; this model's context is {max_len} tokens including "
-                "the completion; shorten the messages or send fewer images",
+                f"the prompt is {prompt_tokens} tokens{images}; this model's context is "
+                f"{max_len} tokens including the completion; shorten the messages or send "
+                "fewer images",
                 param="messages",
                 code="context_length_exceeded",
             )
@@ -457,37 +558,77 @@ class ChatService:
                 "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             )
             raise InvalidRequestError(
-                f"{param}={limit} with a {prompt_tokens}-token prompt exceeds the context of {max_len} tokens; "
-                f"ask for at most {room}",
+                f"{param}={limit} with a {prompt_tokens}-token prompt exceeds the context of "
+                f"{max_len} tokens; ask for at most {room}",
                 param=param,
                 code="context_length_exceeded",
             )
         return limit if limit is not None else min(self.settings.default_max_tokens, room)
 
     # --- generation -----------------------------------------------------------------------------
-    async def create(self, req: ChatCompletionRequest, receive: Receive | None = None) -> Response:
+    async def create(
+        self,
+        req: ChatCompletionRequest,
+        receive: Receive | None = None,
+        client_key: str | None = None,
+        access: AccessRecord | None = None,
+    ) -> Response:
         """Serve one request: a JSON completion or an SSE stream.
+
+        The cheap checks and the rate limit come first; then the request takes its
+        admission slots (waiting in the queue, or refused with 429 when it is full), and
+        only then are its images decoded and its prompt tokenized. The slots are held until
+        the response has ended.
 
         Args:
             req: the parsed request.
             receive: the ASGI receive channel (after the body was read); when given, a
-                non-streaming request is cancelled -- its engine requests aborted -- as soon as
-                the client disconnects.
+                request whose client disconnects while it waits, is prepared or (not
+                streaming) generates is cancelled -- its slots released, its engine requests
+                aborted. A stream is aborted when its body iterator is closed.
+            client_key: the rate-limit key of the caller (None: not rate-limited).
+            access: the request's access record, filled in as the request runs.
         """
         arrival = time.perf_counter()
-        prepared = await self.prepare(req, arrival)
-        if prepared.instruction is not None:
-            self.state.metrics.instruction_sources.labels(source=prepared.instruction.source).inc()
-        n = len(prepared.requests)
-        if prepared.stream:
-            waited = await self.state.admission.acquire(n)
+        checked = self.check(req)
+        if client_key is not None:
+            self.state.rate_limiter.check(client_key)
+        n = req.n
+        admission = self.state.admission
+
+        async def admit() -> tuple[float, PreparedChat]:
+            waited = await admission.acquire(n)
+            try:
+                prepared = await self.prepare(checked, arrival)
+            except BaseException:
+                admission.release(n)
+                raise
+            prepared.client_key, prepared.access = client_key, access
+            if access is not None:
+                access.completion_id = prepared.request_id
+                access.model = prepared.model_label
+                access.version = prepared.version.version if prepared.version else None
+                access.stream = prepared.stream
+                access.queue_s = waited
+            if prepared.instruction is not None:
+                self.state.metrics.instruction_sources.labels(
+                    source=prepared.instruction.source
+                ).inc()
+            return waited, prepared
+
+        if req.stream:
+            admitted, left = await _unless_disconnected(admit(), receive)
+            if left:
+                log.info("client disconnected before its stream started; request withdrawn")
+                return Response(status_code=499)
+            waited, prepared = admitted
             released = False
 
             def release() -> None:
                 nonlocal released
                 if not released:
                     released = True
-                    self.state.admission.release(n)
+                    admission.release(n)
 
             body = self._sse(prepared, waited)
             return LeasedStreamingResponse(
@@ -496,46 +637,42 @@ class ChatService:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
-        work = asyncio.ensure_future(self._complete(prepared, n, choices))
-        if receive is None:
-            await work
-        else:
-            watch = asyncio.ensure_future(until_disconnected(receive))
+
+        async def run() -> tuple[PreparedChat, dict[int, _ChoiceState]]:
+            waited, prepared = await admit()
             try:
-                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-                raise
+                choices: dict[int, _ChoiceState] = {i: _ChoiceState() for i in range(n)}
+                await self._complete(prepared, waited, choices)
+                return prepared, choices
             finally:
-                watch.cancel()
-            if not work.done():  # the client left: abort the engine requests
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-                log.info("client disconnected; aborted %s", prepared.request_id)
-                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-            work.result()  # re-raises an APIError
+                admission.release(n)
+
+        result, left = await _unless_disconnected(run(), receive)
+        if left:  # the client left: its slots are released and its engine requests aborted
+            log.info("client disconnected; request withdrawn or aborted")
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        prepared, choices = result
         return JSONResponse(self._completion_body(prepared, choices))
 
     async def _complete(
-        self, prepared: PreparedChat, n: int, choices: dict[int, _ChoiceState]
+        self, prepared: PreparedChat, waited: float, choices: dict[int, _ChoiceState]
     ) -> None:
-        """Run a non-streaming request's choices to the end (admission slots held meanwhile)."""
-        async with self.state.admission.slot(n) as waited:
-            try:
-                async with aclosing(self._events(prepared, waited, choices)) as events:
-                    async for _ in events:
-                        pass
-            except Exception as e:
-                raise engine_error_to_api(e, self.settings.retry_after_s) from None
+        """Run a non-streaming request's choices to the end (its slots are held by the caller)."""
+        try:
+            async with aclosing(self._events(prepared, waited, choices)) as events:
+                async for _ in events:
+                    pass
+        except Exception as e:
+            raise engine_error_to_api(e, self.settings.retry_after_s, prepared.log_id) from None
 
     async def _events(
         self, prepared: PreparedChat, waited: float, choices: dict[int, _ChoiceState]
     ) -> AsyncIterator[tuple[int, GenerateChunk]]:
-        """Run every choice's engine request; yield chunks as they come, keep per-choice state and metrics.
+        """Run every choice's engine request; yield chunks as they come, keep per-choice state
+        and metrics.
 
-        A chunk the engine finished with reason "abort" (it dropped the request) raises a 503.
+        A chunk the engine finished with reason "abort" (it dropped the request) raises a 503,
+        and so does a drain interrupt (`DrainState.interrupt_all`, code `shutting_down`).
         """
         engine = self.state.engine
         assert engine is not None
@@ -564,6 +701,20 @@ class ChatService:
             asyncio.create_task(run(i), name=f"{prepared.request_id}-{i}")
             for i in range(len(choices))
         ]
+        retry = self.settings.retry_after_s
+        interrupt = self.state.drain.register(
+            lambda: queue.put_nowait(
+                (
+                    -1,
+                    ServiceUnavailableError(
+                        "the server is shutting down and its grace period is over; the "
+                        f"request was ended early; retry after {retry}s",
+                        retry_after_s=retry,
+                        code="shutting_down",
+                    ),
+                )
+            )
+        )
         first_token_at: float | None = None
         open_choices = len(tasks)
         completed = False
@@ -622,6 +773,7 @@ class ChatService:
                 yield index, chunk
             completed = True
         finally:
+            self.state.drain.unregister(interrupt)
             for t in tasks:
                 t.cancel()  # a cancelled task aborts its engine request in its own `finally`
             # Metrics first, without awaiting: when a streaming client leaves, Starlette cancels
@@ -630,9 +782,18 @@ class ChatService:
             metrics.e2e_latency.observe(now - prepared.arrival)
             engine_queue = choices[0].queue_seconds or 0.0
             metrics.queue_time.observe(waited + engine_queue)
-            metrics.observe_tokens(
-                self._prompt_tokens(prepared, choices), sum(c.tokens for c in choices.values())
-            )
+            prompt_tokens = self._prompt_tokens(prepared, choices)
+            completion_tokens = sum(c.tokens for c in choices.values())
+            metrics.observe_tokens(prompt_tokens, completion_tokens)
+            if prepared.client_key is not None:
+                self.state.rate_limiter.charge_tokens(
+                    prepared.client_key, prompt_tokens + completion_tokens
+                )
+            if prepared.access is not None:
+                prepared.access.prompt_tokens = prompt_tokens
+                prepared.access.completion_tokens = completion_tokens
+                if first_token_at is not None:
+                    prepared.access.ttft_s = first_token_at - prepared.arrival
             for c in choices.values():
                 metrics.observe_finish(
                     c.finish_reason if completed and c.finish_reason else "abort"
@@ -776,7 +937,9 @@ class ChatService:
                 )
             yield "data: [DONE]\n\n"
         except Exception as e:  # the stream has started: report in-band, then end it
-            err = engine_error_to_api(e, self.settings.retry_after_s)
+            err = engine_error_to_api(e, self.settings.retry_after_s, prepared.log_id)
+            if prepared.access is not None:
+                prepared.access.error = err.code
             yield sse_error_event(err)
             yield "data: [DONE]\n\n"
 
@@ -786,7 +949,8 @@ MIN_LOGPROB = -9999.0
 
 
 def openai_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
-    """OpenAI's choice `logprobs` object: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`."""
+    """OpenAI's choice `logprobs` object:
+    `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`."""
 
     def entry(t: TokenLogprob) -> dict[str, Any]:
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import base64
 
 import httpx
@@ -107,9 +108,15 @@ def _mock_transport(body: bytes, status: int = 200, delay: float = 0.0) -> httpx
     return httpx.MockTransport(handler)
 
 
+async def _public_resolver(host: str, port: int) -> list[str]:
+    return ["93.184.215.14"]  # a public address: these tests use a mock transport, no network
+
+
 def _load(url: str, allow: tuple[str, ...], transport: httpx.MockTransport, timeout: float = 5.0):
     async def go():
-        fetcher = RemoteImageFetcher(allow, timeout, LIMITS.max_bytes, transport=transport)
+        fetcher = RemoteImageFetcher(
+            allow, timeout, LIMITS.max_bytes, transport=transport, resolver=_public_resolver
+        )
         try:
             return await ImageLoader(LIMITS, fetcher).load(url)
         finally:
@@ -156,34 +163,29 @@ def test_remote_fetch_limits_status_size_and_time() -> None:
     assert e.value.code == "invalid_image_url"
 
 
-def test_small_images_decode_on_the_loop_large_ones_in_a_worker_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import smolora.server.images as images
+def test_images_decode_in_the_loaders_executor_and_are_counted() -> None:
+    from concurrent.futures import ThreadPoolExecutor
 
-    threaded: list[object] = []
-    real_to_thread = asyncio.to_thread
-
-    async def spy(fn, *args):  # type: ignore[no-untyped-def]
-        threaded.append(fn)
-        return await real_to_thread(fn, *args)
-
-    monkeypatch.setattr(images.asyncio, "to_thread", spy)
     limits = ImageLimits(max_bytes=5_000_000, max_pixels=1024 * 1024, formats=("PNG",), max_count=1)
+    threads: list[str] = []
+    ticks: list[int] = []
 
-    async def load(data: bytes) -> object:
+    async def load(loader: ImageLoader, data: bytes) -> object:
+        return await loader.load(data_url(data))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="decode-test") as pool:
         loader = ImageLoader(
-            limits, RemoteImageFetcher((), 1.0, limits.max_bytes), inline_max_pixels=64 * 64
+            limits,
+            RemoteImageFetcher((), 1.0, limits.max_bytes),
+            pool,
+            on_decode=lambda: (ticks.append(1), threads.append(threading.current_thread().name)),
         )
-        try:
-            return await loader.load(data_url(data))
-        finally:
-            await loader.fetcher.aclose()
-
-    assert asyncio.run(load(image_bytes("PNG", (64, 64)))).size == (64, 64) and threaded == []
-    assert asyncio.run(load(image_bytes("PNG", (65, 64)))).size == (65, 64) and threaded == [
-        images.decode_image
-    ]
-    with pytest.raises(ImageError) as e:  # garbage is still reported by decode_image
-        asyncio.run(load(b"not an image"))
-    assert e.value.code == "invalid_image"
+        assert asyncio.run(load(loader, image_bytes("PNG", (64, 64)))).size == (64, 64)
+        with pytest.raises(ImageError) as e:  # garbage is still reported by decode_image
+            asyncio.run(load(loader, b"not an image"))
+        assert e.value.code == "invalid_image"
+        with pytest.raises(ImageError) as e:  # refused before decoding: not counted
+            asyncio.run(loader.load("data:image/png;base64,###"))
+        assert e.value.code == "invalid_base64"
+    assert loader.decoded == 2 and len(ticks) == 2
+    assert all(name.startswith("decode-test") for name in threads)
