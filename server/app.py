@@ -36,7 +36,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from smolora.server.api.admission import AdmissionController
 from smolora.server.api.chat.router import router as chat_router
 from smolora.server.api.checkpoints.router import router as checkpoints_router
-from smolora.server.api.checkpoints.serving import VersionManager
 from smolora.server.api.console.router import router as console_router
 from smolora.server.api.errors import PayloadTooLargeError, install_exception_handlers
 from smolora.server.api.health.router import router as health_router
@@ -51,6 +50,7 @@ from smolora.server.metrics import Metrics
 from smolora.server.prompt import PromptRenderer
 from smolora.server.registry_watch import RegistryWatcher
 from smolora.server.settings import ServerSettings
+from smolora.server.versions import VersionManager
 
 log = logging.getLogger("smolora.server")
 

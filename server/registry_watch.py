@@ -1,6 +1,6 @@
 """Watch the checkpoint registry folder and load each newly published version.
 
-`RegistryWatcher` polls `list_versions(registry)` (which lists only complete, published
+`RegistryWatcher` polls `VersionManager.registry()` (which lists only complete, published
 folders: publishing renames a finished folder into place) every `interval_s` seconds.
 Each version newer than the newest one seen so far is loaded through the
 `VersionManager` and, if `activate` is set (or nothing is active yet), activated. A
@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from smolora.adapters.checkpoint import list_versions
-from smolora.server.api.checkpoints.serving import VersionManager
 from smolora.server.api.errors import ServiceUnavailableError
+from smolora.server.versions import VersionManager
 
 log = logging.getLogger("smolora.server.registry_watch")
 
@@ -43,7 +42,7 @@ class RegistryWatcher:
 
     async def prime(self) -> None:
         """Mark every version already in the registry as seen (start-up loads its own choice)."""
-        entries = await asyncio.to_thread(list_versions, self.manager.registry_dir)
+        entries = await self.manager.registry()
         self.newest_seen = max((e.version for e in entries), default=0)
 
     async def poll_once(self) -> list[int]:
@@ -52,7 +51,7 @@ class RegistryWatcher:
         Returns:
             The version numbers loaded by this poll.
         """
-        entries = await asyncio.to_thread(list_versions, self.manager.registry_dir)
+        entries = await self.manager.registry()
         loaded: list[int] = []
         for e in entries:
             if e.version <= self.newest_seen or e.version in self.failed:

@@ -1,13 +1,25 @@
-"""Which checkpoint versions are resident and which one is active: `VersionManager`.
+"""The serving policy for checkpoint versions: `VersionManager`, the one owner everybody asks.
 
-Versions are named by their registry number. Loading reads only complete, published
-folders of the registry (`list_versions`), times the load into
-`smolora_checkpoint_load_duration_seconds`, and keeps at most `max_resident` versions
-(evicting the oldest inactive one first). Activation is recorded so that `rollback`
-returns to the version active before the current one. Admin endpoints and the registry
-watcher both go through here; an asyncio lock serialises their changes.
+Who owns what:
+- this module decides *which* versions are served: it is the only caller, on a server, of
+  the engine's `load_version` / `activate` / `unload_version`; it keeps the activation
+  history (`rollback` returns to the version active before the current one), the resident
+  cap (`max_resident`: the least recently loaded inactive version is unloaded first), the
+  link to the registry folder (only complete, published versions are loaded) and the
+  version metrics (load times into `smolora_checkpoint_load_duration_seconds`, the active
+  version, the resident count). Chat, the admin endpoints, the registry watcher, health,
+  `/v1/models` and readiness all ask it (`active`, `resident`, `get`, `require`,
+  `registry`, `describe`); none of them reads the engine's version state directly.
+- the engine (`server/engine/versions.py`) records what is *installed* in its worker
+  slots: which version each slot holds, the in-flight requests pinned to each slot, and
+  the default slot of requests that name no version (set only through `activate`, which
+  this manager calls). The manager reads those facts through `EngineClient.list_versions`
+  / `active_version` and keeps no copy of them.
 
-It does not verify or parse tensors itself (the engine loads through
+An asyncio lock serialises the changes of the admin endpoints and the registry watcher.
+Engine refusals become typed HTTP errors here (`CheckpointRejected`, 404, 409, 503).
+
+It does not verify or parse tensors itself (the engine's worker loads through
 `smolora.adapters.checkpoint`, which refuses corrupt or foreign checkpoints) and does not
 watch the folder (`server/registry_watch.py` does).
 """
@@ -71,30 +83,42 @@ class VersionManager:
         max_resident: int,
         retry_after_s: int = 1,
     ):
-        self.engine = engine
-        self.retry_after_s = retry_after_s
-        self.registry_dir = Path(registry_dir)
-        self.metrics = metrics
-        self.max_resident = max_resident
-        self.history: list[int] = []
+        if max_resident < 1:
+            raise ValueError(f"max_resident must be >= 1, got {max_resident}")
+        self._engine = engine
+        self._retry_after_s = retry_after_s
+        self._registry_dir = Path(registry_dir)
+        self._metrics = metrics
+        self._max_resident = max_resident
+        self._history: list[int] = []
         self._lock = asyncio.Lock()
         self._publish_metrics()
 
     # --- queries -----------------------------------------------------------------------
+    @property
+    def registry_dir(self) -> Path:
+        """The registry folder versions are loaded from."""
+        return self._registry_dir
+
+    @property
+    def history(self) -> list[int]:
+        """Activated versions, oldest first (a copy; `rollback` walks it backwards)."""
+        return list(self._history)
+
     async def registry(self) -> list[RegistryEntry]:
         """Complete versions in the registry folder, oldest first."""
-        return await asyncio.to_thread(list_versions, self.registry_dir)
+        return await asyncio.to_thread(list_versions, self._registry_dir)
 
     def resident(self) -> list[VersionInfo]:
         """Resident versions, oldest version number first."""
-        return sorted(self.engine.list_versions(), key=lambda v: v.version)
+        return sorted(self._engine.list_versions(), key=lambda v: v.version)
 
     def active(self) -> int | None:
-        info = self.engine.active_version()
+        info = self._engine.active_version()
         return None if info is None else info.version
 
     def get(self, version: int) -> VersionInfo | None:
-        return next((v for v in self.engine.list_versions() if v.version == version), None)
+        return next((v for v in self._engine.list_versions() if v.version == version), None)
 
     def require(self, version: int) -> VersionInfo:
         """A resident version, or a 404 that lists the resident ones."""
@@ -144,12 +168,12 @@ class VersionManager:
                     }
                 )
         out.sort(key=lambda d: d["version"])
-        latest = await asyncio.to_thread(latest_version, self.registry_dir)
+        latest = await asyncio.to_thread(latest_version, self._registry_dir)
         return {
-            "registry": str(self.registry_dir),
+            "registry": str(self._registry_dir),
             "active": active,
             "latest": latest.version if latest else None,
-            "history": list(self.history),
+            "history": self.history,
             "versions": out,
         }
 
@@ -172,16 +196,16 @@ class VersionManager:
         entry = next((e for e in await self.registry() if e.version == version), None)
         if entry is None:
             raise NotFoundError(
-                f"version {version} is not published in the registry {self.registry_dir}",
+                f"version {version} is not published in the registry {self._registry_dir}",
                 param="version",
                 code="version_not_found",
             )
         await self._evict_for_one_more()
         t0 = time.perf_counter()
         try:
-            info = await self.engine.load_version(entry.path, activate=False)
+            info = await self._engine.load_version(entry.path, activate=False)
         except (VersionLoadError, CheckpointError) as e:
-            self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
+            self._metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
             log.warning("refused checkpoint %s: %s", entry.path, e)
             raise CheckpointRejected(
                 f"checkpoint {entry.name} cannot be served: {e}",
@@ -189,17 +213,17 @@ class VersionManager:
                 code="checkpoint_rejected",
             ) from None
         except NoFreeSlotError as e:
-            self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
+            self._metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
             raise ServiceUnavailableError(
                 f"no free version slot now ({e})",
-                retry_after_s=self.retry_after_s,
+                retry_after_s=self._retry_after_s,
                 code="no_free_slot",
             ) from None
         except BaseException:
-            self.metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
+            self._metrics.observe_checkpoint_load(time.perf_counter() - t0, ok=False)
             raise
         seconds = time.perf_counter() - t0
-        self.metrics.observe_checkpoint_load(seconds, ok=True)
+        self._metrics.observe_checkpoint_load(seconds, ok=True)
         log.info("loaded checkpoint %s (version %d) in %.2fs", entry.name, version, seconds)
         self._publish_metrics()
         return info
@@ -207,23 +231,23 @@ class VersionManager:
     async def _evict_for_one_more(self) -> None:
         resident = sorted(self.resident(), key=lambda v: (v.loaded_at, v.version))
         active = self.active()
-        while len(resident) >= self.max_resident:
+        while len(resident) >= self._max_resident:
             victim = next((v for v in resident if v.version != active), None)
             if victim is None:
                 raise ConflictError("no room for another resident version", code="no_free_slot")
             try:
-                await self.engine.unload_version(victim.version)
+                await self._engine.unload_version(victim.version)
             except EngineError as e:  # e.g. in-flight requests are pinned to it
                 raise ServiceUnavailableError(
                     f"no room for another resident version now: version {victim.version} "
                     f"cannot be unloaded ({e})",
-                    retry_after_s=self.retry_after_s,
+                    retry_after_s=self._retry_after_s,
                     code="no_free_slot",
                 ) from None
             log.info(
                 "unloaded version %d to make room (max %d resident)",
                 victim.version,
-                self.max_resident,
+                self._max_resident,
             )
             resident.remove(victim)
         self._publish_metrics()
@@ -238,15 +262,15 @@ class VersionManager:
 
     async def _activate_locked(self, version: int) -> None:
         if self.active() == version:
-            if not self.history or self.history[-1] != version:
-                self.history.append(version)  # e.g. the engine started with this version active
+            if not self._history or self._history[-1] != version:
+                self._history.append(version)  # e.g. the engine started with this version active
             return
         try:
-            await self.engine.activate(version)
+            await self._engine.activate(version)
         except VersionNotResidentError as e:
             raise NotFoundError(str(e), param="version", code="version_not_found") from None
-        self.history.append(version)
-        del self.history[:-64]
+        self._history.append(version)
+        del self._history[:-64]
         log.info("activated version %d", version)
         self._publish_metrics()
 
@@ -260,15 +284,15 @@ class VersionManager:
             current = self.active()
             published = {e.version for e in await self.registry()}
             resident = {v.version for v in self.resident()}
-            for idx in range(len(self.history) - 2, -1, -1):
-                prev = self.history[idx]
+            for idx in range(len(self._history) - 2, -1, -1):
+                prev = self._history[idx]
                 if prev == current or (prev not in resident and prev not in published):
                     continue
                 if prev not in resident:
                     await self._load_locked(prev)
-                await self.engine.activate(prev)
+                await self._engine.activate(prev)
                 # Roll back is "undo": the history returns to where `prev` was activated.
-                self.history = self.history[: idx + 1]
+                self._history = self._history[: idx + 1]
                 log.info("rolled back from version %s to %d", current, prev)
                 self._publish_metrics()
                 return self.require(prev)
@@ -292,7 +316,7 @@ class VersionManager:
                     code="version_active",
                 )
             try:
-                await self.engine.unload_version(version)
+                await self._engine.unload_version(version)
             except VersionNotResidentError as e:
                 raise NotFoundError(str(e), code="version_not_found") from None
             except EngineError as e:
@@ -305,14 +329,14 @@ class VersionManager:
     async def load_initial(self, initial_version: int | None) -> VersionInfo | None:
         """Load and activate the start-up version: the one named, else the registry's latest."""
         if initial_version is None:
-            latest = await asyncio.to_thread(latest_version, self.registry_dir)
+            latest = await asyncio.to_thread(latest_version, self._registry_dir)
             if latest is None:
                 log.warning(
-                    "registry %s has no published version yet; waiting for one", self.registry_dir
+                    "registry %s has no published version yet; waiting for one", self._registry_dir
                 )
                 return None
             initial_version = latest.version
         return await self.load(initial_version, activate=True)
 
     def _publish_metrics(self) -> None:
-        self.metrics.set_versions(self.active(), len(self.resident()))
+        self._metrics.set_versions(self.active(), len(self.resident()))

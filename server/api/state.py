@@ -28,7 +28,7 @@ from smolora.server.prompt import PromptRenderer
 from smolora.server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from smolora.server.api.checkpoints.serving import VersionManager
+    from smolora.server.versions import VersionManager
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ServerState:
             or self.renderer is None
         ):
             return "the server is starting (loading the engine, tokenizer and instruction encoder)"
-        if self.engine.active_version() is None:
+        if self.versions.active() is None:
             return (
                 "no checkpoint version is active; publish one into the registry "
                 f"({self.settings.registry_dir}) or load one through the admin API"

@@ -48,7 +48,6 @@ from starlette.types import Receive, Scope, Send
 
 from smolora.server.api.access_log import AccessRecord
 from smolora.server.api.chat.protocol import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
-from smolora.server.api.checkpoints.serving import VersionManager
 from smolora.server.api.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -74,6 +73,7 @@ from smolora.server.instruction_source import (
     UnknownInstructionTypeError,
 )
 from smolora.server.prompt import PromptRenderer
+from smolora.server.versions import VersionManager
 
 log = logging.getLogger("smolora.server.chat")
 

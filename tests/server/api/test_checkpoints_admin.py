@@ -1,4 +1,5 @@
-"""Checkpoint admin endpoints, the registry watcher, /ready and /health (engine held by `ScriptedEngine`)."""
+"""Checkpoint admin endpoints, the registry watcher, /ready and /health (engine held by
+`ScriptedEngine`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import asyncio
 import shutil
 from pathlib import Path
 
-from smolora.server.api.checkpoints.serving import VersionManager
 from smolora.server.metrics import Metrics
 from smolora.server.registry_watch import RegistryWatcher
+from smolora.server.versions import VersionManager
 from tests.server.api.conftest import running_app
 from tests.server.api.helpers import (
     HashingEmbedder,
@@ -73,7 +74,8 @@ def test_load_activate_rollback_unload(tiny_model_dir: Path, tmp_path: Path) -> 
             json={"model": "tiny-llava", "messages": [user_message()], "max_tokens": 1},
         )
         assert chat.json()["smolora"]["version"] == 2
-        # Activating v3 (not resident) loads it; only 2 may be resident, so the oldest inactive (v1) goes.
+        # Activating v3 (not resident) loads it; only 2 may be resident, so the oldest inactive
+        # (v1) goes.
         r = client.post("/admin/checkpoints/activate", headers=ADMIN, json={"version": 3})
         assert r.json()["active"] == 3
         assert [v.version for v in engine.list_versions()] == [2, 3]
