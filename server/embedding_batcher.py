@@ -1,10 +1,9 @@
 """Group-commit batching of instruction-embedding calls made from many threads.
 
-Each chat request resolves its instruction in a worker thread. Encoding one uncached text
-with MiniLM costs about as much CPU as encoding a dozen in one batch (measured on the 2-core
-dev machine: 27 ms for one text, 57 ms for sixteen), so under concurrent load one
-encode per request would spend most of that CPU on per-call overhead, on the same cores
-that run the engine.
+Each chat request resolves its instruction in a worker thread. A MiniLM encode call has a
+large fixed cost: encoding a dozen texts in one call costs about as much CPU as encoding one
+(`bench/README.md`, History), so under concurrent load one encode per request would spend
+most of that CPU on per-call overhead, on the same cores that run the engine.
 
 `BatchedEncoder.encode_one` therefore queues the text; the first caller that finds no
 encode in flight becomes the leader, takes everything queued (up to `max_batch`) and

@@ -62,13 +62,13 @@ class AdapterLayout:
         trace_step_routes: in `per_step` mode, how many decode steps' VU routes are kept per
             request for the trace (0 keeps none; the prefill route is always kept).
         cpu_kernel_max_tokens: forward steps of at most this many tokens run the routed layers
-            through the compiled CPU kernel (`cpu_kernel.py`; float32 or bfloat16 on CPU, when a C compiler
-            is present); larger steps use grouped matmuls. 0 never uses the kernel. Measured
-            faster than grouped matmuls at every step size up to 1300 tokens at hidden 256
-            and 1024.
+            through the compiled CPU kernel (`routed_kernel.py`; float32 or bfloat16 on CPU,
+            when a C compiler is present); larger steps use grouped matmuls. 0 never uses
+            the kernel (the kernel is the faster path at every step size measured;
+            `bench/README.md`, History).
         cpu_overlap: "auto", "on" or "off": run the MLP layers' routed deltas (CPU kernel) on a
             helper thread while the worker runs the layer's base matmul
-            (`cpu_kernel.OverlapHelper`). "auto" does when the worker computes on one thread
+            (`overlap_helper.OverlapHelper`). "auto" does when the worker computes on one thread
             and a CPU outside its binding exists (vLLM keeps one for the engine core and the
             API server, which mostly wait on the worker while it runs a forward).
     """
