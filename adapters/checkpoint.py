@@ -6,7 +6,8 @@ adapted layers, the tasks learned in order, the instruction-type table, the trai
 config, evaluation metrics and the sha256 of every other file. A registry is a folder of
 versions `v0001-<task>/`, `v0002-<task>/`, ... plus a `latest` symlink; a version appears
 there only once complete (written aside, fsynced, renamed). Loading verifies hashes and
-refuses unknown format versions, other base models and corrupt files. Only JSON and
+refuses unknown format versions, other base models, corrupt files and manifests whose
+fields have the wrong types (checked when the manifest is read). Only JSON and
 safetensors are ever read: nothing is unpickled.
 
 It does not know how tensors map onto a model (see `smolora/model.py`) or watch folders
@@ -20,6 +21,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from smolora.adapters.config_dicts import config_from_dict, read_json_object
+from smolora.adapters.instructions import EMBED_DIM
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -56,6 +59,10 @@ class IntegrityError(CheckpointError):
 
 class BaseModelMismatchError(CheckpointError):
     """The checkpoint was trained on another base model."""
+
+
+class ManifestError(IntegrityError):
+    """A manifest field has the wrong type or value (the message names the field)."""
 
 
 @dataclass
@@ -91,12 +98,7 @@ class CheckpointManifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if not self.adapter_kind:
-            raise ValueError("adapter_kind is required")
-        if "fingerprint" not in self.base_model:
-            raise ValueError("base_model must carry a 'fingerprint'")
-        if not self.tasks:
-            raise ValueError("a checkpoint must name at least one learned task")
+        _check_manifest_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,6 +111,68 @@ class CheckpointManifest:
             UnknownFormatError,
             f"manifest (format_version {FORMAT_VERSION})",
         )
+
+
+def _check_manifest_fields(m: CheckpointManifest) -> None:
+    """Every field's type (and the few required values), so that a malformed manifest is
+    refused when it is read, never later by whoever uses the field.
+
+    Raises:
+        ManifestError: naming the field.
+    """
+
+    def bad(name: str, want: str, got: Any) -> ManifestError:
+        shown = repr(got)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return ManifestError(f"manifest field {name!r} must be {want} (got {shown})")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(m.adapter_kind, str) or not m.adapter_kind:
+        raise bad("adapter_kind", "a non-empty string", m.adapter_kind)
+    for name in ("adapter_config", "base_model", "training", "eval"):
+        value = getattr(m, name)
+        if not isinstance(value, dict):
+            raise bad(name, "a JSON object", value)
+    fingerprint = m.base_model.get("fingerprint")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise bad("base_model.fingerprint", "a non-empty string", fingerprint)
+    for name in ("layers", "tasks"):
+        value = getattr(m, name)
+        if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+            raise bad(name, "a list of non-empty strings", value)
+    if not m.tasks:
+        raise ManifestError("manifest field 'tasks' must name at least one learned task")
+    if not isinstance(m.instruction_types, list):
+        raise bad("instruction_types", "a list of instruction types", m.instruction_types)
+    for i, entry in enumerate(m.instruction_types):
+        where = f"instruction_types[{i}]"
+        if not isinstance(entry, dict):
+            raise bad(where, "a JSON object", entry)
+        for key in ("name", "text", "task"):
+            if not isinstance(entry.get(key), str) or not entry.get(key):
+                raise bad(f"{where}.{key}", "a non-empty string", entry.get(key))
+        emb = entry.get("embedding")
+        if (
+            not isinstance(emb, list)
+            or len(emb) != EMBED_DIM
+            or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in emb
+            )
+        ):
+            raise bad(f"{where}.embedding", f"a list of {EMBED_DIM} finite numbers", emb)
+    if m.version is not None and (not is_int(m.version) or m.version < 1):
+        raise bad("version", "a positive integer or null", m.version)
+    if m.created_at is not None and not isinstance(m.created_at, str):
+        raise bad("created_at", "a string or null", m.created_at)
+    if not isinstance(m.files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in m.files.items()
+    ):
+        raise bad("files", "an object of file name -> sha256 string", m.files)
+    if not is_int(m.format_version):
+        raise bad("format_version", "an integer", m.format_version)
 
 
 # Migrations from older format versions: version -> function producing the next version.
@@ -210,20 +274,30 @@ def read_manifest(path: str | Path) -> CheckpointManifest:
     """Parse a checkpoint's manifest (no hash checks).
 
     Raises:
-        IntegrityError: missing or unparsable manifest.
+        IntegrityError: missing or unparsable manifest (`ManifestError`: a field of the
+            wrong type or value).
         UnknownFormatError: an unsupported format_version.
     """
     p = Path(path) / MANIFEST
-    data = read_json_object(
-        p,
-        IntegrityError,
-        f"{path}: no {MANIFEST}; not a checkpoint folder, or still being written",
-        "manifest ",
-    )
+    try:
+        data = read_json_object(
+            p,
+            IntegrityError,
+            f"{path}: no {MANIFEST}; not a checkpoint folder, or still being written",
+            "manifest ",
+        )
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise IntegrityError(f"{p}: manifest is unreadable ({type(e).__name__})") from None
+    except ValueError as e:  # e.g. an integer too long to parse
+        if isinstance(e, CheckpointError):
+            raise
+        raise IntegrityError(f"{p}: manifest is not valid JSON ({e})") from None
     try:
         return CheckpointManifest.from_dict(data)
     except TypeError as e:
         raise IntegrityError(f"{p}: manifest is missing fields ({e})") from None
+    except ManifestError as e:
+        raise ManifestError(f"{p}: {e}") from None
 
 
 def verify_checkpoint(
@@ -248,7 +322,8 @@ def verify_checkpoint(
         actual = sha256_file(root / name)
         if actual != digest:
             raise IntegrityError(
-                f"{root / name}: sha256 {actual[:12]}… != manifest {digest[:12]}…; the file is corrupt or was modified"
+                f"{root / name}: sha256 {actual[:12]}… != manifest {digest[:12]}…; the file is "
+                "corrupt or was modified"
             )
     if (
         expected_fingerprint is not None
