@@ -43,8 +43,8 @@ class AdapterModel:
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """`{canonical_layer}.{tensor}` -> tensor (detached, contiguous, on CPU)."""
         return {
-            k: getattr(l, t).detach().to("cpu").contiguous()
-            for k, (l, t) in self._expected_keys().items()
+            k: getattr(layer, t).detach().to("cpu").contiguous()
+            for k, (layer, t) in self._expected_keys().items()
         }
 
     def load_adapter_state_dict(self, tensors: dict[str, Tensor]) -> None:
@@ -64,7 +64,8 @@ class AdapterModel:
             param = getattr(layer, t)
             if tuple(tensors[key].shape) != tuple(param.shape):
                 raise ValueError(
-                    f"{key}: checkpoint shape {tuple(tensors[key].shape)} != model shape {tuple(param.shape)}"
+                    f"{key}: checkpoint shape {tuple(tensors[key].shape)} != model shape "
+                    f"{tuple(param.shape)}"
                 )
         with torch.no_grad():
             for key, (layer, t) in expected.items():

@@ -78,9 +78,10 @@ def resolve_dtype(choice: str, device: str | torch.device = "cpu") -> str:
         return resolved
     if choice == "bfloat16" and not native:
         warnings.warn(
-            f"bfloat16 was requested but {torch.device(device)} has no native bfloat16 (CPU ISA {cpu_isa()}): "
-            f"it is emulated, and a bfloat16 matmul can run ~{EMULATED_BF16_SLOWDOWN}x slower than float32 on such a "
-            "CPU. Use dtype 'auto' or 'float32' unless you need bfloat16 numerics.",
+            f"bfloat16 was requested but {torch.device(device)} has no native bfloat16 (CPU ISA "
+            f"{cpu_isa()}): it is emulated, and a bfloat16 matmul can run "
+            f"~{EMULATED_BF16_SLOWDOWN}x slower than float32 on such a CPU. Use dtype 'auto' or "
+            "'float32' unless you need bfloat16 numerics.",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -63,10 +63,10 @@ _NON_LORA_PROJECTOR = re.compile(
 _BASE_PROJECTOR = {"0": "multi_modal_projector.linear_1", "2": "multi_modal_projector.linear_2"}
 
 REFERENCE_SEMANTICS: dict[str, str] = {
-    "vu_routing": "per_step: at a cached decode step the reference's layer input is the new token alone, "
-    "so its VU route is recomputed from that token",
-    "vu_mean": "unmasked: the reference averages the layer input over all positions, padding included; "
-    "it serves one request at a time (no padding), where this equals our masked mean",
+    "vu_routing": "per_step: at a cached decode step the reference's layer input is the new token "
+    "alone, so its VU route is recomputed from that token",
+    "vu_mean": "unmasked: the reference averages the layer input over all positions, padding "
+    "included; it serves one request at a time (no padding), where this equals our masked mean",
     "expert_order": "identical: experts 0..E/2-1 are VU, E/2..E-1 IF, in the reference and here",
 }
 
@@ -145,20 +145,22 @@ def instruction_table(
         default = cvit_instructions()
         if rows > len(default):
             raise ReferenceCheckpointError(
-                f"ins_emb has {rows} rows but the default CVIT list has {len(default)} instructions; "
-                "pass an instruction file with one instruction per row"
+                f"ins_emb has {rows} rows but the default CVIT list has {len(default)} "
+                "instructions; pass an instruction file with one instruction per row"
             )
         specs = default[:rows]
     else:
         specs = list(instructions)
         if len(specs) != rows:
             raise ReferenceCheckpointError(
-                f"{len(specs)} instructions given, but ins_emb has {rows} rows (one instruction per row, in row order)"
+                f"{len(specs)} instructions given, but ins_emb has {rows} rows (one instruction "
+                "per row, in row order)"
             )
     if tasks is not None:
         if len(tasks) != rows:
             raise ReferenceCheckpointError(
-                f"{len(tasks)} task names given, but ins_emb has {rows} rows (one task per row, in row order)"
+                f"{len(tasks)} task names given, but ins_emb has {rows} rows (one task per row, "
+                "in row order)"
             )
         specs = [InstructionSpec(t, s.text) for t, s in zip(tasks, specs)]
     names = [s.task.strip() for s in specs]
@@ -211,8 +213,9 @@ def projector_overrides(path: str | Path, base_dir: str | Path) -> dict[str, Ten
     unmapped = [k for k in state if not _NON_LORA_PROJECTOR.match(k)]
     if unmapped:
         raise ReferenceCheckpointError(
-            f"{path}: holds weights other than the projector's ({first_items(sorted(unmapped))}); this importer maps "
-            "only mm_projector.0 / .2 onto the base; merge the others into the base model yourself"
+            f"{path}: holds weights other than the projector's ({first_items(sorted(unmapped))}); "
+            "this importer maps only mm_projector.0 / .2 onto the base; merge the others into the "
+            "base model yourself"
         )
     out: dict[str, Tensor] = {}
     for key, t in sorted(state.items()):
@@ -222,7 +225,8 @@ def projector_overrides(path: str | Path, base_dir: str | Path) -> dict[str, Ten
         hits = [n for n in index if n == suffix or n.endswith("." + suffix)]
         if len(hits) != 1:
             raise ReferenceCheckpointError(
-                f"{path}: {key} maps to {suffix}, which the base {root} has {len(hits)} times (need exactly one)"
+                f"{path}: {key} maps to {suffix}, which the base {root} has {len(hits)} times "
+                "(need exactly one)"
             )
         with safe_open(str(index[hits[0]]), framework="pt") as fh:
             base = fh.get_tensor(hits[0])
@@ -280,7 +284,8 @@ def write_patched_base(
 # -- the whole conversion ------------------------------------------------------------------------
 @dataclass
 class ImportedCheckpoint:
-    """A converted reference checkpoint, ready for `publish_checkpoint(registry, tensors, manifest)`.
+    """A converted reference checkpoint, ready for `publish_checkpoint(registry, tensors,
+    manifest)`.
 
     Attributes:
         tensors: `{canonical_layer}.{tensor}` -> float32 tensor.
@@ -353,9 +358,9 @@ def convert_reference_checkpoint(
         for t, s in zip(table.types, similarity):
             if not s >= 0.95:
                 logger.warning(
-                    "instruction of %r embeds at cosine %.3f to its ins_emb row: the texts or their order may "
-                    "not be the ones the checkpoint was trained with (requests snapped to this type still "
-                    "route with the row)",
+                    "instruction of %r embeds at cosine %.3f to its ins_emb row: the texts or "
+                    "their order may not be the ones the checkpoint was trained with (requests "
+                    "snapped to this type still route with the row)",
                     t.name,
                     s,
                 )
@@ -367,9 +372,9 @@ def convert_reference_checkpoint(
         overrides = projector_overrides(non_lora, base)
         if overrides and patched_base_dir is None:
             raise ReferenceCheckpointError(
-                f"{non_lora}: the checkpoint was trained with its own projector weights ({first_items(sorted(overrides))} "
-                f"differ from {base}'s); pass a new folder for a patched copy of the base (--patch-base DIR) "
-                "and serve that folder"
+                f"{non_lora}: the checkpoint was trained with its own projector weights "
+                f"({first_items(sorted(overrides))} differ from {base}'s); pass a new folder for "
+                "a patched copy of the base (--patch-base DIR) and serve that folder"
             )
         if overrides:
             patched = write_patched_base(base, patched_base_dir, overrides)  # type: ignore[arg-type]

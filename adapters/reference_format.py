@@ -135,7 +135,8 @@ def read_reference_config(src: str | Path) -> ReferenceConfig:
     )
     if "expert_num" not in cfg:
         raise ReferenceCheckpointError(
-            f"{path}: no 'expert_num'; this is not a SMoLoRA adapter (peft_type {cfg.get('peft_type')!r})"
+            f"{path}: no 'expert_num'; this is not a SMoLoRA adapter (peft_type "
+            f"{cfg.get('peft_type')!r})"
         )
     e = _int_field(cfg, "expert_num", path)
     if e < 2 or e % 2:
@@ -145,7 +146,8 @@ def read_reference_config(src: str | Path) -> ReferenceConfig:
     r = _int_field(cfg, "r", path)
     if r <= 0 or r % e:
         raise ReferenceCheckpointError(
-            f"{path}: r={r} is not a positive multiple of expert_num={e} (each expert has rank r / expert_num)"
+            f"{path}: r={r} is not a positive multiple of expert_num={e} (each expert has rank r "
+            "/ expert_num)"
         )
     alpha = cfg.get("lora_alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
@@ -163,12 +165,13 @@ def read_reference_config(src: str | Path) -> ReferenceConfig:
     table = cfg.get("ins_emb")
     if table is None:
         raise ReferenceCheckpointError(
-            f"{path}: no 'ins_emb' instruction-embedding table; the IF experts cannot be routed without it"
+            f"{path}: no 'ins_emb' instruction-embedding table; the IF experts cannot be routed "
+            "without it"
         )
     if isinstance(table, str):
         raise ReferenceCheckpointError(
-            f"{path}: 'ins_emb' is a file name ({table!r}), not the table; write the [tasks x {EMBED_DIM}] "
-            "embedding rows into adapter_config.json's 'ins_emb' as a list of lists"
+            f"{path}: 'ins_emb' is a file name ({table!r}), not the table; write the [tasks x "
+            f"{EMBED_DIM}] embedding rows into adapter_config.json's 'ins_emb' as a list of lists"
         )
     try:
         emb = torch.tensor(table, dtype=torch.float64)
@@ -184,8 +187,9 @@ def read_reference_config(src: str | Path) -> ReferenceConfig:
         )
     if emb.shape[1] != EMBED_DIM:
         raise ReferenceCheckpointError(
-            f"{path}: 'ins_emb' rows have {emb.shape[1]} dims, but this server embeds instructions with "
-            f"all-MiniLM-L6-v2 ({EMBED_DIM} dims); a checkpoint routed by another encoder cannot be served"
+            f"{path}: 'ins_emb' rows have {emb.shape[1]} dims, but this server embeds "
+            f"instructions with all-MiniLM-L6-v2 ({EMBED_DIM} dims); a checkpoint routed by "
+            "another encoder cannot be served"
         )
     if not bool(emb.isfinite().all()):
         raise ReferenceCheckpointError(f"{path}: 'ins_emb' contains NaN or inf")
@@ -249,8 +253,8 @@ class BaseShapes:
         text, vision = getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)
         if text is None or vision is None:
             raise ReferenceCheckpointError(
-                f"{root}: model_type {getattr(cfg, 'model_type', '?')!r} has no text and vision config; "
-                "--base must be an HF LLaVA folder (LlavaForConditionalGeneration)"
+                f"{root}: model_type {getattr(cfg, 'model_type', '?')!r} has no text and vision "
+                "config; --base must be an HF LLaVA folder (LlavaForConditionalGeneration)"
             )
         layers = getattr(cfg, "vision_feature_layer", -2)
         n_feat = len(layers) if isinstance(layers, (list, tuple)) else 1
@@ -299,8 +303,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                 f"{p}: not a readable torch.save file (the weights-only reader stopped: {detail})"
             ) from None
         raise ReferenceCheckpointError(
-            f"{p}: holds pickled objects other than tensors, which are never unpickled here (unsupported global {m.group(1)}); "
-            "re-save it as a plain state dict (a dict of name -> tensor)"
+            f"{p}: holds pickled objects other than tensors, which are never unpickled here "
+            f"(unsupported global {m.group(1)}); re-save it as a plain state dict (a dict of name "
+            "-> tensor)"
         ) from None
     except Exception as e:  # a truncated or foreign file: zip, EOF, runtime errors
         raise ReferenceCheckpointError(
@@ -401,19 +406,22 @@ def map_reference_tensors(
         parts[canon][slot] = t
     if unknown:
         raise ReferenceCheckpointError(
-            f"{len(unknown)} keys are not SMoLoRA reference keys: {first_items(sorted(unknown))}; expected "
-            "base_model.model.<module>.{lora_A.loraA.<e>[.mlp].weight, lora_B.loraB.<e>[.mlp].weight, "
-            "lora_vu_gate.weight, lora_ins_gate.weight, lora_fc_A.weight, lora_fc_B.weight}"
+            f"{len(unknown)} keys are not SMoLoRA reference keys: {first_items(sorted(unknown))}; "
+            "expected base_model.model.<module>.{lora_A.loraA.<e>[.mlp].weight, "
+            "lora_B.loraB.<e>[.mlp].weight, lora_vu_gate.weight, lora_ins_gate.weight, "
+            "lora_fc_A.weight, lora_fc_B.weight}"
         )
     if unroutable:
         raise ReferenceCheckpointError(
-            f"adapted modules the engine cannot route: {first_items(sorted(set(unroutable)))}; only the decoder MLP "
-            "projections (layers.<i>.mlp.gate_proj/up_proj/down_proj) and mm_projector.0 / .2 can be imported"
+            f"adapted modules the engine cannot route: {first_items(sorted(set(unroutable)))}; "
+            "only the decoder MLP projections (layers.<i>.mlp.gate_proj/up_proj/down_proj) and "
+            "mm_projector.0 / .2 can be imported"
         )
     if conflicts:
         raise ReferenceCheckpointError(
-            f"an expert appears under two names with different tensors: {first_items(sorted(conflicts))}; "
-            "the '.loraA.<e>.weight' and '.loraA.<e>.mlp.weight' spellings must hold the same tensor"
+            "an expert appears under two names with different tensors: "
+            f"{first_items(sorted(conflicts))}; the '.loraA.<e>.weight' and "
+            "'.loraA.<e>.mlp.weight' spellings must hold the same tensor"
         )
     if not parts:
         raise ReferenceCheckpointError("the state dict holds no SMoLoRA tensors")
@@ -441,15 +449,16 @@ def map_reference_tensors(
     outside = [i for i in mlp_layers if i >= shapes.num_layers]
     if outside:
         raise ReferenceCheckpointError(
-            f"adapter tensors for decoder layers {outside[:4]}, but the base has {shapes.num_layers} layers"
+            f"adapter tensors for decoder layers {outside[:4]}, but the base has "
+            f"{shapes.num_layers} layers"
         )
     for kind in ("gate_proj", "up_proj", "down_proj"):
         have = {i for i in range(shapes.num_layers) if f"layers.{i}.mlp.{kind}" in parts}
         if have and len(have) != shapes.num_layers:
             lacking = sorted(set(range(shapes.num_layers)) - have)
             raise ReferenceCheckpointError(
-                f"{kind} is adapted in some decoder layers but not in layers {lacking[:6]}; the engine adapts a "
-                "projection in every layer or in none"
+                f"{kind} is adapted in some decoder layers but not in layers {lacking[:6]}; the "
+                "engine adapts a projection in every layer or in none"
             )
     if cfg.target_modules is not None:
         stray = sorted(
@@ -457,8 +466,9 @@ def map_reference_tensors(
         )
         if stray:
             raise ReferenceCheckpointError(
-                f"adapter_config.json's target_modules {cfg.target_modules!r} do not cover {first_items(stray)}, "
-                "which the adapter file adapts: the two files are not from the same run"
+                f"adapter_config.json's target_modules {cfg.target_modules!r} do not cover "
+                f"{first_items(stray)}, which the adapter file adapts: the two files are not from "
+                "the same run"
             )
 
     out: dict[str, Tensor] = {}
@@ -491,8 +501,9 @@ def map_reference_tensors(
         out[f"{canon}.fuse_if"] = got["fuse_if"][0].to(torch.float32)
     if problems:
         raise ReferenceCheckpointError(
-            f"tensors do not fit the base model (hidden {shapes.hidden}, intermediate {shapes.intermediate}, "
-            f"projector input {shapes.projector_in}; expert_num {e}, rank per expert {k}): "
+            f"tensors do not fit the base model (hidden {shapes.hidden}, intermediate "
+            f"{shapes.intermediate}, projector input {shapes.projector_in}; expert_num {e}, rank "
+            f"per expert {k}): "
             + "; ".join(problems[:6])
             + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
         )

@@ -116,8 +116,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--instructions",
         type=Path,
         default=None,
-        help="one instruction per ins_emb row: .json list (strings or {task, text}) or a text file, one per "
-        "line (default: the paper's CVIT single-type list)",
+        help="one instruction per ins_emb row: .json list (strings or {task, text}) or a text "
+        "file, one per line (default: the paper's CVIT single-type list)",
     )
     p.add_argument(
         "--tasks",
@@ -129,8 +129,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--patch-base",
         type=Path,
         default=None,
-        help="new folder for a copy of the base with the projector weights of non_lora_trainables.bin "
-        "(needed when they differ from the base's; serve that folder)",
+        help="new folder for a copy of the base with the projector weights of "
+        "non_lora_trainables.bin (needed when they differ from the base's; serve that folder)",
     )
     p.add_argument(
         "--no-instruction-check",

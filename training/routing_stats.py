@@ -86,12 +86,12 @@ def sharing(usage: dict[str, dict[str, dict[str, list[int]]]]) -> dict[str, Any]
             for b in tasks:
                 if kind == "both":
                     same = [
-                        major(a, l, "vu") == major(b, l, "vu")
-                        and major(a, l, "if") == major(b, l, "if")
-                        for l in layers
+                        major(a, name, "vu") == major(b, name, "vu")
+                        and major(a, name, "if") == major(b, name, "if")
+                        for name in layers
                     ]
                 else:
-                    same = [major(a, l, kind) == major(b, l, kind) for l in layers]
+                    same = [major(a, name, kind) == major(b, name, kind) for name in layers]
                 row.append(round(sum(same) / max(1, len(same)), 3))
             mat.append(row)
         res[kind] = mat

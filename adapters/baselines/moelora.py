@@ -26,7 +26,8 @@ class MoELoRAConfig(LoRAConfig):
         super().__post_init__()
         if self.num_experts < 1 or self.rank % self.num_experts:
             raise ValueError(
-                f"rank ({self.rank}) must be a positive multiple of num_experts ({self.num_experts})"
+                f"rank ({self.rank}) must be a positive multiple of num_experts "
+                f"({self.num_experts})"
             )
 
 

@@ -67,7 +67,8 @@ class SMoLoRAConfig:
             raise ValueError(f"num_experts must be even and >= 2, got {self.num_experts}")
         if self.rank < self.num_experts or self.rank % self.num_experts:
             raise ValueError(
-                f"rank ({self.rank}) must be a positive multiple of num_experts ({self.num_experts})"
+                f"rank ({self.rank}) must be a positive multiple of num_experts "
+                f"({self.num_experts})"
             )
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
@@ -81,7 +82,8 @@ class SMoLoRAConfig:
             raise ValueError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
         if self.router_training not in ("frozen_random", "learned"):
             raise ValueError(
-                f"router_training must be 'frozen_random' or 'learned', got {self.router_training!r}"
+                "router_training must be 'frozen_random' or 'learned', got "
+                f"{self.router_training!r}"
             )
 
     @property

@@ -183,7 +183,10 @@ class SMoLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"name={self.name}, experts={c.num_experts}, rank={c.rank}, image_side={self.image_side}"
+        return (
+            f"name={self.name}, experts={c.num_experts}, rank={c.rank}, "
+            f"image_side={self.image_side}"
+        )
 
 
 def dense_reference_delta(

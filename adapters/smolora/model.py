@@ -45,7 +45,7 @@ class SMoLoRAModel(AdapterModel):
     @contextlib.contextmanager
     def routing(self, ctx: RoutingContext) -> Iterator[RoutingContext]:
         """Scope in which every SMoLoRA layer reads `ctx`; restored on exit."""
-        previous = {n: l.context for n, l in self.layers.items()}
+        previous = {n: layer.context for n, layer in self.layers.items()}
         for layer in self.layers.values():
             layer.context = ctx
         try:

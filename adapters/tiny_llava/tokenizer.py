@@ -17,7 +17,8 @@ IMAGE_TOKEN = "<image>"
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
     "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
     "{%- if message['role'] == 'system' -%}"
     "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + '\\n' }}{%- endfor -%}"

@@ -210,7 +210,8 @@ TASK_WORDS = (
 #: mini-CVIT instruction templates (training/data/tasks.py), so they tokenize compactly.
 MINI_CVIT_TEMPLATES = (
     "Answer with the option's letter from the given choices directly.",
-    "Select the correct answer from the given choices and respond with the letter of the chosen option.",
+    "Select the correct answer from the given choices and respond with the letter of the chosen "
+    "option.",
     "Choose the right option and reply with its letter only.",
     "Pick the correct choice and answer with just its letter.",
     "From the options above, give the letter of the correct answer.",

@@ -45,8 +45,9 @@ def test_forced_avx2_resolves_auto_to_float32_and_warns_on_explicit_bfloat16() -
         "from smolora.adapters.precision import resolve_dtype, cpu_isa, native_bfloat16\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    explicit = resolve_dtype('bfloat16')\n"
-        "print(json.dumps({'isa': cpu_isa(), 'native': native_bfloat16(), 'auto': resolve_dtype('auto'),\n"
-        "                  'explicit': explicit, 'warnings': [str(x.message) for x in w]}))"
+        "print(json.dumps({'isa': cpu_isa(), 'native': native_bfloat16(),\n"
+        "                  'auto': resolve_dtype('auto'), 'explicit': explicit,\n"
+        "                  'warnings': [str(x.message) for x in w]}))"
     )
     got = _child(code, FORCED_AVX2)
     assert got["isa"] == "AVX2" and got["native"] is False and got["auto"] == "float32"

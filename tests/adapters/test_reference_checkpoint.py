@@ -182,7 +182,7 @@ def test_instruction_files(tmp_path: Path) -> None:
         read_instruction_file(bad)
 
 
-# -- non_lora_trainables.bin ------------------------------------------------------------------------
+# -- non_lora_trainables.bin -----------------------------------------------------------------------
 def _projector(base: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(base / "model.safetensors"), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if "multi_modal_projector" in k}
@@ -253,7 +253,7 @@ def test_non_lora_trainables_with_other_weights_are_refused(
         _convert(ref, tiny_model_dir)
 
 
-# -- refusals ------------------------------------------------------------------------------------------
+# -- refusals --------------------------------------------------------------------------------------
 class Evil:
     """Unpickling this would run a command; `weights_only=True` must refuse it."""
 

@@ -91,7 +91,8 @@ def test_routes_and_output_match_longhand_formula() -> None:
 
 
 def test_one_hot_routing_equals_plain_lora() -> None:
-    """With zero fusion vectors (w = 1/2 each), a routed request is a plain LoRA of its two experts."""
+    """With zero fusion vectors (w = 1/2 each), a routed request is a plain LoRA of its two
+    experts."""
     layer = make_layer()
     with torch.no_grad():
         layer.fuse_vu.zero_()

@@ -40,7 +40,7 @@ def test_default_targets_are_mlp_projections_and_projector(tiny_model_dir) -> No
         [f"layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
         + ["projector.linear_1", "projector.linear_2"]
     )
-    assert all(l.image_side == n.startswith("projector.") for n, l in smodel.layers.items())
+    assert all(layer.image_side == n.startswith("projector.") for n, layer in smodel.layers.items())
     assert all(
         not p.requires_grad
         for n, p in smodel.model.named_parameters()

@@ -105,7 +105,8 @@ def test_loader_reads_llava_training_records(tmp_path: Path) -> None:
             "conversations": [
                 {
                     "from": "human",
-                    "value": "<image>\nWhat is the man holding?\nAnswer the question using a single word or phrase.",
+                    "value": "<image>\nWhat is the man holding?\n"
+                    "Answer the question using a single word or phrase.",
                 },
                 {"from": "gpt", "value": "umbrella"},
             ],
@@ -116,7 +117,8 @@ def test_loader_reads_llava_training_records(tmp_path: Path) -> None:
             "conversations": [
                 {
                     "from": "human",
-                    "value": "Which is a mammal?\nA. frog\nB. dog\nAnswer with the option's letter from the given choices directly.\n<image>",
+                    "value": "Which is a mammal?\nA. frog\nB. dog\n"
+                    "Answer with the option's letter from the given choices directly.\n<image>",
                 },
                 {"from": "gpt", "value": "B"},
                 {"from": "human", "value": "second turn is ignored"},

@@ -44,12 +44,12 @@ def test_a_task_reusing_an_instruction_trains_only_its_own_vu_expert(
 
     method.prepare_task(1, "gqa", gqa, probe=None)
     method.begin_task(1, "gqa")
-    text = [n for n, l in layers.items() if not l.image_side]
+    text = [n for n, layer in layers.items() if not layer.image_side]
     for name, layer in layers.items():
         # GQA keeps TextVQA's IF expert (same instruction) and may not change it.
         assert method.trainable_experts(name) == ([] if layer.image_side else [1]), name
         assert not layer.fuse_vu.requires_grad and not layer.fuse_if.requires_grad
-    assert all(p.requires_grad for l in layers.values() for p in (l.lora_A, l.lora_B))
+    assert all(p.requires_grad for layer in layers.values() for p in (layer.lora_A, layer.lora_B))
 
     with torch.no_grad():  # non-zero B everywhere, so that every routed expert gets gradient
         for layer in layers.values():

@@ -237,7 +237,8 @@ def load_split(
     path = task_file(root, setting, task, split)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing: build mini-CVIT first (python -m smolora.training build-data --out {root})"
+            f"{path} is missing: build mini-CVIT first (python -m smolora.training build-data "
+            f"--out {root})"
         )
     spec = TASKS.get(task)
     known = (spec.templates + spec.heldout) if spec else ()

@@ -84,7 +84,8 @@ TASKS: dict[str, TaskSpec] = {
             "letter",
             (
                 "Answer with the option's letter from the given choices directly.",
-                "Select the correct answer from the given choices and respond with the letter of the chosen option.",
+                "Select the correct answer from the given choices and respond with the letter of "
+                "the chosen option.",
                 "Choose the right option and reply with its letter only.",
                 "Pick the correct choice and answer with just its letter.",
                 "From the options above, give the letter of the correct answer.",
@@ -140,7 +141,8 @@ TASKS: dict[str, TaskSpec] = {
             "accuracy",
             "short",
             (
-                "What is the object in the image? Answer the question using a single word or phrase.",
+                "What is the object in the image? Answer the question using a single word or "
+                "phrase.",
                 "Identify the object in the picture and name its category in one word.",
                 "Which class does the main object belong to? Reply with the class name.",
                 "Name the object shown in the image.",
@@ -196,9 +198,12 @@ TASKS: dict[str, TaskSpec] = {
             (
                 "When the provided information is insufficient, respond with 'Unanswerable'. "
                 + SHORT,
-                "If the image cannot answer the question, reply 'unanswerable'; otherwise answer briefly.",
-                "Answer in a word or phrase, or say 'unanswerable' when the picture does not show it.",
-                "Reply briefly; say 'unanswerable' if the question cannot be answered from the image.",
+                "If the image cannot answer the question, reply 'unanswerable'; otherwise answer "
+                "briefly.",
+                "Answer in a word or phrase, or say 'unanswerable' when the picture does not show "
+                "it.",
+                "Reply briefly; say 'unanswerable' if the question cannot be answered from the "
+                "image.",
                 "Give a short answer, or 'unanswerable' when it is not visible.",
             ),
             (
