@@ -111,7 +111,8 @@ class InstructionType:
         emb = tuple(float(x) for x in d["embedding"])
         if len(emb) != EMBED_DIM:
             raise ValueError(
-                f"instruction type {d.get('name')!r}: embedding has {len(emb)} dims, expected {EMBED_DIM}"
+                f"instruction type {d.get('name')!r}: embedding has {len(emb)} dims, expected "
+                f"{EMBED_DIM}"
             )
         return cls(name=str(d["name"]), text=str(d["text"]), task=str(d["task"]), embedding=emb)
 
