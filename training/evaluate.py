@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ MaskHook = Callable[[Tensor | None], None]
 class BatchScope(Protocol):
     """Opens whatever a forward of this batch needs (e.g. a SMoLoRA routing context)."""
 
-    def __call__(self, batch: dict[str, Any]) -> ContextManager[MaskHook]: ...
+    def __call__(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager[MaskHook]: ...
 
 
 @contextlib.contextmanager
@@ -50,7 +50,8 @@ class TaskResult:
 
     Attributes:
         task: task name.
-        score: 0-100 (accuracy, or CIDEr-D x 10 for captions).
+        score: 0-100, the balanced scale (accuracy, or CIDEr-D x 10 for captions; see
+            `metrics.py` for the paper's scale).
         format_rate: 0-100 share of answers that follow the instruction's format.
         n: examples evaluated.
         metric: "accuracy" or "cider".
@@ -123,7 +124,7 @@ def score_predictions(
     raw = None
     if spec.metric == "cider":
         raw = sum(metrics.cider_d(predictions, refs)) / max(1, len(predictions))
-        score = 10.0 * raw
+        score = metrics.BALANCED_CIDER_SCALE * raw
     else:
         correct = [
             metrics.score_answer(p, r, spec.answer_format) for p, r in zip(predictions, refs)

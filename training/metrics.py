@@ -5,9 +5,12 @@ parsing, CIDEr-D, the format check behind MIF, and the matrix metrics AP, MAP an
 an accuracy matrix `a[t][i]` (score on task i after training task t; entries for tasks not
 yet seen are None). What it does not do: generate answers (see `evaluate.py`).
 
-Conventions: all scores are on a 0-100 scale. A caption task's score is CIDEr-D x 10, i.e.
-CIDEr-D's 0-10 range (10 = the candidate equals every reference) mapped onto 0-100, so one
-caption task cannot outweigh the accuracy tasks in AP; the raw CIDEr-D is reported as well.
+Two scales. The *balanced* scale (what evaluation stores as a task's `score`) puts every task
+on 0-100: accuracy in %, a caption task's CIDEr-D x 10 (CIDEr-D's 0-10 range, 10 = the
+candidate equals every reference), so one caption task cannot outweigh the accuracy tasks.
+The *paper* scale is how the paper prints and averages its table: accuracy in %, CIDEr-D
+x 100 (Flickr30k 151.99). `AP`, `MAP` and `BWT` are the paper's (`continual_metrics`),
+`AP_balanced`, `MAP_balanced` and `BWT_balanced` the same formulas on the balanced scale.
 """
 
 from __future__ import annotations
@@ -203,3 +206,69 @@ def mean_instruction_following(format_rates: Sequence[float]) -> float:
     if not format_rates:
         raise ValueError("MIF needs at least one task")
     return sum(format_rates) / len(format_rates)
+
+
+# --------------------------------------------------------------------------------------
+# The paper's scale and the balanced one
+# --------------------------------------------------------------------------------------
+#: Balanced score = CIDEr-D x BALANCED_CIDER_SCALE (0-100 like an accuracy).
+BALANCED_CIDER_SCALE = 10.0
+#: Paper score = CIDEr-D x PAPER_CIDER_SCALE (the paper's Flickr30k column, e.g. 151.99).
+PAPER_CIDER_SCALE = 100.0
+
+
+def to_paper_scale(matrix: Matrix, caption_tasks: Sequence[bool]) -> list[list[float | None]]:
+    """A balanced-scale matrix (or one row, as a 1 x T matrix) on the paper's scale.
+
+    Args:
+        matrix: rows of scores, caption columns as CIDEr-D x 10.
+        caption_tasks: per column, whether it is a caption (CIDEr-D) task.
+
+    Returns:
+        The same matrix with caption columns as CIDEr-D x 100 (None entries kept).
+    """
+    factor = PAPER_CIDER_SCALE / BALANCED_CIDER_SCALE
+    out = []
+    for row in matrix:
+        if len(row) != len(caption_tasks):
+            raise ValueError("one caption flag per matrix column is required")
+        out.append(
+            [
+                None if x is None else float(x) * (factor if cap else 1.0)
+                for x, cap in zip(row, caption_tasks)
+            ]
+        )
+    return out
+
+
+def continual_metrics(matrix: Matrix, caption_tasks: Sequence[bool]) -> dict[str, float | None]:
+    """AP / MAP / BWT on the paper's scale and on the balanced one.
+
+    Args:
+        matrix: a_{t,i} on the balanced scale (as evaluation stores it): T x T for a
+            sequential method, or a single row for joint training (MAP and BWT undefined).
+        caption_tasks: per task, whether it is scored by CIDEr-D.
+
+    Returns:
+        {"AP", "MAP", "BWT"} (paper scale) and {"AP_balanced", "MAP_balanced",
+        "BWT_balanced"}; MAP and BWT are None for a single-row matrix over several tasks.
+    """
+    paper = to_paper_scale(matrix, caption_tasks)
+    out: dict[str, float | None] = {}
+    for suffix, mat in (("", paper), ("_balanced", [list(r) for r in matrix])):
+        square = len(mat) == len(mat[-1])
+        if square:
+            out["AP" + suffix] = average_performance(mat)
+            out["MAP" + suffix] = mean_average_performance(mat)
+            out["BWT" + suffix] = backward_transfer(mat)
+        else:
+            last = [float(x) for x in mat[-1] if x is not None]
+            out["AP" + suffix] = sum(last) / len(last)
+            out["MAP" + suffix] = None
+            out["BWT" + suffix] = None
+    return out
+
+
+def paper_scale_score(score: float, metric: str) -> float:
+    """One balanced-scale task score on the paper's scale (`metric` "cider" or "accuracy")."""
+    return score * (PAPER_CIDER_SCALE / BALANCED_CIDER_SCALE) if metric == "cider" else score

@@ -10,7 +10,8 @@ After the sequence, the final model is evaluated on the unseen tasks (zero-shot;
 by short fine-tunes that are then undone) and on held-out instruction paraphrases.
 
 Resuming: versions in the registry whose manifest carries this run's `run_key` and base
-fingerprint are the completed stages; their tensors and rows are loaded and training continues after them.
+fingerprint are the completed stages; their tensors and rows are loaded and training
+continues after them.
 Every stage seeds its data order and dropout from (seed, task), so a resumed run equals an
 uninterrupted one. This module does not define adapters or methods (see `methods/`).
 """
@@ -96,6 +97,7 @@ class ContinualTrainer:
         self.method: ContinualMethod = build_method(run, self.instructions)
         self.method.attach(self.model)
         self.method.probe = self._probe
+        self.method.loss = self._loss
         self.model.eval()
         self.train_sets = {
             t: load_split(run.data_root, run.setting, t, "train", run.train_limit)
@@ -108,6 +110,8 @@ class ContinualTrainer:
         self.stages = self._stages()
         self.rows: list[dict[str, dict[str, Any]]] = []
         self.stage_log: list[dict[str, Any]] = []
+        #: Examples generated and seconds spent by evaluation in this process.
+        self.eval_examples, self.eval_seconds = 0, 0.0
 
     # -- plan -------------------------------------------------------------------------
     def _stages(self) -> list[Stage]:
@@ -178,14 +182,17 @@ class ContinualTrainer:
             losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.3f}")
         self.model.eval()
+        seconds = time.perf_counter() - start
         method.end_task(index, stage.name, stage.examples)
         tail = losses[-max(1, len(losses) // 10) :]
         return {
             "stage": index,
             "name": stage.name,
             "steps": total,
+            "examples": total * opt_cfg.batch_size * opt_cfg.grad_accum,
             "loss": sum(tail) / len(tail),
-            "seconds": time.perf_counter() - start,
+            "seconds": seconds,
+            "end_task_seconds": time.perf_counter() - start - seconds,
         }
 
     @torch.no_grad()
@@ -211,6 +218,15 @@ class ContinualTrainer:
                 self.model(**tensors, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
         self.model.train(was_training)
 
+    def _loss(self, examples: list[Example]) -> torch.Tensor:
+        """The training loss of `examples` (answer tokens), with grad, under the method's
+        scope, in the model's current mode (see `ContinualMethod.loss`)."""
+        batch = self.encoder.collate_train(examples)
+        tensors = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with self._autocast(), self.method.scope(batch) as set_mask:
+            set_mask(tensors["attention_mask"])
+            return self.model(**tensors).loss
+
     def _state_path(self) -> Path:
         return self.run.out_dir / "method_state.pt"
 
@@ -225,8 +241,9 @@ class ContinualTrainer:
     def evaluate(self, task: str, examples: list[Example]) -> TaskResult:
         """Evaluate one task with the weights the method picks for it."""
         texts = sorted({ex.instruction for ex in examples})
+        start = time.perf_counter()
         with self.method.evaluation(task, texts):
-            return evaluate_task(
+            result = evaluate_task(
                 self.model,
                 self.encoder,
                 examples,
@@ -235,6 +252,9 @@ class ContinualTrainer:
                 spec=TASKS.get(task),
                 progress=self.progress,
             )
+        self.eval_seconds += time.perf_counter() - start
+        self.eval_examples += len(examples)
+        return result
 
     def _row(self, seen: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         return {t: self.evaluate(t, self.test_sets[t]).summary() for t in seen}
@@ -355,15 +375,14 @@ class ContinualTrainer:
     def _final(self, train_seconds: float) -> dict[str, Any]:
         score, fmt = self._matrices()
         self._write_matrix()
-        square = len(score) == len(self.run.tasks)
         final_row = self.rows[-1]
+        captions = [final_row[t].get("metric") == "cider" for t in self.run.tasks]
         res: dict[str, Any] = {
             "method": self.method.name,
             "setting": self.run.setting,
             "tasks": list(self.run.tasks),
-            "AP": metrics.average_performance(score) if square else sum(score[-1]) / len(score[-1]),  # type: ignore[arg-type]
-            "MAP": metrics.mean_average_performance(score) if square else None,
-            "BWT": metrics.backward_transfer(score) if square else None,
+            # AP/MAP/BWT on the paper's scale, *_balanced on the matrix's (see metrics.py).
+            **metrics.continual_metrics(score, captions),
             "MIF": metrics.mean_instruction_following([float(x) for x in fmt[-1] if x is not None]),
             "matrix": score,
             "format_matrix": fmt,
@@ -375,10 +394,11 @@ class ContinualTrainer:
         if ev.unseen:
             res["unseen"] = self._unseen()
         if ev.robustness:
-            res["robustness"] = self._robustness(res["AP"])
+            res["robustness"] = self._robustness(res["AP"], res["AP_balanced"])
         if isinstance(self.method.adapter, SMoLoRAModel):
             res["routing"] = self._routing()
         res["runtime_s"] = train_seconds + time.perf_counter() - start
+        res["throughput"] = self._throughput()
         res["config"] = self.run.to_dict()
         return res
 
@@ -421,15 +441,39 @@ class ContinualTrainer:
         }
         return {"sharing": sharing(usage), "usage": usage}
 
-    def _robustness(self, ap_seen: float) -> dict[str, Any]:
+    def _robustness(self, ap_seen: float, ap_seen_balanced: float) -> dict[str, Any]:
+        """The final model on held-out instruction paraphrases: `AP_heldout` on the paper's
+        scale, `AP_heldout_balanced` on the balanced one (see metrics.py)."""
         per = {}
         for task in self.run.tasks:
             held = load_split(
                 self.run.data_root, self.run.setting, task, "test_heldout", self.run.eval.test_limit
             )
             per[task] = self.evaluate(task, held).summary()
-        ap_held = sum(r["score"] for r in per.values()) / len(per)
-        return {"AP_heldout": ap_held, "AP_seen": ap_seen, "per_task": per}
+        paper = [metrics.paper_scale_score(r["score"], r["metric"]) for r in per.values()]
+        return {
+            "AP_heldout": sum(paper) / len(paper),
+            "AP_heldout_balanced": sum(r["score"] for r in per.values()) / len(per),
+            "AP_seen": ap_seen,
+            "AP_seen_balanced": ap_seen_balanced,
+            "per_task": per,
+        }
+
+    def _throughput(self) -> dict[str, float | None]:
+        """Training examples/s over the sequence's stages (also stages loaded on resume,
+        from their logs) and evaluation (generated answers) examples/s in this process."""
+        examples = sum(log.get("examples", 0) for log in self.stage_log)
+        seconds = sum(log.get("seconds", 0.0) for log in self.stage_log if "examples" in log)
+        return {
+            "train_examples": examples,
+            "train_seconds": round(seconds, 3),
+            "train_examples_per_s": examples / seconds if seconds > 0 else None,
+            "eval_examples": self.eval_examples,
+            "eval_seconds": round(self.eval_seconds, 3),
+            "eval_examples_per_s": (
+                self.eval_examples / self.eval_seconds if self.eval_seconds > 0 else None
+            ),
+        }
 
 
 def train_method(run: RunConfig, progress: bool = True) -> dict[str, Any]:
