@@ -450,17 +450,23 @@
     card.replaceChildren(...parts);
   }
 
+  // "layers.0.mlp.gate_proj" -> "L0 mlp.gate", "projector.linear_1" -> "proj.linear_1" (full name on hover).
+  function shortLayer(name) {
+    return name.replace(/^(?:model\.)?layers\.(\d+)\./, "L$1 ").replace(/^projector\./, "proj.").replace(/_proj$/, "");
+  }
+
   function routeGrid(layers, numExperts, otherLayers, vuRouting) {
     const half = Math.floor(numExperts / 2);
+    const compact = numExperts > 8; // narrow cells, weights only as shading and in the tooltips
     const other = new Map((otherLayers || []).map((l) => [l.layer, l]));
-    const table = el("table", { class: "route-grid", "data-layers": layers.length, "data-experts": numExperts });
+    const table = el("table", { class: "route-grid" + (compact ? " compact" : ""), "data-layers": layers.length, "data-experts": numExperts });
     const top = el(
       "tr",
       {},
       el("th", { rowSpan: 2, class: "layer-col", text: "layer" }),
-      el("th", { colSpan: half, class: "vu group", text: "VU experts (image)" }),
-      el("th", { colSpan: numExperts - half, class: "if group", text: "IF experts (instruction)" }),
-      el("th", { rowSpan: 2, class: "fusion-col", text: "w_vu : w_if" }),
+      el("th", { colSpan: half, class: "vu group", text: compact ? "VU (image)" : "VU experts (image)" }),
+      el("th", { colSpan: numExperts - half, class: "if group", text: compact ? "IF (instruction)" : "IF experts (instruction)" }),
+      compact ? null : el("th", { rowSpan: 2, class: "fusion-col", text: "w_vu : w_if" }),
     );
     const ids = el("tr", {});
     for (let e = 0; e < numExperts; e++) ids.append(el("th", { class: e < half ? "vu id" : "if id", text: e }));
@@ -469,15 +475,16 @@
     for (const l of layers) {
       const o = other.get(l.layer);
       const row = el("tr", { "data-layer": l.layer, "data-vu": l.vu_expert, "data-if": l.if_expert });
-      row.append(el("th", { class: "layer-name", title: l.layer, text: l.layer }));
+      row.append(el("th", { class: "layer-name", title: l.layer, text: shortLayer(l.layer) }));
       for (let e = 0; e < numExperts; e++) {
         const kind = e < half ? "vu" : "if";
-        const td = el("td", { class: "cell " + kind });
+        const td = el("td", { class: "cell " + kind, "data-expert": e });
         const chosen = kind === "vu" ? l.vu_expert === e : l.if_expert === e;
         if (chosen) {
           const w = kind === "vu" ? l.w_vu : l.w_if;
           td.classList.add("chosen");
-          td.textContent = w.toFixed(2);
+          td.dataset.w = w.toFixed(2);
+          if (!compact) td.textContent = w.toFixed(2);
           td.title = `${l.layer}: ${kind.toUpperCase()} expert ${e}, mean fusion weight ${w.toFixed(3)}`;
           td.style.backgroundColor = kind === "vu" ? `rgba(20, 110, 190, ${0.15 + 0.85 * w})` : `rgba(225, 110, 20, ${0.15 + 0.85 * w})`;
           if (w > 0.55) td.classList.add("strong");
@@ -488,7 +495,8 @@
       const bar = el("span", { class: "fusion-bar" }, el("span", { class: "vu-part" }), el("span", { class: "if-part" }));
       bar.firstChild.style.width = `${(100 * l.w_vu).toFixed(1)}%`;
       bar.lastChild.style.width = `${(100 * l.w_if).toFixed(1)}%`;
-      row.append(el("td", { class: "fusion", title: `w_vu ${l.w_vu.toFixed(3)} · w_if ${l.w_if.toFixed(3)}` }, bar));
+      const weights = el("span", { class: "fusion-text", text: `${l.w_vu.toFixed(2)} : ${l.w_if.toFixed(2)}` });
+      if (!compact) row.append(el("td", { class: "fusion", title: `w_vu ${l.w_vu.toFixed(3)} · w_if ${l.w_if.toFixed(3)}` }, weights, bar));
       body.append(row);
     }
     table.append(body);
@@ -546,9 +554,11 @@
     const row = ev.row && typeof ev.row === "object" ? ev.row : null;
     if (row) {
       for (const [task, m] of Object.entries(row)) {
-        const score = m && typeof m === "object" ? m.score : m;
-        const extra = m && typeof m === "object" && m.format_rate !== undefined ? ` (format ${fmtNumber(m.format_rate)})` : "";
-        list.append(el("li", { text: `${task}: ${fmtNumber(score)}${extra}` }));
+        const obj = m && typeof m === "object" ? m : { score: m };
+        const metric = obj.metric ? `${obj.metric} ` : "";
+        const extra = obj.format_rate !== undefined ? ` · format ${fmtNumber(obj.format_rate)}` : "";
+        const n = obj.n !== undefined ? ` · n ${obj.n}` : "";
+        list.append(el("li", { text: `${task}: ${metric}${fmtNumber(obj.score)}${extra}${n}` }));
       }
     }
     for (const [k, v] of Object.entries(ev)) {
@@ -714,11 +724,18 @@
     label(`${maxTput.toFixed(0)} tok/s`, { x: width - 4, y: pad.t + 4, class: "axis-label", "text-anchor": "end" });
     label(`-${Math.round(t1 - t0)} s`, { x: pad.l, y: height - 6, class: "axis-label" });
     label("now", { x: width - pad.r, y: height - 6, class: "axis-label", "text-anchor": "end" });
-    for (const ev of state.events.values()) {
-      if (ev.t < t0 || ev.t > t1 + 5) continue;
+    const lanes = []; // per text row, the [start, end] x ranges its labels already take
+    const shown = [...state.events.values()].filter((ev) => ev.t >= t0 && ev.t <= t1 + 5).sort((a, b) => a.t - b.t);
+    for (const ev of shown) {
       const ex = Math.min(x(ev.t), width - pad.r);
       node.append(svg("line", { x1: ex, x2: ex, y1: pad.t, y2: height - pad.b, class: "event " + ev.kind }));
-      label(ev.label, { x: ex + 3, y: pad.t + 10 + (ev.kind === "activate" ? 12 : 0), class: "event-label " + ev.kind });
+      const w = 6 * ev.label.length; // about 6 px per character at 10 px
+      const right = ex + 3 + w > width - 4; // near the right edge: text to the left of the line
+      const span = right ? [ex - 3 - w, ex - 3] : [ex + 3, ex + 3 + w];
+      let lane = lanes.findIndex((taken) => taken.every(([a, b]) => span[1] < a - 4 || span[0] > b + 4));
+      if (lane < 0) lane = lanes.push([]) - 1;
+      lanes[lane].push(span);
+      label(ev.label, { x: right ? span[1] : span[0], y: pad.t + 10 + 12 * lane, class: "event-label " + ev.kind, "text-anchor": right ? "end" : "start" });
     }
     const line = (key, scale, cls) => {
       const pts = h.filter((p) => p[key] !== null && p[key] !== undefined).map((p) => `${x(p.t).toFixed(1)},${scale(p[key]).toFixed(1)}`);
@@ -747,14 +764,14 @@
       numExperts = Math.max(2 * (maxVu + 1), maxIf + 1);
     }
     const half = Math.floor(numExperts / 2);
-    const table = el("table", { class: "route-grid usage-grid", "data-layers": usage.length, "data-experts": numExperts });
+    const table = el("table", { class: "route-grid usage-grid" + (numExperts > 8 ? " dense" : ""), "data-layers": usage.length, "data-experts": numExperts });
     const top = el("tr", {}, el("th", { rowSpan: 2, class: "layer-col", text: "layer" }), el("th", { colSpan: half, class: "vu group", text: "VU" }), el("th", { colSpan: numExperts - half, class: "if group", text: "IF" }));
     const ids = el("tr", {});
     for (let e = 0; e < numExperts; e++) ids.append(el("th", { class: e < half ? "vu id" : "if id", text: e }));
     table.append(el("thead", {}, top, ids));
     const body = el("tbody");
     for (const u of usage) {
-      const row = el("tr", { "data-layer": u.layer }, el("th", { class: "layer-name", title: u.layer, text: u.layer }));
+      const row = el("tr", { "data-layer": u.layer }, el("th", { class: "layer-name", title: u.layer, text: shortLayer(u.layer) }));
       const totals = { vu: 0, if: 0 };
       for (const kind of ["vu", "if"]) for (const n of Object.values(u[kind] || {})) totals[kind] += n;
       for (let e = 0; e < numExperts; e++) {
