@@ -735,7 +735,7 @@
       let lane = lanes.findIndex((taken) => taken.every(([a, b]) => span[1] < a - 4 || span[0] > b + 4));
       if (lane < 0) lane = lanes.push([]) - 1;
       lanes[lane].push(span);
-      label(ev.label, { x: right ? span[1] : span[0], y: pad.t + 10 + 12 * lane, class: "event-label " + ev.kind, "text-anchor": right ? "end" : "start" });
+      label(ev.label, { x: right ? span[1] : span[0], y: pad.t + 22 + 12 * lane, class: "event-label " + ev.kind, "text-anchor": right ? "end" : "start" });
     }
     const line = (key, scale, cls) => {
       const pts = h.filter((p) => p[key] !== null && p[key] !== undefined).map((p) => `${x(p.t).toFixed(1)},${scale(p[key]).toFixed(1)}`);

@@ -153,3 +153,17 @@ def test_versions_view_carries_manifest_eval_and_no_paths(
     assert v["eval"] == {"row": row} and v["num_experts"] == 8 and v["tasks"] == ["vqa"]
     assert v["active"] and v["resident"] and v["created_at"]
     assert str(tmp_path) not in str(out) and "path" not in v and "registry" not in out
+
+
+def test_base_only_server_has_the_console_without_versions(tiny_model_dir: Path) -> None:
+    with running_app(tiny_model_dir, None, adapters=False) as (client, _, _):
+        assert client.get("/console").status_code == 200
+        out = client.get("/console/api/versions").json()
+        assert out == {
+            "adapters": False,
+            "active": None,
+            "latest": None,
+            "history": [],
+            "versions": [],
+        }
+        assert client.get("/console/api/metrics").json()["active_version"] is None
