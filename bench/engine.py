@@ -1,123 +1,40 @@
 """Benchmark the vLLM-backed SMoLoRA engine; writes bench/results/engine.json.
 
-Measures, in one run on one machine:
-- throughput (output tokens/s) of N concurrent image requests through the engine with
-  SMoLoRA routing (pinned), vs the same engine and workload with adapters disabled
-  (`routed_vs_base`, target >= 0.85);
-- the same workload through the HF reference (`adapters/reference_generate.py`), one request
-  at a time, as the paper's code serves (`routed_vs_hf_reference`, target >= 10);
+Measures, in one run on one machine, with the same model, load and vLLM engine arguments:
+- output tokens/s of N concurrent image requests through the engine with SMoLoRA routing
+  (pinned), against the same engine with adapters off (`routed_vs_base`, target >= 0.85),
+  with the overlap helper off too (`without_overlap`);
+- the peer: vLLM's own multi-LoRA on the same engine and model (`bench/vllm_lora.py`: one
+  plain LoRA of the routed adapter's total rank on gate/up/down, named by every request):
+  `lora_vs_base`, and `routed_vs_lora` (> 1: our routed two-expert adapter with fusion costs
+  less than vLLM's single plain LoRA). `--check-lora` first checks that the peer answers
+  exactly like the base model with the LoRA merged into its weights (greedy);
+- the same workload through the HF reference, one request at a time, as the paper's code
+  serves (`routed_vs_hf_reference`, target >= 10);
 - hot-load latency: with N requests streaming, publish a new checkpoint version, load it,
   and time until a request served by the new version streams its first token
-  (`hotload_s`, target < 2 s).
+  (`hotload_s`, target < 2 s);
+- per instruction set (`--isas`): the headline rounds again with torch, oneDNN and our kernel
+  forced onto the AVX2 path (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`, kernel
+  `isa="avx2"`) in a child process (`routed_vs_base_by_isa`, `by_isa`); `isa` says what this
+  run's engines used (torch's CPU capability and the kernel build's flags);
+- at real widths (`--shapes 7b[,13b]`): llava-1.5-7B / 13B widths with two decoder layers
+  and the paper's adapter configuration (`shape_7b`, `shape_13b`);
+- optionally (`--curve-presets`, `--curve-dtypes`): the routed/base ratio of wider models
+  and of bfloat16 models.
 
-Engine rounds alternate routed/base (both engines stay up) and the best round of each
-counts (other processes on a shared CPU only ever slow a round down); the median of the
-paired per-round ratios is written too (`routed_vs_base_paired_median`, with its quartiles
-in `routed_vs_base_paired_quartiles`: the spread a single run has on this machine), and
-which engine runs first alternates by round. Every round sends images neither engine has
-seen (see `run_engines`).
-
-`--curve-presets wide` adds the routed/base ratio of wider models (`width_curve`), and
-`--curve-dtypes bfloat16` that of the same model served in bfloat16 (`dtype_curve`).
-The headline rounds also run a routed engine with `cpu_overlap="off"` (`without_overlap`;
-`--no-without-overlap` skips it), and every engine's engine-core + worker processes' CPU
-seconds per 1,000 output tokens are written (`cpu_s_per_1k_tokens`), with the overlap
-helper's job counts and waits (`overlap`).
-
-Overlap (`cpu_overlap`, "auto" by default; on here): vLLM's CPU worker computes on one
-thread bound to CPU 0 and leaves CPU 1 to its engine core and the API process, which
-spend the forward waiting for the worker, the engine core by spinning on sched_yield. A
-helper thread of the kernel library on CPU 1 computes each MLP layer's delta while the
-worker runs the layer's base matmul, and sleeps between jobs (`server/engine/README.md`).
-Per-thread CPU of one engine under this load (`/proc`, 4 rounds): base: worker 97%, engine
-core 83%, API process 13%; routed: worker 97%, helper 8% (the kernel's work), engine core
-74%, API process 16%. Per token the routed engine's
-processes use more CPU than the base engine's (`cpu_s_per_1k_tokens`). The base engine
-cannot put CPU 1 to work itself: with `VLLM_CPU_NUM_OF_RESERVED_CPU=0` (two OpenMP
-threads, no CPU reserved) it ran at 0.41-0.43 of its one-thread speed (15 paired rounds),
-its OpenMP barriers competing with the engine core.
-Measured while building the helper (three-engine harness, 11-31 rounds; best rounds /
-paired median of base): its first version entered an OpenMP region on its first job, and
-libgomp bound it to the worker's CPU (vLLM sets OMP_PLACES), so it competed with the
-worker, which ran 90-96% of the jobs itself: 0.83 (helper polling with sched_yield) and
-0.54 (polling without yielding) of no overlap. With serial kernel calls kept out of
-OpenMP, a helper polling through each forward: 0.959 / 0.919 against 0.885 / 0.860 without
-overlap. Polling against sleeping between jobs: 0.911 / 0.926 against 0.900 / 0.892, and
-0.885 / 0.870 against 0.877 / 0.866 in 31 rounds; polling with sched_yield: 0.903 / 0.917
-(against 0.935 / 0.931). All within the noise, so the helper sleeps: polling kept CPU 1
-busy and raised the engine core's mean scheduling delay there (`perf sched latency`, 1.5 s
-of load) to 0.55 ms, against 0.10 ms with a sleeping helper and 0.14 ms in the base engine
-(API process: 0.83, 0.25 and 0.31 ms). With the helper's jobs made no-ops: 0.975 / 0.931 of
-base; with the kernel's decode calls made no-ops and no helper: 0.897 / 0.901 (21 rounds
-each): on this machine in this session, routing's bookkeeping (routes, traces, the Python
-around the adapters, a longer step gap) costs more than the kernel work the helper leaves
-on the worker (adding the delta, waiting: `overlap.wait_s`).
-
-Where the routed engine's time went without overlap (small preset, E=8, rank 128, 16
-requests x 128 tokens, 2-core CPU; per-call timers inside vLLM's worker, 10 rounds): the forward takes
-~75 ms more per round of 2048 tokens than the base engine's (~420 ms per round). The
-routed layers' CPU kernel is ~45 ms of that: ~30 ms in ~1016 decode calls (gate/up ~35-43
-us, down ~23-26 us per call inside the forward, against ~15 and ~9 us when the weights are
-in cache) and ~8 ms in prefill; the Python around it ~6 ms; prompt means ~2.5 ms;
-fusion/trace bookkeeping ~4 ms; the base layers run a few percent slower next to the
-adapters (caches shared). Decode is bound by memory, not arithmetic: with 16 requests
-every expert of every sublayer is touched each step, and E=8 rank-16 experts on
-gate/up/down are ~45% of the base model's weight bytes at hidden 256 (but only ~12% of
-its multiply-adds per token, 17% of the MLP's). At `wide` (hidden 1024) the ratio is ~0.92-0.94.
-With the experts evicted to DRAM, a gate/up + down decode pair takes ~88 us, about 2x the
-~43 us plain loads need to stream the same bytes (B alone: 26-31 us against ~18-21 us);
-sampled with py-spy, both engines' workers wait ~25% of the time for vLLM's engine core,
-the routed kernel is ~6% of the routed worker's samples and the Python around the adapters ~2.5%. With the kernel's calls made
-no-ops (everything else of the routed engine kept: routes, bookkeeping, traces), the engine
-runs at 0.97-0.98 of the base engine (21 paired rounds), so the kernel and its memory
-traffic are ~85% of what routing costs.
-
-Measured and kept: A applied to blocks of up to four rows in 16-wide vectors (bit-identical
-results; prefill calls 1.3-1.8x faster, decode ~20% in isolation); no software prefetch
-(10-15% faster than prefetching the next expert); prompt sums in C; the kernel on torch's
-OpenMP threads (+2-4%); the kernel bound once to a reused decode step's routes, called
-with only x and y (+0.8% paired median, +1.7% best rounds; 21 rounds). Measured and dropped: expert weights stored as
-bfloat16 (exact widening in the kernel, half the bytes, identical tokens on a checkpoint of
-bfloat16 values: +1.1% in 31 paired rounds, +2-4% in earlier shorter runs; not worth
-rounding every published checkpoint), page-stride or bulk prefetch (slower or within
-noise), prefetching the experts' B during the A pass (cold experts: 3% faster to 5% slower
-per call), prefetching the experts before the base matmul (the kernel ~12 us faster, the
-matmul plus the prefetch ~15-20 us slower: same bytes over the same bus), B tiled per 16
-outputs so it streams sequentially (cold: 35 us against 26 us for gate/up's B; the 16
-row streams of the plain layout keep more loads in flight), B rank-major across experts so
-each row stream is E times longer (cold: 25 us against 31 us in isolation, but 1-3% slower
-in the engine, 25 paired rounds), transparent huge pages for the
-experts (no change), a token-major kernel (re-reads each expert per token: 2.5x slower in
-the forward), grouped matmuls (one tiny matmul per expert group: 0.72 overall), two OpenMP
-threads for the worker (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`: both engines slower and erratic); a helper thread on
-the second core reading each layer's experts just before use (cold decode pair 67 -> 60 us,
-but base matmuls plus kernels 411 -> 462 us: the helper's reads compete with the worker's);
-prefetching the next expert group's B (and A) while computing the current one, every
-block or one block in four (cold pair 4-17% faster by variant and run, from L3 9-17% slower: the prefetch
-instructions cost more than they hide once the experts are cached, and in the engine they
-mostly are); letting the compiler fuse multiply-adds (`-ffp-contract=fast`; the build is ISO
-C11, so it does not by default): hot no change, cold -11% in isolation, but 0.945 (best
-rounds) / 0.995 (paired median) of the unfused kernel in the engine, 21 rounds; for
-bfloat16, splitting each 64-byte load of B into its even and odd outputs (one operation per
-16 outputs instead of two): hot no change, cold 25% slower; non-temporal prefetches of the
-experts just ahead of use, so they would not push the base weights out of the caches:
-0.999 (best rounds) / 0.991 (paired median) of the plain kernel in the engine, 21 rounds.
-Traces on vs off: 0.995 (paired median).
-
-bfloat16 models: before the kernel served them, routed/base was 0.40 (grouped matmuls, 5
-rounds). The kernel keeps the experts in bf16 and widens them as it reads; isolated decode
-pair (gate/up + down, 16 tokens): 35.9 us hot against 33-34 us for float32 (42.6 us when
-generic vectors split each widening in halves; AVX-512 zero-extending loads fixed that),
-about the same as float32 cold (half the bytes, but latency-bound). Tried and dropped for
-bf16: a narrowing store through AVX-512 (no measurable change). Not built yet: AVX512-BF16
-dot products (`vdpbf16ps`, two bf16 products per lane per instruction) on experts stored
-pair-interleaved along the reduction; a standalone microbenchmark of a gate/up decode
-call's core loops (16 groups of 4 rows, hot): 11.3 us with widening + float32 FMAs
-against 6.35 us. It needs kernel-only expert layouts and rounds z to bf16 before B.
+Engine rounds rotate their order (reversed every other round; all engines stay up), and
+every round sends images no engine has seen. The best round of each engine counts for
+`tokens_per_s` (other processes on a shared CPU only ever slow a round down); the paired
+ratios (each engine against base within a round) give the medians and quartiles, which are
+the figures to compare. Engine-core + worker CPU seconds per 1,000 output tokens
+(`cpu_s_per_1k_tokens`) and the overlap helper's job counts (`overlap`) are recorded too.
+Measurement history: bench/README.md.
 
 Usage:
 
-    python bench/engine.py            # small preset, 16 requests x 128 tokens, 31 rounds, + wide
+    python bench/engine.py                          # small preset, both ISAs, LoRA peer, 7B shape
+    python bench/engine.py --isas native --shapes '' --rounds 9    # a quick headline
 """
 
 from __future__ import annotations
@@ -129,6 +46,7 @@ import logging
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,7 +67,17 @@ from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
 from smolora.server.engine.config import EngineConfig
 from smolora.server.engine.engine import SMoLoRAEngine, collect_all
+from smolora.server.engine.kernel_build import build_flags
+from smolora.server.engine.kernel_config import KernelConfig
 from smolora.server.engine.protocol import GenerateRequest
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/ holds scripts, not a package
+from vllm_lora import (  # noqa: E402
+    attach_lora,
+    lora_engine_args,
+    merge_lora,
+    write_peft_lora,
+)
 
 logger = logging.getLogger("bench.engine")
 
@@ -252,7 +180,8 @@ async def hotload_seconds(
     in_flight = sum(not t.done() for t in tasks)
     await asyncio.gather(*tasks)
     logger.info(
-        "hot-load with %d requests still streaming: %.3f s (publish %.3f, load %.3f, first token %.3f)",
+        "hot-load with %d requests still streaming: %.3f s "
+        "(publish %.3f, load %.3f, first token %.3f)",
         in_flight,
         first - t0,
         t_pub - t0,
@@ -316,10 +245,13 @@ async def run_engines(
     instr: list[torch.Tensor],
     dtype: str = "float32",
     without_overlap: bool = False,
+    lora_dir: Path | None = None,
+    kernel: KernelConfig | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s of the routed and base engines (and, with `without_overlap`, of a routed
-    engine with `cpu_overlap="off"`) over rounds in rotating order; the CPU seconds their
-    engine-core and worker processes use per 1,000 tokens; hot-load if `smodel_next`."""
+    """Tokens/s of the routed and base engines (with `without_overlap`, of a routed engine
+    with `cpu_overlap="off"`; with `lora_dir`, of vLLM's LoRA serving it: "vllm_lora") over
+    rounds in rotating order; the CPU seconds their engine-core and worker processes use per
+    1,000 tokens; hot-load if `smodel_next`."""
     # One spare row, so the hot-load probe is admitted while `args.requests` requests stream
     # (otherwise its latency would be the wait for a streaming request to finish).
     common = dict(
@@ -330,22 +262,29 @@ async def run_engines(
         kv_cache_bytes=args.kv_cache_mib << 20,
         dtype=dtype,
     )
+    routed_common = {**common, "kernel": kernel} if kernel is not None else common
     configs = {
-        "routed": EngineConfig(checkpoint=v1_path, num_slots=2, **common),
+        "routed": EngineConfig(checkpoint=v1_path, num_slots=2, **routed_common),
         "base": EngineConfig(adapters=False, **common),
     }
     if without_overlap:
         configs["routed_no_overlap"] = EngineConfig(
-            checkpoint=v1_path, num_slots=2, cpu_overlap="off", **common
+            checkpoint=v1_path, num_slots=2, cpu_overlap="off", **routed_common
+        )
+    if lora_dir is not None:
+        configs["vllm_lora"] = EngineConfig(
+            adapters=False, extra_engine_args=lora_engine_args(args.rank), **common
         )
     engines: dict[str, SMoLoRAEngine] = {}
     out: dict[str, Any] = {}
     try:
         for name, config in configs.items():
             engines[name] = await SMoLoRAEngine.start(config)
+            if name == "vllm_lora":
+                attach_lora(engines[name], lora_dir)
         pids = {name: _engine_pids(e) for name, e in engines.items()}
         names = list(engines)
-        routed_instr = {name: None if name == "base" else instr for name in names}
+        routed_instr = {name: instr if name.startswith("routed") else None for name in names}
         for name in names:  # warm-up
             await tokens_per_s(
                 engines[name], requests(prompts, images, routed_instr[name], args.max_tokens)
@@ -380,7 +319,7 @@ async def run_engines(
         for name in names:
             paired = [r / b for r, b in zip(tps[name], tps["base"])]
             out[name] = {
-                # Best round of each: on a shared machine other processes only ever slow a round down.
+                # Best round of each: other processes on a shared machine only slow rounds down.
                 "tokens_per_s": max(tps[name]),
                 "paired_median": statistics.median(paired),
                 "paired_quartiles": statistics.quantiles(paired, n=4)
@@ -397,6 +336,9 @@ async def run_engines(
                     [round(x, 3) for x in paired],
                     out[name]["paired_median"],
                 )
+        if "vllm_lora" in tps:
+            routed_vs_lora = [r / lo for r, lo in zip(tps["routed"], tps["vllm_lora"])]
+            out["routed_vs_lora_paired_median"] = statistics.median(routed_vs_lora)
         out["overlap"] = (await engines["routed"].health()).detail.get("overlap")
         for name in names:
             if name != "routed":
@@ -444,6 +386,200 @@ def curve_point(
     return eng
 
 
+def shape_point(
+    args: argparse.Namespace, preset_name: str, cfg: SMoLoRAConfig, tmp: Path, kernel_isa: str
+) -> dict[str, Any]:
+    """Routed, base and (with `--lora-peer`) vLLM-LoRA rounds at a real-width preset, with
+    fewer requests, tokens and rounds than the headline (two decoder layers of 4096+ width
+    on 2 cores), and the paper's adapter configuration (`cfg`)."""
+    setup = build_setup(preset_name, cfg, tmp, args.lora_peer)
+    del setup["smodel"], setup["processor"]
+    shape_args = argparse.Namespace(
+        **{
+            **vars(args),
+            "requests": args.shape_requests,
+            "max_tokens": args.shape_max_tokens,
+            "rounds": args.shape_rounds,
+            "max_model_len": 1024,
+            "max_num_batched_tokens": 8192,
+            "kv_cache_mib": 1024,
+        }
+    )
+    prompts, images, instr = workload(args.shape_requests, setup["preset"].image_size, seed=0)
+    eng = asyncio.run(
+        run_engines(
+            shape_args,
+            setup["model_dir"],
+            setup["registry"],
+            setup["v1"].path,
+            None,
+            prompts,
+            images,
+            instr,
+            lora_dir=setup["lora_dir"],
+            kernel=KernelConfig(isa=kernel_isa),
+        )
+    )
+    preset = setup["preset"]
+    return {
+        "hidden": preset.text_hidden,
+        "intermediate": preset.text_intermediate,
+        "decoder_layers": preset.text_layers,
+        "vision": f"{preset.vision_hidden} wide, {preset.vision_layers} layers, "
+        f"{(preset.image_size // preset.patch_size) ** 2} patches",
+        "adapter": {"num_experts": cfg.num_experts, "rank_per_expert": cfg.rank // cfg.num_experts},
+        "requests": args.shape_requests,
+        "max_tokens": args.shape_max_tokens,
+        "rounds": args.shape_rounds,
+        **engine_summary(eng),
+    }
+
+
+#: The environment that forces torch and oneDNN onto the AVX2 path (set before torch loads).
+FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def isa_record(kernel_isa: str) -> dict[str, Any]:
+    """What this process's engines run on: torch's CPU capability (the workers inherit this
+    environment), the kernel build's ISA flags, and the CPU's own AVX-512 support."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    uses_avx512 = capability.upper().startswith("AVX512") and kernel_isa == "native"
+    return {
+        "isa": "avx512" if uses_avx512 and cpu_has_avx512() else "avx2",
+        "torch_cpu_capability": capability,
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
+        "kernel_isa": kernel_isa,
+        "kernel_flags": list(build_flags(KernelConfig(isa=kernel_isa))),
+        "cpu_has_avx512": cpu_has_avx512(),
+    }
+
+
+def _engines(eng: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The per-engine entries of a `run_engines` result."""
+    return [(name, e) for name, e in eng.items() if isinstance(e, dict) and "tokens_per_s" in e]
+
+
+def engine_summary(eng: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of one `run_engines` result."""
+    routed, base = eng["routed"], eng["base"]
+    out: dict[str, Any] = {
+        "routed_vs_base": routed["tokens_per_s"] / base["tokens_per_s"],
+        "routed_vs_base_paired_median": routed["paired_median"],
+        "routed_vs_base_paired_quartiles": routed["paired_quartiles"],
+        "tokens_per_s": {name: e["tokens_per_s"] for name, e in _engines(eng)},
+        "cpu_s_per_1k_tokens": {name: e["cpu_s_per_1k_tokens"] for name, e in _engines(eng)},
+    }
+    if "routed_no_overlap" in eng:
+        off = eng["routed_no_overlap"]
+        out["without_overlap"] = {
+            "routed_vs_base": off["tokens_per_s"] / base["tokens_per_s"],
+            "routed_vs_base_paired_median": off["paired_median"],
+            "routed_vs_base_paired_quartiles": off["paired_quartiles"],
+        }
+    if "vllm_lora" in eng:
+        lora = eng["vllm_lora"]
+        out["lora_vs_base"] = lora["paired_median"]
+        out["lora_vs_base_paired_quartiles"] = lora["paired_quartiles"]
+        out["routed_vs_lora"] = eng["routed_vs_lora_paired_median"]
+    return out
+
+
+async def check_lora(model_dir: Path, lora_dir: Path, merged_dir: Path, args: Any) -> int:
+    """vLLM's LoRA on our model class answers like the merged model (greedy, 4 requests);
+    returns the number of tokens compared. Raises AssertionError if they differ."""
+    common = dict(max_num_seqs=4, max_model_len=args.max_model_len, kv_cache_bytes=64 << 20)
+    size = json.loads((model_dir / "config.json").read_text())["vision_config"]["image_size"]
+    prompts, images, _ = workload(4, size, seed=7)
+    outputs = []
+    for config in (
+        EngineConfig(
+            model_dir=model_dir,
+            adapters=False,
+            extra_engine_args=lora_engine_args(args.rank),
+            **common,
+        ),
+        EngineConfig(model_dir=merged_dir, adapters=False, **common),
+    ):
+        engine = await SMoLoRAEngine.start(config)
+        try:
+            if config.extra_engine_args:
+                attach_lora(engine, lora_dir)
+            results = await collect_all(engine, requests(prompts, images, None, 16))
+            outputs.append([r.token_ids for r in results])
+        finally:
+            await engine.shutdown()
+    assert outputs[0] == outputs[1], f"vLLM LoRA {outputs[0]} != merged model {outputs[1]}"
+    return sum(len(t) for t in outputs[0])
+
+
+def build_setup(preset_name: str, cfg: SMoLoRAConfig, tmp: Path, lora: bool) -> dict[str, Any]:
+    """Model folder, published v1, the next adapter, workload and (with `lora`) the peer's
+    LoRA folder for a preset."""
+    preset = get_preset(preset_name)
+    model_dir = build_tiny_llava(preset, tmp / preset_name, seed=0)
+    registry = tmp / f"registry-{preset_name}"
+    smodel, processor = make_adapter(model_dir, 1, cfg)
+    v1 = publish(registry, model_dir, smodel, "task1")
+    lora_dir = (
+        write_peft_lora(model_dir, tmp / f"lora-{preset_name}", cfg.rank, cfg.alpha)
+        if lora
+        else None
+    )
+    return dict(
+        preset=preset,
+        model_dir=model_dir,
+        registry=registry,
+        v1=v1,
+        smodel=smodel,
+        processor=processor,
+        lora_dir=lora_dir,
+    )
+
+
+def run_child_isa(isa: str, argv: list[str], tmp: Path) -> dict[str, Any]:
+    """The headline rounds in a child process forced onto `isa` (its result JSON)."""
+    out = tmp / f"headline-{isa}.json"
+    env = {**os.environ, **(FORCED_AVX2 if isa == "avx2" else {})}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *argv,
+        "--isas",
+        isa,
+        "--headline-only",
+        "--out",
+        str(out),
+    ]
+    logger.info("headline on %s in a child process: %s", isa, " ".join(cmd))
+    subprocess.run(cmd, env=env, check=True)
+    return json.loads(out.read_text())
+
+
+def strip_run_args(argv: list[str]) -> list[str]:
+    """`argv` without the options the parent sets for a child (`--isas`, `--out`, ...)."""
+    drop = {"--isas", "--out", "--shapes", "--curve-presets", "--curve-dtypes"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in drop:
+            skip = "=" not in a
+            continue
+        if key in ("--headline-only", "--check-lora", "--no-check-lora"):
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -451,101 +587,128 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument(
+        "--isas",
+        default="native,avx2" if cpu_has_avx512() else "native",
+        help="comma-separated: 'native' runs here; 'avx2' forces torch, oneDNN and the kernel "
+        "onto the AVX2 path (in a child process when this process is not already forced)",
+    )
+    parser.add_argument(
+        "--lora-peer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run vLLM's own LoRA on the same engine beside routed and base (lora_vs_base)",
+    )
+    parser.add_argument(
+        "--check-lora",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="first check the LoRA peer answers like the LoRA-merged model (greedy)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default="7b",
+        help="comma-separated real-width presets (7b, 13b) run after the headline ('' for none)",
+    )
+    parser.add_argument("--shape-rounds", type=int, default=5)
+    parser.add_argument("--shape-requests", type=int, default=4)
+    parser.add_argument("--shape-max-tokens", type=int, default=64)
+    parser.add_argument(
         "--curve-presets",
-        default="wide",
-        help="comma-separated presets whose routed/base ratio is added as width_curve ('' for none)",
+        default="",
+        help="comma-separated presets whose routed/base ratio is added as width_curve",
     )
     parser.add_argument(
         "--curve-dtypes",
-        default="bfloat16",
-        help="comma-separated model dtypes whose routed/base ratio (main preset) is added as dtype_curve ('' for none)",
+        default="",
+        help="comma-separated model dtypes whose routed/base ratio is added as dtype_curve",
     )
     parser.add_argument(
         "--without-overlap",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run a routed engine with cpu_overlap='off' in the headline rounds (without_overlap)",
+        help="also run a routed engine with cpu_overlap='off' in the headline rounds",
     )
+    parser.add_argument("--headline-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "engine.json"
     )
-    args = parser.parse_args(argv)
+    raw_argv = list(argv if argv is not None else sys.argv[1:])
+    args = parser.parse_args(raw_argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    isas = [i for i in args.isas.split(",") if i]
+    forced = all(os.environ.get(k, "").lower() == v.lower() for k, v in FORCED_AVX2.items())
+    if isas == ["avx2"] and not forced and cpu_has_avx512():
+        # The whole run on the AVX2 path: torch reads its capability when it loads.
+        env = {**os.environ, **FORCED_AVX2}
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *raw_argv], env)
+    kernel_isa = "avx2" if forced else "native"
+    here = "avx2" if forced or not cpu_has_avx512() else "native"
 
-    preset = get_preset(args.preset)
     cfg = SMoLoRAConfig(
         num_experts=args.num_experts, rank=args.rank, alpha=2.0 * args.rank, dropout=0.0
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_llava(preset, Path(tmp) / args.preset, seed=0)
-        registry = Path(tmp) / "registry"
-        smodel, processor = make_adapter(model_dir, 1, cfg)
-        v1 = publish(registry, model_dir, smodel, "task1")
-        smodel_next, _ = make_adapter(model_dir, 2, cfg)
-        prompts, images, instr = workload(args.requests, preset.image_size, seed=0)
+    command = " ".join(["python", "bench/engine.py", *(shlex.quote(a) for a in raw_argv)])
+    result: dict[str, Any] = {"command": command, "preset": args.preset, **isa_record(kernel_isa)}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        setup = build_setup(args.preset, cfg, tmp, args.lora_peer)
+        if args.lora_peer and args.check_lora and not args.headline_only:
+            merged = merge_lora(setup["model_dir"], setup["lora_dir"], tmp / "merged")
+            result["lora_check_tokens"] = asyncio.run(
+                check_lora(setup["model_dir"], setup["lora_dir"], merged, args)
+            )
+        smodel_next = None if args.headline_only else make_adapter(setup["model_dir"], 2, cfg)[0]
+        prompts, images, instr = workload(args.requests, setup["preset"].image_size, seed=0)
         eng = asyncio.run(
             run_engines(
                 args,
-                model_dir,
-                registry,
-                v1.path,
+                setup["model_dir"],
+                setup["registry"],
+                setup["v1"].path,
                 smodel_next,
                 prompts,
                 images,
                 instr,
                 without_overlap=args.without_overlap,
+                lora_dir=setup["lora_dir"],
+                kernel=KernelConfig(isa=kernel_isa),
             )
         )
-        hf = hf_reference_tokens_per_s(smodel, processor, prompts, images, instr, args.max_tokens)
-        del smodel, smodel_next
-        widths = {
-            p: curve_point(args, p, cfg, Path(tmp)) for p in args.curve_presets.split(",") if p
+        result.update(engine_summary(eng))
+        result["overlap"] = eng["overlap"]
+        if args.headline_only:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+            return
+        result["hotload_s"] = eng["hotload_s"]
+        hf = hf_reference_tokens_per_s(
+            setup["smodel"], setup["processor"], prompts, images, instr, args.max_tokens
+        )
+        result["routed_vs_hf_reference"] = result["tokens_per_s"]["routed"] / hf
+        result["tokens_per_s"]["hf_reference"] = hf
+        del setup, smodel_next
+        result["by_isa"] = {result["isa"]: {"command": command, **engine_summary(eng)}}
+        child_argv = strip_run_args(raw_argv)
+        for isa in isas:
+            if isa != here and isa == "avx2":
+                child = run_child_isa(isa, child_argv, tmp)
+                result["by_isa"][child["isa"]] = child
+        result["routed_vs_base_by_isa"] = {
+            isa: r["routed_vs_base_paired_median"] for isa, r in result["by_isa"].items()
         }
+        for shape in (s for s in args.shapes.split(",") if s):
+            result[f"shape_{shape}"] = shape_point(args, f"shape-{shape}", cfg, tmp, kernel_isa)
+        widths = {p: curve_point(args, p, cfg, tmp) for p in args.curve_presets.split(",") if p}
         dtypes = {
-            d: curve_point(args, args.preset, cfg, Path(tmp), dtype=d)
+            d: curve_point(args, args.preset, cfg, tmp, dtype=d)
             for d in args.curve_dtypes.split(",")
             if d
-        }
-    routed, base = eng["routed"], eng["base"]
-    result: dict[str, Any] = {
-        "command": " ".join(
-            [
-                "python",
-                "bench/engine.py",
-                *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-            ]
-        ),
-        "preset": args.preset,
-        "routed_vs_base": routed["tokens_per_s"] / base["tokens_per_s"],
-        "routed_vs_base_paired_median": routed["paired_median"],
-        "routed_vs_base_paired_quartiles": routed["paired_quartiles"],
-        "routed_vs_hf_reference": routed["tokens_per_s"] / hf,
-        "hotload_s": eng["hotload_s"],
-        "tokens_per_s": {
-            "routed": routed["tokens_per_s"],
-            "base": base["tokens_per_s"],
-            "hf_reference": hf,
-        },
-        "cpu_s_per_1k_tokens": {
-            "routed": routed["cpu_s_per_1k_tokens"],
-            "base": base["cpu_s_per_1k_tokens"],
-        },
-        "overlap": eng["overlap"],
-    }
-    if "routed_no_overlap" in eng:
-        off = eng["routed_no_overlap"]
-        result["without_overlap"] = {
-            "routed_vs_base": off["tokens_per_s"] / base["tokens_per_s"],
-            "routed_vs_base_paired_median": off["paired_median"],
-            "tokens_per_s": off["tokens_per_s"],
-            "cpu_s_per_1k_tokens": off["cpu_s_per_1k_tokens"],
         }
     if widths:
         result["width_curve"] = {

@@ -2,8 +2,12 @@
 
 `tiny` is for tests (sub-second forward on 2 CPU cores); `small` is the default demo and
 the mini-CVIT benchmark model; `wide` has a representative LLM width (d_model 1024) for
-throughput benchmarks of the routed adapter. Head dims are >= 32 because vLLM's CPU
-attention rejects 16.
+throughput benchmarks of the routed adapter. `shape-7b` and `shape-13b` have the widths
+of llava-1.5-7B / 13B (hidden 4096 / 5120, MLP 11008 / 13824, head dim 128, a CLIP-L/14-336
+shaped tower: 1024 wide, 576 patches) with two decoder and two vision layers, so a 2-core
+machine can measure per-layer costs at real shapes (random weights; the vocabulary stays the
+tokenizer's 1,024, so the LM head does not dwarf two layers as 32,000 entries would). Head
+dims are >= 32 because vLLM's CPU attention rejects 16.
 """
 
 from __future__ import annotations
@@ -108,6 +112,38 @@ PRESETS: dict[str, TinyLlavaPreset] = {
         text_intermediate=2752,
         vocab_size=1024,
         max_positions=512,
+    ),
+    "shape-7b": TinyLlavaPreset(
+        name="shape-7b",
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=2,
+        vision_heads=16,
+        vision_intermediate=4096,
+        text_hidden=4096,
+        text_layers=2,
+        text_heads=32,
+        text_kv_heads=32,
+        text_intermediate=11008,
+        vocab_size=1024,
+        max_positions=1024,
+    ),
+    "shape-13b": TinyLlavaPreset(
+        name="shape-13b",
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=2,
+        vision_heads=16,
+        vision_intermediate=4096,
+        text_hidden=5120,
+        text_layers=2,
+        text_heads=40,
+        text_kv_heads=40,
+        text_intermediate=13824,
+        vocab_size=1024,
+        max_positions=1024,
     ),
 }
 

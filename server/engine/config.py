@@ -264,3 +264,8 @@ class EngineConfig:
             raise EngineConfigError(
                 f"extra_engine_args may not set {sorted(forbidden)}; they are fixed by the engine"
             )
+        if self.adapters and self.extra_engine_args.get("enable_lora"):
+            raise EngineConfigError(
+                "enable_lora (vLLM's own LoRA) serves only with adapters=False: the routed "
+                "adapters and vLLM's LoRA layers would both wrap the same linears"
+            )

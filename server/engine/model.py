@@ -28,7 +28,12 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.models.clip import CLIPVisionModel
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsLoRA,
+    SupportsMultiModal,
+)
+from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     WeightsMapper,
@@ -222,8 +227,19 @@ class RoutedProjector(nn.Module):
     info=SMoLoRALlavaProcessingInfo,
     dummy_inputs=SMoLoRALlavaDummyInputsBuilder,
 )
-class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
-    """LLaVA (CLIP + projector + Llama) for vLLM, with SMoLoRA routed adapters."""
+class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA):
+    """LLaVA (CLIP + projector + Llama) for vLLM, with SMoLoRA routed adapters.
+
+    It also declares vLLM's LoRA interface (the language model's packed linears), so that with
+    our adapters off the same class serves vLLM's own multi-LoRA: the peer the benchmarks
+    compare the routed adapters with (`bench/vllm_lora.py`). The two are not combined: with
+    routed adapters on, vLLM's LoRA must stay off (`EngineConfig` refuses both).
+    """
+
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
 
     hf_to_vllm_mapper = WeightsMapper(
         # transformers 5 saves the CLIP tower without its `vision_model.` level.
@@ -323,6 +339,14 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal):
                     )
             self.smolora_state.finalize()
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """Module prefixes of the language model, projector and tower (vLLM's LoRA manager)."""
+        return MultiModelKeys.from_string_field(
+            language_model="language_model",
+            connector="multi_modal_projector",
+            tower_model="vision_tower",
+        )
 
     # -- adapters ------------------------------------------------------------------------------
     def routed_adapters(self) -> list[RoutedAdapter]:
