@@ -70,7 +70,7 @@ class CheckpointManifest:
     """Everything a checkpoint says about itself (`manifest.json`).
 
     Attributes:
-        adapter_kind: "smolora", "lora" or "moelora".
+        adapter_kind: "smolora", "lora", "moelora" or "dora".
         adapter_config: the adapter's config dict (e.g. `SMoLoRAConfig.to_dict()`).
         base_model: {"fingerprint": str, "name": str, ...} of the frozen base.
         layers: canonical names of the adapted layers.

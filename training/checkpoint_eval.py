@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from smolora.adapters.baselines import LoRAConfig, LoRAModel, MoELoRAConfig, MoELoRAModel
+from smolora.adapters.baselines import (
+    DoRAConfig,
+    DoRAModel,
+    LoRAConfig,
+    LoRAModel,
+    MoELoRAConfig,
+    MoELoRAModel,
+)
 from smolora.adapters.checkpoint import base_model_fingerprint, latest_version, load_checkpoint
 from smolora.adapters.instructions import InstructionEncoder
 from smolora.adapters.smolora import RoutingContext, SMoLoRAConfig, SMoLoRAModel
@@ -52,6 +59,8 @@ def attach_checkpoint(model: torch.nn.Module, checkpoint: Path, base_dir: Path):
         adapter = LoRAModel(model, LoRAConfig(**cfg))
     elif kind == "moelora":
         adapter = MoELoRAModel(model, MoELoRAConfig(**cfg))
+    elif kind == "dora":
+        adapter = DoRAModel(model, DoRAConfig(**cfg))
     else:
         raise ValueError(f"cannot evaluate adapter kind {kind!r}")
     adapter.load_adapter_state_dict(ck.tensors)

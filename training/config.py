@@ -24,7 +24,9 @@ METHOD_NAMES = (
     "smolora_learned",
     "seqlora",
     "moelora",
+    "ewc",
     "replay",
+    "dora",
     "dirlora",
     "multitask",
     "zeroshot",
@@ -171,6 +173,11 @@ class RunConfig:
         num_threads: torch CPU threads (None: leave as is).
         replay_size: examples kept per past task (Replay).
         replay_ratio: share of each batch drawn from the buffer (Replay).
+        ewc_lambda: weight of the online-EWC penalty `(lambda / 2) sum F (theta - theta*)^2`.
+        ewc_decay: online EWC's gamma: the running Fisher is `gamma F_old + F_task` after
+            each task (1.0: plain sum over tasks).
+        ewc_fisher_samples: training examples per task whose squared per-example gradients
+            estimate the diagonal Fisher.
     """
 
     method: str
@@ -187,6 +194,9 @@ class RunConfig:
     num_threads: int | None = None
     replay_size: int = 100
     replay_ratio: float = 0.25
+    ewc_lambda: float = 5000.0
+    ewc_decay: float = 1.0
+    ewc_fisher_samples: int = 64
     optim: OptimConfig = field(default_factory=OptimConfig)
     adapter: AdapterSizes = field(default_factory=AdapterSizes)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -211,6 +221,10 @@ class RunConfig:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if not 0.0 <= self.replay_ratio < 1.0 or self.replay_size < 0:
             raise ValueError("replay_ratio must be in [0, 1) and replay_size >= 0")
+        if self.ewc_lambda < 0 or not 0.0 <= self.ewc_decay <= 1.0 or self.ewc_fisher_samples < 1:
+            raise ValueError(
+                "ewc_lambda must be >= 0, ewc_decay in [0, 1], ewc_fisher_samples >= 1"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -228,4 +242,7 @@ class RunConfig:
         for k in ("out_dir", "registry", "device", "num_threads", "data_root", "base_dir"):
             d.pop(k)
         d.pop("eval")
+        if self.method != "ewc":  # keeps other methods' keys as they were before EWC existed
+            for k in ("ewc_lambda", "ewc_decay", "ewc_fisher_samples"):
+                d.pop(k)
         return d

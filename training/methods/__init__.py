@@ -6,6 +6,8 @@ from smolora.adapters.instructions import InstructionEncoder
 from smolora.training.config import RunConfig
 from smolora.training.methods.base import ContinualMethod
 from smolora.training.methods.dirlora import DirLoRAMethod
+from smolora.training.methods.dora import DoRAMethod
+from smolora.training.methods.ewc import EWCMethod
 from smolora.training.methods.moelora import MoELoRAMethod
 from smolora.training.methods.multitask import MultitaskMethod
 from smolora.training.methods.replay import ReplayMethod
@@ -20,7 +22,9 @@ METHODS: dict[str, type[ContinualMethod]] = {
         LearnedSMoLoRAMethod,
         SeqLoRAMethod,
         MoELoRAMethod,
+        EWCMethod,
         ReplayMethod,
+        DoRAMethod,
         DirLoRAMethod,
         MultitaskMethod,
         ZeroShotMethod,

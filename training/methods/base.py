@@ -32,6 +32,13 @@ class Probe(Protocol):
     def __call__(self, examples: list[Example], with_answers: bool) -> None: ...
 
 
+class LossFn(Protocol):
+    """The training loss (mean over answer tokens, with grad) of `examples` under the
+    method's scope, in the model's current train/eval mode."""
+
+    def __call__(self, examples: list[Example]) -> Tensor: ...
+
+
 class ContinualMethod:
     """Base class: one adapter trained task after task (SeqLoRA semantics).
 
@@ -53,6 +60,8 @@ class ContinualMethod:
     #: The trainer's no-grad forward (see `Probe`), set by the trainer before any stage
     #: (also when resuming, where `end_task` runs without `prepare_task`).
     probe: Probe | None = None
+    #: The trainer's loss of a batch with grad (see `LossFn`), set like `probe`.
+    loss: LossFn | None = None
 
     def __init__(self, run: RunConfig, instructions: InstructionEncoder):
         self.run = run

@@ -98,7 +98,8 @@ class SMoLoRAMethod(ContinualMethod):
             self._ctx = None
 
     def pinned_vu(self, batch_size: int, device: Any) -> dict[str, Tensor] | None:
-        """VU routes to force on every request of a batch (layer -> `[B]`); None routes by the gates."""
+        """VU routes to force on every request of a batch (layer -> `[B]`); None routes by
+        the gates."""
         return None
 
 
