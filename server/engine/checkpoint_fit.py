@@ -1,9 +1,9 @@
 """Does a loaded checkpoint fit the adapter layout resident in the engine?
 
-Used twice: by the front end before it asks the worker to load a version (cheap refusal with
-a clear message) and by the worker right before copying (it re-reads the files, so what it
-copies is what it checked). A checkpoint that does not fit is refused as a whole; nothing is
-copied.
+Used twice: by the front end on the manifest alone before it reserves a slot (a cheap
+refusal with a clear message, no tensor read) and by the worker on the verified tensors
+right before copying (the worker is the one reader of the files). A checkpoint that does not
+fit is refused as a whole; nothing is copied.
 
 It does not read files (see `smolora.adapters.checkpoint.load_checkpoint`).
 """

@@ -46,7 +46,6 @@ from smolora.adapters.checkpoint import (
     CheckpointError,
     base_model_fingerprint,
     latest_version,
-    load_checkpoint,
     read_manifest,
 )
 from smolora.server.engine.checkpoint_fit import check_fit
@@ -76,7 +75,7 @@ from smolora.server.engine.protocol import (
 from smolora.server.engine.row_tracker import ROW_TRACKER
 from smolora.server.engine.traces import TraceCollector
 from smolora.server.engine.versions import VersionTable, resolve_vu_routing
-from smolora.server.engine.worker_extension import WORKER_EXTENSION
+from smolora.server.engine.worker_extension import WORKER_EXTENSION, SlotLoadResult
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +282,8 @@ class SMoLoRAEngine:
         try:
             if layout.enabled and llm.vllm_config.use_v2_model_runner:
                 raise EngineConfigError(
-                    "SMoLoRA routing needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+                    "SMoLoRA routing needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER "
+                    "or set it to 0"
                 )
             if layout.enabled:
                 attach = (await llm.collective_rpc("smolora_attach"))[0]
@@ -468,6 +468,10 @@ class SMoLoRAEngine:
     async def load_version(self, path: str | Path, activate: bool = True) -> VersionInfo:
         """Load a checkpoint folder into a free slot without disturbing in-flight requests.
 
+        The front end reads only the manifest (version number, tasks, instruction table,
+        and whether its adapter fits the resident layout); the worker reads, verifies and
+        copies the tensors in one RPC, so a load reads and hashes the files once.
+
         Raises:
             VersionLoadError: corrupt, unknown format, other base model, or other layout
                 (nothing was copied; the serving versions are untouched).
@@ -479,12 +483,10 @@ class SMoLoRAEngine:
         async with self._load_lock:
             t0 = time.perf_counter()
             try:
-                ckpt = await asyncio.to_thread(load_checkpoint, path, self._fingerprint)
-                check_fit(ckpt.manifest, ckpt.tensors, self.layout, self._expected_shapes)
+                manifest = await asyncio.to_thread(read_manifest, path)
+                check_fit(manifest, None, self.layout, self._expected_shapes)
             except CheckpointError as e:
                 raise VersionLoadError(f"{path}: {e}", type(e).__name__) from e
-            manifest = ckpt.manifest
-            del ckpt
             if manifest.version is None:
                 raise VersionLoadError(
                     f"{path}: manifest has no version; publish it with publish_checkpoint",
@@ -500,25 +502,7 @@ class SMoLoRAEngine:
                         "CheckpointError",
                     )
                 slot = versions.reserve_for_load()
-                t1 = time.perf_counter()
-                try:
-                    res = (
-                        await self._llm.collective_rpc(
-                            "smolora_load_slot",
-                            args=(
-                                slot,
-                                str(path),
-                                self._fingerprint,
-                                {"version": manifest.version, "path": str(path)},
-                            ),
-                        )
-                    )[0]
-                except BaseException:
-                    versions.abandon(slot)
-                    raise
-                if not res.get("ok"):
-                    versions.abandon(slot)
-                    raise VersionLoadError(f"{path}: {res.get('message')}", str(res.get("error")))
+                result = await self._load_slot(slot, path, manifest.version)
                 versions.install(
                     slot,
                     manifest.version,
@@ -534,13 +518,49 @@ class SMoLoRAEngine:
                     manifest.version,
                     path,
                     slot,
-                    t1 - t0,
-                    time.perf_counter() - t1,
+                    result.verify_seconds,
+                    result.copy_seconds,
                 )
             if activate:
                 versions.activate(manifest.version)
                 info = versions.info(versions.slot_of(manifest.version))  # type: ignore[arg-type]
             return info
+
+    async def _load_slot(self, slot: int, path: Path, version: int) -> SlotLoadResult:
+        """Have the worker read, verify and copy `path` into the reserved `slot`.
+
+        Raises:
+            VersionLoadError: the worker refused the checkpoint (the slot's previous version
+                is resident again: nothing was copied).
+        """
+        assert self._versions is not None
+        try:
+            raw = (
+                await self._llm.collective_rpc(
+                    "smolora_load_slot",
+                    args=(
+                        slot,
+                        str(path),
+                        self._fingerprint,
+                        {"version": version, "path": str(path)},
+                    ),
+                )
+            )[0]
+            result = SlotLoadResult.from_wire(raw)
+        except BaseException:
+            self._versions.abandon(slot)
+            raise
+        if result.refused is not None:
+            self._versions.abandon(slot, copied=False)
+            raise VersionLoadError(f"{path}: {result.message}", result.refused)
+        if result.version != version:
+            self._versions.abandon(slot)
+            raise VersionLoadError(
+                f"{path}: the manifest changed while loading (version {version} -> "
+                f"{result.version}); published versions must not be rewritten",
+                "IntegrityError",
+            )
+        return result
 
     async def load_latest(self, registry: str | Path, activate: bool = True) -> VersionInfo:
         """Load (if needed) and activate the registry's latest version."""
@@ -617,7 +637,8 @@ class SMoLoRAEngine:
 
 
 async def collect(engine: Any, request: GenerateRequest) -> GenerateChunk:
-    """Run a request to completion; returns its final chunk with all token ids, text and logprobs."""
+    """Run a request to completion; returns its final chunk with all token ids, text and
+    logprobs."""
     ids: list[int] = []
     text = ""
     logprobs: list[TokenLogprob] = []

@@ -1,12 +1,18 @@
-"""Front-end bookkeeping of resident checkpoint versions and their slots.
+"""What is installed in the engine's version slots: `VersionTable`.
 
 The engine keeps `num_slots` versions resident as slots of stacked adapter tensors. This
-table decides which slot a new request uses (the version it names, or the active one), how
-many in-flight requests pin each slot, and which slot a newly loaded version may overwrite
-(never the active one, never one with in-flight requests), and which version may be
-unloaded (same rule). It also holds each version's default VU routing (from its checkpoint;
-`resolve_vu_routing` picks a request's mode). It is the single authority on slot
-occupancy: the worker only copies where it is told.
+table records the facts of those slots: which version each slot holds (and its path, tasks,
+instruction table and default VU routing, from its checkpoint; `resolve_vu_routing` picks a
+request's mode), how many in-flight requests pin each slot, and the default slot of requests
+that name no version (`activate`). From those facts it answers which slot a new request
+uses, which slot a newly loaded version may overwrite (never the default one, never one with
+in-flight requests) and whether a version may be unloaded (same rule). It is the single
+authority on slot occupancy: the worker only copies where it is told.
+
+It holds no serving policy: which version should be active, the activation history
+(rollback), how many versions stay resident and which to evict, and the link to the
+registry folder belong to `smolora.server.versions.VersionManager`, which drives the engine
+through `EngineClient` and keeps no copy of these facts.
 
 It does no I/O and knows nothing about vLLM; it is not thread-safe (use it from the event
 loop thread only).
@@ -45,9 +51,10 @@ class _Slot:
 def resolve_vu_routing(
     requested: VuRouting | None, server_default: VuRouting | None, version_default: VuRouting
 ) -> VuRouting:
-    """The VU routing a request runs with: its own choice, else the server's (`EngineConfig.vu_routing`),
-    else its version's (the checkpoint's `adapter_config.vu_routing`: "pinned" for versions this
-    project trains, "per_step" for imported reference checkpoints)."""
+    """The VU routing a request runs with: its own choice, else the server's
+    (`EngineConfig.vu_routing`), else its version's (the checkpoint's
+    `adapter_config.vu_routing`: "pinned" for versions this project trains, "per_step" for
+    imported reference checkpoints)."""
     return requested or server_default or version_default
 
 
@@ -62,6 +69,7 @@ class VersionTable:
         if num_slots < 1:
             raise ValueError("num_slots must be >= 1")
         self._slots = [_Slot() for _ in range(num_slots)]
+        self._displaced: dict[int, _Slot] = {}  # slot -> the version a pending load evicted
         self._active: int | None = None  # slot index
         self._seq = 0
 
@@ -160,6 +168,7 @@ class VersionTable:
                 f"(slot: (version, in_flight) = {busy}); retry when in-flight requests finish"
             )
         _, _, slot = min(candidates)
+        self._displaced[slot] = self._slots[slot]
         self._slots[slot] = _Slot(loading=True)
         return slot
 
@@ -176,6 +185,7 @@ class VersionTable:
         """The reserved slot now holds `version` (resident from now; loading took `load_seconds`),
         served with `vu_routing` unless a request or the server chooses (`resolve_vu_routing`)."""
         self._seq += 1
+        self._displaced.pop(slot, None)
         self._slots[slot] = _Slot(
             version,
             Path(path),
@@ -193,9 +203,17 @@ class VersionTable:
         """The default VU routing of the version in `slot` (from its checkpoint)."""
         return self._slots[slot].vu_routing
 
-    def abandon(self, slot: int) -> None:
-        """A load into `slot` failed: the slot is empty (its old version was evicted)."""
-        self._slots[slot] = _Slot()
+    def abandon(self, slot: int, copied: bool = True) -> None:
+        """A load into `slot` failed.
+
+        Args:
+            slot: the reserved slot.
+            copied: False when the worker refused the checkpoint before copying anything:
+                the version the reservation evicted is resident again. True (the default,
+                e.g. the RPC itself failed): the slot may hold part of a copy and is empty.
+        """
+        previous = self._displaced.pop(slot, None)
+        self._slots[slot] = previous if previous is not None and not copied else _Slot()
 
     def activate(self, version: int) -> int:
         """Make `version` the default for new requests; returns its slot."""
@@ -220,7 +238,8 @@ class VersionTable:
             raise VersionNotResidentError(f"version {version} is not loaded (resident: {resident})")
         if slot == self._active:
             raise VersionInUseError(
-                f"version {version} is the active version; activate another version before unloading it"
+                f"version {version} is the active version; activate another version before "
+                "unloading it"
             )
         s = self._slots[slot]
         if s.in_flight:

@@ -2,24 +2,31 @@
 
 - `smolora_attach`: bind the row tracker (a logits processor) to the model's row state and
   describe the resident layout (columns, expected checkpoint tensor shapes).
-- `smolora_load_slot`: read a checkpoint (verified: hashes, format, base model), check it
-  fits, and copy it into one version slot of the resident adapter tensors, in place. RPCs
-  run between engine steps, so a forward never sees a half-copied slot. Which slot is free
-  is the front end's call: it counts the in-flight requests of every slot (a finished
-  request can sit in the persistent batch until the next step, so the worker cannot tell).
+- `smolora_load_slot`: read a checkpoint, verify it (hashes, format, base model: the one
+  place a hot-load reads and hashes the files; the front end reads only the manifest),
+  check it fits, and copy it into one version slot of the resident adapter tensors, in
+  place. RPCs run between engine steps, so a forward never sees a half-copied slot. Which
+  slot is free is the front end's call: it counts the in-flight requests of every slot (a
+  finished request can sit in the persistent batch until the next step, so the worker
+  cannot tell).
 - `smolora_unload_slot`: forget the version of a slot the front end has freed (its tensors
   stay until a later load overwrites them; no request can select the slot meanwhile).
 - `smolora_fetch_traces`: routing traces of many requests in one call.
 - `smolora_stats`: counters for health and tests.
 
-Results are plain lists/dicts (a returned tensor would arrive as an undecoded stub). Errors
-are returned as `{"ok": False, "error": <class name>, "message": ...}` so the front end can
-re-raise them typed. It does not pick slots or versions (the front end does).
+Results are plain lists/dicts or small dataclasses (vLLM's serialiser sends a dataclass as
+a dict, which `SlotLoadResult.from_wire` turns back; a returned tensor would arrive as an
+undecoded stub). A refused checkpoint is a `SlotLoadResult` with `refused` set (nothing was
+copied), because an exception raised in the worker reaches the front end as an untyped
+message; the front end maps it onto `VersionLoadError` in one place. It does not pick slots
+or versions (the front end does).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -32,6 +39,38 @@ logger = logging.getLogger(__name__)
 
 #: Import path vLLM resolves (engine arg `worker_extension_cls`).
 WORKER_EXTENSION = "smolora.server.engine.worker_extension.SMoLoRAWorkerExtension"
+
+
+@dataclass
+class SlotLoadResult:
+    """What `smolora_load_slot` did.
+
+    Attributes:
+        slot: the slot it was asked to fill.
+        version: the checkpoint's manifest version (None when refused before reading it).
+        refused: None when the slot now holds the checkpoint; else the class name of the
+            `CheckpointError` that refused it (e.g. "IntegrityError",
+            "CheckpointMismatchError"), and nothing was copied: the slot's tensors and
+            version are what they were.
+        message: why it was refused.
+        verify_seconds: reading + verifying the files + checking the fit.
+        copy_seconds: copying into the slot.
+    """
+
+    slot: int
+    version: int | None = None
+    refused: str | None = None
+    message: str = ""
+    verify_seconds: float = 0.0
+    copy_seconds: float = 0.0
+
+    @classmethod
+    def from_wire(cls, raw: SlotLoadResult | dict[str, Any]) -> SlotLoadResult:
+        """The result as `collective_rpc` delivers it (a dict across processes)."""
+        if isinstance(raw, cls):
+            return raw
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(raw).items() if k in names})
 
 
 class SMoLoRAWorkerExtension:
@@ -67,7 +106,8 @@ class SMoLoRAWorkerExtension:
         ]
         if len(trackers) != 1:
             raise RuntimeError(
-                f"expected one SMoLoRA row tracker among the logits processors, found {len(trackers)}"
+                "expected one SMoLoRA row tracker among the logits processors, found "
+                f"{len(trackers)}"
             )
         trackers[0].bind(model.smolora_state)
         state = model.smolora_state
@@ -80,17 +120,23 @@ class SMoLoRAWorkerExtension:
 
     def smolora_load_slot(
         self, slot: int, path: str, expected_fingerprint: str | None, version: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Load the checkpoint at `path` into `slot` (all or nothing)."""
+    ) -> SlotLoadResult:
+        """Read, verify and copy the checkpoint at `path` into `slot` (all or nothing).
+
+        Raises:
+            ValueError: `slot` is out of range (a front-end bug, not a checkpoint problem).
+        """
         model = self._smolora_model()
         state = model.smolora_state
+        if not 0 <= slot < model.layout.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {model.layout.num_slots})")
+        t0 = time.perf_counter()
         try:
-            if not 0 <= slot < model.layout.num_slots:
-                raise ValueError(f"slot {slot} out of range [0, {model.layout.num_slots})")
             ckpt = load_checkpoint(path, expected_fingerprint=expected_fingerprint)
             check_fit(ckpt.manifest, ckpt.tensors, model.layout, self._smolora_expected_shapes())
-        except (CheckpointError, ValueError) as e:
-            return {"ok": False, "error": type(e).__name__, "message": str(e)}
+        except CheckpointError as e:
+            return SlotLoadResult(slot, refused=type(e).__name__, message=str(e))
+        t1 = time.perf_counter()
         alpha = float(ckpt.manifest.adapter_config["alpha"])
         with torch.no_grad():
             for adapter in model.routed_adapters():
@@ -99,7 +145,12 @@ class SMoLoRAWorkerExtension:
         state.slot_versions[slot] = dict(version)
         state.epoch += 1  # cached routing plans hold copies of slot-derived values
         logger.info("loaded checkpoint %s into slot %d", path, slot)
-        return {"ok": True, "slot": slot, "version": ckpt.manifest.version}
+        return SlotLoadResult(
+            slot,
+            version=ckpt.manifest.version,
+            verify_seconds=t1 - t0,
+            copy_seconds=time.perf_counter() - t1,
+        )
 
     def smolora_unload_slot(self, slot: int) -> dict[str, Any]:
         """Forget the version held by `slot` (the front end no longer routes requests to it)."""

@@ -46,6 +46,25 @@ def test_failed_load_leaves_the_slot_empty_and_the_active_version_serving() -> N
     assert table.acquire(None)[1] == 1
 
 
+def test_refused_load_keeps_the_evicted_version_resident() -> None:
+    """A checkpoint the worker refuses before copying leaves the reserved slot as it was: the
+    inactive version the reservation evicted is servable again, with its in-flight count."""
+    table = VersionTable(2)
+    s1 = _load(table, 1)
+    s2 = _load(table, 2)
+    table.activate(2)
+    slot = table.reserve_for_load()
+    assert slot == s1 and table.slot_of(1) is None  # not servable while the load runs
+    table.abandon(slot, copied=False)
+    assert table.slot_of(1) == s1 and table.info(s1).path == Path("/ckpt/v1")
+    assert table.acquire(1) == (s1, 1) and table.active_version == 2 and s2 != s1
+    table.release(s1)
+    # A failure after copying began (the default) empties the slot instead.
+    slot = table.reserve_for_load()
+    table.abandon(slot)
+    assert table.slot_of(1) is None and [v.version for v in table.resident()] == [2]
+
+
 def test_nothing_active_is_an_error() -> None:
     with pytest.raises(VersionNotResidentError):
         VersionTable(1).acquire(None)
