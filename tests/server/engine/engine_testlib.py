@@ -5,6 +5,7 @@ reference (HF + `adapters/`) generations."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -144,9 +145,13 @@ def make_workload(n: int, seed: int, text_only: int = 2, image_size: int = 32) -
 
 
 def running_engine(loop: LoopThread, **config: Any) -> Iterator[Any]:
-    """Start a `SMoLoRAEngine` with this `EngineConfig`, yield it, shut it down."""
+    """Start a `SMoLoRAEngine` with this `EngineConfig`, yield it, shut it down (the test
+    process's environment prepared for vLLM as the serve CLI prepares its own)."""
+    from smolora.server.cli import prepare_vllm_environment
     from smolora.server.engine.config import EngineConfig
     from smolora.server.engine.engine import SMoLoRAEngine
+
+    prepare_vllm_environment(os.environ)
 
     eng = loop.run(SMoLoRAEngine.start(EngineConfig(**config)))
     yield eng
