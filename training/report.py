@@ -4,7 +4,11 @@ Reads `<runs>/<method>/results.json` (written by the trainer) and writes, in the
 the paper's table: the final score per upstream task with AP, MAP, BWT and MIF per method;
 the unseen tasks (zero-shot, few-shot) and instruction robustness (held-out paraphrases);
 a heatmap of the accuracy matrix a_{t,i} per method; and AP over stages for all methods.
-It computes no metrics of its own beyond AP_t per stage (see `metrics.py`).
+Tables use the paper's scale (captions CIDEr-D x 100; `AP`, `MAP`, `BWT`) with `AP_balanced`
+beside it; the plots use the balanced scale (every task 0-100). `write_seeded_report` does
+the same over several seeds (mean +- std per cell), with training / evaluation examples/s
+and the section that checks the paper's claims (`claims.py`). It computes no metrics of its
+own beyond AP_t per stage (see `metrics.py`, `seeds.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smolora.training.claims import CLAIMS, check_claims
 from smolora.training.data.tasks import TASKS
+from smolora.training.seeds import aggregate, run_cells
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +32,9 @@ METHOD_ORDER = (
     "dirlora",
     "seqlora",
     "moelora",
+    "ewc",
     "replay",
+    "dora",
     "smolora",
     "smolora_learned",
 )
@@ -36,7 +44,9 @@ DISPLAY = {
     "dirlora": "DirLoRA",
     "seqlora": "SeqLoRA",
     "moelora": "MoELoRA",
+    "ewc": "EWC",
     "replay": "Replay",
+    "dora": "DoRA",
     "smolora": "SMoLoRA (frozen random)",
     "smolora_learned": "SMoLoRA (learned)",
 }
@@ -64,53 +74,55 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _task_name(t: str) -> str:
+    return TASKS[t].analogue if t in TASKS else t
+
+
+def _unseen_name(k: str) -> str:
+    if k in TASKS:
+        return TASKS[k].analogue
+    return k.replace("places_", "Places365 ").replace("shot", "-shot")
+
+
+SCALE_NOTE = (
+    "Scores on the paper's scale: accuracy %, captions CIDEr-D x 100; AP / MAP / BWT are the "
+    "paper's (mean of these), AP_bal the same mean with captions CIDEr-D x 10 (every task "
+    "0-100). The plots use the balanced scale."
+)
+
+
 def markdown_table(results: dict[str, dict[str, Any]], title: str = "mini-CVIT") -> str:
-    """The upstream and unseen tables as Markdown."""
+    """The upstream and unseen tables of one run per method as Markdown."""
     if not results:
         return f"# {title}\n\n(no results)\n"
     any_res = next(iter(results.values()))
     tasks = any_res["tasks"]
-    names = [TASKS[t].analogue if t in TASKS else t for t in tasks]
+    cells = {m: run_cells(r) for m, r in results.items()}
     lines = [f"# {title} ({any_res.get('setting', '?')}-type instructions)", ""]
-    lines.append(
-        "Final score per upstream task (accuracy %, captions CIDEr-D x 10), and AP / MAP / BWT / MIF."
-    )
-    lines.append("")
-    lines.append("| Method | " + " | ".join(names) + " | AP | MAP | BWT | MIF |")
-    lines.append("|---" * (len(names) + 5) + "|")
-    for m, r in results.items():
-        last = r["matrix"][-1]
-        cells = [_fmt(x) for x in last] + [
-            _fmt(r.get("AP")),
-            _fmt(r.get("MAP")),
-            _fmt(r.get("BWT")),
-            _fmt(r.get("MIF")),
-        ]
-        lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += ["Final score per upstream task, AP / AP_bal / MAP / BWT / MIF. " + SCALE_NOTE, ""]
+    heads = [_task_name(t) for t in tasks] + ["AP", "AP_bal", "MAP", "BWT", "MIF"]
+    lines.append("| Method | " + " | ".join(heads) + " |")
+    lines.append("|---" * (len(heads) + 1) + "|")
+    for m, c in cells.items():
+        keys = [f"task_paper.{t}" for t in tasks] + ["AP", "AP_balanced", "MAP", "BWT", "MIF"]
+        lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(_fmt(c.get(k)) for k in keys) + " |")
     unseen_keys: list[str] = []
     for r in results.values():
-        for k in r.get("unseen", {}):
-            if k not in unseen_keys:
-                unseen_keys.append(k)
+        unseen_keys += [k for k in r.get("unseen", {}) if k not in unseen_keys]
     if unseen_keys:
         lines += [
             "",
-            "Unseen tasks (zero-shot; few-shot fine-tuned from the final model) and instruction robustness.",
+            "Unseen tasks (zero-shot; few-shot fine-tuned from the final model) and "
+            "instruction robustness (AP over held-out paraphrases).",
             "",
         ]
-        heads = [
-            TASKS[k].analogue
-            if k in TASKS
-            else k.replace("places_", "Places365 ").replace("shot", "-shot")
-            for k in unseen_keys
-        ]
+        heads = [_unseen_name(k) for k in unseen_keys]
         lines.append("| Method | " + " | ".join(heads) + " | AP (held-out instr.) |")
         lines.append("|---" * (len(heads) + 2) + "|")
-        for m, r in results.items():
-            u = r.get("unseen", {})
-            cells = [_fmt(u[k]["score"]) if k in u else "–" for k in unseen_keys]
-            held = r.get("robustness", {}).get("AP_heldout")
-            lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(cells) + f" | {_fmt(held)} |")
+        for m, c in cells.items():
+            vals = [_fmt(c.get(f"unseen_paper.{k}")) for k in unseen_keys]
+            held = _fmt(c.get("AP_heldout"))
+            lines.append(f"| {DISPLAY.get(m, m)} | " + " | ".join(vals) + f" | {held} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -191,19 +203,26 @@ def plot_ap_over_stages(results: dict[str, dict[str, Any]], out_dir: Path, prefi
 
 
 def summary_json(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per method: AP, MAP, BWT, MIF, unseen scores, robustness and the matrix."""
+    """Per method: AP, MAP, BWT (paper scale) and their *_balanced, MIF, unseen scores,
+    robustness, the matrix and throughput."""
     out = {}
     for m, r in results.items():
+        c = run_cells(r)
         out[m] = {
-            "AP": r.get("AP"),
-            "MAP": r.get("MAP"),
-            "BWT": r.get("BWT"),
+            **{k: c.get(k) for k in ("AP", "MAP", "BWT", "AP_balanced", "MAP_balanced")},
+            "BWT_balanced": c.get("BWT_balanced"),
             "MIF": r.get("MIF"),
             "unseen": {k: v["score"] for k, v in r.get("unseen", {}).items()},
-            "robustness": {k: r.get("robustness", {}).get(k) for k in ("AP_heldout", "AP_seen")},
+            "robustness": {
+                "AP_heldout": c.get("AP_heldout"),
+                "AP_heldout_balanced": c.get("AP_heldout_balanced"),
+                "AP_seen": c.get("AP"),
+            },
             "matrix": r["matrix"],
             "format_matrix": r.get("format_matrix"),
             "runtime_s": r.get("runtime_s"),
+            "train_examples_per_s": c.get("train_examples_per_s"),
+            "eval_examples_per_s": c.get("eval_examples_per_s"),
         }
     return out
 
@@ -222,3 +241,178 @@ def write_report(runs: str | Path, out_dir: str | Path, prefix: str = "mini_cvit
         paths += plot_matrices(results, out, prefix)
         paths.append(plot_ap_over_stages(results, out, prefix))
     return paths
+
+
+# --------------------------------------------------------------------------------------
+# Several seeds
+# --------------------------------------------------------------------------------------
+def _pm(cell: dict[str, Any] | None, digits: int = 1) -> str:
+    if cell is None:
+        return "–"
+    if cell["n"] < 2:
+        return f"{cell['mean']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+
+
+LEARNED_NOTE = (
+    "SMoLoRA (learned) departs from the contract's training rule: each task trains only the "
+    "experts it owns (assigned to no earlier task), with its VU routes teacher-forced, the "
+    "fusion vectors train in task 1 only, and the gates are refit after each task on a "
+    "memory of every task's routes. Nothing an earlier task routes through changes later, "
+    "so its BWT of 0 is by construction, not a finding. SMoLoRA (frozen random) keeps the "
+    "reference's rule (gates frozen after task 1, every expert and the fusion vectors "
+    "training in every task) and is the one comparable with the paper on equal terms."
+)
+
+
+def seeded_markdown(
+    aggregated: dict[str, dict[str, Any]],
+    claims: dict[str, dict[str, str]],
+    detail: dict[str, dict[str, Any]],
+    title: str = "mini-CVIT",
+    setting: str = "?",
+    meta: dict[str, Any] | None = None,
+) -> str:
+    """Mean ± std tables, throughput, and the claims section, as Markdown."""
+    if not aggregated:
+        return f"# {title}\n\n(no results)\n"
+    meta = meta or {}
+    seeds = sorted({s for a in aggregated.values() for s in a["seeds"]})
+    tasks = next(iter(aggregated.values()))["tasks"]
+    lines = [f"# {title} ({setting}-type instructions), seeds {', '.join(map(str, seeds))}", ""]
+    lines += [
+        "Mean ± sample std over seeds (a cell with one seed shows the value). " + SCALE_NOTE,
+        "",
+    ]
+    heads = [_task_name(t) for t in tasks] + ["AP", "AP_bal", "MAP", "BWT", "MIF"]
+    lines.append("| Method | " + " | ".join(heads) + " |")
+    lines.append("|---" * (len(heads) + 1) + "|")
+    for m, a in aggregated.items():
+        keys = [f"task_paper.{t}" for t in tasks] + ["AP", "AP_balanced", "MAP", "BWT", "MIF"]
+        row = " | ".join(_pm(a["cells"].get(k)) for k in keys)
+        lines.append(f"| {DISPLAY.get(m, m)} | {row} |")
+    unseen = []
+    for a in aggregated.values():
+        unseen += [
+            k.split(".", 1)[1]
+            for k in a["cells"]
+            if k.startswith("unseen_paper.") and k.split(".", 1)[1] not in unseen
+        ]
+    if unseen:
+        lines += ["", "Unseen tasks and held-out instructions (paper's scale).", ""]
+        heads = [_unseen_name(k) for k in unseen] + ["unseen mean", "AP (held-out instr.)"]
+        lines.append("| Method | " + " | ".join(heads) + " |")
+        lines.append("|---" * (len(heads) + 1) + "|")
+        for m, a in aggregated.items():
+            keys = [f"unseen_paper.{k}" for k in unseen] + ["unseen_mean", "AP_heldout"]
+            lines.append(
+                f"| {DISPLAY.get(m, m)} | "
+                + " | ".join(_pm(a["cells"].get(k)) for k in keys)
+                + " |"
+            )
+    lines += ["", "## Compute", ""]
+    if "compute_s" in meta:
+        lines.append(
+            f"Total compute {meta['compute_s'] / 3600:.2f} h (base alignment "
+            f"{meta.get('base_alignment_s') or 0:.0f} s + every (method, seed) unit's wall "
+            f"time, whenever it ran); this invocation {meta.get('runtime_s', 0):.0f} s on "
+            f"{meta.get('device', 'cpu')}. Examples/s: training examples per second of "
+            "optimizer stages; evaluation: generated answers per second."
+        )
+        lines.append("")
+    lines.append("| Method | train examples/s | eval examples/s | wall s per seed |")
+    lines.append("|---|---|---|---|")
+    for m, a in aggregated.items():
+        c = a["cells"]
+        lines.append(
+            f"| {DISPLAY.get(m, m)} | {_pm(c.get('train_examples_per_s'), 2)} | "
+            f"{_pm(c.get('eval_examples_per_s'), 2)} | {_pm(c.get('runtime_s'), 0)} |"
+        )
+    lines += ["", claims_markdown(aggregated, claims, detail)]
+    return "\n".join(lines)
+
+
+def claims_markdown(
+    aggregated: dict[str, dict[str, Any]],
+    claims: dict[str, dict[str, str]],
+    detail: dict[str, dict[str, Any]],
+) -> str:
+    """The section that checks the paper's claims one by one (see `claims.py`)."""
+    lines = ["## The paper's claims, one by one", ""]
+    lines.append(
+        "Each claim compares a SMoLoRA variant with every baseline the paper compares it with: "
+        "holds if the difference of means exceeds 2 standard errors of the difference "
+        "(sample std over seeds), does not hold if it is below minus that, within noise "
+        "otherwise; a claim holds only if it holds against every baseline that was run."
+    )
+    lines += ["", LEARNED_NOTE, ""]
+    if not claims:
+        lines.append("(no SMoLoRA run)")
+        return "\n".join(lines) + "\n"
+    variants = list(claims)
+    lines.append("| claim | " + " | ".join(DISPLAY.get(v, v) for v in variants) + " |")
+    lines.append("|---" * (len(variants) + 1) + "|")
+    for claim, (_, _, text) in CLAIMS.items():
+        lines.append(
+            f"| {claim}: {text} | " + " | ".join(claims[v].get(claim, "–") for v in variants) + " |"
+        )
+    for v in variants:
+        lines += ["", f"### {DISPLAY.get(v, v)}", ""]
+        for claim, d in detail[v].items():
+            comps = "; ".join(
+                f"{DISPLAY.get(r['baseline'], r['baseline'])} {_pm(r['baseline_cell'])} "
+                f"(diff {r['diff']:+.1f}"
+                + (f", noise {r['noise']:.1f}" if r["noise"] is not None else "")
+                + f": {r['verdict']})"
+                for r in d["comparisons"]
+            )
+            lines.append(
+                f"- **{claim}** ({d['cell']} {_pm(d['smolora'])}): {d['verdict']}. "
+                + (comps or "no baseline run.")
+            )
+        c = aggregated[v]["cells"]
+        if "routing.vu_share" in c:
+            lines.append(
+                "- routing: two tasks share their majority VU expert in "
+                f"{100 * c['routing.vu_share']['mean']:.0f}% of layers, their IF expert in "
+                f"{100 * c['routing.if_share']['mean']:.0f}%, both in "
+                f"{100 * c['routing.both_share']['mean']:.0f}% (mean over task pairs and "
+                "seeds). A shared expert keeps training on every task routed to it, so a "
+                "high share predicts forgetting; tasks with one instruction template "
+                "(TextVQA, GQA, VQAv2 in single-type) share their IF expert by design."
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_seeded_report(
+    per_seed: dict[int, dict[str, dict[str, Any]]],
+    out_dir: str | Path,
+    prefix: str = "mini_cvit",
+    setting: str = "?",
+    meta: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Aggregate `seed -> method -> results`, check the claims, write
+    `<prefix>.md`, `<prefix>_table.json` and the plots (mean matrices, balanced scale).
+
+    Returns:
+        ({"aggregated", "claims", "claims_detail"}, written paths).
+    """
+    aggregated = aggregate(per_seed)
+    order = [m for m in METHOD_ORDER if m in aggregated] + sorted(
+        set(aggregated) - set(METHOD_ORDER)
+    )
+    aggregated = {m: aggregated[m] for m in order}
+    claims, detail = check_claims(aggregated)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{prefix}.md"
+    md.write_text(seeded_markdown(aggregated, claims, detail, setting=setting, meta=meta))
+    js = out / f"{prefix}_table.json"
+    summary = {"aggregated": aggregated, "claims": claims, "claims_detail": detail}
+    js.write_text(json.dumps(summary, indent=1))
+    paths = [md, js]
+    if aggregated:
+        paths += plot_matrices(aggregated, out, prefix)
+        paths.append(plot_ap_over_stages(aggregated, out, prefix))
+    return summary, paths
