@@ -616,6 +616,13 @@ def main(argv: list[str] | None = None) -> None:
         default="7b",
         help="comma-separated real-width presets (7b, 13b) run after the headline ('' for none)",
     )
+    parser.add_argument(
+        "--curves",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cost as the work grows (bench/engine_curves.py): curves and hotload_curve",
+    )
+    parser.add_argument("--curve-rounds", type=int, default=3)
     parser.add_argument("--shape-rounds", type=int, default=5)
     parser.add_argument("--shape-requests", type=int, default=4)
     parser.add_argument("--shape-max-tokens", type=int, default=64)
@@ -692,6 +699,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         result["routed_vs_hf_reference"] = result["tokens_per_s"]["routed"] / hf
         result["tokens_per_s"]["hf_reference"] = hf
+        model_dir, v1_path = setup["model_dir"], setup["v1"].path
+        image_size = setup["preset"].image_size
         del setup, smodel_next
         result["by_isa"] = {result["isa"]: {"command": command, **engine_summary(eng)}}
         child_argv = strip_run_args(raw_argv)
@@ -704,6 +713,18 @@ def main(argv: list[str] | None = None) -> None:
         }
         for shape in (s for s in args.shapes.split(",") if s):
             result[f"shape_{shape}"] = shape_point(args, f"shape-{shape}", cfg, tmp, kernel_isa)
+        if args.curves:
+            from engine_curves import run_curves
+
+            result["curves"], result["hotload_curve"] = run_curves(
+                args,
+                model_dir,
+                v1_path,
+                image_size,
+                tmp,
+                KernelConfig(isa=kernel_isa),
+                _engine_pids,
+            )
         widths = {p: curve_point(args, p, cfg, tmp) for p in args.curve_presets.split(",") if p}
         dtypes = {
             d: curve_point(args, args.preset, cfg, tmp, dtype=d)
