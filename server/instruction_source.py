@@ -9,25 +9,12 @@ the question. A request names its instruction in one of three ways, in this orde
 2. `smolora.instruction`: free text; it is embedded as given (source `"explicit"`); the
    trace still reports the nearest known type and its similarity, for information.
 3. Neither: the instruction is extracted from the last user message's text by
-   `extract_instruction` (below), embedded, and snapped to the nearest known type when
-   the cosine similarity is at least the threshold (source `"snapped"`: the type's stored
-   embedding is used); otherwise the extracted text's own embedding is used (source
-   `"extracted"`).
-
-Extraction rule (`extract_instruction`):
-- Split the text into lines, and each line into sentences at `.`, `!` or `?` followed by
-  white space.
-- Walk back from the last sentence, collecting sentences that are imperative: the first
-  word (after an optional "Please"/"Now"/"Kindly") is an instruction verb from
-  `INSTRUCTION_VERBS` ("Answer", "Provide", "Describe", "Read", ...) and the sentence does
-  not end with "?". Stop at the first sentence that is not.
-- If any were collected, the instruction is those trailing sentences in their original
-  order (rule `"trailing_imperative"`): "What is in the image?\\nAnswer the question
-  using a single word or phrase." -> "Answer the question using a single word or phrase."
-- Otherwise the whole text is the instruction (rule `"whole_text"`): a bare question such
-  as "How many shapes are there?" is then matched against the known types as it is.
-- An empty text (an image-only request) uses the server's default instruction (rule
-  `"default"`).
+   `smolora.adapters.instructions.extract_instruction` (the one rule training uses too; the
+   checkpoint's instruction texts are its known templates), embedded, and snapped to the
+   nearest known type when the cosine similarity is at least the threshold (source
+   `"snapped"`: the type's stored embedding is used); otherwise the extracted text's own
+   embedding is used (source `"extracted"`). An empty text (an image-only request) uses the
+   server's default instruction.
 
 This module is pure logic over an `Embedder` (anything with `encode(texts) -> [n, 384]`)
 and an `InstructionTable`; it neither loads MiniLM nor knows about HTTP.
@@ -35,38 +22,21 @@ and an `InstructionTable`; it neither loads MiniLM nor knows about HTTP.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from smolora.adapters.instructions import EMBED_DIM, InstructionTable
+from smolora.adapters.instructions import (
+    EMBED_DIM,
+    ExtractionRule,
+    InstructionTable,
+    extract_instruction,
+)
 from smolora.server.embedding_batcher import BatchedEncoder, Embedder
 
 InstructionSourceName = Literal["type", "explicit", "snapped", "extracted"]
-ExtractionRule = Literal["trailing_imperative", "whole_text", "default"]
-
-INSTRUCTION_VERBS = frozenset(
-    """
-answer provide describe read give write generate summarize summarise identify name classify count
-list explain caption reply respond output tell use choose select pick state return translate
-determine find label transcribe extract specify indicate mention rate compare detect locate
-recognize recognise create make focus consider include keep start begin respond be do don't only
-""".split()
-)
-_LEAD_INS = frozenset({"please", "now", "kindly", "then", "finally"})
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)")
-_WORD = re.compile(r"[A-Za-z']+")
-
-
-@dataclass(frozen=True)
-class ExtractedInstruction:
-    """The instruction text found in a user message, and the rule that found it."""
-
-    text: str
-    rule: ExtractionRule
 
 
 @dataclass(frozen=True)
@@ -110,48 +80,6 @@ class UnknownInstructionTypeError(ValueError):
     """The request named an instruction type the checkpoint does not know."""
 
 
-def _sentences(text: str) -> list[str]:
-    out: list[str] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            out.extend(s.strip() for s in _SENTENCE_SPLIT.split(line) if s.strip())
-    return out
-
-
-def is_imperative(sentence: str) -> bool:
-    """Whether a sentence reads as an instruction: starts with an instruction verb, not a question."""
-    if sentence.rstrip().endswith("?"):
-        return False
-    words = [w.lower() for w in _WORD.findall(sentence)[:3]]
-    while words and words[0] in _LEAD_INS:
-        words = words[1:]
-    return bool(words) and words[0] in INSTRUCTION_VERBS
-
-
-def extract_instruction(text: str, default_instruction: str) -> ExtractedInstruction:
-    """Apply the extraction rule of the module docstring to a user message's text.
-
-    Args:
-        text: the text of the last user message (its text parts joined by newlines).
-        default_instruction: used when the text is empty.
-
-    Returns:
-        The instruction text and the rule that produced it.
-    """
-    sentences = _sentences(text)
-    if not sentences:
-        return ExtractedInstruction(default_instruction, "default")
-    trailing: list[str] = []
-    for s in reversed(sentences):
-        if not is_imperative(s):
-            break
-        trailing.append(s)
-    if trailing:
-        return ExtractedInstruction(" ".join(reversed(trailing)), "trailing_imperative")
-    return ExtractedInstruction(" ".join(sentences), "whole_text")
-
-
 def _as_tuple(vec: Tensor) -> tuple[float, ...]:
     flat = vec.detach().to(torch.float32).reshape(-1)
     if flat.numel() != EMBED_DIM:
@@ -171,7 +99,8 @@ class InstructionResolver:
     def __init__(self, embedder: Embedder, snap_threshold: float, default_instruction: str):
         self.snap_threshold = snap_threshold
         self.default_instruction = default_instruction
-        # Concurrent requests share encode calls; one encode at a time (its LRU cache is not thread-safe).
+        # Concurrent requests share encode calls; one encode at a time (its LRU cache is not
+        # thread-safe).
         self.encoder = BatchedEncoder(embedder)
 
     def embed(self, text: str) -> Tensor:
@@ -201,7 +130,8 @@ class InstructionResolver:
             if t is None:
                 known = ", ".join(x.name for x in table.types) or "none"
                 raise UnknownInstructionTypeError(
-                    f"instruction type {instruction_type!r} is not known to this checkpoint (known: {known})"
+                    f"instruction type {instruction_type!r} is not known to this checkpoint "
+                    f"(known: {known})"
                 )
             return ResolvedInstruction("type", t.text, t.name, 1.0, tuple(t.embedding))
         if instruction is not None:
@@ -214,7 +144,9 @@ class InstructionResolver:
                 sim if nearest else None,
                 _as_tuple(emb),
             )
-        found = extract_instruction(user_text, self.default_instruction)
+        found = extract_instruction(
+            user_text, self.default_instruction, known=[t.text for t in table.types]
+        )
         emb = self.embed(found.text)
         nearest, sim = table.nearest(emb)
         if nearest is not None and sim >= self.snap_threshold:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from smolora.training.data.cvit_json import extract_instruction, load_examples
+from smolora.adapters.instructions import extract_instruction
+from smolora.training.data.cvit_json import load_examples
 from smolora.training.data.mini_cvit import (
     MiniCVITConfig,
     build_mini_cvit,
@@ -174,5 +175,5 @@ def test_loader_rejects_records_without_content(tmp_path: Path) -> None:
 def test_instruction_rule_prefers_known_templates() -> None:
     known = ["Answer the question using a single word or phrase."]
     prompt = "Is it red? Answer the question using a single word or phrase."
-    assert extract_instruction(prompt, known) == known[0]
-    assert extract_instruction("line one\nline two\n") == "line two"
+    assert extract_instruction(prompt, known=known).text == known[0]
+    assert extract_instruction("line one\nline two\n").text == "line two"

@@ -12,8 +12,9 @@ The evaluation format of CVIT/CoIN question files is also read: `{"question_id",
 optional keys (`task`, `instruction`, `question`, `references`) which real files lack.
 
 Instruction rule (the reference embeds only a task's instruction template): the record's
-`instruction` key if present; else the longest known template the prompt ends with; else the
-prompt's last non-empty line (CVIT appends its template as the last line). Only the first
+`instruction` key if present; else `smolora.adapters.instructions.extract_instruction`, the
+one rule serving applies too (trailing imperative sentences, else the longest known template
+the prompt ends with, else the prompt's last line, where CVIT appends its template). Only the first
 human/gpt turn of a multi-turn conversation is read. This module does not tokenize.
 """
 
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smolora.adapters.instructions import IMAGE_PLACEHOLDER, extract_instruction
+
 logger = logging.getLogger(__name__)
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass(frozen=True)
@@ -87,16 +89,6 @@ def make_record(
     }
 
 
-def extract_instruction(prompt: str, known: Iterable[str] = ()) -> str:
-    """The instruction of a prompt by the module's rule (known template suffix, else last line)."""
-    text = prompt.strip()
-    hits = [k for k in known if k and text.endswith(k)]
-    if hits:
-        return max(hits, key=len)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
 def _strip_placeholder(value: str) -> str:
     return (
         value.replace(IMAGE_PLACEHOLDER + "\n", "")
@@ -145,7 +137,9 @@ def parse_record(
         or (rec.get("answers") if isinstance(rec.get("answers"), list) else None)
         or [answer]
     )
-    instruction = rec.get("instruction") or extract_instruction(prompt, known_instructions)
+    instruction = (
+        rec.get("instruction") or extract_instruction(prompt, known=known_instructions).text
+    )
     image = rec.get("image")
     image_path = None
     if image:

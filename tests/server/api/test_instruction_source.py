@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smolora.adapters.instructions import InstructionTable, InstructionType
-from smolora.server.instruction_source import (
-    InstructionResolver,
-    UnknownInstructionTypeError,
+from smolora.adapters.instructions import (
+    InstructionTable,
+    InstructionType,
     extract_instruction,
     is_imperative,
 )
+from smolora.server.instruction_source import InstructionResolver, UnknownInstructionTypeError
 from tests.server.api.helpers import INSTRUCTIONS, HashingEmbedder
 
 DEFAULT = "Provide a one-sentence caption for the provided image."
@@ -31,7 +31,8 @@ DEFAULT = "Provide a one-sentence caption for the provided image."
             "trailing_imperative",
         ),
         (
-            "Which shape is red?\nA. circle\nB. square\nAnswer with the option's letter from the given choices directly.",
+            "Which shape is red?\nA. circle\nB. square\n"
+            "Answer with the option's letter from the given choices directly.",
             "Answer with the option's letter from the given choices directly.",
             "trailing_imperative",
         ),
@@ -42,11 +43,9 @@ DEFAULT = "Provide a one-sentence caption for the provided image."
         ),
         ("Is it red? Please answer yes or no.", "Please answer yes or no.", "trailing_imperative"),
         ("How many shapes are there?", "How many shapes are there?", "whole_text"),
-        (
-            "The circle is red.\nWhat colour is it?",
-            "The circle is red. What colour is it?",
-            "whole_text",
-        ),
+        # Several lines with no instruction sentence: the last line, where CVIT puts its
+        # template (training's rule; serving used to take the whole text).
+        ("The circle is red.\nWhat colour is it?", "What colour is it?", "last_line"),
         ("", DEFAULT, "default"),
         ("   \n  ", DEFAULT, "default"),
     ],
