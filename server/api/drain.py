@@ -5,7 +5,8 @@
 `shutting_down` and `Retry-After`; requests already admitted keep running. Each running
 chat request registers an interrupt callback; `interrupt_all()` makes every one of them
 end at once with a 503 (a stream: a final SSE error event, then `[DONE]`), its engine
-requests aborted. `drain(state, grace_s)` runs the whole sequence: begin, wait until the
+requests aborted, and sets `ended`, which ends requests still waiting for a slot or being
+prepared with a 503 too. `drain(state, grace_s)` runs the whole sequence: begin, wait until the
 admission controller holds no request or the grace period is over, interrupt the rest and
 wait briefly for their responses to end.
 
@@ -33,6 +34,7 @@ class DrainState:
     def __init__(self) -> None:
         self.draining = False
         self.interrupted = False
+        self.ended = asyncio.Event()  # set by `interrupt_all`: requests not yet streaming end too
         self._interrupts: dict[int, Callable[[], None]] = {}
         self._next = 0
 
@@ -63,6 +65,7 @@ class DrainState:
         """Interrupt every registered request (and any that registers later); returns how
         many were running."""
         self.interrupted = True
+        self.ended.set()
         callbacks = list(self._interrupts.values())
         for cb in callbacks:
             cb()

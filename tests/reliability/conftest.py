@@ -32,7 +32,12 @@ def reliability_registry(
 
 
 def start_tight_server(
-    workdir: Path, model_dir: Path, registry_dir: Path, grace_s: float = GRACE_S
+    workdir: Path,
+    model_dir: Path,
+    registry_dir: Path,
+    grace_s: float = GRACE_S,
+    max_model_len: int = MAX_MODEL_LEN,
+    max_running: int = MAX_RUNNING,
 ) -> RemoteServer:
     """The real server with tight admission limits; `localhost` image URLs allowed (the
     tests' stalling image host on 127.0.0.1)."""
@@ -43,14 +48,16 @@ def start_tight_server(
         "127.0.0.0/8",
         "--image-url-allow-network",
         "::1/128",
+        "--image-fetch-timeout",
+        "120",
         "--engine-option",
-        f"max_model_len={MAX_MODEL_LEN}",
+        f"max_model_len={max_model_len}",
         "--engine-option",
         f"kv_cache_bytes={64 * 1024 * 1024}",
         "--engine-option",
         "max_num_seqs=4",
         "--max-concurrent-requests",
-        str(MAX_RUNNING),
+        str(max_running),
         "--max-waiting-requests",
         str(MAX_WAITING),
         "--shutdown-grace-s",

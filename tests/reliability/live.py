@@ -6,6 +6,7 @@ for as long as the test needs, independent of the engine's speed)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -37,6 +38,14 @@ def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.05) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(poll_s)
+
+
+def running_and_waiting(base_url: str) -> str:
+    """The server's admission counts, for failure messages."""
+    return (
+        f"running={metric(base_url, 'smolora_num_requests_running')} "
+        f"waiting={metric(base_url, 'smolora_num_requests_waiting')}"
+    )
 
 
 class RawRequest:
@@ -72,6 +81,11 @@ class RawRequest:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def sse_events(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON `data:` events of a raw (chunk-encoded) SSE response, in order."""
+    return [json.loads(m) for m in re.findall(rb"data: (\{[^\n]*\})\n", raw)]
 
 
 class StallingImageHost:

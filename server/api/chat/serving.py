@@ -48,6 +48,7 @@ from starlette.types import Receive, Scope, Send
 
 from smolora.server.api.access_log import AccessRecord
 from smolora.server.api.chat.protocol import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
+from smolora.server.api.drain import DrainState
 from smolora.server.api.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -128,29 +129,40 @@ def _render(
     return prompt, renderer.count_tokens(prompt, num_images)
 
 
-async def _unless_disconnected(coro: Any, receive: Receive | None) -> tuple[Any, bool]:
-    """Run `coro` to its end unless the client disconnects first (then cancel it).
+async def _unless_disconnected(
+    coro: Any, receive: Receive | None, drain: DrainState, retry_after_s: int
+) -> tuple[Any, bool]:
+    """Run `coro` to its end unless the client disconnects first (then cancel it) or the
+    shutdown grace period ends first (then cancel it and raise a 503 `shutting_down`).
 
     Returns:
         (its result, False), or (None, True) when the client left first.
     """
     work = asyncio.ensure_future(coro)
-    if receive is None:
-        return await work, False
-    watch = asyncio.ensure_future(until_disconnected(receive))
+    watchers = [asyncio.ensure_future(drain.ended.wait())]
+    if receive is not None:
+        watchers.append(asyncio.ensure_future(until_disconnected(receive)))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, *watchers}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
         raise
     finally:
-        watch.cancel()
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        return None, True
-    return work.result(), False  # re-raises an APIError
+        for w in watchers:
+            w.cancel()
+    if work.done():
+        return work.result(), False  # re-raises an APIError
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    if drain.ended.is_set():
+        raise ServiceUnavailableError(
+            "the server is shutting down and its grace period is over; the request was "
+            f"ended early; retry after {retry_after_s}s",
+            retry_after_s=retry_after_s,
+            code="shutting_down",
+        )
+    return None, True
 
 
 @dataclass
@@ -617,7 +629,9 @@ class ChatService:
             return waited, prepared
 
         if req.stream:
-            admitted, left = await _unless_disconnected(admit(), receive)
+            admitted, left = await _unless_disconnected(
+                admit(), receive, self.state.drain, self.settings.retry_after_s
+            )
             if left:
                 log.info("client disconnected before its stream started; request withdrawn")
                 return Response(status_code=499)
@@ -647,7 +661,9 @@ class ChatService:
             finally:
                 admission.release(n)
 
-        result, left = await _unless_disconnected(run(), receive)
+        result, left = await _unless_disconnected(
+            run(), receive, self.state.drain, self.settings.retry_after_s
+        )
         if left:  # the client left: its slots are released and its engine requests aborted
             log.info("client disconnected; request withdrawn or aborted")
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
