@@ -2,13 +2,13 @@
 experts routed by instruction embedding, fused per token). See shared SMOLORA.md."""
 
 from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES, SMoLoRAConfig
-from smolora.adapters.smolora.context import LayerRoute, RoutingContext, TokenLayout
+from smolora.adapters.smolora.context import BatchLayerRoutes, RoutingContext, TokenLayout
 from smolora.adapters.smolora.layer import SMoLoRALinear, dense_reference_delta, routed_expert_apply
 from smolora.adapters.smolora.model import SMoLoRAModel
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
-    "LayerRoute",
+    "BatchLayerRoutes",
     "RoutingContext",
     "SMoLoRAConfig",
     "SMoLoRALinear",

@@ -8,11 +8,13 @@ add fields with defaults, never rename them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from smolora.adapters.config_dicts import config_from_dict, config_to_dict
 
 VuRouting = Literal["pinned", "per_step"]
+#: The VU routing modes (shared SMOLORA.md, "Decoding"); the one list every check uses.
+VU_ROUTINGS: tuple[str, ...] = get_args(VuRouting)
 RouterTraining = Literal["frozen_random", "learned"]
 
 #: Default target modules: every MLP projection of every decoder layer plus both
@@ -78,7 +80,7 @@ class SMoLoRAConfig:
             raise ValueError(f"instruction_dim must be positive, got {self.instruction_dim}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
-        if self.vu_routing not in ("pinned", "per_step"):
+        if self.vu_routing not in VU_ROUTINGS:
             raise ValueError(f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}")
         if self.router_training not in ("frozen_random", "learned"):
             raise ValueError(

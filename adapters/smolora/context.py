@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from smolora.adapters.smolora.config import VuRouting
+from smolora.adapters.smolora.config import VU_ROUTINGS, VuRouting
 
 
 @dataclass
@@ -36,8 +36,11 @@ class TokenLayout:
 
 
 @dataclass
-class LayerRoute:
-    """What one adapted layer decided for each request of the batch.
+class BatchLayerRoutes:
+    """What one adapted layer decided for each request of the batch, as tensors.
+
+    The engine's `smolora.server.engine.protocol.LayerRoute` is the other view of the same
+    decision: one request's route through one layer, as plain numbers for a response.
 
     Attributes:
         vu_expert: VU expert id chosen at prefill (the pinned route), `[B]` long.
@@ -79,14 +82,14 @@ class RoutingContext:
     ) -> None:
         if instruction.dim() != 2:
             raise ValueError(f"instruction must be [B, d], got shape {tuple(instruction.shape)}")
-        if vu_routing not in ("pinned", "per_step"):
+        if vu_routing not in VU_ROUTINGS:
             raise ValueError(f"vu_routing must be 'pinned' or 'per_step', got {vu_routing!r}")
         self.instruction = instruction
         self.vu_routing: VuRouting = vu_routing
         self.batch_size = instruction.shape[0]
         self.image_owner = image_owner
         self.token_mask: Tensor | None = None
-        self.routes: dict[str, LayerRoute] = {}
+        self.routes: dict[str, BatchLayerRoutes] = {}
         self._preset_vu = dict(pinned_vu or {})
 
     # -- called by the caller ------------------------------------------------------------
@@ -157,7 +160,7 @@ class RoutingContext:
         cnt.index_add_(0, layout.owners, layout.valid.to(torch.float32))
         route = self.routes.get(layer)
         if route is None:
-            self.routes[layer] = LayerRoute(
+            self.routes[layer] = BatchLayerRoutes(
                 vu.detach().clone(), if_global.detach().clone(), fsum, cnt
             )
             return

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from smolora.adapters.checkpoint import CheckpointError, CheckpointManifest
+from smolora.adapters.smolora.config import VU_ROUTINGS
 from smolora.server.engine.config import AdapterLayout
 
 
@@ -39,7 +40,8 @@ def check_fit(
     """
     if manifest.adapter_kind != "smolora":
         raise CheckpointMismatchError(
-            f"adapter_kind {manifest.adapter_kind!r} is not 'smolora'; this engine serves SMoLoRA only"
+            f"adapter_kind {manifest.adapter_kind!r} is not 'smolora'; this engine serves "
+            "SMoLoRA only"
         )
     cfg: dict[str, Any] = manifest.adapter_config
     for field_name, want in (
@@ -50,9 +52,10 @@ def check_fit(
         got = cfg.get(field_name)
         if got != want:
             raise CheckpointMismatchError(
-                f"adapter {field_name}={got} but the engine holds {want}; restart the engine with this layout"
+                f"adapter {field_name}={got} but the engine holds {want}; restart the engine "
+                "with this layout"
             )
-    if cfg.get("vu_routing", "pinned") not in ("pinned", "per_step"):
+    if cfg.get("vu_routing", "pinned") not in VU_ROUTINGS:
         raise CheckpointMismatchError(
             f"adapter vu_routing must be 'pinned' or 'per_step', got {cfg.get('vu_routing')!r}"
         )
@@ -64,7 +67,8 @@ def check_fit(
         missing = sorted(set(want_layers) - set(manifest.layers))
         extra = sorted(set(manifest.layers) - set(want_layers))
         raise CheckpointMismatchError(
-            f"adapted layers differ from the engine's: missing {missing[:4]}, unexpected {extra[:4]}"
+            f"adapted layers differ from the engine's: missing {missing[:4]}, "
+            f"unexpected {extra[:4]}"
         )
     if tensors is None:
         return

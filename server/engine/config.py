@@ -18,7 +18,12 @@ from typing import Any, Literal, get_args
 
 from smolora.adapters.config_dicts import config_from_dict, config_to_dict
 from smolora.adapters.precision import resolve_dtype, serving_device
-from smolora.adapters.smolora.config import DEFAULT_TARGET_MODULES, INSTRUCTION_DIM
+from smolora.adapters.smolora.config import (
+    DEFAULT_TARGET_MODULES,
+    INSTRUCTION_DIM,
+    VU_ROUTINGS,
+    VuRouting,
+)
 from smolora.server.engine.kernel_config import KernelConfig
 
 #: The architecture name our vLLM model class is registered under.
@@ -35,7 +40,6 @@ MM_KEY = "smolora_key"
 #: Target-module suffixes the engine knows how to route (vLLM fuses gate/up into one linear).
 SUPPORTED_TARGETS = frozenset(DEFAULT_TARGET_MODULES)
 
-VuRouting = Literal["pinned", "per_step"]
 CpuOverlap = Literal["auto", "on", "off"]
 
 
@@ -90,7 +94,8 @@ class AdapterLayout:
             raise EngineConfigError(f"num_experts must be even and >= 2, got {self.num_experts}")
         if self.rank < self.num_experts or self.rank % self.num_experts:
             raise EngineConfigError(
-                f"rank ({self.rank}) must be a positive multiple of num_experts ({self.num_experts})"
+                f"rank ({self.rank}) must be a positive multiple of num_experts "
+                f"({self.num_experts})"
             )
         if self.instruction_dim <= 0:
             raise EngineConfigError(f"instruction_dim must be positive, got {self.instruction_dim}")
@@ -222,18 +227,20 @@ class EngineConfig:
             self.kernel = KernelConfig.from_dict(self.kernel)
         if self.dtype == "auto":
             self.dtype = resolve_dtype("auto", serving_device())
-        if self.vu_routing not in (None, "pinned", "per_step"):
+        if self.vu_routing is not None and self.vu_routing not in VU_ROUTINGS:
             raise EngineConfigError(
-                f"vu_routing must be 'pinned', 'per_step' or None (each version's own), got {self.vu_routing!r}"
+                "vu_routing must be 'pinned', 'per_step' or None (each version's own), "
+                f"got {self.vu_routing!r}"
             )
         if self.adapters:
             if self.checkpoint is None and self.layout is None:
                 raise EngineConfigError("adapters=True needs a checkpoint or an explicit layout")
             if self.chunked_prefill:
                 raise EngineConfigError(
-                    "chunked_prefill=True cannot serve SMoLoRA exactly: the VU route of every prompt "
-                    "token is decided by the mean over the whole prompt, which a split prompt has not "
-                    "seen yet. Keep chunked_prefill=False (prompts are scheduled whole)."
+                    "chunked_prefill=True cannot serve SMoLoRA exactly: the VU route of every "
+                    "prompt token is decided by the mean over the whole prompt, which a split "
+                    "prompt has not seen yet. Keep chunked_prefill=False (prompts are scheduled "
+                    "whole)."
                 )
             if not self.enforce_eager:
                 raise EngineConfigError(
@@ -245,7 +252,8 @@ class EngineConfig:
             if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
                 raise EngineConfigError(
                     f"max_num_batched_tokens ({self.max_num_batched_tokens}) < max_model_len "
-                    f"({self.max_model_len}): without chunked prefill a long prompt could never be scheduled"
+                    f"({self.max_model_len}): without chunked prefill a long prompt could never "
+                    "be scheduled"
                 )
         if self.kv_cache_bytes <= 0:
             raise EngineConfigError("kv_cache_bytes must be positive")

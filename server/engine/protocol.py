@@ -23,8 +23,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from PIL import Image
 
 from smolora.adapters.instructions import InstructionTable
+from smolora.adapters.smolora.config import VU_ROUTINGS, VuRouting
 
-VuRouting = Literal["pinned", "per_step"]
 FinishReason = Literal["stop", "length", "abort"]
 
 #: Most stop strings one request may carry (OpenAI's limit).
@@ -158,7 +158,7 @@ class GenerateRequest:
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         self._check_sampling_extras()
-        if self.vu_routing not in (None, "pinned", "per_step"):
+        if self.vu_routing is not None and self.vu_routing not in VU_ROUTINGS:
             raise InvalidRequestError(
                 f"vu_routing must be 'pinned' or 'per_step', got {self.vu_routing!r}"
             )
@@ -204,7 +204,8 @@ class GenerateRequest:
 
 @dataclass
 class LayerRoute:
-    """One adapted layer's routing decision for a request.
+    """One adapted layer's routing decision for one request, as plain numbers (what a response
+    and the metrics carry; the adapters' `BatchLayerRoutes` holds a batch's as tensors).
 
     Attributes:
         layer: canonical layer name (e.g. "layers.0.mlp.gate_proj", "projector.linear_1").

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from smolora.adapters.smolora.config import VU_ROUTINGS
 from smolora.server.engine.config import EXTRA_ARGS_KEY, AdapterLayout
 
 logger = logging.getLogger(__name__)
@@ -97,10 +98,11 @@ class RequestArgs:
             instruction = [float(v) for v in raw["instruction"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
-                f"extra_args[{EXTRA_ARGS_KEY!r}] needs int 'key', int 'slot', float list 'instruction' ({e})"
+                f"extra_args[{EXTRA_ARGS_KEY!r}] needs int 'key', int 'slot', float list "
+                f"'instruction' ({e})"
             ) from None
         mode = str(raw.get("vu_routing", "pinned"))
-        if mode not in ("pinned", "per_step"):
+        if mode not in VU_ROUTINGS:
             raise ValueError(f"vu_routing must be 'pinned' or 'per_step', got {mode!r}")
         if key < 0 or slot < 0:
             raise ValueError("key and slot must be non-negative")

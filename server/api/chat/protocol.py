@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smolora.server.engine.protocol import MAX_TOP_LOGPROBS
+from smolora.server.engine.protocol import MAX_TOP_LOGPROBS, VuRouting
 
 MAX_INSTRUCTION_CHARS = 2000
 
@@ -112,7 +112,7 @@ class SmoloraRequestOptions(_Strict):
     instruction_type: Text | None = Field(default=None, min_length=1, max_length=200)
     version: int | None = Field(default=None, ge=1)
     trace: bool | None = None
-    vu_routing: Literal["pinned", "per_step"] | None = None
+    vu_routing: VuRouting | None = None
 
     @model_validator(mode="after")
     def _one_instruction(self) -> SmoloraRequestOptions:
