@@ -1,26 +1,38 @@
-"""mini-CVIT benchmark: every continual-learning method over the six upstream tasks.
+"""mini-CVIT benchmark: every continual-learning method, both instruction settings, N seeds.
 
-Builds mini-CVIT, aligns (or reuses) the frozen base, trains each method in its own process
-(`python -m smolora.training train`, several in parallel, one torch thread each so runs are
-deterministic and do not oversubscribe the cores), then writes
+Builds mini-CVIT, aligns (or reuses) the frozen base, then trains each unit
+(method, setting, seed) in its own process (`python -m smolora.training train`, several in
+parallel, one torch thread each so runs are deterministic and do not oversubscribe the
+cores), and writes per setting
 
-    bench/results/mini_cvit.json      {"command", "runtime_s", "setting", "methods": {...}}
-    bench/results/mini_cvit.md        the table, in the paper's layout
-    bench/results/mini_cvit_*.png     accuracy-matrix heatmaps and AP over stages
+    bench/results/<name>.json           {"command", "seeds", "methods": {m: {AP, ..., "cells":
+                                          {cell: {"mean", "std", "n"}}}}, "claims", ...}
+    bench/results/<name>.md             mean +- std tables (paper's scale), compute time,
+                                        examples/s per method, the paper's claims checked
+    bench/results/<name>_*.png          mean accuracy matrices and AP over stages (balanced)
 
-Usage (the full table, single-type instructions, small preset):
+with <name> = `--name` for single-type and `<name>_multi` for multi-type instructions.
+
+Usage (the full table: 10 methods x 2 settings x 3 seeds, small preset):
 
     python bench/mini_cvit.py
-    python bench/mini_cvit.py --preset tiny --tasks sqa,textvqa --steps-per-task 5   # quick
+    python bench/mini_cvit.py --device cuda --workers 4          # a GPU machine
+    python bench/mini_cvit.py --preset tiny --tasks sqa,textvqa --steps-per-task 5 \\
+        --seeds 2 --out /tmp/mc --cache /tmp/mc-cache                    # quick
 
-Data, the aligned base and per-method run folders are cached under --cache; a re-run
-resumes from the last published task of each method. `runtime_s` is the wall time of this
-command; `pretrain_s` says how much of it was base alignment (0 when the base was cached).
+Resumable: the data, the aligned base and every unit are cached under --cache; a unit whose
+`results.json` exists is not run again (an interrupted unit resumes after its last
+published task), so the full table can be accumulated over several invocations, and
+`--report-only` rewrites the results from whatever units are done. The training seed varies
+per unit; the data and the base come from `--data-seed` (shared by all seeds), so the
+spread is that of training. `compute_s` is the total compute of the table: base alignment
+plus every unit's wall time, whenever it ran; `runtime_s` is this invocation's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -37,7 +49,7 @@ from smolora.training.config import METHOD_NAMES
 from smolora.training.data.mini_cvit import MiniCVITConfig, build_mini_cvit
 from smolora.training.data.tasks import UPSTREAM_ORDER
 from smolora.training.pretrain import PretrainConfig, pretrain_base
-from smolora.training.report import load_results, write_report
+from smolora.training.report import write_seeded_report
 
 warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 ROOT = Path(__file__).resolve().parent
@@ -46,22 +58,37 @@ SCHEDULE = (
     "smolora_learned",
     "smolora",
     "moelora",
+    "ewc",
     "replay",
+    "dora",
     "multitask",
     "dirlora",
     "seqlora",
     "zeroshot",
 )
+#: Per-method numbers copied to the top level of each method's JSON entry (seed means).
+TOP_KEYS = ("AP", "MAP", "BWT", "AP_balanced", "MAP_balanced", "BWT_balanced", "MIF")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--setting", choices=("single", "multi"), default="single")
+    p.add_argument("--preset", default="small", help="embedded model preset of the base")
+    p.add_argument("--settings", default="single,multi", help="instruction settings to run")
+    p.add_argument(
+        "--setting",
+        choices=("single", "multi"),
+        default=None,
+        help="run only this setting (same as --settings SETTING)",
+    )
     p.add_argument("--methods", default=",".join(METHOD_NAMES))
     p.add_argument("--tasks", default=",".join(UPSTREAM_ORDER))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per (method, setting)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument(
+        "--data-seed", type=int, default=0, help="seed of the data and the base alignment"
+    )
+    p.add_argument("--workers", type=int, default=2, help="units trained in parallel")
+    p.add_argument("--device", default="cpu", help="torch device of training (cpu, cuda)")
     p.add_argument("--steps-per-task", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -75,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
-        help="training compute dtype (bfloat16: autocast, float32 weights); auto: bfloat16 where native",
+        help="compute dtype (bfloat16: autocast, float32 weights); auto: bfloat16 where native",
     )
     p.add_argument(
         "--fp32",
@@ -94,13 +121,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--name", default="mini_cvit")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing; report the cached units"
+    )
+    args = p.parse_args(argv)
+    if args.setting is not None:
+        args.settings = args.setting
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if not args.settings or set(args.settings) - {"single", "multi"}:
+        p.error("--settings takes single and/or multi")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    return args
+
+
+def training_key(args: argparse.Namespace) -> str:
+    """A short hash of every knob that changes a unit's result besides method, setting, seed."""
+    knobs = {
+        k: getattr(args, k)
+        for k in (
+            "tasks",
+            "steps_per_task",
+            "batch_size",
+            "lr",
+            "test_limit",
+            "few_shot_steps",
+            "dtype",
+            "train_per_task",
+        )
+    }
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def unit_dir(args: argparse.Namespace, base: Path, setting: str, seed: int, method: str) -> Path:
+    """The run folder of one (method, setting, seed) unit."""
+    runs = args.cache / f"runs-{setting}-{base.name}-{training_key(args)}-seed{seed}"
+    return runs / method
+
+
+def pending_units(
+    args: argparse.Namespace, base: Path, units: list[tuple[str, int, str]]
+) -> list[tuple[str, int, str]]:
+    """The (setting, seed, method) units without a `results.json` (cached ones are skipped)."""
+    return [u for u in units if not (unit_dir(args, base, *u) / "results.json").is_file()]
 
 
 def method_command(
-    args: argparse.Namespace, method: str, data: Path, base: Path, runs: Path
+    args: argparse.Namespace, method: str, setting: str, seed: int, data: Path, base: Path
 ) -> list[str]:
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "smolora.training",
@@ -114,15 +183,17 @@ def method_command(
         "--base",
         str(base),
         "--out",
-        str(runs / method),
+        str(unit_dir(args, base, setting, seed, method)),
         "--setting",
-        args.setting,
+        setting,
         "--tasks",
         args.tasks,
         "--seed",
-        str(args.seed),
+        str(seed),
         "--threads",
         "1",
+        "--device",
+        args.device,
         "--steps-per-task",
         str(args.steps_per_task),
         "--batch-size",
@@ -136,7 +207,6 @@ def method_command(
         "--dtype",
         args.dtype,
     ]
-    return cmd
 
 
 def _alignment(base: Path) -> dict | None:
@@ -148,6 +218,42 @@ def _alignment(base: Path) -> dict | None:
     return {k: info.get(k) for k in ("config", "final_loss", "seconds")}
 
 
+def _unit_wall(run: Path) -> float:
+    """Wall seconds a finished unit took (its unit.json, else the trainer's runtime)."""
+    unit = run / "unit.json"
+    if unit.is_file():
+        return float(json.loads(unit.read_text())["wall_s"])
+    res = run / "results.json"
+    return float(json.loads(res.read_text()).get("runtime_s") or 0.0) if res.is_file() else 0.0
+
+
+def method_entry(agg: dict[str, Any]) -> dict[str, Any]:
+    """One method's JSON entry: today's keys (seed means) plus cells with mean and std."""
+    cells = agg["cells"]
+
+    def mean(key: str) -> float | None:
+        return cells[key]["mean"] if key in cells else None
+
+    entry: dict[str, Any] = {k: mean(k) for k in TOP_KEYS}
+    entry["unseen"] = {
+        k.split(".", 1)[1]: v["mean"] for k, v in cells.items() if k.startswith("unseen.")
+    }
+    entry["robustness"] = mean("AP_heldout")
+    entry["robustness_balanced"] = mean("AP_heldout_balanced")
+    entry["matrix"] = agg["matrix"]
+    entry["train_examples_per_s"] = mean("train_examples_per_s")
+    entry["eval_examples_per_s"] = mean("eval_examples_per_s")
+    entry["seeds"] = agg["seeds"]
+    entry["cells"] = {
+        k: {"mean": v["mean"], "std": v["std"], "n": v["n"]} for k, v in cells.items()
+    }
+    entry["per_seed"] = {
+        str(s): {k: c.get(k) for k in (*TOP_KEYS, "unseen_mean", "AP_heldout")}
+        for s, c in agg["per_seed"].items()
+    }
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -155,93 +261,130 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHOD_NAMES)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
-    data_cfg = MiniCVITConfig(
-        seed=args.seed, train_per_task=args.train_per_task, pretrain_size=args.pretrain_size
-    )
-    data = build_mini_cvit(args.cache / f"mini_cvit-seed{args.seed}", data_cfg)
-    precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype)]
-    base = (
-        args.base
-        or args.cache / f"base-{args.preset}-seed{args.seed}-steps{args.pretrain_steps}-{precision}"
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    data = args.cache / f"mini_cvit-seed{args.data_seed}"
+    if not args.report_only:
+        data_cfg = MiniCVITConfig(
+            seed=args.data_seed,
+            train_per_task=args.train_per_task,
+            pretrain_size=args.pretrain_size,
+        )
+        data = build_mini_cvit(data, data_cfg)
+    precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype, args.device)]
+    base = args.base or args.cache / (
+        f"base-{args.preset}-seed{args.data_seed}-steps{args.pretrain_steps}-{precision}"
     )
     pretrain_s = 0.0
-    if args.base is None and not (base / "alignment.json").is_file():
+    if args.base is None and not (base / "alignment.json").is_file() and not args.report_only:
         t0 = time.perf_counter()
-        # One thread: two are ~1.5x faster on an idle 2-core machine but several times
-        # slower as soon as anything else runs (spinning OpenMP threads).
+        # One thread on CPU: two are ~1.5x faster on an idle 2-core machine but several
+        # times slower as soon as anything else runs (spinning OpenMP threads).
         pretrain_base(
             PretrainConfig(
                 data_root=data,
                 out_dir=base,
                 preset=args.preset,
                 steps=args.pretrain_steps,
-                seed=args.seed,
+                seed=args.data_seed,
                 num_threads=1,
+                device=args.device,
                 dtype=args.dtype,
             )
         )
         pretrain_s = time.perf_counter() - t0
-    runs = args.cache / f"runs-{args.name}-{args.setting}-{base.name}-seed{args.seed}"
-    runs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    rank = {m: i for i, m in enumerate(SCHEDULE)}
+    units = [
+        (setting, seed, m)
+        for seed in seeds
+        for setting in args.settings
+        for m in sorted(methods, key=lambda m: rank.get(m, len(rank)))
+    ]
+    pending = [] if args.report_only else pending_units(args, base, units)
 
-    def run_one(method: str) -> tuple[str, float, int]:
+    def run_one(unit: tuple[str, int, str]) -> tuple[tuple[str, int, str], float, int]:
+        setting, seed, method = unit
         t0 = time.perf_counter()
-        cmd = method_command(args, method, data, base, runs)
-        log = runs / f"{method}.log"
-        with open(log, "w") as fh:
+        cmd = method_command(args, method, setting, seed, data, base)
+        run = unit_dir(args, base, setting, seed, method)
+        run.mkdir(parents=True, exist_ok=True)
+        log = run.parent / f"{method}.log"
+        with open(log, "a") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        wall = time.perf_counter() - t0
+        previous = _unit_wall(run) if (run / "unit.json").is_file() else 0.0
+        if rc == 0:  # a resumed unit adds to the time its interrupted part took
+            (run / "unit.json").write_text(
+                json.dumps({"wall_s": previous + wall, "device": args.device, "command": cmd})
+            )
         print(
-            f"[{time.perf_counter() - start:7.0f}s] {method}: rc={rc} ({time.perf_counter() - t0:.0f}s), log {log}",
+            f"[{time.perf_counter() - start:7.0f}s] {setting} seed {seed} {method}: rc={rc} "
+            f"({wall:.0f}s), log {log}",
             flush=True,
         )
-        return method, time.perf_counter() - t0, rc
+        return unit, wall, rc
 
-    ordered = [m for m in SCHEDULE if m in methods] + [m for m in methods if m not in SCHEDULE]
-    out_json = args.out / f"{args.name}.json"
+    print(f"{len(units)} units, {len(units) - len(pending)} cached, {len(pending)} to run")
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        outcomes = list(pool.map(run_one, pending))
     command = " ".join(
         shlex.quote(a)
         for a in ["python", "bench/mini_cvit.py", *(argv if argv is not None else sys.argv[1:])]
     )
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        outcomes = list(pool.map(run_one, ordered))
-    timing: dict[str, Any] = {
-        "command": command,
-        "runtime_s": time.perf_counter() - start,
-        "pretrain_s": pretrain_s,
-        "base_cached": pretrain_s == 0.0,
-        "method_wall_s": {m: round(s, 1) for m, s, _ in outcomes},
-        "failed": [m for m, _, rc in outcomes if rc != 0],
-    }
-    results = load_results(runs)
+    alignment = _alignment(base)
+    align_s = float((alignment or {}).get("seconds") or 0.0)
     args.out.mkdir(parents=True, exist_ok=True)
-    report_paths = write_report(runs, args.out, args.name)
-    payload = {
-        **timing,
-        "setting": args.setting,
-        "preset": args.preset,
-        "base": str(base),
-        "base_alignment": _alignment(base),
-        "cpu_count": os.cpu_count(),
-        "methods": {
-            m: {
-                "AP": r.get("AP"),
-                "MAP": r.get("MAP"),
-                "BWT": r.get("BWT"),
-                "MIF": r.get("MIF"),
-                "unseen": {k: v["score"] for k, v in r.get("unseen", {}).items()},
-                "robustness": r.get("robustness", {}).get("AP_heldout"),
-                "matrix": r["matrix"],
-            }
-            for m, r in results.items()
-            if m in methods
-        },
-    }
-    out_json.write_text(json.dumps(payload, indent=1))
-    print(out_json)
-    for p in report_paths:
-        print(p)
-    return 1 if timing["failed"] else 0
+    failed = [f"{s}/seed{seed}/{m}" for (s, seed, m), _, rc in outcomes if rc != 0]
+    for setting in args.settings:
+        name = args.name if setting == "single" else f"{args.name}_multi"
+        per_seed: dict[int, dict[str, Any]] = {}
+        unit_wall = 0.0
+        method_wall: dict[str, float] = {}
+        for seed in seeds:
+            for m in methods:
+                run = unit_dir(args, base, setting, seed, m)
+                if (run / "results.json").is_file():
+                    per_seed.setdefault(seed, {})[m] = json.loads(
+                        (run / "results.json").read_text()
+                    )
+                    wall = _unit_wall(run)
+                    unit_wall += wall
+                    method_wall[m] = method_wall.get(m, 0.0) + wall
+        meta = {
+            "compute_s": align_s + unit_wall,
+            "base_alignment_s": align_s,
+            "runtime_s": time.perf_counter() - start,
+            "device": args.device,
+        }
+        summary, paths = write_seeded_report(per_seed, args.out, name, setting, meta)
+        payload = {
+            "command": command,
+            "runtime_s": meta["runtime_s"],
+            "compute_s": meta["compute_s"],
+            "pretrain_s": pretrain_s,
+            "base_cached": pretrain_s == 0.0,
+            "method_wall_s": {m: round(s, 1) for m, s in method_wall.items()},
+            "failed": [f for f in failed if f.startswith(setting + "/")],
+            "setting": setting,
+            "preset": args.preset,
+            "device": args.device,
+            "base": str(base),
+            "base_alignment": alignment,
+            "cpu_count": os.cpu_count(),
+            "seeds": sorted(per_seed),
+            "seeds_requested": seeds,
+            "scale": "AP/MAP/BWT: the paper's (captions CIDEr-D x 100); *_balanced: CIDEr-D x 10; "
+            "plots: balanced",
+            "methods": {m: method_entry(a) for m, a in summary["aggregated"].items()},
+            "claims": summary["claims"],
+            "claims_detail": summary["claims_detail"],
+        }
+        out_json = args.out / f"{name}.json"
+        out_json.write_text(json.dumps(payload, indent=1))
+        print(out_json)
+        for p in paths:
+            print(p)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def seeded_markdown(
             "optimizer stages; evaluation: generated answers per second."
         )
         lines.append("")
-    lines.append("| Method | train examples/s | eval examples/s | wall s per seed |")
+    lines.append("| Method | train examples/s | eval examples/s | trainer s per seed |")
     lines.append("|---|---|---|---|")
     for m, a in aggregated.items():
         c = a["cells"]

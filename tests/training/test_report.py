@@ -118,7 +118,7 @@ def test_seeded_report_means_stds_claims_and_files(tmp_path: Path) -> None:
     assert "| SMoLoRA (frozen random) | 62.0 ± 2.0 | 90.0 ± 0.0 | 76.0 ± 1.0 |" in md
     assert "## The paper's claims, one by one" in md and "by construction" in md
     assert "Total compute 2.00 h" in md
-    assert "| SeqLoRA | 5.00 ± 1.00 | 20.00 ± 0.00 | 100 ± 0 |" in md
+    assert "| SeqLoRA | 5.00 ± 1.00 | 20.00 ± 0.00 | 100 ± 0 |" in md  # trainer s
     assert {p.name for p in paths} >= {"t.md", "t_table.json", "t_ap_over_stages.png"}
     assert (
         json.loads((tmp_path / "t_table.json").read_text())["claims"]["smolora"]["bwt"] == "holds"

@@ -1,0 +1,91 @@
+"""bench/mini_cvit.py's bookkeeping without training: cached (method, setting, seed) units
+are skipped, and the report of cached units has today's keys plus seeds, cells with mean and
+std, and the claims per SMoLoRA variant. (The training path is the trainer's, tested in
+test_continual_smoke.py / test_ewc_dora.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "mini_cvit.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_mini_cvit", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _result(method: str, seed: int, forget: float) -> dict:
+    return {
+        "method": method,
+        "setting": "single",
+        "tasks": ["sqa", "caption"],
+        "matrix": [[50.0 + forget, None], [50.0 + seed, 8.0]],
+        "final": {"sqa": {"metric": "accuracy"}, "caption": {"metric": "cider"}},
+        "MIF": 95.0,
+        "unseen": {"vizwiz": {"score": 10.0 + seed, "metric": "accuracy"}},
+        "robustness": {"per_task": {"sqa": {"score": 40.0, "metric": "accuracy"}}},
+        "throughput": {"train_examples_per_s": 3.0, "eval_examples_per_s": 9.0},
+        "runtime_s": 60.0,
+    }
+
+
+def test_cached_units_are_skipped_and_reported(bench, tmp_path: Path) -> None:
+    argv = [
+        "--preset",
+        "tiny",
+        "--settings",
+        "single",
+        "--methods",
+        "seqlora,smolora",
+        "--tasks",
+        "sqa,caption",
+        "--seeds",
+        "2",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+        "--name",
+        "mc",
+    ]
+    args = bench.parse_args(argv)
+    base = tmp_path / "base"
+    units = [("single", s, m) for s in (0, 1) for m in ("seqlora", "smolora")]
+    assert bench.pending_units(args, base, units) == units
+    forget = {"seqlora": 30.0, "smolora": 2.0}
+    for setting, seed, m in units[:3]:  # smolora seed 1 is not done yet
+        run = bench.unit_dir(args, base, setting, seed, m)
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps(_result(m, seed, forget[m] + seed)))
+        (run / "unit.json").write_text(json.dumps({"wall_s": 100.0}))
+    assert bench.pending_units(args, base, units) == [("single", 1, "smolora")]
+    # A change of a training knob is a different unit.
+    other = bench.parse_args([*argv, "--steps-per-task", "7"])
+    assert bench.unit_dir(other, base, "single", 0, "seqlora") != bench.unit_dir(
+        args, base, "single", 0, "seqlora"
+    )
+    assert bench.main([*argv, "--base", str(base), "--report-only"]) == 0
+    out = json.loads((tmp_path / "out" / "mc.json").read_text())
+    assert out["seeds"] == [0, 1] and out["seeds_requested"] == [0, 1]
+    assert out["compute_s"] == pytest.approx(300.0)  # three cached units, no alignment
+    seq = out["methods"]["seqlora"]
+    for key in ("AP", "MAP", "BWT", "MIF", "unseen", "robustness", "matrix"):
+        assert key in seq  # today's keys
+    # AP (paper scale): (50 + s + 80) / 2 over seeds 0, 1.
+    assert seq["cells"]["AP"] == {"mean": 65.25, "std": pytest.approx(0.125**0.5), "n": 2}
+    assert seq["AP"] == 65.25 and seq["AP_balanced"] == pytest.approx((50.5 + 8.0) / 2)
+    assert seq["cells"]["BWT"]["mean"] == pytest.approx(-30.0)
+    assert out["methods"]["smolora"]["seeds"] == [0]
+    assert set(out["claims"]) == {"smolora"}
+    assert set(out["claims"]["smolora"]) == {"bwt", "mif", "unseen", "robustness"}
+    assert out["claims"]["smolora"]["bwt"].endswith("(1 seed: no spread)")
+    md = (tmp_path / "out" / "mc.md").read_text()
+    assert "seeds 0, 1" in md and "## The paper's claims, one by one" in md
