@@ -114,6 +114,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--replay-size", type=int, default=100)
     p.add_argument("--replay-ratio", type=float, default=0.25)
+    p.add_argument("--ewc-lambda", type=float, default=100.0, help="EWC penalty weight")
+    p.add_argument("--ewc-decay", type=float, default=1.0, help="online EWC Fisher decay")
     p.add_argument("--few-shot", type=_tasks, default=("5", "10"))
     p.add_argument("--few-shot-steps", type=int, default=30)
     p.add_argument("--no-unseen", action="store_true")
@@ -215,6 +217,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         num_threads=args.threads,
         replay_size=args.replay_size,
         replay_ratio=args.replay_ratio,
+        ewc_lambda=args.ewc_lambda,
+        ewc_decay=args.ewc_decay,
         optim=optim,
         adapter=sizes,
         eval=ev,
