@@ -194,7 +194,7 @@ class RunConfig:
     num_threads: int | None = None
     replay_size: int = 100
     replay_ratio: float = 0.25
-    ewc_lambda: float = 5000.0
+    ewc_lambda: float = 100.0
     ewc_decay: float = 1.0
     ewc_fisher_samples: int = 64
     optim: OptimConfig = field(default_factory=OptimConfig)
