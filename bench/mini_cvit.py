@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an aligned base folder to reuse instead of aligning one",
     )
     p.add_argument("--train-per-task", type=int, default=2000)
+    p.add_argument(
+        "--ewc-lambda", type=float, default=100.0, help="EWC penalty weight (its own unit key)"
+    )
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--name", default="mini_cvit")
@@ -156,7 +159,7 @@ def training_key(args: argparse.Namespace) -> str:
 def unit_dir(args: argparse.Namespace, base: Path, setting: str, seed: int, method: str) -> Path:
     """The run folder of one (method, setting, seed) unit."""
     runs = args.cache / f"runs-{setting}-{base.name}-{training_key(args)}-seed{seed}"
-    return runs / method
+    return runs / (f"ewc-lambda{args.ewc_lambda:g}" if method == "ewc" else method)
 
 
 def pending_units(
@@ -206,6 +209,7 @@ def method_command(
         str(args.few_shot_steps),
         "--dtype",
         args.dtype,
+        *(["--ewc-lambda", str(args.ewc_lambda)] if method == "ewc" else []),
     ]
 
 
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = method_command(args, method, setting, seed, data, base)
         run = unit_dir(args, base, setting, seed, method)
         run.mkdir(parents=True, exist_ok=True)
-        log = run.parent / f"{method}.log"
+        log = run.parent / f"{run.name}.log"
         with open(log, "a") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
         wall = time.perf_counter() - t0
