@@ -12,8 +12,9 @@ What it does:
   token (position < prompt length), and the per-row prompt counts for segment means. It is
   built once per step and shared by every routed layer, so the hot path has no Python loop
   over requests.
-- Traces: per request, per adapted layer, the VU expert, IF expert and mean fusion weights;
-  read while the request is still in the batch, or from a bounded store once it left.
+- Keeps what a request's trace is built from while it is in the batch, and parks a copy
+  (`traces.TraceSnapshot`) in a bounded store when it leaves unfetched; `traces(keys)` hands
+  them out. Building and rendering a trace is `traces.py`'s job.
 
 What it does not do: expert math (`routed_linear.py`), loading checkpoints
 (`worker_extension.py`), or deciding versions (the front end assigns slots).
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from smolora.adapters.smolora.config import VU_ROUTINGS
 from smolora.server.engine.config import EXTRA_ARGS_KEY, AdapterLayout
+from smolora.server.engine.traces import TraceSnapshot, render_trace, snapshot_row
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +60,6 @@ class RequestMeta:
     per_step: bool
     prompt_len: int
     exact: bool = True
-
-
-@dataclass
-class TraceSnapshot:
-    """A request's routing state copied off its row (CPU tensors)."""
-
-    meta: RequestMeta
-    vu: Tensor  # [C] long
-    if_: Tensor  # [C] long
-    fsum: Tensor  # [C, 2]
-    count: Tensor  # [C]
-    steps: Tensor | None  # [T, C] int16, -1 = not recorded
 
 
 @dataclass
@@ -152,27 +142,41 @@ class RowRoutingState:
 
     def finalize(self) -> None:
         """Allocate the row buffers once every adapted layer registered its columns."""
-        r1, c = self.max_rows + 1, len(self.columns)
-        lay, dev = self.layout, self.device
-        z = dict(device=dev)
-        self.row_slot = torch.zeros(r1, dtype=torch.long, **z)
-        self.row_active = torch.zeros(r1, dtype=torch.bool, **z)
-        self.row_per_step = torch.zeros(r1, dtype=torch.bool, **z)
-        self.row_locked = torch.zeros(r1, dtype=torch.bool, **z)
-        self.row_prompt_len = torch.zeros(r1, dtype=torch.long, **z)
-        self.row_vu = torch.zeros(r1, c, dtype=torch.long, **z)
-        self.row_if = torch.zeros(r1, c, dtype=torch.long, **z)
-        self.row_fsum = torch.zeros(r1, c, 2, dtype=torch.float32, **z)
-        self.row_count = torch.zeros(r1, c, dtype=torch.float32, **z)
-        t = lay.trace_step_routes
-        self.row_steps = torch.full((r1, t, c), -1, dtype=torch.int16, **z) if t else None
+        rows_with_null = self.max_rows + 1  # the null row is last
+        num_columns = len(self.columns)
+        layout, device = self.layout, self.device
+        on_device: dict[str, Any] = dict(device=device)
+        self.row_slot = torch.zeros(rows_with_null, dtype=torch.long, **on_device)
+        self.row_active = torch.zeros(rows_with_null, dtype=torch.bool, **on_device)
+        self.row_per_step = torch.zeros(rows_with_null, dtype=torch.bool, **on_device)
+        self.row_locked = torch.zeros(rows_with_null, dtype=torch.bool, **on_device)
+        self.row_prompt_len = torch.zeros(rows_with_null, dtype=torch.long, **on_device)
+        shape = (rows_with_null, num_columns)
+        self.row_vu = torch.zeros(shape, dtype=torch.long, **on_device)
+        self.row_if = torch.zeros(shape, dtype=torch.long, **on_device)
+        #: running sum of (w_vu, w_if) per row and column, `[R+1, C, 2]`
+        self.row_fsum = torch.zeros(*shape, 2, dtype=torch.float32, **on_device)
+        self.row_count = torch.zeros(shape, dtype=torch.float32, **on_device)
+        kept_steps = layout.trace_step_routes
+        self.row_steps = (
+            torch.full(
+                (rows_with_null, kept_steps, num_columns), -1, dtype=torch.int16, **on_device
+            )
+            if kept_steps
+            else None
+        )
         # IF gates of every column, per slot: the IF route is decided when a request joins.
         self.gate_if = torch.zeros(
-            lay.num_slots, c, lay.experts_per_group, lay.instruction_dim, dtype=torch.float32, **z
+            layout.num_slots,
+            num_columns,
+            layout.experts_per_group,
+            layout.instruction_dim,
+            dtype=torch.float32,
+            **on_device,
         )
-        self.slot_scaling = torch.zeros(lay.num_slots, dtype=torch.float32, **z)
+        self.slot_scaling = torch.zeros(layout.num_slots, dtype=torch.float32, **on_device)
         self.image_columns = torch.tensor(
-            [col.image_side for col in self.columns], dtype=torch.bool, device=dev
+            [col.image_side for col in self.columns], dtype=torch.bool, device=device
         )
         self.text_columns_f = (~self.image_columns).to(torch.float32)
         self._finalized = True
@@ -204,8 +208,8 @@ class RowRoutingState:
     def _refresh_flags(self) -> None:
         live = [self.meta[k] for k in self.keys if k is not None]
         self.any_active = bool(live)
-        self.any_per_step = any(m.per_step for m in live)
-        slots = [m.slot for m in live]
+        self.any_per_step = any(meta.per_step for meta in live)
+        slots = [meta.slot for meta in live]
         self.slot_range = (min(slots), max(slots)) if slots else (0, 0)
         self.epoch += 1
 
@@ -214,8 +218,8 @@ class RowRoutingState:
         if args is None:
             self.keys[row] = None
             return
-        lay = self.layout
-        if args.slot >= lay.num_slots or args.slot not in self.slot_versions:
+        layout = self.layout
+        if args.slot >= layout.num_slots or args.slot not in self.slot_versions:
             logger.error(
                 "request %d names slot %d, which holds no checkpoint; serving it without adapters",
                 args.key,
@@ -223,18 +227,18 @@ class RowRoutingState:
             )
             self.keys[row] = None
             return
-        if len(args.instruction) != lay.instruction_dim:
+        if len(args.instruction) != layout.instruction_dim:
             logger.error(
                 "request %d: instruction has %d dims, expected %d",
                 args.key,
                 len(args.instruction),
-                lay.instruction_dim,
+                layout.instruction_dim,
             )
             self.keys[row] = None
             return
-        u = torch.tensor(args.instruction, dtype=torch.float32, device=self.device)
-        if_logits = torch.einsum("chi,i->ch", self.gate_if[args.slot], u)  # [C, E/2]
-        self.row_if[row] = torch.argmax(if_logits, dim=-1) + lay.experts_per_group
+        instruction = torch.tensor(args.instruction, dtype=torch.float32, device=self.device)
+        if_logits = torch.einsum("chi,i->ch", self.gate_if[args.slot], instruction)  # [C, E/2]
+        self.row_if[row] = torch.argmax(if_logits, dim=-1) + layout.experts_per_group
         parked = self.parked.pop(args.key, None)
         self.row_slot[row] = args.slot
         self.row_per_step[row] = args.vu_routing == "per_step"
@@ -249,12 +253,12 @@ class RowRoutingState:
             # recomputes its prompt and generated tokens). Restore everything and lock the
             # routes decided at the first prefill; `text_step` restarts the text sums if the
             # request's prompt shows up again (a recompute).
-            self.row_vu[row] = parked.vu.to(self.device)
+            self.row_vu[row] = parked.vu_expert.to(self.device)
             self.row_locked[row] = True
-            self.row_fsum[row] = parked.fsum.to(self.device)
-            self.row_count[row] = parked.count.to(self.device)
-            if self.row_steps is not None and parked.steps is not None:
-                self.row_steps[row] = parked.steps.to(self.device)
+            self.row_fsum[row] = parked.fusion_sum.to(self.device)
+            self.row_count[row] = parked.token_count.to(self.device)
+            if self.row_steps is not None and parked.step_routes is not None:
+                self.row_steps[row] = parked.step_routes.to(self.device)
             meta = parked.meta
             self.resumed += 1
         else:
@@ -265,16 +269,6 @@ class RowRoutingState:
         self.keys[row] = args.key
         self.key_to_row[args.key] = row
         self.meta[args.key] = meta
-
-    def _snapshot(self, row: int, meta: RequestMeta) -> TraceSnapshot:
-        return TraceSnapshot(
-            meta=meta,
-            vu=self.row_vu[row].cpu().clone(),
-            if_=self.row_if[row].cpu().clone(),
-            fsum=self.row_fsum[row].cpu().clone(),
-            count=self.row_count[row].cpu().clone(),
-            steps=self.row_steps[row].cpu().clone() if self.row_steps is not None else None,
-        )
 
     def _release(self, row: int) -> None:
         key = self.keys[row]
@@ -287,12 +281,12 @@ class RowRoutingState:
         if key in self.fetched_live:  # its trace was already delivered
             self.fetched_live.discard(key)
             return
-        self.parked[key] = self._snapshot(row, meta)
+        self.parked[key] = snapshot_row(self, row, meta)
         while len(self.parked) > _MAX_PARKED:
             self.parked.popitem(last=False)
 
     def _row_tensors(self) -> list[Tensor]:
-        ts = [
+        buffers = [
             self.row_slot,
             self.row_active,
             self.row_per_step,
@@ -303,15 +297,15 @@ class RowRoutingState:
             self.row_fsum,
             self.row_count,
         ]
-        return ts + ([self.row_steps] if self.row_steps is not None else [])
+        return buffers + ([self.row_steps] if self.row_steps is not None else [])
 
     def _move(self, a: int, b: int) -> None:
         # vLLM lists a removed row only if nothing refilled it; a move into it means its
         # previous request left.
         if self.keys[b] is not None:
             self._release(b)
-        for t in self._row_tensors():
-            t[b] = t[a]
+        for buffer in self._row_tensors():
+            buffer[b] = buffer[a]
         self.row_active[a] = False
         key = self.keys[a]
         self.keys[b], self.keys[a] = key, None
@@ -319,10 +313,10 @@ class RowRoutingState:
             self.key_to_row[key] = b
 
     def _swap(self, a: int, b: int) -> None:
-        idx = torch.tensor([a, b], device=self.device)
-        rev = torch.tensor([b, a], device=self.device)
-        for t in self._row_tensors():
-            t[idx] = t[rev]
+        rows = torch.tensor([a, b], device=self.device)
+        swapped = torch.tensor([b, a], device=self.device)
+        for buffer in self._row_tensors():
+            buffer[rows] = buffer[swapped]
         self.keys[a], self.keys[b] = self.keys[b], self.keys[a]
         for r in (a, b):
             if self.keys[r] is not None:
@@ -422,45 +416,17 @@ class RowRoutingState:
         for key in keys:
             row = self.key_to_row.get(key)
             if row is not None:
-                snap = self._snapshot(row, self.meta[key])
+                snapshot: TraceSnapshot | None = snapshot_row(self, row, self.meta[key])
                 self.fetched_live.add(key)
             else:
-                snap = self.parked.pop(key, None)
-            out[key] = None if snap is None else self._render(snap)
+                snapshot = self.parked.pop(key, None)
+            out[key] = None if snapshot is None else render_trace(snapshot, self.columns)
         return out
-
-    def _render(self, snap: TraceSnapshot) -> dict[str, Any]:
-        mean = snap.fsum / snap.count.clamp_min(1.0)[:, None]
-        vu, if_, count = snap.vu.tolist(), snap.if_.tolist(), snap.count.tolist()
-        mean_l = mean.tolist()
-        steps = snap.steps.t().tolist() if snap.steps is not None and snap.meta.per_step else None
-        layers = []
-        for c, col in enumerate(self.columns):
-            if count[c] == 0:
-                continue  # e.g. projector layers of a text-only request
-            entry: dict[str, Any] = {
-                "layer": col.name,
-                "vu_expert": vu[c],
-                "if_expert": if_[c],
-                "w_vu": mean_l[c][0],
-                "w_if": mean_l[c][1],
-            }
-            if steps is not None and not col.image_side:
-                seq = steps[c]
-                entry["vu_steps"] = seq[: seq.index(-1)] if -1 in seq else seq
-            layers.append(entry)
-        m = snap.meta
-        return {
-            "slot": m.slot,
-            "vu_routing": "per_step" if m.per_step else "pinned",
-            "exact": m.exact,
-            "layers": layers,
-        }
 
     def slots_in_use(self) -> set[int]:
         """Slots named by requests now in the persistent batch (diagnostics only: a finished
         request stays there until the next step, so the front end owns slot occupancy)."""
-        return {m.slot for m in self.meta.values()}
+        return {meta.slot for meta in self.meta.values()}
 
 
 @dataclass
@@ -482,53 +448,54 @@ class StepRouting:
     _count_delta: Tensor | None = None
 
     def __post_init__(self) -> None:
-        st = self.state
-        tr = self.token_row
-        r1 = st.max_rows + 1
-        self.n_tokens = tr.shape[0]
-        self.token_slot = st.row_slot[tr]  # [N]
-        active = st.row_active[tr]
+        state = self.state
+        token_row = self.token_row
+        rows_with_null = state.max_rows + 1
+        self.n_tokens = token_row.shape[0]
+        self.token_slot = state.row_slot[token_row]  # [N]
+        active = state.row_active[token_row]
         self.token_active = active.to(torch.float32)  # [N]
         prompt = self.is_prompt & active
         self.is_prompt_f = prompt.to(torch.float32)  # [N]
-        self.prompt_count_raw = torch.zeros(r1, dtype=torch.float32, device=tr.device).index_add_(
-            0, tr, self.is_prompt_f
-        )
+        self.prompt_count_raw = torch.zeros(
+            rows_with_null, dtype=torch.float32, device=token_row.device
+        ).index_add_(0, token_row, self.is_prompt_f)
         self.prompt_count = self.prompt_count_raw.clamp_min(1.0)  # [R+1]
         self.row_has_prompt = self.prompt_count_raw > 0  # [R+1]
         # Routes are (re)decided for rows whose prompt is in this step, unless pinned by a resume.
-        self.row_decide = self.row_has_prompt & ~st.row_locked  # [R+1]
+        self.row_decide = self.row_has_prompt & ~state.row_locked  # [R+1]
         self.has_prompt = bool(self.row_has_prompt.any())
         self.per_step_decode: Tensor | None = None
         self.step_index: Tensor | None = None
-        if st.any_per_step and self.positions is not None:
-            psd = st.row_per_step[tr] & ~self.is_prompt & active
-            if bool(psd.any()):
-                self.per_step_decode = psd  # [N]
-                self.step_index = self.positions - st.row_prompt_len[tr]
+        if state.any_per_step and self.positions is not None:
+            per_step_decode = state.row_per_step[token_row] & ~self.is_prompt & active
+            if bool(per_step_decode.any()):
+                self.per_step_decode = per_step_decode  # [N]
+                self.step_index = self.positions - state.row_prompt_len[token_row]
         # Only the slots of requests in the batch take part in the grouped matmuls.
-        lo, hi = st.slot_range
-        self.slot_range = (lo, hi)
-        self.token_slot_rel = torch.where(active, self.token_slot - lo, 0)  # [N]
-        self.token_scale = (
-            st.slot_scaling[self.token_slot] * self.token_active
-        )  # [N], 0: no adapter
-        self.fusion = torch.zeros(self.n_tokens, len(st.columns), 2, device=tr.device)  # [N, C, 2]
+        lowest_slot, highest_slot = state.slot_range
+        self.slot_range = (lowest_slot, highest_slot)
+        self.token_slot_rel = torch.where(active, self.token_slot - lowest_slot, 0)  # [N]
+        # [N], 0: no adapter
+        self.token_scale = state.slot_scaling[self.token_slot] * self.token_active
+        self.fusion = torch.zeros(
+            self.n_tokens, len(state.columns), 2, device=token_row.device
+        )  # [N, C, 2]
         # Routes change only with the batch or a prefill: then layers may reuse last step's plan.
         reusable = (
             self.positions is not None and not self.has_prompt and self.per_step_decode is None
         )
-        self.plan_key: tuple[int, int] | None = (st.epoch, self.n_tokens) if reusable else None
+        self.plan_key: tuple[int, int] | None = (state.epoch, self.n_tokens) if reusable else None
 
     def count_delta(self) -> Tensor:
         """`[R+1, C]`: this step's adapter tokens per row, in the text columns (computed once;
         a steady decode step is reused, see `RowRoutingState.text_step`)."""
         if self._count_delta is None:
-            st = self.state
-            cnt = torch.zeros(st.max_rows + 1, device=self.token_row.device).index_add_(
-                0, self.token_row, self.token_active
-            )
-            self._count_delta = cnt[:, None] * st.text_columns_f[None, :]
+            state = self.state
+            tokens_per_row = torch.zeros(
+                state.max_rows + 1, device=self.token_row.device
+            ).index_add_(0, self.token_row, self.token_active)
+            self._count_delta = tokens_per_row[:, None] * state.text_columns_f[None, :]
         return self._count_delta
 
     def pair_index(self, n_sub: int) -> tuple[Tensor, Tensor]:
@@ -537,8 +504,8 @@ class StepRouting:
         cached = self._pairs.get(n_sub)
         if cached is None:
             n = self.n_tokens
-            ar = torch.arange(2 * n * n_sub, device=self.token_row.device)
-            cached = ((ar // n_sub) % n, ar % n_sub)
+            pair = torch.arange(2 * n * n_sub, device=self.token_row.device)
+            cached = ((pair // n_sub) % n, pair % n_sub)
             self._pairs[n_sub] = cached
         return cached
 

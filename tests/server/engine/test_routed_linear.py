@@ -191,5 +191,5 @@ def test_condensing_move_releases_the_overwritten_request() -> None:
     move = SimpleNamespace(name="UNIDIRECTIONAL")
     state.apply_batch_update(SimpleNamespace(removed=[], added=[], moved=[(2, 0, move)]))
     assert state.key_to_row == {1: 1, 2: 0}
-    assert 0 in state.parked and float(state.parked[0].count[0]) == 5.0
+    assert 0 in state.parked and float(state.parked[0].token_count[0]) == 5.0
     assert state.traces([0])[0] is not None and 0 not in state.parked
