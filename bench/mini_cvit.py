@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-limit", type=int, default=100)
     p.add_argument("--few-shot-steps", type=int, default=30)
     p.add_argument("--pretrain-steps", type=int, default=3500)
+    p.add_argument("--pretrain-batch-size", type=int, default=32)
+    p.add_argument(
+        "--image-size", type=int, default=64, help="rendered picture side (the processor resizes)"
+    )
     p.add_argument(
         "--pretrain-size", type=int, default=24000, help="generic descriptions for base alignment"
     )
@@ -266,17 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    data = args.cache / f"mini_cvit-seed{args.data_seed}"
+    size = "" if args.image_size == 64 else f"-px{args.image_size}"
+    data = args.cache / f"mini_cvit-seed{args.data_seed}{size}"
     if not args.report_only:
         data_cfg = MiniCVITConfig(
             seed=args.data_seed,
             train_per_task=args.train_per_task,
             pretrain_size=args.pretrain_size,
+            image_size=args.image_size,
         )
         data = build_mini_cvit(data, data_cfg)
     precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype, args.device)]
     base = args.base or args.cache / (
         f"base-{args.preset}-seed{args.data_seed}-steps{args.pretrain_steps}-{precision}"
+        + size
+        + ("" if args.pretrain_batch_size == 32 else f"-bs{args.pretrain_batch_size}")
     )
     pretrain_s = 0.0
     if args.base is None and not (base / "alignment.json").is_file() and not args.report_only:
@@ -289,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=base,
                 preset=args.preset,
                 steps=args.pretrain_steps,
+                batch_size=args.pretrain_batch_size,
                 seed=args.data_seed,
                 num_threads=1,
                 device=args.device,
