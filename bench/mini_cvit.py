@@ -11,7 +11,8 @@ cores), and writes per setting
                                         examples/s per method, the paper's claims checked
     bench/results/<name>_*.png          mean accuracy matrices and AP over stages (balanced)
 
-with <name> = `--name` for single-type and `<name>_multi` for multi-type instructions.
+with <name> = `--name` for single-type and `<name>_multi` for multi-type instructions
+(a `--name` that already ends in `_multi` is kept).
 
 Usage (the full table: 10 methods x 2 settings x 3 seeds, small preset):
 
@@ -349,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failed = [f"{s}/seed{seed}/{m}" for (s, seed, m), _, rc in outcomes if rc != 0]
     for setting in args.settings:
-        name = args.name if setting == "single" else f"{args.name}_multi"
+        multi = setting == "multi" and not args.name.endswith("_multi")
+        name = f"{args.name}_multi" if multi else args.name
         per_seed: dict[int, dict[str, Any]] = {}
         unit_wall = 0.0
         method_wall: dict[str, float] = {}
