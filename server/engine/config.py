@@ -2,8 +2,11 @@
 
 Two concerns, two dataclasses:
 - `AdapterLayout` is what the model inside vLLM's worker needs to allocate the resident
-  adapter tensors (experts, rank, target layers, number of version slots). It travels to the
-  worker inside the HF config (`hf_overrides`), so it must stay JSON-serialisable.
+  adapter tensors: the adapter's shape, which is a `SMoLoRAConfig`'s (experts, rank,
+  instruction width, target layers: built from one by `from_smolora_config`, returned as
+  one by `adapter_shape`, validated by `SMoLoRAConfig`'s own rules), plus serving-only
+  fields (version slots, trace depth). It travels to the worker inside the HF config
+  (`hf_overrides`), so it must stay JSON-serialisable.
 - `EngineConfig` is what a caller of `SMoLoRAEngine` chooses: the model folder, the first
   checkpoint, the vLLM scheduler knobs we allow, and the serving defaults.
 
@@ -12,6 +15,7 @@ Neither starts anything; `engine.py` turns an `EngineConfig` into vLLM engine ar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -22,6 +26,7 @@ from smolora.adapters.smolora.config import (
     DEFAULT_TARGET_MODULES,
     INSTRUCTION_DIM,
     VU_ROUTINGS,
+    SMoLoRAConfig,
     VuRouting,
 )
 from smolora.server.engine.kernel_config import KernelConfig
@@ -56,12 +61,16 @@ def _check_cpu_overlap(value: str) -> None:
 class AdapterLayout:
     """Shape of the adapter tensors resident in the engine.
 
+    The four shape fields are `SMoLoRAConfig`'s fields of the same names (see there); a
+    serving engine builds its layout from the first checkpoint's config
+    (`from_smolora_config`) and `check_fit` holds every later checkpoint to it.
+
     Attributes:
         enabled: False builds the plain base model (no adapter tensors, no routing hook).
-        num_experts: E; experts 0..E/2-1 are VU, E/2..E-1 are IF experts.
-        rank: total rank r; each expert has rank r / E.
-        instruction_dim: width of the instruction embedding the IF gate reads.
-        target_modules: adapted module suffixes (subset of `SUPPORTED_TARGETS`).
+        num_experts: `SMoLoRAConfig.num_experts`.
+        rank: `SMoLoRAConfig.rank` (total rank).
+        instruction_dim: `SMoLoRAConfig.instruction_dim`.
+        target_modules: `SMoLoRAConfig.target_modules`, a subset of `SUPPORTED_TARGETS`.
         num_slots: how many checkpoint versions are resident at once (stacked slots).
         trace_step_routes: in `per_step` mode, how many decode steps' VU routes are kept per
             request for the trace (0 keeps none; the prefill route is always kept).
@@ -90,15 +99,10 @@ class AdapterLayout:
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         _check_cpu_overlap(self.cpu_overlap)
-        if self.num_experts < 2 or self.num_experts % 2:
-            raise EngineConfigError(f"num_experts must be even and >= 2, got {self.num_experts}")
-        if self.rank < self.num_experts or self.rank % self.num_experts:
-            raise EngineConfigError(
-                f"rank ({self.rank}) must be a positive multiple of num_experts "
-                f"({self.num_experts})"
-            )
-        if self.instruction_dim <= 0:
-            raise EngineConfigError(f"instruction_dim must be positive, got {self.instruction_dim}")
+        try:
+            self.adapter_shape()  # the shape rules are SMoLoRAConfig's
+        except ValueError as e:
+            raise EngineConfigError(f"adapter layout: {e}") from None
         unknown = set(self.target_modules) - SUPPORTED_TARGETS
         if unknown or not self.target_modules:
             raise EngineConfigError(
@@ -114,14 +118,27 @@ class AdapterLayout:
                 f"cpu_kernel_max_tokens must be >= 0, got {self.cpu_kernel_max_tokens}"
             )
 
+    def adapter_shape(self) -> SMoLoRAConfig:
+        """The shape fields as a `SMoLoRAConfig` (its other fields at their defaults).
+
+        Raises:
+            ValueError: the shape breaks one of `SMoLoRAConfig`'s rules.
+        """
+        return SMoLoRAConfig(
+            num_experts=self.num_experts,
+            rank=self.rank,
+            instruction_dim=self.instruction_dim,
+            target_modules=self.target_modules,
+        )
+
     @property
     def experts_per_group(self) -> int:
-        """E/2."""
+        """E/2 (`SMoLoRAConfig.experts_per_group`)."""
         return self.num_experts // 2
 
     @property
     def expert_rank(self) -> int:
-        """r / E."""
+        """r / E (`SMoLoRAConfig.expert_rank`)."""
         return self.rank // self.num_experts
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,19 +151,31 @@ class AdapterLayout:
     @classmethod
     def from_smolora_config(
         cls,
-        adapter_config: dict[str, Any],
+        adapter_config: SMoLoRAConfig | Mapping[str, Any],
         num_slots: int,
         trace_step_routes: int,
         cpu_kernel_max_tokens: int = 8192,
         cpu_overlap: CpuOverlap = "auto",
     ) -> AdapterLayout:
-        """The layout a checkpoint's `SMoLoRAConfig` dict needs."""
+        """The layout a checkpoint's adapter needs: its `SMoLoRAConfig` (or the manifest's
+        dict of one) plus the serving fields.
+
+        Raises:
+            EngineConfigError: the dict is not a valid `SMoLoRAConfig`.
+        """
+        if isinstance(adapter_config, SMoLoRAConfig):
+            config = adapter_config
+        else:
+            try:
+                config = SMoLoRAConfig.from_dict(dict(adapter_config))
+            except (TypeError, ValueError) as e:
+                raise EngineConfigError(f"adapter config: {e}") from None
         return cls(
             enabled=True,
-            num_experts=int(adapter_config["num_experts"]),
-            rank=int(adapter_config["rank"]),
-            instruction_dim=int(adapter_config.get("instruction_dim", INSTRUCTION_DIM)),
-            target_modules=tuple(adapter_config.get("target_modules", DEFAULT_TARGET_MODULES)),
+            num_experts=config.num_experts,
+            rank=config.rank,
+            instruction_dim=config.instruction_dim,
+            target_modules=config.target_modules,
             num_slots=num_slots,
             trace_step_routes=trace_step_routes,
             cpu_kernel_max_tokens=cpu_kernel_max_tokens,

@@ -57,3 +57,33 @@ def test_cpu_overlap_is_auto_on_or_off(model_dir: Path) -> None:
         and AdapterLayout.from_dict(layout.to_dict()).cpu_overlap == "off"
     )
     assert AdapterLayout().cpu_overlap == "auto"
+
+
+def test_layout_shape_is_the_smolora_config() -> None:
+    """The layout's adapter shape is built from a `SMoLoRAConfig` (object or manifest dict) and
+    gives one back; its rules are SMoLoRAConfig's (one definition)."""
+    from smolora.adapters.smolora.config import SMoLoRAConfig
+
+    config = SMoLoRAConfig(num_experts=4, rank=16, target_modules=("mlp.up_proj",))
+    from_object = AdapterLayout.from_smolora_config(config, num_slots=2, trace_step_routes=0)
+    from_dict = AdapterLayout.from_smolora_config(
+        config.to_dict(), num_slots=2, trace_step_routes=0
+    )
+    assert from_object == from_dict
+    shape = from_object.adapter_shape()
+    assert (shape.num_experts, shape.rank, shape.instruction_dim, shape.target_modules) == (
+        4,
+        16,
+        config.instruction_dim,
+        ("mlp.up_proj",),
+    )
+    assert (from_object.experts_per_group, from_object.expert_rank) == (
+        config.experts_per_group,
+        config.expert_rank,
+    )
+    with pytest.raises(EngineConfigError, match="num_experts must be even"):
+        AdapterLayout(num_experts=3, rank=12)
+    with pytest.raises(EngineConfigError, match="adapter config"):
+        AdapterLayout.from_smolora_config(
+            {"num_experts": 4, "rank": 16, "no_such_field": 1}, num_slots=1, trace_step_routes=0
+        )
