@@ -4,6 +4,7 @@ Commands:
   build-data  generate mini-CVIT into a folder
   pretrain    align a tiny LLaVA base on generic descriptions (the frozen base)
   train       train one method over the task sequence, publishing after every task
+              (under `torchrun --nproc-per-node N`: data parallel, rank 0 publishes)
   evaluate    evaluate a published checkpoint (or the bare base) on tasks
   report      collect method results into a table (Markdown + JSON) and plots
   import-reference  publish a checkpoint of the paper's reference code (import_reference.py)
@@ -111,6 +112,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-experts", type=int, default=None)
     p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=None, help="adapter dropout (default 0.05)")
+    p.add_argument(
+        "--sharding",
+        choices=("ddp", "fsdp2"),
+        default="ddp",
+        help="under torchrun: DDP (replicated weights) or FSDP2 fully_shard (sharded weights)",
+    )
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--replay-size", type=int, default=100)
     p.add_argument("--replay-ratio", type=float, default=0.25)
@@ -192,7 +200,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         num_experts=_pick(args.num_experts, sizes.num_experts),
         lora_rank=_pick(args.lora_rank, sizes.lora_rank),
         lora_alpha=_pick(args.lora_alpha, sizes.lora_alpha),
-        dropout=sizes.dropout,
+        dropout=_pick(getattr(args, "dropout", None), sizes.dropout),
     )
     ev = EvalConfig(
         test_limit=args.test_limit,
@@ -279,9 +287,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(pretrain_base(cfg, progress=progress))
     elif args.command == "train":
+        import os
+
+        from smolora.training.distributed import DataParallel, DistributedConfig
         from smolora.training.trainer import train_method
 
-        res = train_method(run_config_from_args(args), progress=progress)
+        run = run_config_from_args(args)
+        dist_cfg = DistributedConfig.from_torchrun(os.environ, run.device, args.sharding)
+        parallel = DataParallel(dist_cfg) if dist_cfg is not None else None
+        if dist_cfg is not None:
+            run.device = dist_cfg.device(run.device)
+        try:
+            res = train_method(run, progress=progress, parallel=parallel)
+        finally:
+            if parallel is not None:
+                parallel.close()
+        if parallel is not None and not parallel.is_main:
+            return 0
         print(
             json.dumps(
                 {k: res.get(k) for k in ("method", "AP", "MAP", "BWT", "MIF", "runtime_s")},

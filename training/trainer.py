@@ -12,6 +12,8 @@ by short fine-tunes that are then undone) and on held-out instruction paraphrase
 Resuming: versions in the registry whose manifest carries this run's `run_key` and base
 fingerprint are the completed stages; their tensors and rows are loaded and training
 continues after them.
+Under `torchrun` (a `DataParallel` passed in, see `distributed.py`) each rank trains on its
+shard of every global batch through DDP or FSDP2, and only rank 0 publishes and writes files.
 Every stage seeds its data order and dropout from (seed, task), so a resumed run equals an
 uninterrupted one. This module does not define adapters or methods (see `methods/`).
 """
@@ -49,6 +51,7 @@ from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.cvit_json import Example
 from smolora.training.data.mini_cvit import few_shot_split, load_split
 from smolora.training.data.tasks import FEW_SHOT, TASKS, ZERO_SHOT
+from smolora.training.distributed import DataParallel
 from smolora.training.evaluate import TaskResult, evaluate_task
 from smolora.training.methods import ContinualMethod, build_method
 from smolora.training.methods.base import seeded_generator
@@ -76,13 +79,21 @@ class ContinualTrainer:
         run: the run configuration.
         progress: show progress bars.
         instructions: a MiniLM encoder to share (default: a new one).
+        parallel: this process's data-parallel group under torchrun (None: one process).
     """
 
     def __init__(
-        self, run: RunConfig, progress: bool = True, instructions: InstructionEncoder | None = None
+        self,
+        run: RunConfig,
+        progress: bool = True,
+        instructions: InstructionEncoder | None = None,
+        parallel: DataParallel | None = None,
     ):
         self.run = run
-        self.progress = progress
+        self.parallel = parallel
+        #: Publishes checkpoints and writes files: rank 0, or the only process.
+        self.is_main = parallel is None or parallel.is_main
+        self.progress = progress and self.is_main
         if run.num_threads:
             torch.set_num_threads(run.num_threads)
         torch.set_flush_denormal(True)  # denormal floats slow CPU training several-fold
@@ -136,6 +147,10 @@ class ContinualTrainer:
         total = steps if steps is not None else opt_cfg.stage_steps(len(stage.examples))
         if self.method.joint and steps is None and opt_cfg.steps_per_task is not None:
             total = opt_cfg.steps_per_task * len(stage.tasks)
+        par = self.parallel
+        # after begin_task (DDP records which parameters train) and before collecting them
+        # (FSDP2 replaces them with sharded ones)
+        forward = par.wrap(self.model) if par is not None else self.model
         params = method.trainable_parameters()
         optim = torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
         sched = get_scheduler(
@@ -160,20 +175,25 @@ class ContinualTrainer:
         )
         for _ in bar:
             step_loss = 0.0
-            for _ in range(opt_cfg.grad_accum):
-                batch = self.encoder.collate_train(next(stream))
+            for micro in range(opt_cfg.grad_accum):
+                examples = next(stream)
+                batch = self.encoder.collate_train(par.shard(examples) if par else examples)
                 tensors = {
                     k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)
                 }
-                with self._autocast(), method.scope(batch) as set_mask:
-                    set_mask(tensors["attention_mask"])
-                    out = self.model(**tensors)
-                    loss = out.loss
-                    aux = method.auxiliary_loss()
-                    if aux is not None:
-                        loss = loss + aux
-                (loss / opt_cfg.grad_accum).backward()
-                step_loss += float(out.loss.detach()) / opt_cfg.grad_accum
+                sync = par.no_sync(forward, micro == opt_cfg.grad_accum - 1) if par else None
+                with sync or contextlib.nullcontext():
+                    with self._autocast(), method.scope(batch) as set_mask:
+                        set_mask(tensors["attention_mask"])
+                        out = forward(**tensors)
+                        loss, logged = out.loss, out.loss.detach()
+                        if par is not None:  # this rank's share of the global token mean
+                            loss, logged = par.scale_loss(out.loss, tensors["labels"])
+                        aux = method.auxiliary_loss()
+                        if aux is not None:
+                            loss = loss + aux
+                    (loss / opt_cfg.grad_accum).backward()
+                step_loss += float(logged) / opt_cfg.grad_accum
             if opt_cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, opt_cfg.max_grad_norm)
             optim.step()
@@ -231,6 +251,8 @@ class ContinualTrainer:
         return self.run.out_dir / "method_state.pt"
 
     def _save_run_state(self) -> None:
+        if not self.is_main:
+            return
         state = self.method.run_state()
         if state is not None:
             tmp = self._state_path().with_suffix(".tmp")
@@ -293,7 +315,12 @@ class ContinualTrainer:
             },
             eval={"row": row},
         )
-        entry = publish_checkpoint(self.run.registry, self.method.state_tensors(), manifest)  # type: ignore[arg-type]
+        tensors = self.method.state_tensors()
+        if self.parallel is not None:
+            tensors = self.parallel.full_tensors(tensors)  # every rank takes part (FSDP2)
+        if not self.is_main:
+            return
+        entry = publish_checkpoint(self.run.registry, tensors, manifest)  # type: ignore[arg-type]
         logger.info("published %s", entry.path)
 
     def _resume(self) -> int:
@@ -330,7 +357,8 @@ class ContinualTrainer:
         """
         start = time.perf_counter()
         out = self.run.out_dir
-        out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
         first = self._resume() if self.stages else 0
         if not self.stages:  # zero-shot: the base, evaluated once
             self.rows = [self._row(self.run.tasks)]
@@ -352,7 +380,8 @@ class ContinualTrainer:
                 {t: r["score"] for t, r in row.items()},
             )
         results = self._final(time.perf_counter() - start)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        if self.is_main:
+            (out / "results.json").write_text(json.dumps(results, indent=1))
         return results
 
     def _matrices(self) -> tuple[list[list[float | None]], list[list[float | None]]]:
@@ -368,6 +397,8 @@ class ContinualTrainer:
         return score, fmt
 
     def _write_matrix(self) -> None:
+        if not self.is_main:
+            return
         score, fmt = self._matrices()
         payload = {"tasks": list(self.run.tasks), "matrix": score, "format_matrix": fmt}
         (self.run.out_dir / "matrix.json").write_text(json.dumps(payload, indent=1))
@@ -476,9 +507,11 @@ class ContinualTrainer:
         }
 
 
-def train_method(run: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Convenience: build a `ContinualTrainer` and run it."""
-    return ContinualTrainer(run, progress=progress).run_all()
+def train_method(
+    run: RunConfig, progress: bool = True, parallel: DataParallel | None = None
+) -> dict[str, Any]:
+    """Convenience: build a `ContinualTrainer` and run it (on this rank of `parallel`)."""
+    return ContinualTrainer(run, progress=progress, parallel=parallel).run_all()
 
 
 def results_path(out_dir: str | Path) -> Path:
