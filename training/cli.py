@@ -294,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run = run_config_from_args(args)
         dist_cfg = DistributedConfig.from_torchrun(os.environ, run.device, args.sharding)
+        if dist_cfg is not None and run.optim.batch_size % dist_cfg.world_size:
+            print(
+                f"error: --batch-size {run.optim.batch_size} (the global batch) does not split "
+                f"over {dist_cfg.world_size} processes; use a multiple of {dist_cfg.world_size}",
+                file=sys.stderr,
+            )
+            return 2
         parallel = DataParallel(dist_cfg) if dist_cfg is not None else None
         if dist_cfg is not None:
             run.device = dist_cfg.device(run.device)

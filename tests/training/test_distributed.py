@@ -36,9 +36,16 @@ def _free_port() -> int:
 
 
 def _train(
-    data_root: Path, base_dir: Path, out: Path, procs: int, sharding: str = "ddp", steps: int = 3
-) -> float:
-    """Run the train CLI (under torchrun when procs > 1); returns wall seconds."""
+    data_root: Path,
+    base_dir: Path,
+    out: Path,
+    procs: int,
+    sharding: str = "ddp",
+    steps: int = 3,
+    batch_size: int = 4,
+    expect_ok: bool = True,
+) -> tuple[float, str]:
+    """Run the train CLI (under torchrun when procs > 1); returns (wall seconds, stderr)."""
     args = [
         "-m",
         "smolora.training",
@@ -57,7 +64,7 @@ def _train(
         "--steps-per-task",
         str(steps),
         "--batch-size",
-        "4",
+        str(batch_size),
         "--dropout",
         "0",
         "--dtype",
@@ -93,8 +100,11 @@ def _train(
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     seconds = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return seconds
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    else:
+        assert proc.returncode != 0
+    return seconds, proc.stderr
 
 
 def _published(registry: Path) -> list[dict[str, torch.Tensor]]:
@@ -126,7 +136,7 @@ def single(data_root: Path, base_dir: Path, tmp_path_factory: pytest.TempPathFac
 def test_two_processes_publish_the_one_process_checkpoint(
     single: Path, data_root: Path, base_dir: Path, tmp_path: Path
 ) -> None:
-    seconds = _train(data_root, base_dir, tmp_path, procs=2)
+    seconds, _ = _train(data_root, base_dir, tmp_path, procs=2)
     one, two = _published(single / "registry"), _published(tmp_path / "registry")
     assert len(two) == len(TASKS.split(","))  # one version per stage: only rank 0 published
     # training moved the adapter away from its initialisation (B starts at zero)
@@ -154,6 +164,14 @@ def test_fsdp2_sharded_run_publishes_the_same_checkpoint(
     # order of the lr in the projector's adapters (the root group)
     worst = _assert_same(_published(single / "registry"), _published(tmp_path / "registry"))
     print(f"fsdp2 2 procs: max |diff| vs 1 proc {worst:.2e}")
+
+
+def test_a_global_batch_that_does_not_split_is_refused_before_training(
+    data_root: Path, base_dir: Path, tmp_path: Path
+) -> None:
+    _, err = _train(data_root, base_dir, tmp_path, procs=2, batch_size=3, expect_ok=False)
+    assert "--batch-size 3 (the global batch) does not split over 2 processes" in err
+    assert not (tmp_path / "registry").exists()
 
 
 def test_config_from_torchrun_environment() -> None:
