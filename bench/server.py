@@ -18,9 +18,9 @@ What it measures, in one run on one machine:
   `usage`). `--client vllm-bench` drives both sides with vLLM's own serving benchmark
   client instead (`vllm.benchmarks.serve`, `--backend openai-chat --dataset-name random-mm
   --ignore-eos`: random prompts with one random image each), and checks that every
-  request generated exactly the requested output tokens. Every request runs to `max_tokens` on both sides (compare `output_tokens` per
-  round); the prompts differ by about one token per request (each side renders the chat
-  template itself; see `prompt_tokens`).
+  request generated exactly the requested output tokens. Every request runs to `max_tokens`
+  on both sides (compare `output_tokens` per round); the prompts differ by about one token
+  per request (each side renders the chat template itself; see `prompt_tokens`).
 - bad input: the table of `smolora.clients.bad_requests` (`CASES`) posted to our real
   server (base-only, so cases about versions and instructions get `adapters_disabled`
   answers and show up as status differences); counts the cases and how many got a 5xx,
@@ -34,11 +34,12 @@ which 32-request rounds (~2 s) did not: their p50 TTFT swung 2-3x between rounds
 Only one server runs at a time (2 cores): each round starts a server on a free port
 (`--port 0` + `--port-file` for ours, a port bound and released here for vLLM), polls
 its readiness endpoint (/ready, vLLM's /health), sends a warm-up, runs the load, and
-stops the server's process group. Rounds alternate A B A B ...; the medians over rounds
-give the ratios. Targets (reported, never asserted): throughput >= 0.9x vllm serve,
-p50 TTFT <= 1.2x. Usage:
+stops the server's process group. A warm-up round pair is run and not counted; then each
+round runs both servers back to back, the order alternating by round (A B, B A, ...), and
+the ratios are the medians of the per-round ratios, with their quartiles. Targets
+(reported, never asserted): throughput >= 0.95x vllm serve, p50 TTFT <= 1.1x. Usage:
 
-    python bench/server.py                          # small preset, 128 requests, 3 rounds each
+    python bench/server.py                          # small preset, 128 requests, 1 + 5 rounds each
     python bench/server.py --preset tiny --num-requests 16 --rounds 1
     python bench/server.py --client vllm-bench      # vLLM's benchmark client as the load
     python bench/server.py --check-vllm-client      # one small vllm-bench run against our server:
@@ -103,7 +104,8 @@ class BenchConfig:
     num_requests: int = 128
     concurrency: int = 8
     max_tokens: int = 64
-    rounds: int = 3
+    rounds: int = 5
+    warmup_rounds: int = 1
     client: str = "loadgen"
     input_len: int = 32
     max_model_len: int | None = None
@@ -176,7 +178,8 @@ class Server:
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(
-                        f"{self.name} exited ({self.proc.returncode}) before ready:\n{self.log_tail()}"
+                        f"{self.name} exited ({self.proc.returncode}) before ready:\n"
+                        f"{self.log_tail()}"
                     )
                 if time.monotonic() > deadline:
                     raise TimeoutError(
@@ -456,7 +459,8 @@ def vllm_bench_client(
     result_path = workdir / name
     if proc.returncode != 0 or not result_path.is_file():
         raise RuntimeError(
-            f"vllm bench client failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            f"vllm bench client failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return json.loads(result_path.read_text())
 
@@ -536,7 +540,8 @@ def check_vllm_client(
 
 
 def bad_inputs(url: str) -> dict[str, Any]:
-    """Post every case of the bad-input table; count 5xx and status mismatches; then a good request."""
+    """Post every case of the bad-input table; count 5xx and status mismatches; then a good
+    request."""
     return probe_bad_requests(url)
 
 
@@ -570,8 +575,9 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     bad: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
-        for i in range(cfg.rounds):
-            for side in ("ours", "vllm"):
+        for i in range(cfg.warmup_rounds + cfg.rounds):
+            warmup = i < cfg.warmup_rounds
+            for side in ("ours", "vllm") if i % 2 == 0 else ("vllm", "ours"):
                 srv = (
                     our_server(cfg, model_dir, work)
                     if side == "ours"
@@ -594,17 +600,31 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
                 finally:
                     srv.stop()
                 s["start_s"] = started
-                rounds[side].append(s)
+                if not warmup:
+                    rounds[side].append(s)
                 print(
-                    f"round {i + 1} {side:5s}: {s['output_tokens_per_s']:8.1f} tok/s  "
+                    f"{'warm-up ' if warmup else ''}round {i + 1} {side:5s}: "
+                    f"{s['output_tokens_per_s']:8.1f} tok/s  "
                     f"ttft p50 {1000 * (s['ttft_p50_s'] or float('nan')):7.1f} ms  "
-                    f"ok {s['requests_ok']}/{cfg.num_requests} errors {s['errors']}  (start {started:.1f}s)",
+                    f"ok {s['requests_ok']}/{cfg.num_requests} errors {s['errors']}  "
+                    f"(start {started:.1f}s)",
                     flush=True,
                 )
     assert bad is not None
     for side, rs in rounds.items():
         if any(r["requests_ok"] == 0 or r["ttft_p50_s"] is None for r in rs):
             raise RuntimeError(f"{side}: a round had no successful request: {rs}")
+    paired_tps = [
+        o["output_tokens_per_s"] / v["output_tokens_per_s"]
+        for o, v in zip(rounds["ours"], rounds["vllm"])
+    ]
+    paired_ttft = [
+        o["ttft_p50_s"] / v["ttft_p50_s"] for o, v in zip(rounds["ours"], rounds["vllm"])
+    ]
+
+    def quartiles(xs: list[float]) -> list[float]:
+        return statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+
     ours_tps, vllm_tps = (
         median_of(rounds["ours"], "output_tokens_per_s"),
         median_of(rounds["vllm"], "output_tokens_per_s"),
@@ -615,11 +635,19 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     )
     return {
         "command": command,
-        "throughput_vs_vllm_serve": ours_tps / vllm_tps,
-        "ttft_p50_vs_vllm_serve": ours_ttft / vllm_ttft,
+        # Medians of the per-round ratios (ours and vLLM's servers back to back, the order
+        # alternating by round, after warm-up rounds that are not counted), with quartiles.
+        "throughput_vs_vllm_serve": statistics.median(paired_tps),
+        "throughput_vs_vllm_serve_quartiles": quartiles(paired_tps),
+        "ttft_p50_vs_vllm_serve": statistics.median(paired_ttft),
+        "ttft_p50_vs_vllm_serve_quartiles": quartiles(paired_ttft),
+        "ratio_of_medians": {
+            "throughput": ours_tps / vllm_tps,
+            "ttft_p50": ours_ttft / vllm_ttft,
+        },
         "bad_input_cases": bad["cases"],
         "bad_input_5xx": len(bad["five_xx"]),
-        "targets": {"throughput_vs_vllm_serve": ">= 0.9", "ttft_p50_vs_vllm_serve": "<= 1.2"},
+        "targets": {"throughput_vs_vllm_serve": ">= 0.95", "ttft_p50_vs_vllm_serve": "<= 1.1"},
         "ours_output_tokens_per_s": ours_tps,
         "vllm_serve_output_tokens_per_s": vllm_tps,
         "ours_ttft_p50_s": ours_ttft,
@@ -646,7 +674,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=d.num_requests)
     p.add_argument("--concurrency", type=int, default=d.concurrency)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--rounds", type=int, default=d.rounds, help="rounds per server, alternating")
+    p.add_argument(
+        "--rounds", type=int, default=d.rounds, help="measured rounds per server, alternating"
+    )
+    p.add_argument(
+        "--warmup-rounds", type=int, default=d.warmup_rounds, help="rounds run and not counted"
+    )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--kv-cache-bytes", type=int, default=d.kv_cache_bytes)
@@ -672,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=a.concurrency,
         max_tokens=a.max_tokens,
         rounds=a.rounds,
+        warmup_rounds=a.warmup_rounds,
         client=a.client,
         input_len=a.input_len,
         max_model_len=a.max_model_len,
@@ -687,15 +721,18 @@ def main(argv: list[str] | None = None) -> int:
     result = run(cfg, command)
     print(
         f"throughput: ours {result['ours_output_tokens_per_s']:.1f} tok/s, vllm serve "
-        f"{result['vllm_serve_output_tokens_per_s']:.1f} tok/s -> {result['throughput_vs_vllm_serve']:.3f}x (target >= 0.9)"
+        f"{result['vllm_serve_output_tokens_per_s']:.1f} tok/s -> paired median "
+        f"{result['throughput_vs_vllm_serve']:.3f}x (target >= 0.95)"
     )
     print(
         f"TTFT p50:   ours {1000 * result['ours_ttft_p50_s']:.1f} ms, vllm serve "
-        f"{1000 * result['vllm_serve_ttft_p50_s']:.1f} ms -> {result['ttft_p50_vs_vllm_serve']:.3f}x (target <= 1.2)"
+        f"{1000 * result['vllm_serve_ttft_p50_s']:.1f} ms -> paired median "
+        f"{result['ttft_p50_vs_vllm_serve']:.3f}x (target <= 1.1)"
     )
     print(
         f"bad input:  {result['bad_input_cases']} cases, {result['bad_input_5xx']} got a 5xx; "
-        f"normal request after: {'ok' if result['bad_input']['normal_request_ok_after'] else 'FAILED'}"
+        "normal request after: "
+        f"{'ok' if result['bad_input']['normal_request_ok_after'] else 'FAILED'}"
     )
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = cfg.out.with_suffix(".json.tmp")

@@ -174,7 +174,12 @@ async def _bring_up(
         state.resolver = InstructionResolver(embedder, s.snap_threshold, s.default_instruction)
         async with engine_factory(s) as engine:
             versions = VersionManager(
-                engine, s.registry_dir, state.metrics, s.max_resident_versions, s.retry_after_s
+                engine,
+                s.registry_dir,
+                state.metrics,
+                s.max_resident_versions,
+                s.retry_after_s,
+                max_resident_bytes=s.max_resident_bytes,
             )
             state.engine, state.versions = engine, versions
             watcher = RegistryWatcher(versions, s.watch_interval_s, s.watch_activate)

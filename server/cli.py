@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-resident-versions", type=int, default=d["max_resident_versions"].default)
     s.add_argument(
+        "--max-resident-bytes",
+        type=int,
+        default=None,
+        help="tensor bytes the resident versions may hold together; loading one more unloads "
+        "the least recently used inactive versions until it fits (default: no byte limit)",
+    )
+    s.add_argument(
         "--max-images",
         type=int,
         default=d["max_images_per_request"].default,
@@ -266,6 +273,7 @@ def settings_from_args(
         watch_interval_s=args.watch_interval,
         watch_activate=not args.no_watch_activate,
         max_resident_versions=args.max_resident_versions,
+        max_resident_bytes=args.max_resident_bytes,
         max_images_per_request=args.max_images,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,

@@ -47,6 +47,9 @@ class ServerSettings:
         watch_activate: activate a newly picked-up version (otherwise only load it).
         max_resident_versions: most checkpoint versions kept loaded (the vLLM engine's
             version slots); loading one more unloads the oldest inactive one first.
+        max_resident_bytes: most tensor bytes the resident versions may hold together
+            (each counted from its checkpoint's safetensors header); loading one more
+            unloads the least recently used inactive versions until it fits. None: no limit.
         max_images_per_request: most image parts in one request.
         max_image_bytes: most encoded bytes of one image (after base64 decoding).
         max_image_pixels: most pixels (width * height) of one decoded image.
@@ -104,6 +107,7 @@ class ServerSettings:
     watch_interval_s: float = 2.0
     watch_activate: bool = True
     max_resident_versions: int = 2
+    max_resident_bytes: int | None = None
     max_images_per_request: int = 4
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -177,6 +181,8 @@ class ServerSettings:
             p.append("watch_interval_s must be > 0")
         if self.max_resident_versions < 1:
             p.append("max_resident_versions must be >= 1")
+        if self.max_resident_bytes is not None and self.max_resident_bytes < 1:
+            p.append("max_resident_bytes must be >= 1")
         for name in (
             "max_images_per_request",
             "max_image_bytes",

@@ -4,7 +4,10 @@ Who owns what:
 - this module decides *which* versions are served: it is the only caller, on a server, of
   the engine's `load_version` / `activate` / `unload_version`; it keeps the activation
   history (`rollback` returns to the version active before the current one), the resident
-  cap (`max_resident`: the least recently loaded inactive version is unloaded first), the
+  caps (`max_resident`: the least recently loaded inactive version is unloaded first;
+  `max_resident_bytes`, optional: the tensor bytes of the resident versions, counted from
+  each checkpoint's safetensors header, and the least recently used -- loaded or activated
+  -- inactive versions are unloaded until the new one fits), the
   link to the registry folder (only complete, published versions are loaded) and the
   version metrics (load times into `smolora_checkpoint_load_duration_seconds`, the active
   version, the resident count). Chat, the admin endpoints, the registry watcher, health,
@@ -27,12 +30,16 @@ watch the folder (`server/registry_watch.py` does).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
 from smolora.adapters.checkpoint import (
+    TENSORS,
     CheckpointError,
     RegistryEntry,
     latest_version,
@@ -64,6 +71,28 @@ class CheckpointRejected(APIError):
     error_type = "invalid_request_error"
 
 
+def checkpoint_tensor_bytes(path: Path) -> int:
+    """Bytes of a checkpoint's tensors, summed from its safetensors header (no tensor is read).
+
+    Raises:
+        CheckpointError: the tensor file is missing or its header is not safetensors.
+    """
+    file = Path(path) / TENSORS
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > 100 * 1024 * 1024:
+                raise ValueError(f"header of {header_len} bytes")
+            header = json.loads(f.read(header_len))
+        return sum(
+            int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        raise CheckpointError(f"{file}: cannot read the safetensors header ({e})") from None
+
+
 class VersionManager:
     """Loads, activates, rolls back and unloads checkpoint versions of one registry.
 
@@ -73,6 +102,8 @@ class VersionManager:
         metrics: where load times and the active version go.
         max_resident: most versions kept loaded.
         retry_after_s: Retry-After of a 503 when the engine has no free slot.
+        max_resident_bytes: most tensor bytes the resident versions may hold together
+            (`checkpoint_tensor_bytes`); None: no byte budget.
     """
 
     def __init__(
@@ -82,9 +113,16 @@ class VersionManager:
         metrics: Metrics,
         max_resident: int,
         retry_after_s: int = 1,
+        max_resident_bytes: int | None = None,
     ):
         if max_resident < 1:
             raise ValueError(f"max_resident must be >= 1, got {max_resident}")
+        if max_resident_bytes is not None and max_resident_bytes < 1:
+            raise ValueError(f"max_resident_bytes must be >= 1, got {max_resident_bytes}")
+        self._max_resident_bytes = max_resident_bytes
+        self._bytes: dict[int, int] = {}  # version -> tensor bytes (resident or loaded before)
+        self._uses = itertools.count(1)
+        self._last_used: dict[int, int] = {}  # version -> when it was last loaded or activated
         self._engine = engine
         self._retry_after_s = retry_after_s
         self._registry_dir = Path(registry_dir)
@@ -200,7 +238,16 @@ class VersionManager:
                 param="version",
                 code="version_not_found",
             )
-        await self._evict_for_one_more()
+        needed = 0
+        if self._max_resident_bytes is not None:
+            needed = await self._tensor_bytes(version, entry.path)
+        if self._max_resident_bytes is not None and needed > self._max_resident_bytes:
+            raise ConflictError(
+                f"version {version} holds {needed} tensor bytes, more than the resident budget "
+                f"of {self._max_resident_bytes} (--max-resident-bytes); raise the budget",
+                code="over_resident_budget",
+            )
+        await self._evict_for_one_more(needed)
         t0 = time.perf_counter()
         try:
             info = await self._engine.load_version(entry.path, activate=False)
@@ -225,14 +272,47 @@ class VersionManager:
         seconds = time.perf_counter() - t0
         self._metrics.observe_checkpoint_load(seconds, ok=True)
         log.info("loaded checkpoint %s (version %d) in %.2fs", entry.name, version, seconds)
+        self._last_used[version] = next(self._uses)
         self._publish_metrics()
         return info
 
-    async def _evict_for_one_more(self) -> None:
+    async def _tensor_bytes(self, version: int, path: Path) -> int:
+        if version not in self._bytes:
+            try:
+                self._bytes[version] = await asyncio.to_thread(checkpoint_tensor_bytes, path)
+            except CheckpointError as e:
+                raise CheckpointRejected(
+                    f"checkpoint {path.name} cannot be served: {e}",
+                    param="version",
+                    code="checkpoint_rejected",
+                ) from None
+        return self._bytes[version]
+
+    def _over_budget(self, resident: list[VersionInfo], needed: int) -> bool:
+        if self._max_resident_bytes is None:
+            return False
+        held = sum(self._bytes.get(v.version, 0) for v in resident)
+        return held + needed > self._max_resident_bytes
+
+    async def _evict_for_one_more(self, needed: int = 0) -> None:
+        """Unload inactive versions until one more of `needed` tensor bytes fits: the least
+        recently loaded while the count is at its cap, then the least recently used while the
+        byte budget is short."""
         resident = sorted(self.resident(), key=lambda v: (v.loaded_at, v.version))
+        if self._max_resident_bytes is not None:
+            for v in resident:  # e.g. the start-up version, loaded before this manager existed
+                if v.version not in self._bytes:
+                    try:
+                        await self._tensor_bytes(v.version, v.path)
+                    except CheckpointRejected as e:  # its folder went away since it was loaded
+                        log.warning("resident version %d counts as 0 bytes: %s", v.version, e)
+                        self._bytes[v.version] = 0
         active = self.active()
-        while len(resident) >= self._max_resident:
-            victim = next((v for v in resident if v.version != active), None)
+        while len(resident) >= self._max_resident or self._over_budget(resident, needed):
+            inactive = [v for v in resident if v.version != active]
+            if len(resident) < self._max_resident:  # short of bytes, not of slots
+                inactive.sort(key=lambda v: (self._last_used.get(v.version, 0), v.loaded_at))
+            victim = inactive[0] if inactive else None
             if victim is None:
                 raise ConflictError("no room for another resident version", code="no_free_slot")
             try:
@@ -245,9 +325,10 @@ class VersionManager:
                     code="no_free_slot",
                 ) from None
             log.info(
-                "unloaded version %d to make room (max %d resident)",
+                "unloaded version %d to make room (max %d resident, %s tensor bytes)",
                 victim.version,
                 self._max_resident,
+                self._max_resident_bytes or "no byte budget",
             )
             resident.remove(victim)
         self._publish_metrics()
@@ -270,6 +351,7 @@ class VersionManager:
         except VersionNotResidentError as e:
             raise NotFoundError(str(e), param="version", code="version_not_found") from None
         self._history.append(version)
+        self._last_used[version] = next(self._uses)
         del self._history[:-64]
         log.info("activated version %d", version)
         self._publish_metrics()
@@ -291,6 +373,7 @@ class VersionManager:
                 if prev not in resident:
                     await self._load_locked(prev)
                 await self._engine.activate(prev)
+                self._last_used[prev] = next(self._uses)
                 # Roll back is "undo": the history returns to where `prev` was activated.
                 self._history = self._history[: idx + 1]
                 log.info("rolled back from version %s to %d", current, prev)

@@ -28,13 +28,16 @@ def fuzz_openapi(
     max_examples: int = 25,
     headers: dict[str, str] | None = None,
     timeout_s: float = 60.0,
+    admin_headers: dict[str, str] | None = None,
 ) -> FuzzReport:
     """Send up to `max_examples` positive and as many negative cases per operation.
 
     Args:
         base_url: the server, e.g. http://127.0.0.1:8000 (its schema at /openapi.json).
         max_examples: cases per operation and generation mode.
-        headers: sent with every case (e.g. the admin key, so admin routes are reached).
+        headers: sent with every case (e.g. an API key).
+        admin_headers: sent instead with `/admin/...` cases (the admin key, so admin routes
+            are reached); default `headers`.
         timeout_s: a case not answered in this long counts as a server error (a hang).
     """
     import requests
@@ -47,8 +50,16 @@ def fuzz_openapi(
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            admin = operation.path.startswith("/admin") and admin_headers is not None
             _fuzz_operation(
-                operation, mode, report, base_url, session, headers, timeout_s, max_examples
+                operation,
+                mode,
+                report,
+                base_url,
+                session,
+                admin_headers if admin else headers,
+                timeout_s,
+                max_examples,
             )
     return report
 

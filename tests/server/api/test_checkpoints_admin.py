@@ -258,3 +258,38 @@ def test_unload_refuses_a_version_pinned_by_in_flight_requests_then_frees_it(
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         r = client.post("/admin/checkpoints/unload", headers=ADMIN, json={"version": 1})
         assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+
+
+def test_byte_budget_evicts_the_least_recently_used_inactive_version(tmp_path: Path) -> None:
+    """`max_resident_bytes` counts each version's tensor bytes (from its safetensors header)
+    and unloads the least recently used inactive version, not the oldest loaded one; a
+    version larger than the whole budget is refused with a 409."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from smolora.server.api.errors import ConflictError
+    from smolora.server.versions import checkpoint_tensor_bytes
+
+    reg = _registry(tmp_path, 4)
+    first = next(reg.glob("v0001-*"))
+    tensors = load_file(str(first / "adapter.safetensors"))
+    one = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert checkpoint_tensor_bytes(first) == one > 0
+
+    async def go() -> None:
+        engine = ScriptedEngine()
+        manager = VersionManager(engine, reg, Metrics(), max_resident=8, max_resident_bytes=3 * one)
+        await manager.load_initial(1)
+        await manager.load(2)
+        await manager.load(3)
+        await manager.activate(2)
+        await manager.activate(1)  # used: v3 (loaded) < v2 (activated) < v1 (active)
+        await manager.load(4)
+        assert [v.version for v in manager.resident()] == [1, 2, 4]
+        small = VersionManager(
+            ScriptedEngine(), reg, Metrics(), max_resident=8, max_resident_bytes=one - 1
+        )
+        with pytest.raises(ConflictError, match="max-resident-bytes"):
+            await small.load(1)
+
+    asyncio.run(go())
