@@ -4,12 +4,14 @@ access log and a short shutdown grace, for the overload, disconnect, drain and f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from smolora.adapters.tiny_llava import build_tiny_llava, get_preset
 from smolora.clients.bad_requests import image_bytes
 from tests.e2e.conftest import RemoteServer, publish_smolora
 from tests.reliability.live import StallingImageHost
@@ -20,6 +22,11 @@ MAX_RUNNING = 2
 MAX_WAITING = 1
 GRACE_S = 3.0
 MAX_MODEL_LEN = 256  # the tiny model's positions
+#: Context of the slow model: room for a request long enough to outlive any step of a test.
+SLOW_CONTEXT = 2048
+#: Tokens such a request asks for: ~20 s on 2 cores (about 12 ms a token), so still generating
+#: seconds later on a machine several times faster.
+SLOW_TOKENS = 1800
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +36,33 @@ def reliability_registry(
     reg = tmp_path_factory.mktemp("reliability-registry")
     publish_smolora(reg, tiny_model_dir, instruction_encoder, "vqa", seed=1)
     return reg
+
+
+@pytest.fixture(scope="session")
+def slow_model(
+    tmp_path_factory: pytest.TempPathFactory, instruction_encoder: Any
+) -> tuple[Path, Path]:
+    """A tiny-preset LLaVA made slow on purpose (512 wide, 12 layers, 2048 positions) and a
+    registry with one SMoLoRA version for it.
+
+    Tests that need a request still generating when they act (a client leaving mid-stream,
+    a drain outlasting the grace period) use it: the 64-wide tiny model makes 200 tokens in
+    ~0.3 s, faster than a test can observe them reliably.
+    """
+    preset = dataclasses.replace(
+        get_preset("tiny"),
+        name="tiny-slow",
+        max_positions=SLOW_CONTEXT,
+        text_hidden=512,
+        text_layers=12,
+        text_heads=8,
+        text_kv_heads=2,
+        text_intermediate=2048,
+    )
+    model = build_tiny_llava(preset, tmp_path_factory.mktemp("tiny-slow"), seed=0)
+    slow_registry = tmp_path_factory.mktemp("tiny-slow-registry")
+    publish_smolora(slow_registry, model, instruction_encoder, "vqa", seed=1)
+    return model, slow_registry
 
 
 def start_tight_server(

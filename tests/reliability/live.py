@@ -79,6 +79,20 @@ class RawRequest:
             self.received += data
         return self.received
 
+    def read_response(self, timeout_s: float = 60.0) -> bytes:
+        """Read one whole non-streamed response: its headers and its Content-Length body."""
+        head = self.read_until(b"\r\n\r\n", timeout_s)
+        headers, _, _ = head.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", headers)
+        assert length is not None, f"no Content-Length: {headers!r}"
+        total = len(headers) + 4 + int(length.group(1))
+        while len(self.received) < total:
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError(f"connection closed mid-body: {self.received!r}")
+            self.received += data
+        return self.received
+
     def close(self) -> None:
         self.sock.close()
 

@@ -18,13 +18,22 @@ import base64
 import io
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.e2e.conftest import RemoteServer
-from tests.reliability.conftest import MAX_RUNNING, MAX_WAITING
+from tests.reliability.conftest import (
+    MAX_RUNNING,
+    MAX_WAITING,
+    SLOW_CONTEXT,
+    SLOW_TOKENS,
+    start_tight_server,
+)
 from tests.reliability.live import (
     CHAT,
     RawRequest,
@@ -39,7 +48,6 @@ DECODED = "smolora_images_decoded_total"
 RUNNING = "smolora_num_requests_running"
 WAITING = "smolora_num_requests_waiting"
 GENERATED = "vllm:generation_tokens_total"
-LONG_TOKENS = 200  # most of the tiny model's 256-token context: ~1.5 s of generation
 
 
 def _big_image(size: int = 2048) -> str:
@@ -124,20 +132,31 @@ def test_burst_past_the_queue_is_refused_before_decoding_and_health_answers(
     _idle(url)
 
 
-def test_a_client_leaving_mid_stream_aborts_its_engine_request(tight: RemoteServer) -> None:
-    url = tight.url
+@pytest.fixture(scope="module")
+def slow_server(
+    tmp_path_factory: pytest.TempPathFactory, slow_model: tuple[Path, Path]
+) -> Iterator[RemoteServer]:
+    """The tight limits on the slow model: a long request is still generating seconds later."""
+    model, registry = slow_model
+    work = tmp_path_factory.mktemp("slow-server")
+    with start_tight_server(work, model, registry, max_model_len=SLOW_CONTEXT) as srv:
+        yield srv
+
+
+def test_a_client_leaving_mid_stream_aborts_its_engine_request(slow_server: RemoteServer) -> None:
+    url = slow_server.url
     _idle(url)
     generated = metric(url, GENERATED)
-    leaver = RawRequest(url, long_stream_body(LONG_TOKENS))
+    leaver = RawRequest(url, long_stream_body(SLOW_TOKENS))
     leaver.read_until(b'"delta":{"content":"')
     assert metric(url, RUNNING) == 1
     leaver.close()
     wait_for(lambda: metric(url, RUNNING) == 0, 10, "the slot to be released")
     # the engine stopped producing its tokens: the count settles well short of the request
     settled = metric(url, GENERATED)
-    time.sleep(0.5)  # a request still generating would add ~70 tokens in half a second here
+    time.sleep(0.5)  # a request still generating would add ~40 tokens in half a second here
     assert metric(url, GENERATED) == settled
-    assert settled - generated < LONG_TOKENS
+    assert settled - generated < SLOW_TOKENS
     assert metric(url, "smolora_request_finish_total", 'reason="abort"') >= 1
     ok = httpx.post(
         url + CHAT,

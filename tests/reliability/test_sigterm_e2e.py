@@ -1,22 +1,18 @@
-"""SIGTERM on the real server (`python -m smolora.server serve`, a tiny model with a 2048-token
-context, 3 s grace): `/ready` turns 503 at once, new chat requests get 503 `shutting_down` with
-`Retry-After`, a request in flight finishes normally within the grace period, a stream still
-generating when the grace period ends gets a final error event and `[DONE]`, a request still
-being prepared then gets a 503, and the process exits with status 0."""
+"""SIGTERM on the real server (`python -m smolora.server serve`, the slow tiny model with a
+2048-token context, 3 s grace): `/ready` turns 503 at once, new chat requests get 503
+`shutting_down` with `Retry-After`, a request in flight finishes normally within the grace
+period, a stream still generating when the grace period ends gets a final error event and
+`[DONE]`, a request still being prepared then gets a 503, and the process exits with status 0."""
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from smolora.adapters.tiny_llava import build_tiny_llava, get_preset
-from tests.e2e.conftest import publish_smolora
-from tests.reliability.conftest import start_tight_server
+from tests.reliability.conftest import SLOW_CONTEXT, SLOW_TOKENS, start_tight_server
 from tests.reliability.live import (
     CHAT,
     RawRequest,
@@ -29,21 +25,6 @@ from tests.reliability.live import (
 )
 
 GRACE_S = 3.0
-CONTEXT = 2048
-LONG_TOKENS = 1800  # ~10 s or more of generation on the tiny model: longer than the grace
-
-
-@pytest.fixture(scope="module")
-def long_context_model(
-    tmp_path_factory: pytest.TempPathFactory, instruction_encoder: Any
-) -> tuple[Path, Path]:
-    """The tiny preset with a 2048-token context (so one request outlives the grace period),
-    and a registry with one SMoLoRA version for it."""
-    preset = dataclasses.replace(get_preset("tiny"), max_positions=CONTEXT)
-    model = build_tiny_llava(preset, tmp_path_factory.mktemp("tiny-2k"), seed=0)
-    registry = tmp_path_factory.mktemp("tiny-2k-registry")
-    publish_smolora(registry, model, instruction_encoder, "vqa", seed=1)
-    return model, registry
 
 
 def _status(raw: bytes) -> bytes:
@@ -52,18 +33,18 @@ def _status(raw: bytes) -> bytes:
 
 def test_sigterm_drains_then_exits(
     tmp_path_factory: pytest.TempPathFactory,
-    long_context_model: tuple[Path, Path],
+    slow_model: tuple[Path, Path],
     image_host: StallingImageHost,
 ) -> None:
-    model, registry = long_context_model
+    model, registry = slow_model
     work = tmp_path_factory.mktemp("sigterm-server")
     with start_tight_server(
-        work, model, registry, GRACE_S, max_model_len=CONTEXT, max_running=3
+        work, model, registry, GRACE_S, max_model_len=SLOW_CONTEXT, max_running=3
     ) as srv:
         url = srv.url
         warm = httpx.post(url + CHAT, json={**long_stream_body(4), "stream": False}, timeout=120)
         assert warm.status_code == 200
-        long = RawRequest(url, long_stream_body(LONG_TOKENS))
+        long = RawRequest(url, long_stream_body(SLOW_TOKENS))
         long.read_until(b'"delta":{"content":"')
         short = held_request(url, image_host.url("sigterm-short"))
         stuck = held_request(url, image_host.url("sigterm-stuck"), stream=True)
@@ -79,7 +60,7 @@ def test_sigterm_drains_then_exits(
         assert refused.json()["error"]["code"] == "shutting_down"
 
         image_host.release("sigterm-short")  # in flight: it finishes within the grace period
-        answer = short.read_until(b"}}")
+        answer = short.read_response()
         assert b" 200 OK" in _status(answer) and b'"finish_reason":"length"' in answer
 
         # the grace period ends: the stream still generating gets an error event, then [DONE]
@@ -88,7 +69,7 @@ def test_sigterm_drains_then_exits(
         generated = [c for e in events[:-1] for c in e.get("choices", [])]
         assert generated and not any(c.get("finish_reason") for c in generated)
         # ... and the request still waiting for its image gets a 503 (its response had not begun)
-        ended = stuck.read_until(b"}}", timeout_s=30)
+        ended = stuck.read_response(timeout_s=30)
         assert b" 503 " in _status(ended) and b'"code":"shutting_down"' in ended
         image_host.release("sigterm-stuck")
         for r in (long, short, stuck):
