@@ -195,7 +195,10 @@ def _first_chat(port: int, work: Path) -> str:
                     {"type": "image_url", "image_url": {"url": url}},
                     {
                         "type": "text",
-                        "text": "What colour is the largest shape?\nAnswer the question using a single word or phrase.",
+                        "text": (
+                            "What colour is the largest shape?\n"
+                            "Answer the question using a single word or phrase."
+                        ),
                     },
                 ],
             }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite: fast unit tests, then the tests that
-# start the real vLLM engine and HTTP server. Extra arguments go to pytest.
+# start the real vLLM engine and HTTP server, after ruff (lint + format check). Extra
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -24,5 +25,8 @@ if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver) \
         >/dev/null 2>&1 || echo "warning: could not install chromium; the console browser tests fail in CI" >&2
 fi
+# Lint and format first (config in pyproject.toml): a style failure fails CI in seconds.
+.venv/bin/ruff format --check --quiet .
+.venv/bin/ruff check --quiet .
 # Engines in tests size their KV cache explicitly (EngineConfig.kv_cache_bytes, tens of MiB).
 exec .venv/bin/python -m pytest tests -q --timeout=900 "$@"

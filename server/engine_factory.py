@@ -73,7 +73,8 @@ def engine_config(settings: ServerSettings, checkpoint: Path | None) -> Any:
     if unknown:
         raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(fields)}")
     options = dict(settings.engine_options)
-    # vLLM labels its vllm:* metrics model_name=<its served_model_name>: the name clients use, not the path.
+    # vLLM labels its vllm:* metrics model_name=<its served_model_name>: the name clients use,
+    # not the path.
     options["extra_engine_args"] = {
         "served_model_name": settings.served_model_name,
         **(options.get("extra_engine_args") or {}),

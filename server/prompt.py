@@ -187,8 +187,9 @@ class PromptRenderer:
                 + f" ({with_image!r})"
             )
         raise ChatTemplateError(
-            f"the chat template of {self.source} cannot render an image request: a one-user-message prompt with one "
-            f"image must contain exactly one {self.image_token!r} placeholder and the message text. Tried "
+            f"the chat template of {self.source} cannot render an image request: "
+            "a one-user-message prompt with one image must contain exactly one "
+            f"{self.image_token!r} placeholder and the message text. Tried "
             + "; ".join(seen)
             + ". Give the folder a chat template that writes the image placeholder for "
             "{'type': 'image'} content parts (as llava-hf's templates do) or for a string content."

@@ -155,19 +155,23 @@ class ServerSettings:
         p: list[str] = []
         if self.adapters and self.registry_dir is None:
             p.append(
-                "registry_dir is required when adapters are on (pass --registry, or --no-adapters for the base model)"
+                "registry_dir is required when adapters are on "
+                "(pass --registry, or --no-adapters for the base model)"
             )
         if not self.adapters and self.registry_dir is not None:
             p.append(
-                "registry_dir must not be set with adapters off (base-only serving reads no checkpoints)"
+                "registry_dir must not be set with adapters off "
+                "(base-only serving reads no checkpoints)"
             )
         if self.max_stop_sequences > MAX_STOP_STRINGS:
             p.append(
-                f"max_stop_sequences must be <= {MAX_STOP_STRINGS} (OpenAI's limit, enforced by the engine)"
+                f"max_stop_sequences must be <= {MAX_STOP_STRINGS} "
+                "(OpenAI's limit, enforced by the engine)"
             )
         if "@" in self.served_model_name or any(c.isspace() for c in self.served_model_name):
             p.append(
-                f"served_model_name {self.served_model_name!r} must not contain '@' (it separates the version) or spaces"
+                f"served_model_name {self.served_model_name!r} must not contain '@' "
+                "(it separates the version) or spaces"
             )
         if not 0 <= self.port <= 65535:
             p.append(f"port {self.port} is not in 0..65535")
@@ -224,7 +228,8 @@ class ServerSettings:
         for host in self.image_url_allowlist:
             if not host or "/" in host or (":" in host and not _is_ip(host.strip("[]"))):
                 p.append(
-                    f"image_url_allowlist entry {host!r} must be a host name (e.g. images.example.com or .example.com)"
+                    f"image_url_allowlist entry {host!r} must be a host name "
+                    "(e.g. images.example.com or .example.com)"
                 )
         if not self.default_instruction.strip():
             p.append("default_instruction must not be empty")

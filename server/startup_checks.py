@@ -62,8 +62,8 @@ def _check_llava(path: Path, config: dict[str, Any]) -> None:
         hint = ""
         if model_type == "llava_llama" or "LlavaLlamaForCausalLM" in architectures:
             hint = (
-                "; this is the original LLaVA repository's layout: convert it to the Hugging Face layout "
-                "(transformers' convert_llava_weights_to_hf) first"
+                "; this is the original LLaVA repository's layout: convert it to the "
+                "Hugging Face layout (transformers' convert_llava_weights_to_hf) first"
             )
         raise _fail(
             "--model",

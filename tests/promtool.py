@@ -17,8 +17,8 @@ def promtool_path() -> str:
     path = shutil.which("promtool")
     if path is None:
         message = (
-            "promtool is not installed (Debian package 'prometheus'; scripts/test.sh installs it when run as "
-            "root: apt-get install prometheus)"
+            "promtool is not installed (Debian package 'prometheus'; scripts/test.sh installs it "
+            "when run as root: apt-get install prometheus)"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(message)

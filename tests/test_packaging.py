@@ -57,8 +57,9 @@ def test_imports_flow_one_way() -> None:
 
 def test_importing_adapters_loads_no_serving_stack() -> None:
     code = (
-        "import sys, smolora.adapters.smolora, smolora.adapters.checkpoint, smolora.adapters.instructions, "
-        "smolora.adapters.tiny_llava; print(sorted(m for m in ('vllm', 'fastapi') if m in sys.modules))"
+        "import sys, smolora.adapters.smolora, smolora.adapters.checkpoint, "
+        "smolora.adapters.instructions, smolora.adapters.tiny_llava; "
+        "print(sorted(m for m in ('vllm', 'fastapi') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -42,7 +42,8 @@ ADMIN_KEY = "e2e-admin"
 def publish_smolora(
     registry: Path, model_dir: Path, encoder: Any, task: str, seed: int
 ) -> RegistryEntry:
-    """Publish a SMoLoRA adapter with visible expert effects (non-zero B) and an instruction table."""
+    """Publish a SMoLoRA adapter with visible expert effects (non-zero B) and an instruction
+    table."""
     model, _ = load_llava(model_dir)
     smodel = SMoLoRAModel(
         model,

@@ -5,9 +5,9 @@ for parts of type "image"), image/pad tokens added at the end of the vocabulary 
 config of ours (`tests/fixtures/hf_llava.py`). On it: the training CLI trains a task and
 publishes version 1; the real server serves it with image chat through the `openai` SDK
 (trace, streaming, usage equal to the renderer's count); the trainer publishes
-new versions while the server runs and the newest is hot-loaded; the same folder served with `--no-adapters`
-answers image chat with the tokens HF transformers generates for the same prompt and
-image. A second folder whose template interleaves images and text is served with
+new versions while the server runs and the newest is hot-loaded; the same folder served
+with `--no-adapters` answers image chat with the tokens HF transformers generates for the
+same prompt and image. A second folder whose template interleaves images and text is served with
 `--no-adapters` and checked against HF transformers the same way; a folder whose template
 drops images stops the server at start-up with a message naming the folder.
 """
@@ -115,7 +115,8 @@ def _ask(client: openai.OpenAI, content: list[dict[str, Any]], **kw: Any) -> Any
 
 
 def _hf_greedy(model_dir: Path, content: list[dict[str, Any]], image: Image.Image, n: int) -> str:
-    """HF transformers' greedy text (at most `n` tokens) for the prompt our renderer builds (the engine must match it)."""
+    """HF transformers' greedy text (at most `n` tokens) for the prompt our renderer builds
+    (the engine must match it)."""
     from smolora.adapters.tiny_llava import load_llava
 
     model, processor = load_llava(model_dir)
@@ -184,7 +185,7 @@ def test_image_chat_trace_stream_and_hot_load(
         "USER: <image>\n"
     ) and resp.usage.prompt_tokens == renderer.count_tokens(prompt, 1)
     layers = resp.smolora["trace"][0]["layers"]
-    assert {l["layer"] for l in layers} == {
+    assert {layer["layer"] for layer in layers} == {
         "projector.linear_1",
         "projector.linear_2",
         *(f"layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")),

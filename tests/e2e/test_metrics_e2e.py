@@ -112,7 +112,8 @@ def _check_live_scrape(remote: RemoteServer) -> str:
     )
     completion = sum(r.usage.completion_tokens for r in responses)
     prompt = sum(r.usage.prompt_tokens for r in responses)
-    # vLLM's counts and ours of the same three requests agree with each other and with the responses.
+    # vLLM's counts and ours of the same three requests agree with each other and with the
+    # responses.
     assert delta("vllm:request_success_total") == 3
     assert delta("smolora_requests_total", status="200") == 3
     assert (

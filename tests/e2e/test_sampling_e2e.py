@@ -183,8 +183,9 @@ def _bench_server_module() -> Any:
 def test_vllm_benchmark_client_gets_exactly_the_requested_tokens(
     remote: RemoteServer, tiny_model_dir: Any, tmp_path: Any
 ) -> None:
-    """vLLM's own serving benchmark client (openai-chat, random-mm, --ignore-eos), as bench/server.py
-    runs it, against our server: every request generates exactly the requested tokens."""
+    """vLLM's own serving benchmark client (openai-chat, random-mm, --ignore-eos), as
+    bench/server.py runs it, against our server: every request generates exactly the requested
+    tokens."""
     bench = _bench_server_module()
     run = bench.VllmBenchRun(num_prompts=6, input_len=24, output_len=40, max_concurrency=3)
     result = bench.vllm_bench_client(run, remote.url, tiny_model_dir, tmp_path)

@@ -1,4 +1,5 @@
-"""End to end: the real server (subprocess) with the real vLLM engine on the tiny model, via `openai`.
+"""End to end: the real server (subprocess) with the real vLLM engine on the tiny model, via
+`openai`.
 
 These prove the HTTP layer and the engine together: OpenAI schema in and out, SSE,
 usage that matches the engine's own prompt count, the routing trace of the serving
@@ -60,10 +61,10 @@ def test_chat_completion_with_trace_and_usage(remote: RemoteServer, tiny_model_d
         and ext["instruction"]["rule"] == "trailing_imperative"
     )
     layers = ext["trace"][0]["layers"]
-    names = {l["layer"] for l in layers}
+    names = {layer["layer"] for layer in layers}
     assert "projector.linear_1" in names and any(n.startswith("layers.1.mlp") for n in names)
-    assert all(0 <= l["vu_expert"] < 2 and 2 <= l["if_expert"] < 4 for l in layers)
-    assert all(abs(l["w_vu"] + l["w_if"] - 1.0) < 1e-4 for l in layers)
+    assert all(0 <= layer["vu_expert"] < 2 and 2 <= layer["if_expert"] < 4 for layer in layers)
+    assert all(abs(layer["w_vu"] + layer["w_if"] - 1.0) < 1e-4 for layer in layers)
 
 
 def test_streaming_matches_non_streaming_and_snapping_matches_the_named_type(
@@ -88,7 +89,10 @@ def test_streaming_matches_non_streaming_and_snapping_matches_the_named_type(
         extra_body={"smolora": {"trace": True, "instruction_type": "vqa_short"}},
     )
     assert named.smolora["instruction"]["source"] == "type"
-    ifs = lambda r: [l["if_expert"] for l in r.smolora["trace"][0]["layers"]]  # noqa: E731
+
+    def ifs(r: Any) -> list[Any]:
+        return [layer["if_expert"] for layer in r.smolora["trace"][0]["layers"]]
+
     assert ifs(named) == ifs(plain)  # the snapped instruction routes exactly like the named type
 
 
@@ -170,9 +174,13 @@ def test_stop_string_is_applied_by_the_engine_and_keeps_the_trace(remote: Remote
     assert cut.smolora["trace"][0][
         "layers"
     ]  # the engine finished the request, so the trace came back
-    routes = lambda r: [
-        (l["layer"], l["vu_expert"], l["if_expert"]) for l in r.smolora["trace"][0]["layers"]
-    ]  # noqa: E731
+
+    def routes(r: Any) -> list[Any]:
+        return [
+            (layer["layer"], layer["vu_expert"], layer["if_expert"])
+            for layer in r.smolora["trace"][0]["layers"]
+        ]
+
     assert routes(cut) == routes(full)
     streamed = _ask(
         client, max_tokens=16, stop=[stop], stream=True, extra_body={"smolora": {"trace": True}}

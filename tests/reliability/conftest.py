@@ -24,7 +24,7 @@ GRACE_S = 3.0
 MAX_MODEL_LEN = 256  # the tiny model's positions
 #: Context of the slow model: room for a request long enough to outlive any step of a test.
 SLOW_CONTEXT = 2048
-#: Tokens such a request asks for: ~20 s on 2 cores (about 12 ms a token), so still generating
+#: Tokens such a request asks for: ~30 s on 2 cores (about 16 ms a token), so still generating
 #: seconds later on a machine several times faster.
 SLOW_TOKENS = 1800
 
@@ -42,7 +42,7 @@ def reliability_registry(
 def slow_model(
     tmp_path_factory: pytest.TempPathFactory, instruction_encoder: Any
 ) -> tuple[Path, Path]:
-    """A tiny-preset LLaVA made slow on purpose (512 wide, 12 layers, 2048 positions) and a
+    """A tiny-preset LLaVA made slow on purpose (512 wide, 16 layers, 2048 positions) and a
     registry with one SMoLoRA version for it.
 
     Tests that need a request still generating when they act (a client leaving mid-stream,
@@ -54,7 +54,7 @@ def slow_model(
         name="tiny-slow",
         max_positions=SLOW_CONTEXT,
         text_hidden=512,
-        text_layers=12,
+        text_layers=16,
         text_heads=8,
         text_kv_heads=2,
         text_intermediate=2048,

@@ -1,5 +1,5 @@
 """SIGTERM on the real server (`python -m smolora.server serve`, the slow tiny model with a
-2048-token context, 3 s grace): `/ready` turns 503 at once, new chat requests get 503
+2048-token context, 5 s grace): `/ready` turns 503 at once, new chat requests get 503
 `shutting_down` with `Retry-After`, a request in flight finishes normally within the grace
 period, a stream still generating when the grace period ends gets a final error event and
 `[DONE]`, a request still being prepared then gets a 503, and the process exits with status 0."""
@@ -24,7 +24,7 @@ from tests.reliability.live import (
     wait_for,
 )
 
-GRACE_S = 3.0
+GRACE_S = 5.0
 
 
 def _status(raw: bytes) -> bytes:
@@ -42,8 +42,12 @@ def test_sigterm_drains_then_exits(
         work, model, registry, GRACE_S, max_model_len=SLOW_CONTEXT, max_running=3
     ) as srv:
         url = srv.url
-        warm = httpx.post(url + CHAT, json={**long_stream_body(4), "stream": False}, timeout=120)
-        assert warm.status_code == 200
+        # warm the image path too (fetch, decode, vision tower): the short request below must
+        # finish within the grace period once its image arrives
+        image_host.release("sigterm-warm")
+        warm_body = long_stream_body(4, image_host.url("sigterm-warm"))
+        warm = httpx.post(url + CHAT, json={**warm_body, "stream": False}, timeout=120)
+        assert warm.status_code == 200, warm.text
         long = RawRequest(url, long_stream_body(SLOW_TOKENS))
         long.read_until(b'"delta":{"content":"')
         short = held_request(url, image_host.url("sigterm-short"))

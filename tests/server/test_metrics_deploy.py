@@ -33,13 +33,15 @@ tests:
         exp_alerts:
           - exp_labels: {model_name: m}
             exp_annotations:
-              summary: "the engine's KV cache is nearly full; requests wait in vLLM's scheduler or get preempted"
+              summary: "the engine's KV cache is nearly full; requests wait in vLLM's \
+scheduler or get preempted"
       - eval_time: 25m
         alertname: SmoloraEnginePreempting
         exp_alerts:
           - exp_labels: {model_name: m}
             exp_annotations:
-              summary: "vLLM keeps preempting running requests: raise --engine-option kv_cache_bytes or lower max_num_seqs"
+              summary: "vLLM keeps preempting running requests: raise --engine-option \
+kv_cache_bytes or lower max_num_seqs"
       - eval_time: 5m
         alertname: SmoloraKVCacheFull
         exp_alerts: []

@@ -5,8 +5,8 @@ bad value becomes a 400 naming the field); limits that depend on the server's se
 or the model (image count, context length, `n`) and rules between fields (`top_logprobs`
 needs `logprobs`, `min_tokens` <= the completion limit) are checked in `serving.py`, so
 that their 400s name the field. The sampling fields mirror vLLM's `SamplingParams`
-(OpenAI's plus vLLM's `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`). Fields the
-OpenAI API has but this server cannot honour are accepted only at their neutral values;
+(OpenAI's plus vLLM's `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`).
+Fields the OpenAI API has but this server cannot honour are accepted only at their neutral values;
 unknown top-level fields are ignored, as OpenAI-compatible servers do. Responses are
 built as plain dicts in `serving.py` (they are ours, not a caller's, to validate).
 
@@ -180,8 +180,8 @@ class ChatCompletionRequest(BaseModel):
             unsupported.append("response_format")
         if unsupported:
             raise ValueError(
-                f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported by "
-                "this server; leave unset"
+                f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} "
+                "not supported by this server; leave unset"
             )
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")

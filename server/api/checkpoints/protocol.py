@@ -14,6 +14,7 @@ class VersionRequest(BaseModel):
 
 
 class LoadRequest(VersionRequest):
-    """`{"version": 3, "activate": false}`: make a published version resident (and optionally active)."""
+    """`{"version": 3, "activate": false}`: make a published version resident (and optionally
+    active)."""
 
     activate: bool = False

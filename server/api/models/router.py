@@ -17,7 +17,8 @@ router = APIRouter(tags=["inference"])
 
 
 def model_cards(state: ServerState) -> list[dict[str, Any]]:
-    """OpenAI model objects: `name` (the active version) and `name@N` for each resident version N."""
+    """OpenAI model objects: `name` (the active version) and `name@N` for each resident
+    version N."""
     name = state.settings.served_model_name
     if not state.settings.adapters:
         return [

@@ -1,4 +1,5 @@
-"""Helpers of the HTTP-layer tests: a hashing embedder, fake registry versions, images, a server thread.
+"""Helpers of the HTTP-layer tests: a hashing embedder, fake registry versions, images, a server
+thread.
 
 `HashingEmbedder` is a test double of MiniLM (bag of hashed words, 384-d): texts sharing
 words are similar, equal texts identical. `publish_version` writes a real, verifiable

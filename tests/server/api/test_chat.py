@@ -1,4 +1,5 @@
-"""Chat completions through the HTTP layer (engine held by `ScriptedEngine`): JSON, SSE, n, usage, extension."""
+"""Chat completions through the HTTP layer (engine held by `ScriptedEngine`): JSON, SSE, n, usage,
+extension."""
 
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def test_completion_shape_usage_and_extension(served) -> None:
     assert ext["instruction"]["source"] == "snapped" and ext["instruction"]["type"] == "vqa_short"
     assert ext["instruction"]["rule"] == "trailing_imperative"
     layers = ext["trace"][0]["layers"]
-    assert {l["layer"] for l in layers} >= {"layers.0.mlp.up_proj"} and all(
-        0 <= l["vu_expert"] < 4 for l in layers
+    assert {layer["layer"] for layer in layers} >= {"layers.0.mlp.up_proj"} and all(
+        0 <= layer["vu_expert"] < 4 for layer in layers
     )
     sent = engine.inputs[-1]
     assert sent.prompt.startswith("USER: <image>\n") and sent.prompt.endswith("ASSISTANT:")
@@ -320,7 +321,8 @@ def test_non_streaming_client_disconnect_aborts_the_engine_request(
         url = urlsplit(srv.base_url)
         sock = socket.create_connection((url.hostname, url.port))
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: application/json\r\n"
             b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
         )
         wait_until(lambda: engine.in_flight == 1, what="the request to reach the engine")

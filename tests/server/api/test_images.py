@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import base64
+import threading
 
 import httpx
 import pytest

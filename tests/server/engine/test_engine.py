@@ -109,8 +109,8 @@ def _assert_routes_differ(results: list[GenerateChunk]) -> None:
     assert len(set(routes)) > 1, (
         "every request took the same route: the test would not exercise routing"
     )
-    vu = {tuple(l.vu_expert for l in r.trace.layers) for r in results if r.trace}
-    if_ = {tuple(l.if_expert for l in r.trace.layers) for r in results if r.trace}
+    vu = {tuple(layer.vu_expert for layer in r.trace.layers) for r in results if r.trace}
+    if_ = {tuple(layer.if_expert for layer in r.trace.layers) for r in results if r.trace}
     assert len(vu) > 1 and len(if_) > 1
 
 

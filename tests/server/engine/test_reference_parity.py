@@ -263,13 +263,13 @@ def test_engine_serves_an_imported_reference_checkpoint_like_the_reference(
             "the adapters barely change the outputs: the test would not show much"
         )
         traces = [r.trace for r in results if r.trace is not None]
-        assert len({tuple(l.vu_expert for l in t.layers) for t in traces}) > 1, (
+        assert len({tuple(layer.vu_expert for layer in t.layers) for t in traces}) > 1, (
             "every request took the same VU routes"
         )
-        assert len({tuple(l.if_expert for l in t.layers) for t in traces}) > 1, (
+        assert len({tuple(layer.if_expert for layer in t.layers) for t in traces}) > 1, (
             "every request took the same IF routes"
         )
-        assert any(len(set(l.vu_steps or ())) > 1 for t in traces for l in t.layers), (
+        assert any(len(set(layer.vu_steps or ())) > 1 for t in traces for layer in t.layers), (
             "no VU route changed while decoding"
         )
 

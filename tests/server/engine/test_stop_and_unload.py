@@ -90,7 +90,8 @@ def test_unload_frees_the_slot_and_refuses_active_or_pinned_versions(
 
         task = asyncio.create_task(stream())
         await first.wait()
-        # Freeze the request in the engine so the unload attempt deterministically meets it in flight.
+        # Freeze the request in the engine so the unload attempt deterministically meets it in
+        # flight.
         await engine.vllm.pause_generation(mode="keep", clear_cache=False)
         refused: Exception | None = None
         try:
