@@ -392,7 +392,8 @@ def shape_point(
     """Routed, base and (with `--lora-peer`) vLLM-LoRA rounds at a real-width preset, with
     fewer requests, tokens and rounds than the headline (two decoder layers of 4096+ width
     on 2 cores), and the paper's adapter configuration (`cfg`)."""
-    setup = build_setup(preset_name, cfg, tmp, args.lora_peer)
+    lora_peer = args.lora_peer and args.shape_lora_peer
+    setup = build_setup(preset_name, cfg, tmp, lora_peer)
     del setup["smodel"], setup["processor"]
     shape_args = argparse.Namespace(
         **{
@@ -431,6 +432,10 @@ def shape_point(
         "requests": args.shape_requests,
         "max_tokens": args.shape_max_tokens,
         "rounds": args.shape_rounds,
+        "lora_peer": "run"
+        if lora_peer
+        else "not run (--shape-lora-peer): at 7B width vLLM-CPU's LoRA worker reached 14 GB "
+        "anonymous RSS and was OOM-killed beside the routed and base engines on a 24 GB machine",
         **engine_summary(eng),
     }
 
@@ -644,6 +649,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--headline-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an incomplete --out (its headline and ISA rounds kept; the shapes and "
+        "curves it lacks are run)",
+    )
+    parser.add_argument(
+        "--shape-lora-peer",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run vLLM's LoRA at the real-width shapes (vLLM-CPU's LoRA needs ~14 GB at "
+        "7B width beside the routed and base engines)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "engine.json"
     )
     raw_argv = list(argv if argv is not None else sys.argv[1:])
@@ -663,67 +681,83 @@ def main(argv: list[str] | None = None) -> None:
     )
     command = " ".join(["python", "bench/engine.py", *(shlex.quote(a) for a in raw_argv)])
     result: dict[str, Any] = {"command": command, "preset": args.preset, **isa_record(kernel_isa)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    resumed = None
+    if args.resume and args.out.is_file():
+        partial = json.loads(args.out.read_text())
+        if partial.get("complete") is False and "routed_vs_base_by_isa" in partial:
+            resumed = partial
+
+    def save_partial() -> None:
+        """Write what is measured so far (`"complete": false`): a late failure keeps it."""
+        args.out.write_text(json.dumps({**result, "complete": False}, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        setup = build_setup(args.preset, cfg, tmp, args.lora_peer)
-        if args.lora_peer and args.check_lora and not args.headline_only:
-            merged = merge_lora(setup["model_dir"], setup["lora_dir"], tmp / "merged")
-            result["lora_check_tokens"] = asyncio.run(
-                check_lora(setup["model_dir"], setup["lora_dir"], merged, args)
+        if resumed is not None:
+            # the headline and ISA rounds are in the partial result: not measured again
+            result = resumed
+            result["resumed_by"] = command
+        else:
+            setup = build_setup(args.preset, cfg, tmp, args.lora_peer)
+            if args.lora_peer and args.check_lora and not args.headline_only:
+                merged = merge_lora(setup["model_dir"], setup["lora_dir"], tmp / "merged")
+                result["lora_check_tokens"] = asyncio.run(
+                    check_lora(setup["model_dir"], setup["lora_dir"], merged, args)
+                )
+            smodel_next = (
+                None if args.headline_only else make_adapter(setup["model_dir"], 2, cfg)[0]
             )
-        smodel_next = None if args.headline_only else make_adapter(setup["model_dir"], 2, cfg)[0]
-        prompts, images, instr = workload(args.requests, setup["preset"].image_size, seed=0)
-        eng = asyncio.run(
-            run_engines(
-                args,
-                setup["model_dir"],
-                setup["registry"],
-                setup["v1"].path,
-                smodel_next,
-                prompts,
-                images,
-                instr,
-                without_overlap=args.without_overlap,
-                lora_dir=setup["lora_dir"],
-                kernel=KernelConfig(isa=kernel_isa),
+            prompts, images, instr = workload(args.requests, setup["preset"].image_size, seed=0)
+            eng = asyncio.run(
+                run_engines(
+                    args,
+                    setup["model_dir"],
+                    setup["registry"],
+                    setup["v1"].path,
+                    smodel_next,
+                    prompts,
+                    images,
+                    instr,
+                    without_overlap=args.without_overlap,
+                    lora_dir=setup["lora_dir"],
+                    kernel=KernelConfig(isa=kernel_isa),
+                )
             )
-        )
-        result.update(engine_summary(eng))
-        result["overlap"] = eng["overlap"]
-        if args.headline_only:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
-            return
-        result["hotload_s"] = eng["hotload_s"]
-        hf = hf_reference_tokens_per_s(
-            setup["smodel"], setup["processor"], prompts, images, instr, args.max_tokens
-        )
-        result["routed_vs_hf_reference"] = result["tokens_per_s"]["routed"] / hf
-        result["tokens_per_s"]["hf_reference"] = hf
-        model_dir, v1_path = setup["model_dir"], setup["v1"].path
-        image_size = setup["preset"].image_size
-        del setup, smodel_next
-        result["by_isa"] = {result["isa"]: {"command": command, **engine_summary(eng)}}
-        child_argv = strip_run_args(raw_argv)
-        for isa in isas:
-            if isa != here and isa == "avx2":
-                child = run_child_isa(isa, child_argv, tmp)
-                result["by_isa"][child["isa"]] = child
-        result["routed_vs_base_by_isa"] = {
-            isa: r["routed_vs_base_paired_median"] for isa, r in result["by_isa"].items()
-        }
+            result.update(engine_summary(eng))
+            result["overlap"] = eng["overlap"]
+            if args.headline_only:
+                args.out.write_text(json.dumps(result, indent=2) + "\n")
+                return
+            result["hotload_s"] = eng["hotload_s"]
+            hf = hf_reference_tokens_per_s(
+                setup["smodel"], setup["processor"], prompts, images, instr, args.max_tokens
+            )
+            result["routed_vs_hf_reference"] = result["tokens_per_s"]["routed"] / hf
+            result["tokens_per_s"]["hf_reference"] = hf
+            save_partial()
+            del setup, smodel_next
+            result["by_isa"] = {result["isa"]: {"command": command, **engine_summary(eng)}}
+            child_argv = strip_run_args(raw_argv)
+            for isa in isas:
+                if isa != here and isa == "avx2":
+                    child = run_child_isa(isa, child_argv, tmp)
+                    result["by_isa"][child["isa"]] = child
+            result["routed_vs_base_by_isa"] = {
+                isa: r["routed_vs_base_paired_median"] for isa, r in result["by_isa"].items()
+            }
+            save_partial()
         for shape in (s for s in args.shapes.split(",") if s):
+            if f"shape_{shape}" in result:
+                continue
             result[f"shape_{shape}"] = shape_point(args, f"shape-{shape}", cfg, tmp, kernel_isa)
-        if args.curves:
+            save_partial()
+        if args.curves and "curves" not in result:
             from engine_curves import run_curves
 
             result["curves"], result["hotload_curve"] = run_curves(
-                args,
-                model_dir,
-                v1_path,
-                image_size,
-                tmp,
-                KernelConfig(isa=kernel_isa),
-                _engine_pids,
+                args, args.preset, tmp, KernelConfig(isa=kernel_isa), _engine_pids
             )
         widths = {p: curve_point(args, p, cfg, tmp) for p in args.curve_presets.split(",") if p}
         dtypes = {
@@ -754,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
                 for d, e in dtypes.items()
             },
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result["complete"] = True
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

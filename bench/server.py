@@ -21,6 +21,14 @@ What it measures, in one run on one machine:
   request generated exactly the requested output tokens. Every request runs to `max_tokens`
   on both sides (compare `output_tokens` per round); the prompts differ by about one token
   per request (each side renders the chat template itself; see `prompt_tokens`).
+- with adapters (`--adapters`, on by default), two more servers in the same rounds:
+  C. our server routing through a published SMoLoRA version (8 experts, `--rank` total rank
+     on gate/up/down + the projector; `serve --registry`), and
+  D. vLLM's own multi-LoRA over HTTP: `api_server --enable-lora --lora-modules peer=DIR`
+     with one plain PEFT LoRA of the same total rank on gate/up/down, every request naming
+     `peer`;
+  reported as `routed_vs_base` (C / A), `lora_vs_base` (D / B) and `routed_vs_lora` (C / D),
+  paired medians with quartiles like the headline;
 - bad input: the table of `smolora.clients.bad_requests` (`CASES`) posted to our real
   server (base-only, so cases about versions and instructions get `adapters_disabled`
   answers and show up as status differences); counts the cases and how many got a 5xx,
@@ -40,6 +48,7 @@ the ratios are the medians of the per-round ratios, with their quartiles. Target
 (reported, never asserted): throughput >= 0.95x vllm serve, p50 TTFT <= 1.1x. Usage:
 
     python bench/server.py                          # small preset, 128 requests, 1 + 5 rounds each
+    python bench/server.py --no-adapters            # only A and B
     python bench/server.py --preset tiny --num-requests 16 --rounds 1
     python bench/server.py --client vllm-bench      # vLLM's benchmark client as the load
     python bench/server.py --check-vllm-client      # one small vllm-bench run against our server:
@@ -78,6 +87,10 @@ from smolora.server.engine.config import ARCHITECTURE
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED_NAME = MODEL  # the model name the bad-input table uses
+LORA_MODEL = "peer"  # the model name vLLM's LoRA server gives the LoRA
+#: The model each server's requests name.
+SIDE_MODEL = {"ours": SERVED_NAME, "vllm": SERVED_NAME, "ours_routed": SERVED_NAME}
+SIDE_MODEL["vllm_lora"] = LORA_MODEL
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,9 @@ class BenchConfig:
         concurrency: requests in flight.
         max_tokens: completion length per request (greedy).
         rounds: rounds per server (they alternate ours, vllm, ours, vllm, ...).
+        warmup_rounds: rounds run first and not counted.
+        adapters: also run our routed server and vLLM's LoRA server in every round.
+        num_experts, rank: the SMoLoRA version's experts and total rank; the LoRA's rank.
         client: the load client: "loadgen" (`clients/loadgen.py`) or "vllm-bench" (vLLM's
             serving benchmark client; random-mm prompts of `input_len` tokens, `--ignore-eos`).
         input_len: prompt tokens (text part) of each vllm-bench request.
@@ -106,6 +122,9 @@ class BenchConfig:
     max_tokens: int = 64
     rounds: int = 5
     warmup_rounds: int = 1
+    adapters: bool = True
+    num_experts: int = 8
+    rank: int = 128
     client: str = "loadgen"
     input_len: int = 32
     max_model_len: int | None = None
@@ -130,6 +149,24 @@ def prepare_model(cfg: BenchConfig) -> Path:
         build_tiny_llava(get_preset(cfg.preset), tmp, seed=0)
         tmp.replace(model_dir)
     return model_dir
+
+
+def prepare_adapters(cfg: BenchConfig, model_dir: Path, work: Path) -> tuple[Path, Path]:
+    """A registry with one published SMoLoRA version and the peer's PEFT LoRA folder, both
+    for `model_dir` (random nonzero weights: the adapters change the output)."""
+    sys.path.insert(0, str(Path(__file__).parent))  # bench/ holds scripts, not a package
+    from engine import make_adapter, publish
+    from vllm_lora import write_peft_lora
+
+    from smolora.adapters.smolora import SMoLoRAConfig
+
+    smolora = SMoLoRAConfig(
+        num_experts=cfg.num_experts, rank=cfg.rank, alpha=2.0 * cfg.rank, dropout=0.0
+    )
+    registry = work / "registry"
+    publish(registry, model_dir, make_adapter(model_dir, 1, smolora)[0], "task1")
+    lora_dir = write_peft_lora(model_dir, work / "lora", cfg.rank, 2.0 * cfg.rank)
+    return registry, lora_dir
 
 
 # -- servers ---------------------------------------------------------------------------------------
@@ -225,8 +262,12 @@ def context_len(cfg: BenchConfig) -> int:
     return cfg.max_model_len or get_preset(cfg.preset).max_positions
 
 
-def our_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
-    port_file = workdir / "ours.port"
+def our_server(
+    cfg: BenchConfig, model_dir: Path, workdir: Path, registry: Path | None = None
+) -> Server:
+    """Our server: base-only, or routing through `registry`'s active version."""
+    name = "ours" if registry is None else "ours_routed"
+    port_file = workdir / f"{name}.port"
     port_file.unlink(missing_ok=True)
     key_file = workdir / "api.keys"
     key_file.write_text(API_KEY + "\n")
@@ -244,7 +285,7 @@ def our_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
         "serve",
         "--model",
         str(model_dir),
-        "--no-adapters",
+        *(["--no-adapters"] if registry is None else ["--registry", str(registry)]),
         "--port",
         "0",
         "--port-file",
@@ -275,7 +316,7 @@ def our_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
     for k, v in opts.items():
         cmd += ["--engine-option", f"{k}={json.dumps(v)}"]
     return Server(
-        "ours",
+        name,
         cmd,
         workdir,
         "/ready",
@@ -283,7 +324,10 @@ def our_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
     )
 
 
-def vllm_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
+def vllm_server(
+    cfg: BenchConfig, model_dir: Path, workdir: Path, lora_dir: Path | None = None
+) -> Server:
+    """vLLM's OpenAI server: the base model, or with `lora_dir` served as `peer`."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -319,16 +363,29 @@ def vllm_server(cfg: BenchConfig, model_dir: Path, workdir: Path) -> Server:
         "--uvicorn-log-level",
         "warning",
     ]
-    return Server("vllm", cmd, workdir, "/health", lambda: port)
+    if lora_dir is None:
+        return Server("vllm", cmd, workdir, "/health", lambda: port)
+    cmd += [
+        "--enable-lora",
+        "--max-lora-rank",
+        str(cfg.rank),
+        "--max-loras",
+        "1",
+        "--max-cpu-loras",
+        "1",
+        "--lora-modules",
+        f"{LORA_MODEL}={lora_dir}",
+    ]
+    return Server("vllm_lora", cmd, workdir, "/health", lambda: port)
 
 
 # -- load and bad input ---------------------------------------------------------------------------
-def load(cfg: BenchConfig, url: str, api_key: str | None) -> LoadReport:
+def load(cfg: BenchConfig, url: str, api_key: str | None, model: str = SERVED_NAME) -> LoadReport:
     """One warm-up wave (not counted), then the measured load."""
     common = dict(
         base_url=url,
         api_key=api_key,
-        model=SERVED_NAME,
+        model=model,
         concurrency=cfg.concurrency,
         max_duration_s=900.0,
         request_timeout_s=300.0,
@@ -395,6 +452,7 @@ def vllm_bench_client(
     workdir: Path,
     api_key: str | None = None,
     timeout_s: float = 900.0,
+    model: str = SERVED_NAME,
 ) -> dict[str, Any]:
     """Run vLLM's serving benchmark client (`openai-chat`, `random-mm`, `--ignore-eos`) against
     `url`; returns its saved result (with per-request `output_lens` and `errors`).
@@ -414,7 +472,7 @@ def vllm_bench_client(
         "--endpoint",
         "/v1/chat/completions",
         "--model",
-        SERVED_NAME,
+        model,
         "--tokenizer",
         str(model_dir),
         "--dataset-name",
@@ -480,16 +538,21 @@ def exact_output_problems(result: dict[str, Any], run: VllmBenchRun) -> list[str
 
 
 def load_vllm_bench(
-    cfg: BenchConfig, url: str, api_key: str | None, model_dir: Path, workdir: Path
+    cfg: BenchConfig,
+    url: str,
+    api_key: str | None,
+    model_dir: Path,
+    workdir: Path,
+    model: str = SERVED_NAME,
 ) -> dict[str, Any]:
     """One warm-up run (not counted), then the measured vllm-bench load; every request must
     generate exactly `max_tokens` tokens."""
     warm = VllmBenchRun(cfg.concurrency, cfg.input_len, 4, cfg.concurrency, seed=cfg.seed + 999)
-    vllm_bench_client(warm, url, model_dir, workdir, api_key)
+    vllm_bench_client(warm, url, model_dir, workdir, api_key, model=model)
     run = VllmBenchRun(
         cfg.num_requests, cfg.input_len, cfg.max_tokens, cfg.concurrency, seed=cfg.seed
     )
-    r = vllm_bench_client(run, url, model_dir, workdir, api_key)
+    r = vllm_bench_client(run, url, model_dir, workdir, api_key, model=model)
     problems = exact_output_problems(r, run)
     if problems:
         raise RuntimeError(
@@ -571,27 +634,34 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     load_before = (
         os.getloadavg()
     )  # other jobs on the machine skew both sides; recorded, not corrected
-    rounds: dict[str, list[dict[str, Any]]] = {"ours": [], "vllm": []}
+    sides = ["ours", "vllm"] + (["ours_routed", "vllm_lora"] if cfg.adapters else [])
+    rounds: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     bad: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
+        registry, lora_dir = (
+            prepare_adapters(cfg, model_dir, work) if cfg.adapters else (None, None)
+        )
+        servers: dict[str, Callable[[], Server]] = {
+            "ours": lambda: our_server(cfg, model_dir, work),
+            "vllm": lambda: vllm_server(cfg, model_dir, work),
+            "ours_routed": lambda: our_server(cfg, model_dir, work, registry),
+            "vllm_lora": lambda: vllm_server(cfg, model_dir, work, lora_dir),
+        }
         for i in range(cfg.warmup_rounds + cfg.rounds):
             warmup = i < cfg.warmup_rounds
-            for side in ("ours", "vllm") if i % 2 == 0 else ("vllm", "ours"):
-                srv = (
-                    our_server(cfg, model_dir, work)
-                    if side == "ours"
-                    else vllm_server(cfg, model_dir, work)
-                )
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                srv = servers[side]()
                 t0 = time.perf_counter()
                 srv.start(cfg.start_timeout_s)
                 started = time.perf_counter() - t0
                 try:
-                    key = API_KEY if side == "ours" else None
+                    key = API_KEY if side.startswith("ours") else None
+                    model = SIDE_MODEL[side]
                     if cfg.client == "vllm-bench":
-                        s = load_vllm_bench(cfg, srv.url, key, model_dir, work)
+                        s = load_vllm_bench(cfg, srv.url, key, model_dir, work, model)
                     else:
-                        s = summary(load(cfg, srv.url, key))
+                        s = summary(load(cfg, srv.url, key, model))
                     if side == "ours" and bad is None:
                         bad = bad_inputs(srv.url)
                 except BaseException:
@@ -603,7 +673,7 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
                 if not warmup:
                     rounds[side].append(s)
                 print(
-                    f"{'warm-up ' if warmup else ''}round {i + 1} {side:5s}: "
+                    f"{'warm-up ' if warmup else ''}round {i + 1} {side:11s}: "
                     f"{s['output_tokens_per_s']:8.1f} tok/s  "
                     f"ttft p50 {1000 * (s['ttft_p50_s'] or float('nan')):7.1f} ms  "
                     f"ok {s['requests_ok']}/{cfg.num_requests} errors {s['errors']}  "
@@ -614,16 +684,37 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
     for side, rs in rounds.items():
         if any(r["requests_ok"] == 0 or r["ttft_p50_s"] is None for r in rs):
             raise RuntimeError(f"{side}: a round had no successful request: {rs}")
-    paired_tps = [
-        o["output_tokens_per_s"] / v["output_tokens_per_s"]
-        for o, v in zip(rounds["ours"], rounds["vllm"])
-    ]
-    paired_ttft = [
-        o["ttft_p50_s"] / v["ttft_p50_s"] for o, v in zip(rounds["ours"], rounds["vllm"])
-    ]
+
+    def paired(a: str, b: str, key: str) -> list[float]:
+        return [x[key] / y[key] for x, y in zip(rounds[a], rounds[b], strict=True)]
 
     def quartiles(xs: list[float]) -> list[float]:
         return statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+
+    paired_tps = paired("ours", "vllm", "output_tokens_per_s")
+    paired_ttft = paired("ours", "vllm", "ttft_p50_s")
+    adapters: dict[str, Any] = {}
+    if cfg.adapters:
+        for name, (a, b) in {
+            "routed_vs_base": ("ours_routed", "ours"),
+            "lora_vs_base": ("vllm_lora", "vllm"),
+            "routed_vs_lora": ("ours_routed", "vllm_lora"),
+        }.items():
+            ratios = paired(a, b, "output_tokens_per_s")
+            adapters[name] = statistics.median(ratios)
+            adapters[f"{name}_quartiles"] = quartiles(ratios)
+        adapters["ttft_p50_routed_vs_lora"] = statistics.median(
+            paired("ours_routed", "vllm_lora", "ttft_p50_s")
+        )
+        adapters["output_tokens_per_s"] = {
+            side: median_of(rounds[side], "output_tokens_per_s") for side in sides
+        }
+        adapters["modes"] = {
+            "ours_routed": f"serve --registry: one SMoLoRA version, {cfg.num_experts} experts, "
+            f"total rank {cfg.rank}, gate/up/down + projector",
+            "vllm_lora": f"api_server --enable-lora: one PEFT LoRA of rank {cfg.rank} on "
+            "gate/up/down, every request naming it",
+        }
 
     ours_tps, vllm_tps = (
         median_of(rounds["ours"], "output_tokens_per_s"),
@@ -645,6 +736,8 @@ def run(cfg: BenchConfig, command: str) -> dict[str, Any]:
             "throughput": ours_tps / vllm_tps,
             "ttft_p50": ours_ttft / vllm_ttft,
         },
+        # over HTTP, same rounds: our routed server vs base, vLLM's LoRA server vs base
+        "adapters": adapters,
         "bad_input_cases": bad["cases"],
         "bad_input_5xx": len(bad["five_xx"]),
         "targets": {"throughput_vs_vllm_serve": ">= 0.95", "ttft_p50_vs_vllm_serve": "<= 1.1"},
@@ -680,6 +773,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--warmup-rounds", type=int, default=d.warmup_rounds, help="rounds run and not counted"
     )
+    p.add_argument(
+        "--adapters",
+        action=argparse.BooleanOptionalAction,
+        default=d.adapters,
+        help="also run our routed server and vLLM's LoRA server in every round",
+    )
+    p.add_argument("--num-experts", type=int, default=d.num_experts)
+    p.add_argument("--rank", type=int, default=d.rank, help="total rank: routed and LoRA")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--kv-cache-bytes", type=int, default=d.kv_cache_bytes)
@@ -706,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=a.max_tokens,
         rounds=a.rounds,
         warmup_rounds=a.warmup_rounds,
+        adapters=a.adapters,
+        num_experts=a.num_experts,
+        rank=a.rank,
         client=a.client,
         input_len=a.input_len,
         max_model_len=a.max_model_len,
@@ -729,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{1000 * result['vllm_serve_ttft_p50_s']:.1f} ms -> paired median "
         f"{result['ttft_p50_vs_vllm_serve']:.3f}x (target <= 1.1)"
     )
+    for name in ("routed_vs_base", "lora_vs_base", "routed_vs_lora"):
+        if name in result["adapters"]:
+            print(f"{name}: paired median {result['adapters'][name]:.3f}x")
     print(
         f"bad input:  {result['bad_input_cases']} cases, {result['bad_input_5xx']} got a 5xx; "
         "normal request after: "
