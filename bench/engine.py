@@ -655,6 +655,11 @@ def main(argv: list[str] | None = None) -> None:
         "curves it lacks are run)",
     )
     parser.add_argument(
+        "--hotload-only",
+        action="store_true",
+        help="re-measure only the hot-load curve and replace it in an existing --out",
+    )
+    parser.add_argument(
         "--shape-lora-peer",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -692,6 +697,17 @@ def main(argv: list[str] | None = None) -> None:
     def save_partial() -> None:
         """Write what is measured so far (`"complete": false`): a late failure keeps it."""
         args.out.write_text(json.dumps({**result, "complete": False}, indent=2) + "\n")
+
+    if args.hotload_only:
+        from engine_curves import hotload_curve
+
+        result = json.loads(args.out.read_text())
+        with tempfile.TemporaryDirectory() as tmp_name:
+            curve = asyncio.run(hotload_curve(Path(tmp_name), KernelConfig(isa=kernel_isa)))
+        result["hotload_curve"] = curve
+        result["hotload_curve_command"] = command
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -12,8 +12,9 @@ the paired routed/base ratios:
 - `hotload_curve`: checkpoints up to the size of a full 32-layer 7B checkpoint of the paper's
   configuration (~0.75 GB float32; reached with more experts on the `wide` preset): with
   streams running, publish -> first token of a request on the new version, the load alone,
-  and the p99 inter-token latency of the running streams during the load against the same
-  streams without a load.
+  and the p99 inter-token latency of the running streams from the publish's start to that
+  first token (which includes the new request's prefill) and over the load alone (the gaps
+  that overlap it), against the same streams without a load.
 """
 
 from __future__ import annotations
@@ -241,9 +242,16 @@ async def _stream_times(engine: SMoLoRAEngine, req: GenerateRequest, times: list
             times.append(time.perf_counter())
 
 
-def _itl_p99_ms(all_times: list[list[float]], t0: float, t1: float) -> float | None:
+def _itl_p99_ms(
+    all_times: list[list[float]], t0: float, t1: float, overlapping: bool = False
+) -> float | None:
+    """p99 of the gaps between the streams' tokens that end in [t0, t1] (`overlapping`:
+    that overlap it at all, so a gap that began during a load and ended after it counts)."""
     gaps = [
-        (b - a) * 1000 for times in all_times for a, b in zip(times, times[1:]) if t0 <= b <= t1
+        (b - a) * 1000
+        for times in all_times
+        for a, b in zip(times, times[1:])
+        if (b > t0 and a < t1 if overlapping else t0 <= b <= t1)
     ]
     if len(gaps) < 2:
         return None
@@ -297,6 +305,7 @@ async def hotload_curve(
                     break
             assert first is not None
             during = _itl_p99_ms(times, quiet1, first)
+            loading = _itl_p99_ms(times, t_pub, t_load, overlapping=True)
             idle = _itl_p99_ms(times, quiet0, quiet1)
             still_running = sum(not t.done() for t in tasks)
             for t in tasks:
@@ -309,6 +318,7 @@ async def hotload_curve(
                 "publish_s": t_pub - quiet1,
                 "load_s": t_load - t_pub,
                 "itl_p99_ms": during,
+                "itl_p99_ms_load_only": loading,
                 "itl_p99_ms_without_load": idle,
                 "streams_running": still_running,
             }

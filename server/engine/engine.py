@@ -33,6 +33,7 @@ prepare vLLM's with `smolora.server.cli.prepare_vllm_environment`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -76,6 +77,11 @@ from smolora.server.engine.row_tracker import ROW_TRACKER
 from smolora.server.engine.traces import TraceCollector
 from smolora.server.engine.versions import VersionTable, resolve_vu_routing
 from smolora.server.engine.worker_extension import WORKER_EXTENSION, SlotLoadResult
+
+#: How often a hot-load asks the worker whether the checkpoint is verified (seconds).
+STAGE_POLL_S = 0.02
+#: LoRA weight bytes a hot-load copies into a slot per worker RPC (between two engine steps).
+COPY_BYTES_PER_CALL = 32 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -455,8 +461,10 @@ class SMoLoRAEngine:
         """Load a checkpoint folder into a free slot without disturbing in-flight requests.
 
         The front end reads only the manifest (version number, tasks, instruction table,
-        and whether its adapter fits the resident layout); the worker reads, verifies and
-        copies the tensors in one RPC, so a load reads and hashes the files once.
+        and whether its adapter fits the resident layout); the worker reads and verifies
+        the tensors on a background thread, then copies them between engine steps, a byte
+        budget per RPC, so a load reads and hashes the files once and
+        running streams wait for at most one part of the copy per step.
 
         Raises:
             VersionLoadError: corrupt, unknown format, other base model, or other layout
@@ -513,40 +521,47 @@ class SMoLoRAEngine:
             return info
 
     async def _load_slot(self, slot: int, path: Path, version: int) -> SlotLoadResult:
-        """Have the worker read, verify and copy `path` into the reserved `slot`.
+        """Have the worker read, verify and copy `path` into the reserved `slot`: verified
+        on a worker thread (polled), then copied a byte budget per RPC.
 
         Raises:
             VersionLoadError: the worker refused the checkpoint (the slot's previous version
                 is resident again: nothing was copied).
         """
         assert self._versions is not None
+        rpc = self._llm.collective_rpc
         try:
-            raw = (
-                await self._llm.collective_rpc(
-                    "smolora_load_slot",
-                    args=(
-                        slot,
-                        str(path),
-                        self._fingerprint,
-                        {"version": version, "path": str(path)},
-                    ),
-                )
-            )[0]
+            await rpc("smolora_stage_slot", args=(slot, str(path), self._fingerprint))
+            while (raw := (await rpc("smolora_staged_result", args=(slot,)))[0]) is None:
+                await asyncio.sleep(STAGE_POLL_S)
             result = SlotLoadResult.from_wire(raw)
+            if result.refused is not None:
+                self._versions.abandon(slot, copied=False)
+                raise VersionLoadError(f"{path}: {result.message}", result.refused)
+            if result.version != version:
+                await rpc("smolora_cancel_staged", args=(slot,))
+                self._versions.abandon(slot, copied=False)
+                raise VersionLoadError(
+                    f"{path}: the manifest changed while loading (version {version} -> "
+                    f"{result.version}); published versions must not be rewritten",
+                    "IntegrityError",
+                )
+            record = {"version": version, "path": str(path)}
+            first: int | None = 0
+            while first is not None:
+                raw = await rpc(
+                    "smolora_copy_staged", args=(slot, first, COPY_BYTES_PER_CALL, record)
+                )
+                result = SlotLoadResult.from_wire(raw[0])
+                first = result.next_adapter
+            return result
+        except VersionLoadError:
+            raise
         except BaseException:
             self._versions.abandon(slot)
+            with contextlib.suppress(Exception):
+                await rpc("smolora_cancel_staged", args=(slot,))
             raise
-        if result.refused is not None:
-            self._versions.abandon(slot, copied=False)
-            raise VersionLoadError(f"{path}: {result.message}", result.refused)
-        if result.version != version:
-            self._versions.abandon(slot)
-            raise VersionLoadError(
-                f"{path}: the manifest changed while loading (version {version} -> "
-                f"{result.version}); published versions must not be rewritten",
-                "IntegrityError",
-            )
-        return result
 
     async def load_latest(self, registry: str | Path, activate: bool = True) -> VersionInfo:
         """Load (if needed) and activate the registry's latest version."""

@@ -2,13 +2,17 @@
 
 - `smolora_attach`: bind the row tracker (a logits processor) to the model's row state and
   describe the resident layout (columns, expected checkpoint tensor shapes).
-- `smolora_load_slot`: read a checkpoint, verify it (hashes, format, base model: the one
-  place a hot-load reads and hashes the files; the front end reads only the manifest),
-  check it fits, and copy it into one version slot of the resident adapter tensors, in
-  place. RPCs run between engine steps, so a forward never sees a half-copied slot. Which
-  slot is free is the front end's call: it counts the in-flight requests of every slot (a
-  finished request can sit in the persistent batch until the next step, so the worker
-  cannot tell).
+- a hot-load in steps, so running streams keep their pace: `smolora_stage_slot` starts
+  reading and verifying a checkpoint (hashes, format, base model, fit: the one place a
+  hot-load reads and hashes the files; the front end reads only the manifest) on a
+  background thread, on the CPUs the worker's forward does not use; `smolora_staged_result`
+  says when it is done (or refused); `smolora_copy_staged` then copies it into the slot a
+  few adapters (a byte budget) per call. RPCs run between engine steps, so each step waits
+  for at most one such part instead of the whole load. A partly copied slot is never read:
+  the front end reserved it (no request routes to it) until the last copy has landed.
+  `smolora_cancel_staged` drops a staged load. Which slot is free is the front end's call:
+  it counts the in-flight requests of every slot (a finished request can sit in the
+  persistent batch until the next step, so the worker cannot tell).
 - `smolora_unload_slot`: forget the version of a slot the front end has freed (its tensors
   stay until a later load overwrites them; no request can select the slot meanwhile).
 - `smolora_fetch_traces`: routing traces of many requests in one call.
@@ -25,13 +29,15 @@ or versions (the front end does).
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from smolora.adapters.checkpoint import CheckpointError, load_checkpoint
+from smolora.adapters.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from smolora.server.engine.checkpoint_fit import check_fit
 from smolora.server.engine.row_tracker import SMoLoRARowTracker
 
@@ -43,7 +49,8 @@ WORKER_EXTENSION = "smolora.server.engine.worker_extension.SMoLoRAWorkerExtensio
 
 @dataclass
 class SlotLoadResult:
-    """What `smolora_load_slot` did.
+    """What a hot-load's worker RPCs found and did (`smolora_staged_result`,
+    `smolora_copy_staged`).
 
     Attributes:
         slot: the slot it was asked to fill.
@@ -55,6 +62,8 @@ class SlotLoadResult:
         message: why it was refused.
         verify_seconds: reading + verifying the files + checking the fit.
         copy_seconds: copying into the slot.
+        next_adapter: for a load copied in steps, the first adapter the next
+            `smolora_copy_staged` call copies; None once the slot holds the checkpoint.
     """
 
     slot: int
@@ -63,6 +72,7 @@ class SlotLoadResult:
     message: str = ""
     verify_seconds: float = 0.0
     copy_seconds: float = 0.0
+    next_adapter: int | None = None
 
     @classmethod
     def from_wire(cls, raw: SlotLoadResult | dict[str, Any]) -> SlotLoadResult:
@@ -71,6 +81,69 @@ class SlotLoadResult:
             return raw
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in dict(raw).items() if k in names})
+
+
+class _StagedLoad:
+    """A checkpoint being read and verified on a background thread for one slot."""
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.done = threading.Event()
+        self.checkpoint: Checkpoint | None = None
+        self.refused: str | None = None
+        self.message = ""
+        self.verify_seconds = 0.0
+        self.copy_seconds = 0.0
+
+    def run(
+        self,
+        path: str,
+        expected_fingerprint: str | None,
+        layout: Any,
+        expected_shapes: dict[str, list[int]],
+    ) -> None:
+        _off_the_forward_cpus()
+        t0 = time.perf_counter()
+        try:
+            ckpt = load_checkpoint(path, expected_fingerprint=expected_fingerprint)
+            check_fit(ckpt.manifest, ckpt.tensors, layout, expected_shapes)
+            self.checkpoint = ckpt
+        except CheckpointError as e:
+            self.refused, self.message = type(e).__name__, str(e)
+        except Exception as e:  # an unexpected failure must still end the wait
+            self.refused, self.message = "CheckpointError", f"{type(e).__name__}: {e}"
+        finally:
+            self.verify_seconds = time.perf_counter() - t0
+            self.done.set()
+
+    def result(self) -> SlotLoadResult:
+        version = self.checkpoint.manifest.version if self.checkpoint is not None else None
+        return SlotLoadResult(
+            self.slot,
+            version=version,
+            refused=self.refused,
+            message=self.message,
+            verify_seconds=self.verify_seconds,
+            copy_seconds=self.copy_seconds,
+        )
+
+
+def _off_the_forward_cpus() -> None:
+    """Make the calling thread yield to the worker's forward: run it at the lowest priority
+    and move it to the CPUs its process is not bound to, if there are any (vLLM pins the
+    forward to its CPUs, and reading + hashing a checkpoint there slows every step of the
+    running streams)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only
+    except OSError:
+        pass
+    try:
+        mine = os.sched_getaffinity(0)
+        others = set(range(os.cpu_count() or 1)) - mine
+        if others:
+            os.sched_setaffinity(0, others)  # 0: the calling thread on Linux
+    except OSError:
+        pass  # the container does not allow those CPUs: stay where we are
 
 
 class SMoLoRAWorkerExtension:
@@ -118,39 +191,82 @@ class SMoLoRAWorkerExtension:
             "expected_shapes": self._smolora_expected_shapes(),
         }
 
-    def smolora_load_slot(
-        self, slot: int, path: str, expected_fingerprint: str | None, version: dict[str, Any]
-    ) -> SlotLoadResult:
-        """Read, verify and copy the checkpoint at `path` into `slot` (all or nothing).
+    def _smolora_staging(self) -> dict[int, _StagedLoad]:
+        return self.__dict__.setdefault("_smolora_staged_loads", {})
+
+    def smolora_stage_slot(self, slot: int, path: str, expected_fingerprint: str | None) -> int:
+        """Start reading and verifying the checkpoint at `path` for `slot` on a background
+        thread; returns how many `smolora_copy_staged` calls install it (one per adapter).
 
         Raises:
-            ValueError: `slot` is out of range (a front-end bug, not a checkpoint problem).
+            ValueError: `slot` is out of range or already staging (front-end bugs).
         """
         model = self._smolora_model()
-        state = model.smolora_state
         if not 0 <= slot < model.layout.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {model.layout.num_slots})")
+        staging = self._smolora_staging()
+        if slot in staging:
+            raise ValueError(f"slot {slot} is already staging a load")
+        staged = staging[slot] = _StagedLoad(slot)
+        threading.Thread(
+            target=staged.run,
+            args=(path, expected_fingerprint, model.layout, self._smolora_expected_shapes()),
+            name=f"smolora-stage-{slot}",
+            daemon=True,
+        ).start()
+        return len(model.routed_adapters())
+
+    def smolora_staged_result(self, slot: int) -> SlotLoadResult | None:
+        """None while `slot`'s checkpoint is still being verified; then what verifying found
+        (`refused` set: nothing will be copied, and the staged load is dropped)."""
+        staged = self._smolora_staging()[slot]
+        if not staged.done.is_set():
+            return None
+        if staged.refused is not None:
+            del self._smolora_staging()[slot]
+        return staged.result()
+
+    def smolora_copy_staged(
+        self, slot: int, first: int, max_bytes: int, version: dict[str, Any]
+    ) -> SlotLoadResult:
+        """Copy the verified checkpoint's adapters into `slot`, from adapter `first` on, until
+        about `max_bytes` of LoRA weights are copied (at least one adapter); `next_adapter`
+        in the result says where the next call starts. The call that copies the last adapter
+        records the slot's scaling and `version` and drops the staged load."""
+        model = self._smolora_model()
+        state = model.smolora_state
+        staged = self._smolora_staging()[slot]
+        ckpt = staged.checkpoint
+        if ckpt is None:
+            raise ValueError(f"slot {slot} has no verified checkpoint to copy")
+        adapters = model.routed_adapters()
         t0 = time.perf_counter()
-        try:
-            ckpt = load_checkpoint(path, expected_fingerprint=expected_fingerprint)
-            check_fit(ckpt.manifest, ckpt.tensors, model.layout, self._smolora_expected_shapes())
-        except CheckpointError as e:
-            return SlotLoadResult(slot, refused=type(e).__name__, message=str(e))
-        t1 = time.perf_counter()
-        alpha = float(ckpt.manifest.adapter_config["alpha"])
+        index, copied = first, 0
         with torch.no_grad():
-            for adapter in model.routed_adapters():
+            while index < len(adapters) and (index == first or copied < max_bytes):
+                adapter = adapters[index]
                 adapter.load_slot(slot, ckpt.tensors, state)
-            state.slot_scaling[slot] = alpha / model.layout.rank
-        state.slot_versions[slot] = dict(version)
+                copied += sum(
+                    ckpt.tensors[f"{name}.{part}"].nbytes
+                    for name in adapter.names
+                    for part in ("lora_A", "lora_B")
+                )
+                index += 1
+            if index >= len(adapters):
+                alpha = float(ckpt.manifest.adapter_config["alpha"])
+                state.slot_scaling[slot] = alpha / model.layout.rank
+                state.slot_versions[slot] = dict(version)
+                del self._smolora_staging()[slot]
+                logger.info("loaded checkpoint %s into slot %d", ckpt.path, slot)
         state.epoch += 1  # cached routing plans hold copies of slot-derived values
-        logger.info("loaded checkpoint %s into slot %d", path, slot)
-        return SlotLoadResult(
-            slot,
-            version=ckpt.manifest.version,
-            verify_seconds=t1 - t0,
-            copy_seconds=time.perf_counter() - t1,
-        )
+        staged.copy_seconds += time.perf_counter() - t0
+        result = staged.result()
+        result.next_adapter = index if index < len(adapters) else None
+        return result
+
+    def smolora_cancel_staged(self, slot: int) -> bool:
+        """Drop `slot`'s staged load, if any (a verification still running finishes unused)."""
+        return self._smolora_staging().pop(slot, None) is not None
 
     def smolora_unload_slot(self, slot: int) -> dict[str, Any]:
         """Forget the version held by `slot` (the front end no longer routes requests to it)."""

@@ -21,6 +21,7 @@ import torch
 
 from smolora.adapters.checkpoint import TENSORS
 from smolora.adapters.reference_generate import ReferenceResult
+from smolora.server.engine import engine as engine_module
 from smolora.server.engine.config import ARCHITECTURE
 from smolora.server.engine.engine import collect, collect_all
 from smolora.server.engine.protocol import (
@@ -253,12 +254,27 @@ def test_invalid_requests_are_refused(loop: LoopThread, engine: Any) -> None:
 
 
 def test_hot_load_under_load(
-    loop: LoopThread, engine: Any, version1: Any, registry: Path, tiny_model_dir: Path
+    loop: LoopThread,
+    engine: Any,
+    version1: Any,
+    registry: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Publish version 2 while 6 requests stream on version 1: all complete with version-1
     outputs (equal to the version-1 reference), later requests get version 2 (equal to the
-    version-2 reference). Then a corrupt and a mismatched version are refused and version 2
-    keeps serving."""
+    version-2 reference). The load is copied one adapter per worker RPC (a 1-byte budget),
+    so the slot is filled in several parts. Then a corrupt and a mismatched version are
+    refused and version 2 keeps serving."""
+    monkeypatch.setattr(engine_module, "COPY_BYTES_PER_CALL", 1)
+    rpcs: list[str] = []
+    real_rpc = engine._llm.collective_rpc
+
+    async def recording_rpc(method: str, *args: Any, **kwargs: Any) -> Any:
+        rpcs.append(method)
+        return await real_rpc(method, *args, **kwargs)
+
+    monkeypatch.setattr(engine._llm, "collective_rpc", recording_rpc)
     _, smodel1, processor = version1
     smodel2, _ = make_adapter(tiny_model_dir, seed=2)
     w_old = make_workload(6, seed=41, text_only=1)
@@ -302,6 +318,8 @@ def test_hot_load_under_load(
     assert info.active and in_flight[1] > 0, (
         "the load must happen while version-1 requests are in flight"
     )
+    routed_layers = loop.run(engine._llm.collective_rpc("smolora_stats"))[0]["routed_layers"]
+    assert routed_layers > 1 and rpcs.count("smolora_copy_staged") == routed_layers
     _assert_matches_reference(
         old, w_old.reference(smodel1, processor, "pinned"), version=1, per_step=False
     )
