@@ -3,12 +3,16 @@
 `RegistryWatcher` polls `VersionManager.registry()` (which lists only complete, published
 folders: publishing renames a finished folder into place) every `interval_s` seconds.
 Each version newer than the newest one seen so far is loaded through the
-`VersionManager` and, if `activate` is set (or nothing is active yet), activated. A
-version that fails to load (corrupt, another base model) is logged and counted in
-`smolora_checkpoint_loads_total{result="error"}` once, and not retried: a published
-version never changes. A transient refusal (503: every engine slot busy) is retried at
-the next poll. Polling, not inotify: it works on network file systems and
-container volumes alike, and a few stat calls per interval cost nothing.
+`VersionManager` and, if `activate` is set (or nothing is active yet), activated.
+
+A version that fails to load (corrupt, another base model, a malformed manifest) is
+logged, counted in `smolora_checkpoint_loads_total{result="error"}`, and retried:
+immediately when its folder's files change (a folder copied into the registry without the
+atomic rename is complete a moment later), otherwise after a backoff that doubles from
+`interval_s` up to `max_backoff_s`. Retries stop once a newer version has loaded (loading
+an older one then would roll the server back). A transient refusal (503: every engine slot
+busy) is retried at the next poll. Polling, not inotify: it works on network file systems
+and container volumes alike, and a few stat calls per interval cost nothing.
 
 It does not publish, verify or delete checkpoints.
 """
@@ -17,11 +21,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from smolora.server.api.errors import ServiceUnavailableError
 from smolora.server.versions import VersionManager
 
 log = logging.getLogger("smolora.server.registry_watch")
+
+#: A folder's files as (name, size, mtime_ns): a change means the folder was rewritten.
+FolderSignature = tuple[tuple[str, int, int], ...]
+
+
+def folder_signature(path: Path) -> FolderSignature:
+    """The names, sizes and modification times of the files in `path` (empty if it is gone)."""
+    try:
+        stats = [(f.name, f.stat()) for f in path.iterdir() if f.is_file()]
+    except OSError:
+        return ()
+    return tuple(sorted((name, s.st_size, s.st_mtime_ns) for name, s in stats))
+
+
+@dataclass
+class FailedLoad:
+    """A version that failed to load: when to try it again (never, once `superseded`)."""
+
+    signature: FolderSignature
+    attempts: int
+    retry_at: float
+    error: str
+    superseded: bool = False
 
 
 class RegistryWatcher:
@@ -31,22 +62,48 @@ class RegistryWatcher:
         manager: the version manager to load through.
         interval_s: seconds between polls.
         activate: activate each newly loaded version.
+        max_backoff_s: the longest wait between two retries of a version whose folder has
+            not changed.
+        clock: monotonic seconds (tests pass their own).
     """
 
-    def __init__(self, manager: VersionManager, interval_s: float, activate: bool):
+    def __init__(
+        self,
+        manager: VersionManager,
+        interval_s: float,
+        activate: bool,
+        max_backoff_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.manager = manager
         self.interval_s = interval_s
         self.activate = activate
+        self.max_backoff_s = max_backoff_s
+        self.clock = clock
         self.newest_seen = 0
-        self.failed: set[int] = set()
+        self.failures: dict[int, FailedLoad] = {}
+
+    @property
+    def failed(self) -> set[int]:
+        """Versions in the registry that failed to load (retried or superseded)."""
+        return set(self.failures)
 
     async def prime(self) -> None:
         """Mark every version already in the registry as seen (start-up loads its own choice)."""
         entries = await self.manager.registry()
         self.newest_seen = max((e.version for e in entries), default=0)
 
+    async def _due(self, version: int, path: Path) -> bool:
+        """Whether failed `version` should be tried again now."""
+        failure = self.failures[version]
+        if failure.superseded:
+            return False
+        if self.clock() >= failure.retry_at:
+            return True
+        return await asyncio.to_thread(folder_signature, path) != failure.signature
+
     async def poll_once(self) -> list[int]:
-        """Load the versions published since the last poll.
+        """Load the versions published since the last poll, and retry failed ones that are due.
 
         Returns:
             The version numbers loaded by this poll.
@@ -54,9 +111,12 @@ class RegistryWatcher:
         entries = await self.manager.registry()
         loaded: list[int] = []
         for e in entries:
-            if e.version <= self.newest_seen or e.version in self.failed:
+            if e.version <= self.newest_seen and (
+                e.version not in self.failures or not await self._due(e.version, e.path)
+            ):
                 continue
             activate = self.activate or self.manager.active() is None
+            signature = await asyncio.to_thread(folder_signature, e.path)
             try:
                 await self.manager.load(e.version, activate=activate)
             except asyncio.CancelledError:
@@ -68,20 +128,40 @@ class RegistryWatcher:
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - one bad version must not stop the watcher
-                self.failed.add(e.version)
+                self._record_failure(e.version, signature, exc)
                 log.error(
-                    "registry watcher: version %d (%s) was not loaded: %s", e.version, e.path, exc
+                    "registry watcher: version %d (%s) was not loaded (attempt %d; retried "
+                    "when its files change or in %.0f s): %s",
+                    e.version,
+                    e.path,
+                    self.failures[e.version].attempts,
+                    self.failures[e.version].retry_at - self.clock(),
+                    exc,
                 )
             else:
                 loaded.append(e.version)
+                self.failures.pop(e.version, None)
+                for version, failure in self.failures.items():
+                    # loading an older version now would roll the server back
+                    failure.superseded |= version < e.version
                 log.info(
                     "registry watcher: picked up version %d (%s)%s",
                     e.version,
                     e.name,
                     ", now active" if activate else "",
                 )
-            self.newest_seen = e.version
+            self.newest_seen = max(self.newest_seen, e.version)
+        listed = {e.version for e in entries}
+        self.failures = {v: f for v, f in self.failures.items() if v in listed}
         return loaded
+
+    def _record_failure(self, version: int, signature: FolderSignature, exc: Exception) -> None:
+        previous = self.failures.get(version)
+        attempts = 1 if previous is None else previous.attempts + 1
+        backoff = min(self.interval_s * 2 ** (attempts - 1), self.max_backoff_s)
+        self.failures[version] = FailedLoad(
+            signature, attempts, self.clock() + backoff, f"{type(exc).__name__}: {exc}"
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set."""

@@ -4,10 +4,11 @@
 These prove the HTTP layer and the engine together: OpenAI schema in and out, SSE,
 usage that matches the engine's own prompt count, the routing trace of the serving
 version, snapping to a known instruction type (same embedding -> same routes and tokens),
-hot publishing picked up by the watcher with per-request version choice, unloading a
-version, stop strings applied by the engine (finish_reason "stop" with the trace), typed
-errors with the server still serving, metrics, and the load generator; and, on a second
-server started with `--no-adapters`, base-only serving.
+hot publishing picked up by the watcher with per-request version choice, a version copied
+in without the atomic rename loaded once complete, unloading a version, stop strings
+applied by the engine (finish_reason "stop" with the trace), typed errors with the server
+still serving, metrics, and the load generator; and, on a second server started with
+`--no-adapters`, base-only serving.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from smolora.adapters.checkpoint import MANIFEST, TENSORS, list_versions
 from smolora.server.prompt import PromptRenderer
 from tests.e2e.conftest import ADMIN_KEY, RemoteServer, publish_smolora
 from tests.server.api.helpers import data_url, image_bytes, user_message, wait_until
@@ -155,6 +157,55 @@ def test_hot_publish_is_picked_up_and_versions_are_selectable(
         _ask(client, model="tiny-llava@2")
     assert e.value.body["code"] == "model_not_found"
     assert _ask(client).model == "tiny-llava@1"
+
+
+def _load_errors(remote: RemoteServer) -> float:
+    text = httpx.get(remote.url + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("smolora_checkpoint_loads_total") and 'result="error"' in line
+    )
+
+
+def test_a_version_copied_in_without_the_atomic_rename_loads_once_complete(
+    remote: RemoteServer,
+    e2e_registry: Path,
+    tiny_model_dir: Path,
+    instruction_encoder: Any,
+    tmp_path: Path,
+) -> None:
+    """A version folder copied into the registry file by file is listed (its manifest is
+    there) before its tensors are whole: the watcher's load fails, and it loads the version
+    as soon as the copy finishes. Afterwards version 1 is made active again and the new
+    version unloaded, as the later tests expect."""
+    client = _client(remote)
+    made = publish_smolora(tmp_path / "elsewhere", tiny_model_dir, instruction_encoder, "copy", 3)
+    version = max(e.version for e in list_versions(e2e_registry)) + 1
+    target = e2e_registry / f"v{version:04d}-copy"
+    target.mkdir()
+    tensors = (made.path / TENSORS).read_bytes()
+    (target / TENSORS).write_bytes(tensors[: len(tensors) // 2])
+    manifest = json.loads((made.path / MANIFEST).read_text())
+    manifest["version"] = version
+    errors_before = _load_errors(remote)
+    (target / MANIFEST).write_text(json.dumps(manifest))  # now listed, tensors half copied
+    wait_until(lambda: _load_errors(remote) > errors_before, 60, "the half copy to be refused")
+    assert f"tiny-llava@{version}" not in [m.id for m in client.models.list()]
+    (target / TENSORS).write_bytes(tensors)  # the copy finishes
+    wait_until(
+        lambda: f"tiny-llava@{version}" in [m.id for m in client.models.list()],
+        60,
+        "the completed copy to be loaded",
+    )
+    assert _ask(client, model=f"tiny-llava@{version}").model == f"tiny-llava@{version}"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = httpx.post(remote.url + "/admin/checkpoints/activate", headers=admin, json={"version": 1})
+    assert r.status_code == 200
+    r = httpx.post(
+        remote.url + "/admin/checkpoints/unload", headers=admin, json={"version": version}
+    )
+    assert r.status_code == 200
 
 
 def test_stop_string_is_applied_by_the_engine_and_keeps_the_trace(remote: RemoteServer) -> None:

@@ -177,6 +177,79 @@ def test_watcher_skips_a_bad_version_once_and_keeps_going(tmp_path: Path) -> Non
     asyncio.run(go())
 
 
+class FakeClock:
+    """Monotonic seconds the test advances by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_watcher_retries_a_version_once_its_folder_is_complete(tmp_path: Path) -> None:
+    """A version copied into the registry without the atomic rename is listed (its manifest
+    is there) before its tensors are complete: the first load fails, and the watcher loads
+    it as soon as its files change, without waiting for the backoff."""
+    reg = _registry(tmp_path, 1)
+
+    async def go() -> None:
+        manager = VersionManager(ScriptedEngine(), reg, Metrics(), max_resident=4)
+        await manager.load_initial(None)
+        clock = FakeClock()
+        watcher = RegistryWatcher(manager, interval_s=1.0, activate=True, clock=clock)
+        await watcher.prime()
+        v2 = publish_version(reg, "copied", instruction_types(HashingEmbedder()))
+        tensors = v2.path / "adapter.safetensors"
+        full = tensors.read_bytes()
+        tensors.write_bytes(full[: len(full) // 2])  # the copy is half way
+        assert await watcher.poll_once() == [] and watcher.failed == {2}
+        assert await watcher.poll_once() == []  # unchanged and not due: not tried again
+        assert watcher.failures[2].attempts == 1
+        tensors.write_bytes(full)  # the copy finished
+        assert await watcher.poll_once() == [2]
+        assert manager.active() == 2 and watcher.failed == set()
+
+    asyncio.run(go())
+
+
+def test_watcher_backs_off_then_stops_retrying_once_a_newer_version_loads(
+    tmp_path: Path,
+) -> None:
+    """An unchanged failed version is retried after a backoff that doubles; once a newer
+    version has loaded it is never retried (loading it would roll the server back)."""
+    reg = _registry(tmp_path, 1)
+
+    async def go() -> None:
+        manager = VersionManager(ScriptedEngine(), reg, Metrics(), max_resident=4)
+        await manager.load_initial(None)
+        clock = FakeClock()
+        watcher = RegistryWatcher(
+            manager, interval_s=1.0, activate=True, max_backoff_s=3.0, clock=clock
+        )
+        await watcher.prime()
+        emb = HashingEmbedder()
+        bad = publish_version(reg, "bad", instruction_types(emb))
+        tensors = bad.path / "adapter.safetensors"
+        good_bytes = tensors.read_bytes()
+        tensors.write_bytes(b"x")
+        attempts = []
+        for step in (0.0, 0.5, 0.5, 1.0, 1.0, 3.0, 3.0):  # due at +1, then +2, then +3 (cap)
+            clock.now += step
+            await watcher.poll_once()
+            attempts.append(watcher.failures[2].attempts)
+        assert attempts == [1, 1, 2, 2, 3, 4, 5]
+        publish_version(reg, "good", instruction_types(emb))
+        assert await watcher.poll_once() == [3] and manager.active() == 3
+        assert watcher.failures[2].superseded
+        tensors.write_bytes(good_bytes)  # repaired, but version 3 is newer
+        clock.now += 10.0
+        assert await watcher.poll_once() == [] and manager.active() == 3
+        assert manager.get(2) is None
+
+    asyncio.run(go())
+
+
 def test_rollback_works_when_the_engine_started_with_a_version_active(tmp_path: Path) -> None:
     reg = _registry(tmp_path, 2)
 
