@@ -82,6 +82,11 @@ def engine_config(settings: ServerSettings, checkpoint: Path | None) -> Any:
     if not settings.adapters:
         return EngineConfig(model_dir=settings.model_dir, adapters=False, **options)
     options.setdefault("num_slots", settings.max_resident_versions)
+    # The overlap helper runs routed deltas on the CPUs vLLM leaves outside the worker's
+    # binding; in a server those CPUs run this API process and vLLM's engine core, and a
+    # helper preempted there stalls the forward that waits for it (bench/README.md, "Over
+    # HTTP"). `--engine-option cpu_overlap='"auto"'` turns it back on.
+    options.setdefault("cpu_overlap", "off")
     return EngineConfig(model_dir=settings.model_dir, checkpoint=checkpoint, **options)
 
 

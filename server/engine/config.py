@@ -83,7 +83,8 @@ class AdapterLayout:
             helper thread while the worker runs the layer's base matmul
             (`overlap_helper.OverlapHelper`). "auto" does when the worker computes on one thread
             and a CPU outside its binding exists (vLLM keeps one for the engine core and the
-            API server, which mostly wait on the worker while it runs a forward).
+            API server). That pays where that CPU is otherwise idle (an engine embedded in a
+            program); the HTTP server's own processes keep it busy, so the server sets "off".
     """
 
     enabled: bool = True

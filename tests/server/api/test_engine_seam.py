@@ -129,6 +129,11 @@ def test_engine_options_are_engine_config_fields(tiny_model_dir: Path, tmp_path:
     )
     cfg = engine_config(s, tmp_path / "v0001-a")
     assert cfg.max_num_seqs == 4 and cfg.num_slots == s.max_resident_versions
+    assert cfg.cpu_overlap == "off"  # the server's own processes use the spare CPUs
+    auto = ServerSettings(
+        model_dir=tiny_model_dir, registry_dir=tmp_path, engine_options={"cpu_overlap": "auto"}
+    )
+    assert engine_config(auto, tmp_path / "v0001-a").cpu_overlap == "auto"
     with pytest.raises(ValueError, match="unknown engine options"):
         engine_config(
             ServerSettings(
