@@ -9,8 +9,11 @@ and the registry watcher. `/ready` turns 200 once all of that is up and a versio
 active. With adapters off (`settings.adapters=False`, base-only serving) only the
 renderer and the engine come up -- no instruction encoder, no version manager, no
 watcher, no checkpoint admin routes -- and `/ready` turns 200 once the engine is up.
-On shutdown the watcher stops and the engine context exits (draining before that is
-`server/api/drain.py`'s, started by the CLI on SIGTERM).
+While serving, an engine monitor checks every `engine_check_interval_s` that the engine is
+alive; once it has died the server is not ready for good and `on_engine_failure` is called
+(the CLI drains and exits with status 3 for the supervisor to restart it). On shutdown the
+watcher stops and the engine context exits (draining before that is
+`server/api/drain.py`'s, started by the CLI on SIGTERM or an engine failure).
 
 `RequestContextMiddleware` (outermost) gives every response an `x-request-id` and emits
 the access log; `GuardMiddleware` bounds request bodies (413 before any parsing) and
@@ -43,7 +46,7 @@ from smolora.server.api.models.router import router as models_router
 from smolora.server.api.rate_limit import RateLimiter
 from smolora.server.api.request_id import RequestContextMiddleware
 from smolora.server.api.state import ServerState
-from smolora.server.engine.protocol import EngineClient
+from smolora.server.engine.protocol import EngineClient, EngineError
 from smolora.server.images import ImageLimits, ImageLoader, RemoteImageFetcher, Resolver
 from smolora.server.instruction_source import Embedder, InstructionResolver
 from smolora.server.metrics import Metrics
@@ -56,6 +59,8 @@ log = logging.getLogger("smolora.server")
 
 EngineFactory = Callable[[ServerSettings], AbstractAsyncContextManager[EngineClient]]
 EmbedderFactory = Callable[[], Embedder]
+#: Called once, with the reason, when the engine monitor sees the engine die.
+EngineFailureHandler = Callable[[str], None]
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -149,11 +154,43 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+async def _serve_until_stopped(
+    state: ServerState,
+    engine: EngineClient,
+    stop: asyncio.Event,
+    on_engine_failure: EngineFailureHandler | None,
+) -> None:
+    """Wait for `stop`, checking every `engine_check_interval_s` that the engine is alive.
+    When it has died: record why (`/health` and `/ready` answer 503 from then on) and call
+    `on_engine_failure` once (the CLI drains and exits with status 3, so a supervisor
+    starts a fresh server: a vLLM engine core cannot be restarted inside its process)."""
+    interval = state.settings.engine_check_interval_s
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass
+        if stop.is_set() or state.engine_failure is not None:
+            continue
+        try:
+            health = await engine.health(detail=False)
+            reason = None if health.ok else f"engine core unhealthy: {health.detail}"
+        except EngineError as e:
+            reason = str(e)
+        if reason is None or stop.is_set():  # a server shutting down closes its engine
+            continue
+        state.engine_failure = reason
+        log.critical("the engine stopped serving: %s", reason)
+        if on_engine_failure is not None:
+            on_engine_failure(reason)
+
+
 async def _bring_up(
     state: ServerState,
     engine_factory: EngineFactory,
     embedder_factory: EmbedderFactory,
     stop: asyncio.Event,
+    on_engine_failure: EngineFailureHandler | None = None,
 ) -> None:
     """Start the slow parts, serve until `stop`, then shut the engine down."""
     s = state.settings
@@ -165,7 +202,7 @@ async def _bring_up(
                 state.started = True
                 log.info("serving %s (base model, adapters disabled)", s.served_model_name)
                 try:
-                    await stop.wait()
+                    await _serve_until_stopped(state, engine, stop, on_engine_failure)
                 finally:
                     state.engine = None
             return
@@ -197,7 +234,7 @@ async def _bring_up(
                 else None
             )
             try:
-                await stop.wait()
+                await _serve_until_stopped(state, engine, stop, on_engine_failure)
             finally:
                 if watch is not None:
                     watch.cancel()
@@ -220,6 +257,7 @@ def create_app(
     embedder_factory: EmbedderFactory = default_embedder,
     image_transport: httpx.AsyncBaseTransport | None = None,
     image_resolver: Resolver | None = None,
+    on_engine_failure: EngineFailureHandler | None = None,
 ) -> FastAPI:
     """Build the app.
 
@@ -229,6 +267,8 @@ def create_app(
         embedder_factory: builds the instruction encoder (MiniLM by default).
         image_transport: httpx transport for remote image fetches (tests pass a mock).
         image_resolver: host name resolver of remote image fetches (tests pass a fake one).
+        on_engine_failure: called once when the engine monitor sees the engine die (the
+            CLI's drains and exits non-zero); None: the server stays up, not ready.
 
     Returns:
         The FastAPI app; its lifespan starts and stops everything.
@@ -273,7 +313,8 @@ def create_app(
         app.state.smolora = state
         stop = asyncio.Event()
         task = asyncio.create_task(
-            _bring_up(state, engine_factory, embedder_factory, stop), name="engine"
+            _bring_up(state, engine_factory, embedder_factory, stop, on_engine_failure),
+            name="engine",
         )
         state.background.append(task)
         try:

@@ -15,7 +15,10 @@ tests and supervisors poll for).
 Before the server starts, `server/startup_checks.py` checks the model folder (a LLaVA
 config, tokenizer, weights, a chat template that places an image) and the registry (a
 readable folder; `--initial-version` published there): a failed check prints what is wrong
-with which folder and exits with status 2, before any engine starts.
+with which folder and exits with status 2, before any engine starts. If the engine dies
+while serving, the server drains like on SIGTERM and exits with status 3
+(`ENGINE_FAILED_EXIT`; `--no-exit-on-engine-failure` keeps it up, answering 503), so that
+compose's `restart:` policy or Kubernetes starts a fresh one.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from smolora.server.startup_checks import (
 )
 
 log = logging.getLogger("smolora.server.cli")
+
+#: Exit status after the engine died (the server drained first); a supervisor restarts it.
+ENGINE_FAILED_EXIT = 3
 
 
 def _read_key_file(path: str | None) -> list[str]:
@@ -171,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM: seconds in-flight requests may still run (/ready is 503 meanwhile)",
     )
     s.add_argument(
+        "--engine-check-interval",
+        type=float,
+        default=d["engine_check_interval_s"].default,
+        help="seconds between the server's checks that the engine is alive",
+    )
+    s.add_argument(
+        "--no-exit-on-engine-failure",
+        action="store_true",
+        help="when the engine dies, stay up answering 503 instead of draining and exiting "
+        f"with status {ENGINE_FAILED_EXIT} (for a supervisor to restart the server)",
+    )
+    s.add_argument(
         "--rate-limit-rpm",
         type=float,
         default=None,
@@ -282,6 +300,8 @@ def settings_from_args(
         preparation_threads=args.preparation_threads,
         image_url_allow_networks=tuple(args.image_url_allow_network),
         shutdown_grace_s=args.shutdown_grace_s,
+        engine_check_interval_s=args.engine_check_interval,
+        exit_on_engine_failure=not args.no_exit_on_engine_failure,
         rate_limit_requests_per_min=args.rate_limit_rpm,
         rate_limit_tokens_per_min=args.rate_limit_tpm,
         image_url_allowlist=tuple(args.image_url_allow),
@@ -325,6 +345,7 @@ class DrainingServer:
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
 
     def on_signal(self, sig: int) -> bool:
         """Start draining on the first signal; False (stop at once) on a later one."""
@@ -335,6 +356,18 @@ class DrainingServer:
         log.info("signal %d: draining (grace %.1fs)", sig, self.grace_s)
         self._loop.call_soon_threadsafe(self._start_drain, state)
         return True
+
+    def on_engine_failure(self, reason: str) -> None:
+        """The engine died (called on the event loop): drain as on SIGTERM, then exit with
+        `ENGINE_FAILED_EXIT`."""
+        self.exit_code = ENGINE_FAILED_EXIT
+        state = getattr(getattr(self.server.config.app, "state", None), "smolora", None)
+        if self._draining or state is None:
+            self.server.should_exit = True
+            return
+        self._draining = True
+        log.error("draining and exiting with status %d: %s", ENGINE_FAILED_EXIT, reason)
+        self._start_drain(state)
 
     def _start_drain(self, state: Any) -> None:
         from smolora.server.api.drain import drain
@@ -352,15 +385,25 @@ class DrainingServer:
         await self.server.serve()
 
 
-async def serve(settings: ServerSettings, port_file: Path | None = None) -> None:
-    """Run uvicorn until signalled (draining first); write the bound port to `port_file`
-    once listening."""
+async def serve(settings: ServerSettings, port_file: Path | None = None) -> int:
+    """Run uvicorn until signalled or the engine dies (draining first); write the bound port
+    to `port_file` once listening. Returns the exit status: 0, or `ENGINE_FAILED_EXIT`."""
     import uvicorn
 
     from smolora.server.app import create_app
     from smolora.server.engine_factory import vllm_engine_factory
 
-    app = create_app(settings, vllm_engine_factory)
+    draining: DrainingServer | None = None
+
+    def on_engine_failure(reason: str) -> None:
+        if draining is not None:
+            draining.on_engine_failure(reason)
+
+    app = create_app(
+        settings,
+        vllm_engine_factory,
+        on_engine_failure=on_engine_failure if settings.exit_on_engine_failure else None,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -388,6 +431,7 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
             tmp.write_text(str(port))
             tmp.replace(port_file)
     await task
+    return draining.exit_code
 
 
 def prepare_vllm_environment(environ: MutableMapping[str, str]) -> list[str]:
@@ -438,7 +482,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for change in prepare_vllm_environment(os.environ):
         log.info("%s", change)
     try:
-        asyncio.run(serve(settings, args.port_file))
+        return asyncio.run(serve(settings, args.port_file))
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0

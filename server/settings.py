@@ -90,6 +90,10 @@ class ServerSettings:
         trace_default: include the routing trace when a request does not say.
         record_expert_metrics: ask the engine for every request's routes so that
             `smolora_expert_selections_total` counts all requests, not only traced ones.
+        engine_check_interval_s: how often the server checks that the engine is alive.
+        exit_on_engine_failure: when the engine has died, drain and exit with status 3
+            so that the supervisor (compose `restart:`, Kubernetes) starts a fresh server;
+            False keeps the process up, answering 503 `engine_unavailable`.
         engine_options: free-form options handed to the engine factory unchanged.
         log_level: Python logging level name for the server's loggers.
     """
@@ -132,6 +136,8 @@ class ServerSettings:
     default_instruction: str = "Provide a one-sentence caption for the provided image."
     trace_default: bool = False
     record_expert_metrics: bool = True
+    engine_check_interval_s: float = 2.0
+    exit_on_engine_failure: bool = True
     engine_options: dict[str, Any] = field(default_factory=dict)
     log_level: str = "INFO"
 
@@ -209,6 +215,8 @@ class ServerSettings:
             p.append("retry_after_s must be >= 1")
         if self.shutdown_grace_s < 0:
             p.append("shutdown_grace_s must be >= 0")
+        if self.engine_check_interval_s <= 0:
+            p.append("engine_check_interval_s must be > 0")
         for name in ("rate_limit_requests_per_min", "rate_limit_tokens_per_min"):
             value = getattr(self, name)
             if value is not None and not value > 0:

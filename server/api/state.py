@@ -45,6 +45,8 @@ class ServerState:
         engine: the engine (None until started).
         versions: checkpoint version manager (None until the engine is up).
         startup_error: why start-up failed, if it did.
+        engine_failure: why the engine stopped serving, once the engine monitor has seen
+            it die (the server is then not ready for good).
         started: the background start-up has finished (successfully or not).
         drain: graceful-shutdown state (draining: not ready, no new chat requests).
         rate_limiter: per-API-key request and token limits.
@@ -60,6 +62,7 @@ class ServerState:
     engine: EngineClient | None = None
     versions: VersionManager | None = None
     startup_error: str | None = None
+    engine_failure: str | None = None
     started: bool = False
     background: list = field(default_factory=list)
     drain: DrainState = field(default_factory=DrainState)
@@ -72,6 +75,8 @@ class ServerState:
             return "the server is shutting down"
         if self.startup_error:
             return f"start-up failed: {self.startup_error}"
+        if self.engine_failure:
+            return f"the engine failed: {self.engine_failure}"
         if not self.settings.adapters:
             if self.engine is None or self.renderer is None:
                 return "the server is starting (loading the engine and tokenizer)"

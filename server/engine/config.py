@@ -213,6 +213,10 @@ class EngineConfig:
             across steps cannot reproduce it (tests/server/engine prove it). Allowed for
             `adapters=False`.
         kv_cache_bytes: KV-cache size (vLLM `kv_cache_memory_bytes`).
+        mm_cache_gb: size of vLLM's cache of processed images (`mm_processor_cache_gb`),
+            held once in the front-end process and once in the engine core. vLLM's default,
+            4 GiB each, fills up under traffic whose images are all new (it only helps a
+            repeated image) and is memory a server never gets back; 0 turns it off.
         dtype: model dtype ("float32", "bfloat16", ...; "auto": bfloat16 where the device
             computes it natively, else float32, see `adapters/precision.py`).
         kernel: how the routed CPU kernel is built and run (a dict is converted).
@@ -237,6 +241,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     chunked_prefill: bool = False
     kv_cache_bytes: int = 256 * 1024 * 1024
+    mm_cache_gb: float = 0.25
     dtype: str = "float32"
     kernel: KernelConfig = field(default_factory=KernelConfig)
     enforce_eager: bool = True
@@ -287,6 +292,8 @@ class EngineConfig:
                 )
         if self.kv_cache_bytes <= 0:
             raise EngineConfigError("kv_cache_bytes must be positive")
+        if self.mm_cache_gb < 0:
+            raise EngineConfigError("mm_cache_gb must be >= 0")
         if self.trace_batch_window < 1:
             raise EngineConfigError("trace_batch_window must be >= 1")
         forbidden = {

@@ -119,6 +119,7 @@ def engine_args(config: EngineConfig, layout: AdapterLayout) -> dict[str, Any]:
         enable_chunked_prefill=config.chunked_prefill,
         max_num_seqs=config.max_num_seqs,
         kv_cache_memory_bytes=config.kv_cache_bytes,
+        mm_processor_cache_gb=config.mm_cache_gb,
         limit_mm_per_prompt={"image": 1},
         seed=config.seed,
         async_scheduling=False,
@@ -613,18 +614,19 @@ class SMoLoRAEngine:
         return self._versions.info(self._versions.slot_of(self._versions.active_version))  # type: ignore[arg-type]
 
     # -- health -------------------------------------------------------------------------------
-    async def health(self) -> EngineHealth:
-        """Liveness (the engine core answers) and adapter state."""
+    async def health(self, detail: bool = True) -> EngineHealth:
+        """Liveness (vLLM has not marked the engine core dead) and adapter state; with
+        `detail`, the worker's counters too (one RPC)."""
         ok = not self._closed and not self._llm.errored
-        detail: dict[str, Any] = {}
+        stats: dict[str, Any] = {}
         if ok:
             try:
                 await self._llm.check_health()
-                if self.layout.enabled:
-                    detail = (await self._llm.collective_rpc("smolora_stats"))[0]
+                if detail and self.layout.enabled:
+                    stats = (await self._llm.collective_rpc("smolora_stats"))[0]
             except Exception as e:  # a dead core raises here
                 ok = False
-                detail = {"error": f"{type(e).__name__}: {e}"}
+                stats = {"error": f"{type(e).__name__}: {e}"}
         resident = {v.slot: v.version for v in self.list_versions() if v.slot is not None}
         active = self._versions.active_version if self._versions is not None else None
         return EngineHealth(
@@ -633,7 +635,7 @@ class SMoLoRAEngine:
             active_version=active,
             resident_versions=resident,
             in_flight=self._in_flight,
-            detail=detail,
+            detail=stats,
         )
 
 

@@ -412,8 +412,9 @@ class EngineClient(Protocol):
         without adapters)."""
         ...
 
-    async def health(self) -> EngineHealth:
-        """Liveness and state."""
+    async def health(self, detail: bool = True) -> EngineHealth:
+        """Liveness and state; `detail=False` skips what needs a round trip to the worker
+        (health probes and the server's engine monitor ask often)."""
         ...
 
     async def shutdown(self) -> None:

@@ -15,8 +15,10 @@ router = APIRouter(tags=["operations"])
 async def engine_unhealthy(state: ServerState) -> str | None:
     """Why the engine cannot serve (its health probe failed or raised), or None when it can."""
     assert state.engine is not None
+    if state.engine_failure is not None:
+        return state.engine_failure
     try:
-        health = await state.engine.health()
+        health = await state.engine.health(detail=False)  # no worker round trip per probe
     except EngineError as e:
         return str(e)
     return None if health.ok else f"engine core unhealthy: {health.detail}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ def running_app(
     engine: ScriptedEngine | None = None,
     embedder: Any = None,
     ready: bool = True,
+    on_engine_failure: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> Iterator[tuple[TestClient, ScriptedEngine, Any]]:
     """A TestClient on a fresh app (lifespan running); waits for /ready unless `ready=False`."""
@@ -42,7 +43,12 @@ def running_app(
     settings = ServerSettings(
         model_dir=model_dir, registry_dir=registry, served_model_name="tiny-llava", **overrides
     )
-    app = create_app(settings, scripted_factory(engine), embedder_factory=lambda: embedder)
+    app = create_app(
+        settings,
+        scripted_factory(engine),
+        embedder_factory=lambda: embedder,
+        on_engine_failure=on_engine_failure,
+    )
     with TestClient(app, raise_server_exceptions=False) as client:
         if ready:
             wait_until(lambda: client.get("/ready").status_code == 200, what="/ready")

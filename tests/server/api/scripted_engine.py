@@ -235,7 +235,7 @@ class ScriptedEngine:
     def active_version(self) -> VersionInfo | None:
         return None if self._active is None else self._info(self._active)
 
-    async def health(self) -> EngineHealth:
+    async def health(self, detail: bool = True) -> EngineHealth:
         if self.dead:
             raise EngineUnavailableError("scripted engine marked dead")
         return EngineHealth(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 from smolora.server.metrics import Metrics
@@ -152,6 +153,32 @@ def test_health_reports_a_dead_engine_and_a_failed_start(
             "/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]}
         )
         assert chat.status_code == 503 and chat.json()["error"]["code"] == "not_ready"
+
+
+def test_the_engine_monitor_reports_a_dead_engine_once(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The monitor sees the engine die within its interval: the server is not ready for good
+    (with the reason), chat answers 503, and the failure handler (the CLI's: drain, exit 3)
+    is called once."""
+    reg = _registry(tmp_path, 1)
+    failures: list[str] = []
+    with running_app(
+        tiny_model_dir, reg, on_engine_failure=failures.append, engine_check_interval_s=0.05
+    ) as (client, engine, _):
+        assert client.get("/health").status_code == 200 and not failures
+        engine.dead = True
+        wait_until(lambda: bool(failures), what="the monitor to see the dead engine")
+        engine.dead = False  # a failed engine stays failed: vLLM's core does not come back
+        r = client.get("/ready")
+        assert r.status_code == 503 and "the engine failed" in r.json()["reason"]
+        assert client.get("/health").status_code == 503
+        chat = client.post(
+            "/v1/chat/completions", json={"model": "tiny-llava", "messages": [user_message()]}
+        )
+        assert chat.status_code == 503
+        time.sleep(0.3)
+        assert failures == ["scripted engine marked dead"]
 
 
 def test_watcher_skips_a_bad_version_once_and_keeps_going(tmp_path: Path) -> None:

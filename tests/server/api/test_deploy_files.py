@@ -78,6 +78,8 @@ def test_compose_runs_replicas_behind_a_balancer_and_prometheus_scrapes_each() -
     volumes = [compose[n]["volumes"] for n in replicas]
     assert all(v == volumes[0] for v in volumes)  # one model folder, one registry
     assert any(v.endswith(":/registry") for v in volumes[0])
+    # a server whose engine died exits (status 3): compose must start it again
+    assert all(compose[n].get("restart") in ("always", "unless-stopped") for n in replicas)
     assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in compose["lb"]["volumes"]
     nginx = (ROOT / "deploy/nginx.conf").read_text()
     upstream = re.findall(r"^\s*server ([\w.-]+):(\d+)", nginx, re.M)

@@ -87,3 +87,17 @@ def test_layout_shape_is_the_smolora_config() -> None:
         AdapterLayout.from_smolora_config(
             {"num_experts": 4, "rank": 16, "no_such_field": 1}, num_slots=1, trace_step_routes=0
         )
+
+
+def test_the_processed_image_cache_is_bounded(model_dir: Path) -> None:
+    """vLLM's processed-image cache (4 GiB per process by default) is bounded by
+    `mm_cache_gb`, and reaches the engine arguments."""
+    from smolora.server.engine.engine import engine_args
+
+    layout = AdapterLayout()
+    config = EngineConfig(model_dir=model_dir, layout=layout)
+    assert engine_args(config, layout)["mm_processor_cache_gb"] == config.mm_cache_gb == 0.25
+    off = EngineConfig(model_dir=model_dir, layout=layout, mm_cache_gb=0)
+    assert engine_args(off, layout)["mm_processor_cache_gb"] == 0
+    with pytest.raises(EngineConfigError, match="mm_cache_gb"):
+        EngineConfig(model_dir=model_dir, layout=layout, mm_cache_gb=-1)
