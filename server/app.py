@@ -41,12 +41,13 @@ from smolora.server.api.chat.router import router as chat_router
 from smolora.server.api.checkpoints.router import router as checkpoints_router
 from smolora.server.api.console.router import router as console_router
 from smolora.server.api.errors import PayloadTooLargeError, install_exception_handlers
+from smolora.server.api.health.router import engine_unhealthy
 from smolora.server.api.health.router import router as health_router
 from smolora.server.api.models.router import router as models_router
 from smolora.server.api.rate_limit import RateLimiter
 from smolora.server.api.request_id import RequestContextMiddleware
 from smolora.server.api.state import ServerState
-from smolora.server.engine.protocol import EngineClient, EngineError
+from smolora.server.engine.protocol import EngineClient
 from smolora.server.images import ImageLimits, ImageLoader, RemoteImageFetcher, Resolver
 from smolora.server.instruction_source import Embedder, InstructionResolver
 from smolora.server.metrics import Metrics
@@ -156,11 +157,11 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
 
 async def _serve_until_stopped(
     state: ServerState,
-    engine: EngineClient,
     stop: asyncio.Event,
     on_engine_failure: EngineFailureHandler | None,
 ) -> None:
-    """Wait for `stop`, checking every `engine_check_interval_s` that the engine is alive.
+    """Wait for `stop`, checking every `engine_check_interval_s` that `state.engine` is alive
+    (the same check as the health probes).
     When it has died: record why (`/health` and `/ready` answer 503 from then on) and call
     `on_engine_failure` once (the CLI drains and exits with status 3, so a supervisor
     starts a fresh server: a vLLM engine core cannot be restarted inside its process)."""
@@ -172,11 +173,7 @@ async def _serve_until_stopped(
             pass
         if stop.is_set() or state.engine_failure is not None:
             continue
-        try:
-            health = await engine.health(detail=False)
-            reason = None if health.ok else f"engine core unhealthy: {health.detail}"
-        except EngineError as e:
-            reason = str(e)
+        reason = await engine_unhealthy(state)
         if reason is None or stop.is_set():  # a server shutting down closes its engine
             continue
         state.engine_failure = reason
@@ -202,7 +199,7 @@ async def _bring_up(
                 state.started = True
                 log.info("serving %s (base model, adapters disabled)", s.served_model_name)
                 try:
-                    await _serve_until_stopped(state, engine, stop, on_engine_failure)
+                    await _serve_until_stopped(state, stop, on_engine_failure)
                 finally:
                     state.engine = None
             return
@@ -234,7 +231,7 @@ async def _bring_up(
                 else None
             )
             try:
-                await _serve_until_stopped(state, engine, stop, on_engine_failure)
+                await _serve_until_stopped(state, stop, on_engine_failure)
             finally:
                 if watch is not None:
                     watch.cancel()

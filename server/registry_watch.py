@@ -54,6 +54,10 @@ class FailedLoad:
     error: str
     superseded: bool = False
 
+    def due(self, signature: FolderSignature, now: float) -> bool:
+        """Whether to try again: the backoff has passed or the folder's files changed."""
+        return not self.superseded and (now >= self.retry_at or signature != self.signature)
+
 
 class RegistryWatcher:
     """Loads versions published after it started.
@@ -93,15 +97,6 @@ class RegistryWatcher:
         entries = await self.manager.registry()
         self.newest_seen = max((e.version for e in entries), default=0)
 
-    async def _due(self, version: int, path: Path) -> bool:
-        """Whether failed `version` should be tried again now."""
-        failure = self.failures[version]
-        if failure.superseded:
-            return False
-        if self.clock() >= failure.retry_at:
-            return True
-        return await asyncio.to_thread(folder_signature, path) != failure.signature
-
     async def poll_once(self) -> list[int]:
         """Load the versions published since the last poll, and retry failed ones that are due.
 
@@ -111,12 +106,13 @@ class RegistryWatcher:
         entries = await self.manager.registry()
         loaded: list[int] = []
         for e in entries:
-            if e.version <= self.newest_seen and (
-                e.version not in self.failures or not await self._due(e.version, e.path)
-            ):
+            failure = self.failures.get(e.version)
+            if e.version <= self.newest_seen and (failure is None or failure.superseded):
+                continue
+            signature = await asyncio.to_thread(folder_signature, e.path)
+            if failure is not None and not failure.due(signature, self.clock()):
                 continue
             activate = self.activate or self.manager.active() is None
-            signature = await asyncio.to_thread(folder_signature, e.path)
             try:
                 await self.manager.load(e.version, activate=activate)
             except asyncio.CancelledError:

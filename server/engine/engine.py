@@ -464,8 +464,8 @@ class SMoLoRAEngine:
         The front end reads only the manifest (version number, tasks, instruction table,
         and whether its adapter fits the resident layout); the worker reads and verifies
         the tensors on a background thread, then copies them between engine steps, a byte
-        budget per RPC, so a load reads and hashes the files once and
-        running streams wait for at most one part of the copy per step.
+        budget per RPC, so a load reads and hashes the files once and running streams wait
+        for at most one part of the copy per step.
 
         Raises:
             VersionLoadError: corrupt, unknown format, other base model, or other layout

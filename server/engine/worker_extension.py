@@ -194,9 +194,9 @@ class SMoLoRAWorkerExtension:
     def _smolora_staging(self) -> dict[int, _StagedLoad]:
         return self.__dict__.setdefault("_smolora_staged_loads", {})
 
-    def smolora_stage_slot(self, slot: int, path: str, expected_fingerprint: str | None) -> int:
+    def smolora_stage_slot(self, slot: int, path: str, expected_fingerprint: str | None) -> None:
         """Start reading and verifying the checkpoint at `path` for `slot` on a background
-        thread; returns how many `smolora_copy_staged` calls install it (one per adapter).
+        thread (`smolora_staged_result` says when it is done).
 
         Raises:
             ValueError: `slot` is out of range or already staging (front-end bugs).
@@ -214,7 +214,6 @@ class SMoLoRAWorkerExtension:
             name=f"smolora-stage-{slot}",
             daemon=True,
         ).start()
-        return len(model.routed_adapters())
 
     def smolora_staged_result(self, slot: int) -> SlotLoadResult | None:
         """None while `slot`'s checkpoint is still being verified; then what verifying found
