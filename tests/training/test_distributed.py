@@ -112,17 +112,24 @@ def _published(registry: Path) -> list[dict[str, torch.Tensor]]:
 
 
 def _assert_same(
-    a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]], atol: float = 1e-5
+    a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]], atol: float = 1e-4
 ) -> float:
     """Every tensor of every version of `b` equals `a`'s within `atol`; returns the worst
-    absolute difference."""
+    absolute difference.
+
+    Two processes average their gradients in another summation order than one process's
+    full batch; Adam divides by the gradients' running RMS, so where a gradient is near zero
+    that float32 noise grows (1.05e-5 after two tasks on a Sapphire Rapids CPU, 6.5e-6 on an
+    EPYC). A real fault (gradients not averaged, a rank training other data) shows at the
+    order of the lr (2e-3), twenty times this bound."""
     assert len(a) == len(b)
     worst = 0.0
-    for sa, sb in zip(a, b):
+    for version, (sa, sb) in enumerate(zip(a, b), start=1):
         assert sa.keys() == sb.keys()
         for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=atol, msg=k)
-            worst = max(worst, float((sa[k] - sb[k]).abs().max()))
+            diff = float((sa[k] - sb[k]).abs().max())
+            assert diff <= atol, f"version {version} {k}: max |difference| {diff:.3g} > {atol:g}"
+            worst = max(worst, diff)
     return worst
 
 
