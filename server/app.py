@@ -36,6 +36,7 @@ import httpx
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from smolora.server.api.access_log import AccessRecord
 from smolora.server.api.admission import AdmissionController
 from smolora.server.api.chat.router import router as chat_router
 from smolora.server.api.checkpoints.router import router as checkpoints_router
@@ -51,6 +52,7 @@ from smolora.server.engine.protocol import EngineClient
 from smolora.server.images import ImageLimits, ImageLoader, RemoteImageFetcher, Resolver
 from smolora.server.instruction_source import Embedder, InstructionResolver
 from smolora.server.metrics import Metrics
+from smolora.server.promotion import Promoter
 from smolora.server.prompt import PromptRenderer
 from smolora.server.registry_watch import RegistryWatcher
 from smolora.server.settings import ServerSettings
@@ -215,8 +217,11 @@ async def _bring_up(
                 s.retry_after_s,
                 max_resident_bytes=s.max_resident_bytes,
             )
-            state.engine, state.versions = engine, versions
-            watcher = RegistryWatcher(versions, s.watch_interval_s, s.watch_activate)
+            promoter = Promoter(s.promotion, versions, state.metrics) if s.promotion.gated else None
+            state.engine, state.versions, state.promoter = engine, versions, promoter
+            watcher = RegistryWatcher(
+                versions, s.watch_interval_s, s.watch_activate, promoter=promoter
+            )
             if s.watch_registry:
                 await watcher.prime()
             try:
@@ -237,6 +242,7 @@ async def _bring_up(
                     watch.cancel()
                     await asyncio.gather(watch, return_exceptions=True)
                 state.versions = None
+                state.promoter = None
                 state.engine = None
     except asyncio.CancelledError:
         raise
@@ -336,7 +342,14 @@ def create_app(
     )
     install_exception_handlers(app)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestContextMiddleware)  # outermost: ids on every response, 413s too
+
+    def observe(record: AccessRecord) -> None:
+        state = getattr(app.state, "smolora", None)
+        if state is not None and state.promoter is not None:
+            state.promoter.observe(record)
+
+    # outermost: ids on every response, 413s too; finished requests feed a promotion canary
+    app.add_middleware(RequestContextMiddleware, on_done=observe)
     app.include_router(chat_router)
     app.include_router(models_router)
     if settings.adapters:

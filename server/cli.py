@@ -36,6 +36,7 @@ from typing import Any
 from smolora.adapters.precision import DTYPE_CHOICES, resolve_dtype, serving_device
 from smolora.server.api.access_log import configure_access_log
 from smolora.server.engine.kernel_config import KernelConfig, KernelConfigError
+from smolora.server.promotion_policy import PromotionPolicy
 from smolora.server.settings import ServerSettings
 from smolora.server.startup_checks import (
     StartupCheckError,
@@ -119,7 +120,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-watch-activate", action="store_true", help="load new versions without activating them"
     )
-    s.add_argument("--max-resident-versions", type=int, default=d["max_resident_versions"].default)
+    promo = PromotionPolicy()
+    g = s.add_argument_group(
+        "promotion",
+        "when a newly published version goes live (default: at once); an admin's explicit "
+        "activation is never gated",
+    )
+    g.add_argument(
+        "--promote-max-task-drop",
+        type=float,
+        default=promo.max_task_drop,
+        help="refuse a version on which a task scored by the active version drops more than "
+        "this many points (0-100 scale of the manifest's eval.row)",
+    )
+    g.add_argument(
+        "--promote-min-task-score",
+        type=float,
+        default=promo.min_task_score,
+        help="refuse a version with a task scoring under this",
+    )
+    g.add_argument(
+        "--promote-require-eval",
+        action="store_true",
+        help="refuse a version whose manifest has no evaluation scores",
+    )
+    g.add_argument(
+        "--canary-share",
+        type=float,
+        default=promo.canary_share,
+        help="share (0..1) of the requests naming no version a new version serves before it is "
+        "promoted or rolled back (0: no canary)",
+    )
+    g.add_argument(
+        "--canary-requests",
+        type=int,
+        default=promo.canary_requests,
+        help="canary requests counted before the decision",
+    )
+    g.add_argument(
+        "--canary-max-error-increase",
+        type=float,
+        default=promo.canary_max_error_increase,
+        help="most the canary's error rate may exceed the active version's (0.02 = 2 points)",
+    )
+    g.add_argument(
+        "--canary-max-latency-ratio",
+        type=float,
+        default=promo.canary_max_latency_ratio,
+        help="most the canary's median seconds per token may be, as a multiple of the active "
+        "version's",
+    )
+    s.add_argument(
+        "--max-resident-versions",
+        type=int,
+        default=d["max_resident_versions"].default,
+        help="checkpoint versions kept loaded (1-15); the engine holds one more, a staging slot "
+        "a swap loads into while the old version finishes its requests",
+    )
     s.add_argument(
         "--max-resident-bytes",
         type=int,
@@ -290,6 +347,15 @@ def settings_from_args(
         watch_registry=not args.no_watch,
         watch_interval_s=args.watch_interval,
         watch_activate=not args.no_watch_activate,
+        promotion=PromotionPolicy(
+            max_task_drop=args.promote_max_task_drop,
+            min_task_score=args.promote_min_task_score,
+            require_eval=args.promote_require_eval,
+            canary_share=args.canary_share,
+            canary_requests=args.canary_requests,
+            canary_max_error_increase=args.canary_max_error_increase,
+            canary_max_latency_ratio=args.canary_max_latency_ratio,
+        ),
         max_resident_versions=args.max_resident_versions,
         max_resident_bytes=args.max_resident_bytes,
         max_images_per_request=args.max_images,

@@ -81,7 +81,9 @@ def engine_config(settings: ServerSettings, checkpoint: Path | None) -> Any:
     }
     if not settings.adapters:
         return EngineConfig(model_dir=settings.model_dir, adapters=False, **options)
-    options.setdefault("num_slots", settings.max_resident_versions)
+    # one slot more than the resident cap: the staging slot a version swap loads into while
+    # the old version finishes its requests (server/versions.py)
+    options.setdefault("num_slots", settings.max_resident_versions + 1)
     # The overlap helper runs routed deltas on the CPUs vLLM leaves outside the worker's
     # binding; in a server those CPUs run this API process and vLLM's engine core, and a
     # helper preempted there stalls the forward that waits for it (bench/README.md, "Over

@@ -156,6 +156,25 @@ class Metrics:
             "Request images whose decoding started (only admitted requests decode images).",
             registry=r,
         )
+        self.promotion_decisions = Counter(
+            "smolora_promotion_decisions_total",
+            "Promotion decisions about published versions (promoted, rejected, canary, "
+            "rolled_back, superseded, cancelled, failed).",
+            ["decision"],
+            registry=r,
+        )
+        self.canary_version = Gauge(
+            "smolora_canary_version",
+            "The version serving a canary share of the traffic (0 = none).",
+            registry=r,
+        )
+        self.canary_requests = Counter(
+            "smolora_canary_requests_total",
+            "Requests naming no version counted by a running canary, by arm (canary or "
+            "active) and result (ok or error).",
+            ["arm", "result"],
+            registry=r,
+        )
 
     def observe_request(self, status: int) -> None:
         self.requests.labels(status=str(status)).inc()

@@ -3,7 +3,9 @@
 `RegistryWatcher` polls `VersionManager.registry()` (which lists only complete, published
 folders: publishing renames a finished folder into place) every `interval_s` seconds.
 Each version newer than the newest one seen so far is loaded through the
-`VersionManager` and, if `activate` is set (or nothing is active yet), activated.
+`VersionManager` and, if `activate` is set (or nothing is active yet), activated -- or,
+with a `Promoter` (a promotion policy is configured) and a version already active, loaded
+inactive and offered to it, which decides whether and how it goes live.
 
 A version that fails to load (corrupt, another base model, a malformed manifest) is
 logged, counted in `smolora_checkpoint_loads_total{result="error"}`, and retried:
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smolora.server.api.errors import ServiceUnavailableError
+from smolora.server.promotion import Promoter
 from smolora.server.versions import VersionManager
 
 log = logging.getLogger("smolora.server.registry_watch")
@@ -69,6 +72,8 @@ class RegistryWatcher:
         max_backoff_s: the longest wait between two retries of a version whose folder has
             not changed.
         clock: monotonic seconds (tests pass their own).
+        promoter: decides whether new versions go live when `activate` is set and a version
+            is already active (None: they are activated at once).
     """
 
     def __init__(
@@ -78,8 +83,10 @@ class RegistryWatcher:
         activate: bool,
         max_backoff_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        promoter: Promoter | None = None,
     ):
         self.manager = manager
+        self.promoter = promoter
         self.interval_s = interval_s
         self.activate = activate
         self.max_backoff_s = max_backoff_s
@@ -103,6 +110,7 @@ class RegistryWatcher:
         Returns:
             The version numbers loaded by this poll.
         """
+        await self.manager.trim()  # a swap's old version, once its requests have ended
         entries = await self.manager.registry()
         loaded: list[int] = []
         for e in entries:
@@ -112,9 +120,14 @@ class RegistryWatcher:
             signature = await asyncio.to_thread(folder_signature, e.path)
             if failure is not None and not failure.due(signature, self.clock()):
                 continue
-            activate = self.activate or self.manager.active() is None
+            nothing_active = self.manager.active() is None
+            offer = self.promoter is not None and self.activate and not nothing_active
+            activate = (self.activate or nothing_active) and not offer
             try:
-                await self.manager.load(e.version, activate=activate)
+                if offer:
+                    assert self.promoter is not None
+                    await self.promoter.supersede(e.version)
+                await self.manager.load(e.version, activate=activate, hold=offer)
             except asyncio.CancelledError:
                 raise
             except ServiceUnavailableError as exc:
@@ -144,8 +157,10 @@ class RegistryWatcher:
                     "registry watcher: picked up version %d (%s)%s",
                     e.version,
                     e.name,
-                    ", now active" if activate else "",
+                    ", now active" if activate else (", offered for promotion" if offer else ""),
                 )
+                if offer:
+                    await self.promoter.offer(e.version)  # type: ignore[union-attr]
             self.newest_seen = max(self.newest_seen, e.version)
         listed = {e.version for e in entries}
         self.failures = {v: f for v, f in self.failures.items() if v in listed}

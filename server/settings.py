@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from smolora.server.promotion_policy import PromotionPolicy
+
 #: Most stop strings per request (OpenAI's limit; the engine enforces the same).
 MAX_STOP_STRINGS = 4
 
@@ -45,8 +47,12 @@ class ServerSettings:
         watch_registry: poll the registry and load each newly published version.
         watch_interval_s: seconds between registry polls.
         watch_activate: activate a newly picked-up version (otherwise only load it).
-        max_resident_versions: most checkpoint versions kept loaded (the vLLM engine's
-            version slots); loading one more unloads the oldest inactive one first.
+        promotion: when a newly picked-up version may go live (evaluation floors, canary);
+            the default checks nothing and activates it at once.
+        max_resident_versions: most checkpoint versions kept loaded; loading one more
+            unloads the oldest inactive one first. The engine has one slot more: a swap
+            (or a promotion canary) loads into that staging slot when no inactive version can
+            be unloaded, and the surplus is unloaded once its requests have ended.
         max_resident_bytes: most tensor bytes the resident versions may hold together
             (each counted from its checkpoint's safetensors header); loading one more
             unloads the least recently used inactive versions until it fits. None: no limit.
@@ -110,6 +116,7 @@ class ServerSettings:
     watch_registry: bool = True
     watch_interval_s: float = 2.0
     watch_activate: bool = True
+    promotion: PromotionPolicy = field(default_factory=PromotionPolicy)
     max_resident_versions: int = 2
     max_resident_bytes: int | None = None
     max_images_per_request: int = 4
@@ -189,8 +196,16 @@ class ServerSettings:
             p.append("initial_version must be >= 1")
         if self.watch_interval_s <= 0:
             p.append("watch_interval_s must be > 0")
-        if self.max_resident_versions < 1:
-            p.append("max_resident_versions must be >= 1")
+        if not 1 <= self.max_resident_versions <= 15:
+            p.append("max_resident_versions must be in [1, 15] (the engine holds 16 slots)")
+        p.extend(self.promotion.problems())
+        if self.promotion.gated and not (
+            self.adapters and self.watch_registry and self.watch_activate
+        ):
+            p.append(
+                "a promotion policy needs adapters on, the registry watched and new versions "
+                "activated (it decides how the watcher's new versions go live)"
+            )
         if self.max_resident_bytes is not None and self.max_resident_bytes < 1:
             p.append("max_resident_bytes must be >= 1")
         for name in (

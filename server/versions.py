@@ -129,6 +129,7 @@ class VersionManager:
         self._metrics = metrics
         self._max_resident = max_resident
         self._history: list[int] = []
+        self._held: set[int] = set()  # inactive versions not to unload (a canary)
         self._lock = asyncio.Lock()
         self._publish_metrics()
 
@@ -216,21 +217,38 @@ class VersionManager:
         }
 
     # --- changes -----------------------------------------------------------------------
-    async def load(self, version: int, activate: bool = False) -> VersionInfo:
+    async def load(self, version: int, activate: bool = False, hold: bool = False) -> VersionInfo:
         """Make a published version resident (and optionally active).
+
+        Args:
+            version: the registry version.
+            activate: make it active (a swap: it may take the staging slot).
+            hold: keep it resident although inactive until `release` (a promotion canary;
+                it may take the staging slot too).
 
         Raises:
             NotFoundError: no complete version with this number in the registry.
             CheckpointRejected: the engine or the format check refused it.
-            ConflictError: every resident slot holds the active version.
+            ConflictError: no inactive version to unload, and neither an activation nor a
+                hold may use the staging slot.
+            ServiceUnavailableError: the versions to unload are busy and the staging slot
+                is taken (retry).
         """
         async with self._lock:
-            info = self.get(version) or await self._load_locked(version)
+            if hold:
+                self._held.add(version)
+            try:
+                info = self.get(version) or await self._load_locked(
+                    version, staging=activate or hold
+                )
+            except BaseException:
+                self._held.discard(version)
+                raise
             if activate:
                 await self._activate_locked(version)
             return info
 
-    async def _load_locked(self, version: int) -> VersionInfo:
+    async def _load_locked(self, version: int, staging: bool = True) -> VersionInfo:
         entry = next((e for e in await self.registry() if e.version == version), None)
         if entry is None:
             raise NotFoundError(
@@ -247,7 +265,7 @@ class VersionManager:
                 f"of {self._max_resident_bytes} (--max-resident-bytes); raise the budget",
                 code="over_resident_budget",
             )
-        await self._evict_for_one_more(needed)
+        await self._evict_for_one_more(needed, staging)
         t0 = time.perf_counter()
         try:
             info = await self._engine.load_version(entry.path, activate=False)
@@ -294,36 +312,82 @@ class VersionManager:
         held = sum(self._bytes.get(v.version, 0) for v in resident)
         return held + needed > self._max_resident_bytes
 
-    async def _evict_for_one_more(self, needed: int = 0) -> None:
-        """Unload inactive versions until one more of `needed` tensor bytes fits: the least
-        recently loaded while the count is at its cap, then the least recently used while the
-        byte budget is short."""
-        resident = sorted(self.resident(), key=lambda v: (v.loaded_at, v.version))
-        if self._max_resident_bytes is not None:
-            for v in resident:  # e.g. the start-up version, loaded before this manager existed
-                if v.version not in self._bytes:
-                    try:
-                        await self._tensor_bytes(v.version, v.path)
-                    except CheckpointRejected as e:  # its folder went away since it was loaded
-                        log.warning("resident version %d counts as 0 bytes: %s", v.version, e)
-                        self._bytes[v.version] = 0
+    async def _count_resident_bytes(self) -> None:
+        """Learn the tensor bytes of resident versions not counted yet (e.g. the start-up
+        version, loaded before this manager existed)."""
+        if self._max_resident_bytes is None:
+            return
+        for v in self.resident():
+            if v.version not in self._bytes:
+                try:
+                    await self._tensor_bytes(v.version, v.path)
+                except CheckpointRejected as e:  # its folder went away since it was loaded
+                    log.warning("resident version %d counts as 0 bytes: %s", v.version, e)
+                    self._bytes[v.version] = 0
+
+    def _within_limits(self, resident: list[VersionInfo], needed: int = 0, extra: int = 0) -> bool:
+        return len(resident) + extra <= self._max_resident and not self._over_budget(
+            resident, needed
+        )
+
+    def _eviction_order(self, resident: list[VersionInfo], by_use: bool) -> list[VersionInfo]:
+        """Inactive versions that may be unloaded (not held by a canary), first victim first:
+        the least recently loaded, or with `by_use` the least recently used."""
         active = self.active()
-        while len(resident) >= self._max_resident or self._over_budget(resident, needed):
-            inactive = [v for v in resident if v.version != active]
-            if len(resident) < self._max_resident:  # short of bytes, not of slots
-                inactive.sort(key=lambda v: (self._last_used.get(v.version, 0), v.loaded_at))
-            victim = inactive[0] if inactive else None
-            if victim is None:
-                raise ConflictError("no room for another resident version", code="no_free_slot")
+        out = [v for v in resident if v.version != active and v.version not in self._held]
+        if by_use:
+            out.sort(key=lambda v: (self._last_used.get(v.version, 0), v.loaded_at))
+        else:
+            out.sort(key=lambda v: (v.loaded_at, v.version))
+        return out
+
+    async def _evict_for_one_more(self, needed: int = 0, staging: bool = True) -> None:
+        """Make room for one more version of `needed` tensor bytes: unload inactive versions,
+        the least recently loaded while the count is at its cap, then the least recently used
+        while the byte budget is short.
+
+        A version with requests in flight cannot be unloaded, and neither the active one
+        nor a held one (a canary) ever is. When no victim is left, the resident versions are
+        within their limits and `staging` is allowed (the new version is about to be
+        activated, or held), it goes into the engine's staging slot, one version over the
+        limits -- this is how a server keeping one version swaps it -- and `trim` unloads the
+        surplus once it is inactive and its requests have ended.
+
+        Raises:
+            ConflictError: no inactive version at all, and no staging allowed.
+            ServiceUnavailableError: the versions to unload are busy (retry once their
+                requests end).
+        """
+        await self._count_resident_bytes()
+        resident = self.resident()
+        busy: list[int] = []
+        while not self._within_limits(resident, needed, extra=1):
+            by_use = len(resident) < self._max_resident  # short of bytes, not of slots
+            victims = [v for v in self._eviction_order(resident, by_use) if v.version not in busy]
+            if not victims:
+                if staging and self._within_limits(resident):
+                    log.info("loading into the staging slot (versions busy: %s)", busy or "none")
+                    break
+                if not busy:
+                    raise ConflictError(
+                        "no room for another resident version: every resident version is "
+                        "active or held; activate the new version directly (a swap may use "
+                        "the staging slot) or raise --max-resident-versions",
+                        code="no_free_slot",
+                    )
+                raise ServiceUnavailableError(
+                    f"no room for another resident version now: version(s) {busy} still "
+                    "serve requests",
+                    retry_after_s=self._retry_after_s,
+                    code="no_free_slot",
+                )
+            victim = victims[0]
             try:
                 await self._engine.unload_version(victim.version)
             except EngineError as e:  # e.g. in-flight requests are pinned to it
-                raise ServiceUnavailableError(
-                    f"no room for another resident version now: version {victim.version} "
-                    f"cannot be unloaded ({e})",
-                    retry_after_s=self._retry_after_s,
-                    code="no_free_slot",
-                ) from None
+                log.info("version %d cannot be unloaded now (%s)", victim.version, e)
+                busy.append(victim.version)
+                continue
             log.info(
                 "unloaded version %d to make room (max %d resident, %s tensor bytes)",
                 victim.version,
@@ -332,6 +396,44 @@ class VersionManager:
             )
             resident.remove(victim)
         self._publish_metrics()
+
+    async def trim(self) -> list[int]:
+        """Unload inactive versions over the limits (a swap's surplus in the staging slot),
+        least recently used first; one whose requests are still running is left for the
+        next call. The registry watcher calls it at every poll.
+
+        Returns:
+            The versions unloaded.
+        """
+        async with self._lock:
+            return await self._trim_locked()
+
+    async def _trim_locked(self) -> list[int]:
+        resident = self.resident()
+        if self._within_limits(resident):
+            self._publish_metrics()
+            return []
+        await self._count_resident_bytes()
+        unloaded = []
+        for victim in self._eviction_order(resident, by_use=True):
+            if self._within_limits(resident):
+                break
+            try:
+                await self._engine.unload_version(victim.version)
+            except EngineError:  # its requests are still running: the next trim
+                continue
+            log.info("unloaded version %d (over the resident limits)", victim.version)
+            resident.remove(victim)
+            unloaded.append(victim.version)
+        self._publish_metrics()
+        return unloaded
+
+    def hold(self, version: int) -> None:
+        """Keep `version` resident although inactive (a promotion canary) until `release`."""
+        self._held.add(version)
+
+    def release(self, version: int) -> None:
+        self._held.discard(version)
 
     async def activate(self, version: int) -> VersionInfo:
         """Make a resident version active (a published, non-resident one is loaded first)."""
@@ -354,7 +456,7 @@ class VersionManager:
         self._last_used[version] = next(self._uses)
         del self._history[:-64]
         log.info("activated version %d", version)
-        self._publish_metrics()
+        await self._trim_locked()  # a swap through the staging slot: the old version goes
 
     async def rollback(self) -> VersionInfo:
         """Activate the version that was active before the current one.
@@ -373,6 +475,7 @@ class VersionManager:
                 if prev not in resident:
                     await self._load_locked(prev)
                 await self._engine.activate(prev)
+                await self._trim_locked()
                 self._last_used[prev] = next(self._uses)
                 # Roll back is "undo": the history returns to where `prev` was activated.
                 self._history = self._history[: idx + 1]

@@ -2,7 +2,8 @@
 
 `AccessRecord` is what one request leaves behind: its request id, method, path, client
 address and status, plus what the chat handler fills in (the model version that served
-it, prompt and completion tokens, time to first token, the completion id, the engine
+it and how it was chosen -- named by the request, the active version, or a promotion
+canary -- prompt and completion tokens, time to first token, the completion id, the engine
 error code if any). `RequestContextMiddleware` (`request_id.py`) creates the record, puts
 it on the request scope (`request.state.access`), times the response and calls
 `emit`, which writes the record as one JSON object per line. `configure_access_log`
@@ -38,6 +39,7 @@ class AccessRecord:
     status: int | None = None
     model: str | None = None
     version: int | None = None
+    version_source: str | None = None
     completion_id: str | None = None
     stream: bool | None = None
     prompt_tokens: int | None = None

@@ -7,7 +7,8 @@ included), is what a 500's message cites (an exception no handler caught becomes
 generic 500 here, the exception logged under the id), and is the first field of the request's
 access record (`access_log.py`), which the middleware creates, hands to the handlers as
 `request.state.access`, completes with the status and end-to-end time and emits once the
-response has ended.
+response has ended, then hands it to `on_done` when given one (the promotion canary
+counts the outcomes of the requests it routed).
 
 It does not authenticate, limit or parse bodies.
 """
@@ -19,6 +20,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,11 +57,19 @@ class RequestContextMiddleware:
     Args:
         app: the wrapped ASGI app.
         logger: where records go (the `smolora.server.access` logger by default).
+        on_done: called with each finished request's record (its errors are logged, never
+            raised).
     """
 
-    def __init__(self, app: ASGIApp, logger: logging.Logger | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        logger: logging.Logger | None = None,
+        on_done: Callable[[AccessRecord], None] | None = None,
+    ):
         self.app = app
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self.on_done = on_done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,3 +125,8 @@ class RequestContextMiddleware:
         finally:
             record.e2e_s = time.perf_counter() - start
             emit(record, self.logger)
+            if self.on_done is not None:
+                try:
+                    self.on_done(record)
+                except Exception:  # noqa: BLE001 - a request's end must not fail on an observer
+                    log.exception("request %s: the on_done observer failed", rid)

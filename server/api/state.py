@@ -28,6 +28,7 @@ from smolora.server.prompt import PromptRenderer
 from smolora.server.settings import ServerSettings
 
 if TYPE_CHECKING:
+    from smolora.server.promotion import Promoter
     from smolora.server.versions import VersionManager
 
 
@@ -44,6 +45,8 @@ class ServerState:
         renderer: prompt rendering (None until the tokenizer is loaded).
         engine: the engine (None until started).
         versions: checkpoint version manager (None until the engine is up).
+        promoter: the promotion policy applied to newly published versions (None: the
+            watcher activates them at once, or the engine is not up).
         startup_error: why start-up failed, if it did.
         engine_failure: why the engine stopped serving, once the engine monitor has seen
             it die (the server is then not ready for good).
@@ -61,6 +64,7 @@ class ServerState:
     renderer: PromptRenderer | None = None
     engine: EngineClient | None = None
     versions: VersionManager | None = None
+    promoter: Promoter | None = None
     startup_error: str | None = None
     engine_failure: str | None = None
     started: bool = False

@@ -40,10 +40,15 @@ ADMIN_KEY = "e2e-admin"
 
 
 def publish_smolora(
-    registry: Path, model_dir: Path, encoder: Any, task: str, seed: int
+    registry: Path,
+    model_dir: Path,
+    encoder: Any,
+    task: str,
+    seed: int,
+    scores: dict[str, float] | None = None,
 ) -> RegistryEntry:
     """Publish a SMoLoRA adapter with visible expert effects (non-zero B) and an instruction
-    table."""
+    table; `scores` (task -> 0-100) become the manifest's evaluation row."""
     model, _ = load_llava(model_dir)
     smodel = SMoLoRAModel(
         model,
@@ -66,6 +71,7 @@ def publish_smolora(
         layers=list(smodel.layers),
         tasks=[task],
         instruction_types=types,
+        eval={"row": {t: {"score": s} for t, s in scores.items()}} if scores else {},
     )
     return publish_checkpoint(registry, smodel.adapter_state_dict(), manifest)
 

@@ -73,6 +73,7 @@ from smolora.server.instruction_source import (
     ResolvedInstruction,
     UnknownInstructionTypeError,
 )
+from smolora.server.promotion import SOURCE_ACTIVE, SOURCE_NAMED
 from smolora.server.prompt import PromptRenderer
 from smolora.server.versions import VersionManager
 
@@ -115,6 +116,7 @@ class CheckedChat:
     renderer: PromptRenderer
     resolver: InstructionResolver | None  # None with adapters off
     info: VersionInfo | None  # None with adapters off
+    version_source: str | None  # named, active or canary (promotion.py); None: adapters off
     stops: list[str]
     template_messages: list[dict[str, Any]]
     image_urls: list[tuple[str, str]]  # (param, url) per image part
@@ -283,9 +285,9 @@ class ChatService:
         s = self.settings
         if versions is None:
             check_base_only_request(req, s.served_model_name)
-            info = None
+            info, source = None, None
         else:
-            info = self._resolve_version(req, versions)
+            info, source = self._resolve_version(req, versions)
 
         if req.n > s.max_n or req.n > s.max_concurrent_requests:
             raise InvalidRequestError(
@@ -303,7 +305,16 @@ class ChatService:
             )
         template_messages, image_urls, user_text = self._check_messages(req.messages, renderer)
         return CheckedChat(
-            req, engine, renderer, resolver, info, stops, template_messages, image_urls, user_text
+            req,
+            engine,
+            renderer,
+            resolver,
+            info,
+            source,
+            stops,
+            template_messages,
+            image_urls,
+            user_text,
         )
 
     async def prepare(self, checked: CheckedChat, arrival: float) -> PreparedChat:
@@ -421,7 +432,11 @@ class ChatService:
             )
         return (req.top_logprobs or 0) if req.logprobs else None
 
-    def _resolve_version(self, req: ChatCompletionRequest, versions: VersionManager) -> VersionInfo:
+    def _resolve_version(
+        self, req: ChatCompletionRequest, versions: VersionManager
+    ) -> tuple[VersionInfo, str]:
+        """The version serving `req` and how it was chosen: named by the request, else the
+        active one -- or a promotion canary, for its share of such requests."""
         from_model = parse_model_name(req.model, self.settings.served_model_name)
         from_ext = req.smolora.version if req.smolora else None
         if from_model is not None and from_ext is not None and from_model != from_ext:
@@ -431,7 +446,10 @@ class ChatService:
                 param="smolora.version",
                 code="invalid_value",
             )
-        version = from_model or from_ext or versions.active()
+        version, source = from_model or from_ext, SOURCE_NAMED
+        if version is None:
+            promoter = self.state.promoter
+            version, source = promoter.route() if promoter else (versions.active(), SOURCE_ACTIVE)
         if version is None:
             raise ServiceUnavailableError(
                 "no checkpoint version is active",
@@ -452,7 +470,7 @@ class ChatService:
                 param="model" if from_model else "smolora.version",
                 code="model_not_found",
             )
-        return info
+        return info, source
 
     def _check_messages(
         self, messages: list[ChatMessage], renderer: PromptRenderer
@@ -620,6 +638,7 @@ class ChatService:
                 access.completion_id = prepared.request_id
                 access.model = prepared.model_label
                 access.version = prepared.version.version if prepared.version else None
+                access.version_source = checked.version_source
                 access.stream = prepared.stream
                 access.queue_s = waited
             if prepared.instruction is not None:

@@ -41,7 +41,11 @@ def version_json(v: VersionInfo, active: int | None) -> dict[str, Any]:
 
 @router.get("")
 async def list_checkpoints(request: Request) -> dict[str, Any]:
-    return await get_state(request).require_versions().describe()
+    """The registry and residency, and the promotion policy's state (None without one)."""
+    state = get_state(request)
+    listing = await state.require_versions().describe()
+    listing["promotion"] = state.promoter.describe() if state.promoter else None
+    return listing
 
 
 @router.post("/load")

@@ -1,6 +1,8 @@
 """GET /v1/models: the served model (its active version) and `name@version` per resident version.
 
-With adapters off (base-only serving) the list holds the base model alone.
+With adapters off (base-only serving) the list holds the base model alone. With a
+promotion policy, the served model's card names the running canary and each version's card
+carries the latest promotion decision about it (`server/promotion.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def model_cards(state: ServerState) -> list[dict[str, Any]]:
                 "smolora": {"adapters": False, "active_version": None, "alias_of": None},
             }
         ]
-    versions = state.versions
+    versions, promoter = state.versions, state.promoter
+    canary = promoter.canary if promoter else None
     active = versions.active() if versions else None
     resident = versions.resident() if versions else []
     created = int(min((v.loaded_at for v in resident), default=0))
@@ -48,6 +51,9 @@ def model_cards(state: ServerState) -> list[dict[str, Any]]:
                 "adapters": True,
                 "active_version": active,
                 "alias_of": f"{name}@{active}" if active else None,
+                "canary": None
+                if canary is None
+                else {"version": canary.version, "share": canary.share},
             },
         }
     ]
@@ -66,6 +72,7 @@ def model_cards(state: ServerState) -> list[dict[str, Any]]:
                     "tasks": list(v.tasks),
                     "active": v.version == active,
                     "instruction_types": [t.name for t in v.instruction_table.types],
+                    "promotion": promoter.latest(v.version) if promoter else None,
                 },
             }
         )

@@ -63,10 +63,20 @@ def instruction_types(
 
 
 def publish_version(
-    registry: Path, task: str, types: list[dict[str, Any]], fingerprint: str = "f" * 64
+    registry: Path,
+    task: str,
+    types: list[dict[str, Any]],
+    fingerprint: str = "f" * 64,
+    scores: dict[str, float] | None = None,
 ) -> RegistryEntry:
-    """Publish a small, valid checkpoint version (format v1) into `registry`."""
+    """Publish a small, valid checkpoint version (format v1) into `registry`; `scores`
+    (task -> 0-100) become its manifest's evaluation row, as the trainer writes it."""
+    row = {
+        t: {"score": s, "format_rate": 100.0, "n": 10, "metric": "accuracy"}
+        for t, s in (scores or {}).items()
+    }
     manifest = CheckpointManifest(
+        eval={"row": row} if scores is not None else {},
         adapter_kind="smolora",
         adapter_config={"num_experts": 8, "rank": 8, "alpha": 16},
         base_model={"fingerprint": fingerprint, "name": "tiny"},

@@ -7,7 +7,8 @@ deterministic routing trace from the instruction embedding, fake log-probabiliti
 versions by reading their manifests. What it lets tests check is the HTTP layer's own
 behaviour: validation, error mapping, SSE framing, usage, metrics, auth, queue limits,
 version selection. Hooks: `hold()` / `release()` to keep requests in flight,
-`fail_next` to make the next `generate` raise, `dead` to fail health checks.
+`fail_next` to make the next `generate` raise, `fail_versions` to make every request on
+those versions raise, `dead` to fail health checks.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class ScriptedEngine:
         self.inputs: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.fail_next: Exception | None = None
+        self.fail_versions: set[int] = set()
         self.dead = False
         self._versions: dict[int, VersionInfo] = {}
         self._active: int | None = None
@@ -82,6 +84,8 @@ class ScriptedEngine:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
+        if request.version in self.fail_versions:
+            raise RuntimeError(f"scripted failure of version {request.version}")
         if request.version is not None and request.version not in self._versions:
             raise VersionNotResidentError(f"version {request.version} is not resident")
         rid = request.request_id or ""

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from smolora.server.api.errors import ConflictError
 from smolora.server.metrics import Metrics
 from smolora.server.registry_watch import RegistryWatcher
 from smolora.server.versions import VersionManager
@@ -391,5 +392,61 @@ def test_byte_budget_evicts_the_least_recently_used_inactive_version(tmp_path: P
         )
         with pytest.raises(ConflictError, match="max-resident-bytes"):
             await small.load(1)
+
+    asyncio.run(go())
+
+
+def test_one_resident_version_swaps_through_the_staging_slot(tmp_path: Path) -> None:
+    """With max_resident=1 a new version still goes live: it loads into the staging slot,
+    is activated, and the old version is unloaded -- at once, or, while requests are still
+    pinned to it, by the first trim after they end. A load that would not be activated
+    gets no staging slot (409)."""
+    reg = _registry(tmp_path, 1)
+
+    async def go() -> None:
+        engine = ScriptedEngine()
+        manager = VersionManager(engine, reg, Metrics(), max_resident=1)
+        await manager.load_initial(None)
+        watcher = RegistryWatcher(manager, interval_s=1.0, activate=True)
+        await watcher.prime()
+        publish_version(reg, "second", instruction_types(HashingEmbedder()))
+        assert await watcher.poll_once() == [2]
+        assert [v.version for v in manager.resident()] == [2] and manager.active() == 2
+
+        engine.pinned[2] = 1  # a request still running on version 2
+        publish_version(reg, "third", instruction_types(HashingEmbedder()))
+        assert await watcher.poll_once() == [3]
+        assert manager.active() == 3 and [v.version for v in manager.resident()] == [2, 3]
+        assert await manager.trim() == []  # still busy: left for the next trim
+        engine.pinned[2] = 0
+        assert await watcher.poll_once() == []  # each poll trims first
+        assert [v.version for v in manager.resident()] == [3]
+
+        publish_version(reg, "fourth", instruction_types(HashingEmbedder()))
+        try:
+            await manager.load(4)  # not activated: no staging slot for it
+        except ConflictError as e:
+            assert e.code == "no_free_slot" and "activate the new version directly" in e.message
+        else:
+            raise AssertionError("a plain load took the staging slot")
+        engine.pinned[3] = 1
+        await manager.activate(4)  # the admin's activation swaps, the busy one stays a while
+        engine.pinned[3] = 0
+        assert await manager.trim() == [3] and manager.active() == 4
+
+    asyncio.run(go())
+
+
+def test_a_held_canary_is_not_trimmed(tmp_path: Path) -> None:
+    reg = _registry(tmp_path, 1)
+
+    async def go() -> None:
+        manager = VersionManager(ScriptedEngine(), reg, Metrics(), max_resident=1)
+        await manager.load_initial(None)
+        publish_version(reg, "canary", instruction_types(HashingEmbedder()))
+        await manager.load(2, hold=True)  # a promotion canary: held, in the staging slot
+        assert await manager.trim() == [] and {v.version for v in manager.resident()} == {1, 2}
+        manager.release(2)
+        assert await manager.trim() == [2] and manager.active() == 1
 
     asyncio.run(go())

@@ -128,7 +128,7 @@ def test_engine_options_are_engine_config_fields(tiny_model_dir: Path, tmp_path:
         model_dir=tiny_model_dir, registry_dir=tmp_path, engine_options={"max_num_seqs": 4}
     )
     cfg = engine_config(s, tmp_path / "v0001-a")
-    assert cfg.max_num_seqs == 4 and cfg.num_slots == s.max_resident_versions
+    assert cfg.max_num_seqs == 4 and cfg.num_slots == s.max_resident_versions + 1
     assert cfg.cpu_overlap == "off"  # the server's own processes use the spare CPUs
     auto = ServerSettings(
         model_dir=tiny_model_dir, registry_dir=tmp_path, engine_options={"cpu_overlap": "auto"}
