@@ -399,7 +399,10 @@ def publish_checkpoint(
 
     The version is written under a hidden temporary name, fsynced, renamed into place (a
     reader sees all of it or nothing), and then `latest` is swapped by an atomic rename.
-    Concurrent publishers are serialised by a lock file.
+    Concurrent publishers are serialised by a lock file (an advisory lock the kernel
+    releases when its holder dies). Under that lock every hidden temporary left in the
+    registry belongs to a publisher that died mid-publish (killed, or the machine lost
+    power): they are removed before this one writes.
 
     Returns:
         The new entry.
@@ -408,6 +411,11 @@ def publish_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".publish.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        for leftover in [*root.glob(".tmp-*"), *root.glob(".latest-*")]:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         existing = list_versions(root)
         version = (existing[-1].version + 1) if existing else 1
         manifest.version = version

@@ -603,8 +603,12 @@
       body.replaceChildren(el("tr", {}, el("td", { colSpan: 5, class: "muted", text: "No version is published in the registry yet." })));
       return;
     }
+    const decided = new Map(); // version -> its latest promotion decision
+    for (const d of (data.promotion && data.promotion.decisions) || []) decided.set(d.version, d);
     const rows = [];
     for (const v of [...data.versions].reverse()) {
+      const d = decided.get(v.version);
+      const promotion = d ? el("div", { class: "muted small promotion", text: `promotion: ${d.decision.replace("_", " ")}`, title: d.reason }) : null;
       const stateText = v.active ? "active" : v.resident ? "resident" : "published";
       const when = v.loaded_at ? `loaded ${fmtTime(v.loaded_at)}` : v.created_at ? `published ${v.created_at.replace("T", " ").slice(0, 19)}` : "";
       const actions = el("td", { class: "actions" });
@@ -626,7 +630,7 @@
           { "data-version": v.version, "data-state": stateText, class: stateText },
           el("td", {}, el("strong", { text: `v${v.version}` }), el("div", { class: "muted small", text: v.name })),
           tasks,
-          el("td", {}, el("span", { class: "badge " + stateText, text: stateText }), el("div", { class: "muted small", text: when })),
+          el("td", {}, el("span", { class: "badge " + stateText, text: stateText }), el("div", { class: "muted small", text: when }), promotion),
           el("td", {}, evalSummary(v.eval) || el("span", { class: "muted", text: v.manifest_error || "no evaluation in the manifest" })),
           actions,
         ),

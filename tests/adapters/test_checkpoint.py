@@ -114,7 +114,7 @@ def test_fingerprint_is_stable_and_sensitive(tiny_model_dir, tmp_path) -> None:
 def test_publish_is_atomic_and_moves_latest(tmp_path: Path) -> None:
     reg = tmp_path / "registry"
     tensors = fixture_tensors()
-    (reg / ".tmp-crashed").mkdir(parents=True)  # a half-written version from a crash is ignored
+    (reg / ".tmp-crashed").mkdir(parents=True)  # a dead publisher's half-written version
     (reg / "v0007-broken").mkdir()  # a folder without manifest is not a version
     first = ck.publish_checkpoint(reg, tensors, ck.read_manifest(FIXTURES / "format_v1"))
     second_manifest = ck.read_manifest(FIXTURES / "format_v1")
@@ -126,4 +126,4 @@ def test_publish_is_atomic_and_moves_latest(tmp_path: Path) -> None:
     assert ck.latest_version(reg) == second
     assert (reg / "latest").resolve() == second.path.resolve()
     assert ck.load_checkpoint(second.path).manifest.version == 2
-    assert not [p for p in reg.iterdir() if p.name.startswith(".latest-")]
+    assert not [p for p in reg.iterdir() if p.name.startswith((".latest-", ".tmp-"))]

@@ -77,9 +77,12 @@ async def console_metrics(request: Request) -> dict[str, Any]:
 
 @router.get("/console/api/versions", dependencies=[Depends(require_api_key)])
 async def console_versions(request: Request) -> dict[str, Any]:
-    """Published and resident versions with tasks, eval metrics and expert counts."""
+    """Published and resident versions with tasks, eval metrics and expert counts, and the
+    promotion policy's canary and decisions (None without a policy)."""
     state = get_state(request)
     if not state.settings.adapters:
         return {"adapters": False, "active": None, "latest": None, "history": [], "versions": []}
     described = await state.require_versions().describe()
-    return await asyncio.to_thread(versions_summary, described)
+    summary = await asyncio.to_thread(versions_summary, described)
+    summary["promotion"] = state.promoter.describe() if state.promoter else None
+    return summary

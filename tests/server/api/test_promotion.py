@@ -165,6 +165,8 @@ def test_canary_serves_its_share_then_is_promoted(tiny_model_dir: Path, tmp_path
         listing = client.get("/admin/checkpoints", headers=ADMIN).json()
         assert [d["decision"] for d in listing["promotion"]["decisions"]] == ["canary", "promoted"]
         assert listing["promotion"]["policy"]["canary_share"] == 0.5
+        console = client.get("/console/api/versions").json()["promotion"]  # the console's view
+        assert [d["decision"] for d in console["decisions"]] == ["canary", "promoted"]
         metrics = client.get("/metrics").text
         assert 'smolora_canary_requests_total{arm="canary",result="ok"} 12.0' in metrics
         assert "smolora_canary_version 0.0" in metrics
