@@ -55,6 +55,7 @@ from smolora.server.metrics import Metrics
 from smolora.server.promotion import Promoter
 from smolora.server.prompt import PromptRenderer
 from smolora.server.registry_watch import RegistryWatcher
+from smolora.server.serving_state import ServingStateStore, default_state_file
 from smolora.server.settings import ServerSettings
 from smolora.server.versions import VersionManager
 
@@ -208,6 +209,13 @@ async def _bring_up(
         assert s.registry_dir is not None
         embedder = await asyncio.to_thread(embedder_factory)
         state.resolver = InstructionResolver(embedder, s.snap_threshold, s.default_instruction)
+        store = (
+            ServingStateStore(
+                s.state_file or default_state_file(s.registry_dir, s.served_model_name)
+            )
+            if s.keep_state
+            else None
+        )
         async with engine_factory(s) as engine:
             versions = VersionManager(
                 engine,
@@ -216,11 +224,12 @@ async def _bring_up(
                 s.max_resident_versions,
                 s.retry_after_s,
                 max_resident_bytes=s.max_resident_bytes,
+                state=store,
             )
             promoter = Promoter(s.promotion, versions, state.metrics) if s.promotion.gated else None
             state.engine, state.versions, state.promoter = engine, versions, promoter
             watcher = RegistryWatcher(
-                versions, s.watch_interval_s, s.watch_activate, promoter=promoter
+                versions, s.watch_interval_s, s.watch_activate, promoter=promoter, state=store
             )
             if s.watch_registry:
                 await watcher.prime()

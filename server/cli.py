@@ -171,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
         "version's",
     )
     s.add_argument(
+        "--state-file",
+        type=Path,
+        help="where the active version and the newest version handled are remembered across "
+        "restarts (default: <registry>/.serving/<served model name>.json)",
+    )
+    s.add_argument(
+        "--no-state",
+        action="store_true",
+        help="remember nothing across restarts: start on --initial-version or the registry's "
+        "latest version",
+    )
+    s.add_argument(
         "--max-resident-versions",
         type=int,
         default=d["max_resident_versions"].default,
@@ -347,6 +359,8 @@ def settings_from_args(
         watch_registry=not args.no_watch,
         watch_interval_s=args.watch_interval,
         watch_activate=not args.no_watch_activate,
+        keep_state=not args.no_state,
+        state_file=args.state_file,
         promotion=PromotionPolicy(
             max_task_drop=args.promote_max_task_drop,
             min_task_score=args.promote_min_task_score,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from smolora.server.api.errors import ServiceUnavailableError
 from smolora.server.promotion import Promoter
+from smolora.server.serving_state import ServingStateStore
 from smolora.server.versions import VersionManager
 
 log = logging.getLogger("smolora.server.registry_watch")
@@ -74,6 +75,8 @@ class RegistryWatcher:
         clock: monotonic seconds (tests pass their own).
         promoter: decides whether new versions go live when `activate` is set and a version
             is already active (None: they are activated at once).
+        state: where the newest version handled is remembered across restarts (None:
+            nowhere; a restart then starts after the registry's newest version).
     """
 
     def __init__(
@@ -84,9 +87,11 @@ class RegistryWatcher:
         max_backoff_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         promoter: Promoter | None = None,
+        state: ServingStateStore | None = None,
     ):
         self.manager = manager
         self.promoter = promoter
+        self.state = state
         self.interval_s = interval_s
         self.activate = activate
         self.max_backoff_s = max_backoff_s
@@ -100,9 +105,17 @@ class RegistryWatcher:
         return set(self.failures)
 
     async def prime(self) -> None:
-        """Mark every version already in the registry as seen (start-up loads its own choice)."""
-        entries = await self.manager.registry()
-        self.newest_seen = max((e.version for e in entries), default=0)
+        """Mark every version already in the registry as seen (start-up loads its own choice)
+        -- or, after a restart, every version seen before it: those published while the
+        server was down are then picked up like new ones."""
+        remembered = self.state.state.newest_seen if self.state is not None else 0
+        if remembered:
+            self.newest_seen = remembered
+        else:
+            entries = await self.manager.registry()
+            self.newest_seen = max((e.version for e in entries), default=0)
+        if self.state is not None:
+            self.state.update(newest_seen=self.newest_seen)
 
     async def poll_once(self) -> list[int]:
         """Load the versions published since the last poll, and retry failed ones that are due.
@@ -164,6 +177,8 @@ class RegistryWatcher:
             self.newest_seen = max(self.newest_seen, e.version)
         listed = {e.version for e in entries}
         self.failures = {v: f for v, f in self.failures.items() if v in listed}
+        if self.state is not None:
+            self.state.update(newest_seen=self.newest_seen)
         return loaded
 
     def _record_failure(self, version: int, signature: FolderSignature, exc: Exception) -> None:

@@ -49,6 +49,11 @@ class ServerSettings:
         watch_activate: activate a newly picked-up version (otherwise only load it).
         promotion: when a newly picked-up version may go live (evaluation floors, canary);
             the default checks nothing and activates it at once.
+        keep_state: remember the active version and the newest version handled across
+            restarts (`server/serving_state.py`), so that a restarted server serves the
+            version it served before.
+        state_file: where (None: `<registry>/.serving/<served_model_name>.json`, shared by
+            the replicas of one model that share the registry).
         max_resident_versions: most checkpoint versions kept loaded; loading one more
             unloads the oldest inactive one first. The engine has one slot more: a swap
             (or a promotion canary) loads into that staging slot when no inactive version can
@@ -117,6 +122,8 @@ class ServerSettings:
     watch_interval_s: float = 2.0
     watch_activate: bool = True
     promotion: PromotionPolicy = field(default_factory=PromotionPolicy)
+    keep_state: bool = True
+    state_file: Path | None = None
     max_resident_versions: int = 2
     max_resident_bytes: int | None = None
     max_images_per_request: int = 4
@@ -152,6 +159,8 @@ class ServerSettings:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         if self.registry_dir is not None:
             object.__setattr__(self, "registry_dir", Path(self.registry_dir))
+        if self.state_file is not None:
+            object.__setattr__(self, "state_file", Path(self.state_file))
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model_dir.name or "model")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))

@@ -60,6 +60,7 @@ from smolora.server.engine.protocol import (
     VersionNotResidentError,
 )
 from smolora.server.metrics import Metrics
+from smolora.server.serving_state import ServingStateStore
 
 log = logging.getLogger("smolora.server.versions")
 
@@ -104,6 +105,7 @@ class VersionManager:
         retry_after_s: Retry-After of a 503 when the engine has no free slot.
         max_resident_bytes: most tensor bytes the resident versions may hold together
             (`checkpoint_tensor_bytes`); None: no byte budget.
+        state: where the active version is remembered across restarts (None: nowhere).
     """
 
     def __init__(
@@ -114,12 +116,14 @@ class VersionManager:
         max_resident: int,
         retry_after_s: int = 1,
         max_resident_bytes: int | None = None,
+        state: ServingStateStore | None = None,
     ):
         if max_resident < 1:
             raise ValueError(f"max_resident must be >= 1, got {max_resident}")
         if max_resident_bytes is not None and max_resident_bytes < 1:
             raise ValueError(f"max_resident_bytes must be >= 1, got {max_resident_bytes}")
         self._max_resident_bytes = max_resident_bytes
+        self._state = state
         self._bytes: dict[int, int] = {}  # version -> tensor bytes (resident or loaded before)
         self._uses = itertools.count(1)
         self._last_used: dict[int, int] = {}  # version -> when it was last loaded or activated
@@ -447,6 +451,7 @@ class VersionManager:
         if self.active() == version:
             if not self._history or self._history[-1] != version:
                 self._history.append(version)  # e.g. the engine started with this version active
+            self._remember(version)
             return
         try:
             await self._engine.activate(version)
@@ -456,6 +461,7 @@ class VersionManager:
         self._last_used[version] = next(self._uses)
         del self._history[:-64]
         log.info("activated version %d", version)
+        self._remember(version)
         await self._trim_locked()  # a swap through the staging slot: the old version goes
 
     async def rollback(self) -> VersionInfo:
@@ -475,6 +481,7 @@ class VersionManager:
                 if prev not in resident:
                     await self._load_locked(prev)
                 await self._engine.activate(prev)
+                self._remember(prev)
                 await self._trim_locked()
                 self._last_used[prev] = next(self._uses)
                 # Roll back is "undo": the history returns to where `prev` was activated.
@@ -512,8 +519,24 @@ class VersionManager:
             log.info("unloaded version %d", version)
             self._publish_metrics()
 
+    def _remember(self, version: int) -> None:
+        if self._state is not None:
+            self._state.update(active=version)
+
     async def load_initial(self, initial_version: int | None) -> VersionInfo | None:
-        """Load and activate the start-up version: the one named, else the registry's latest."""
+        """Load and activate the start-up version: the one named, else the one active before
+        a restart (when it is still published), else the registry's latest."""
+        remembered = self._state.state.active if self._state is not None else None
+        if initial_version is None and remembered is not None:
+            if any(e.version == remembered for e in await self.registry()):
+                log.info("activating version %d, active before the restart", remembered)
+                initial_version = remembered
+            else:
+                log.warning(
+                    "version %d, active before the restart, is no longer published; "
+                    "starting on the latest",
+                    remembered,
+                )
         if initial_version is None:
             latest = await asyncio.to_thread(latest_version, self._registry_dir)
             if latest is None:

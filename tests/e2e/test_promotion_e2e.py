@@ -2,7 +2,9 @@
 the real vLLM engine, the tiny model) keeping one resident version: a published version
 whose manifest scores forget a task is refused and never serves; the next one, in the
 engine's staging slot, serves a canary share of the requests that name no version beside
-the active one, is promoted once the canary has held up, and the old version is unloaded."""
+the active one, is promoted once the canary has held up, and the old version is unloaded.
+Restarted, the server serves the promoted version again and refuses the forgetful version
+published while it was down (without its serving state it would start on that latest one)."""
 
 from __future__ import annotations
 
@@ -80,3 +82,10 @@ def test_floors_refuse_a_forgetful_version_and_a_canary_promotes_the_next(
         metrics = httpx.get(srv.url + "/metrics").text
         assert 'smolora_promotion_decisions_total{decision="rejected"} 1.0' in metrics
         assert 'smolora_canary_requests_total{arm="canary",result="ok"} 6.0' in metrics
+
+    publish_smolora(registry, tiny_model_dir, instruction_encoder, "ocr", 4, {"vqa": 30.0})
+    (tmp_path / "restarted").mkdir()
+    with RemoteServer(tmp_path / "restarted", tiny_model_dir, registry, extra) as srv:
+        assert httpx.get(srv.url + "/ready").json()["active_version"] == 3  # not the latest, 4
+        wait_until(lambda: _decision(srv.url, 4) == "rejected", 120, "v4 to be refused")
+        assert httpx.get(srv.url + "/ready").json()["active_version"] == 3

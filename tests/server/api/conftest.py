@@ -40,6 +40,7 @@ def running_app(
     engine = engine or ScriptedEngine()
     embedder = embedder or HashingEmbedder()
     overrides.setdefault("watch_registry", False)
+    overrides.setdefault("keep_state", False)  # each app a fresh server unless a test says
     settings = ServerSettings(
         model_dir=model_dir, registry_dir=registry, served_model_name="tiny-llava", **overrides
     )
