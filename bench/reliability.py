@@ -13,8 +13,10 @@ from `localhost`, then:
   positive and negative cases per operation) and hypothesis's near-valid chat bodies
   (`tests/reliability/test_fuzz_request.py`'s strategy) posted to the live server.
 
-It updates `bench/results/reliability.json`'s `command`, `bad_inputs` and `fuzz` keys and
-leaves the others (`soak`, `faults`) as they are. Run (about 3 minutes on 2 cores):
+It updates `bench/results/reliability.json`'s `bad_inputs` and `fuzz` keys (each with its
+command; the top-level `command` lists every producer) and leaves the others as they are:
+`soak` comes from `bench/soak_mixed.py`, `faults` from `bench/faults.py`. Run (about 3
+minutes on 2 cores):
 
     .venv/bin/python bench/reliability.py [--max-examples 20] [--body-examples 200]
 """
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--body-examples", type=int, default=200, help="hypothesis chat bodies")
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args(argv)
-    command = "python bench/reliability.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(
+        ["python bench/reliability.py", shlex.join(sys.argv[1:] if argv is None else argv)]
+    ).strip()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, registry = prepare(args.workdir)
     work = args.workdir / "server"
@@ -240,10 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result.update(
         {
-            "command": command,
-            "bad_inputs": bad,
-            "fuzz": {**fuzz, "seconds_with_server_start": round(time.perf_counter() - t0, 1)},
+            "bad_inputs": {**bad, "command": command},
+            "fuzz": {
+                **fuzz,
+                "seconds_with_server_start": round(time.perf_counter() - t0, 1),
+                "command": command,
+            },
         }
+    )
+    result["command"] = " && ".join(  # every producer of this file, as last run
+        dict.fromkeys(
+            v["command"] for v in result.values() if isinstance(v, dict) and "command" in v
+        )
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -145,6 +145,7 @@ def prepare_model(cfg: BenchConfig) -> Path:
     model_dir = cfg.cache_dir / f"model-{cfg.preset}"
     if not (model_dir / "config.json").is_file():
         print(f"building the {cfg.preset} model in {model_dir}", flush=True)
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no cache yet
         tmp = Path(tempfile.mkdtemp(dir=cfg.cache_dir, prefix="model-tmp-"))
         build_tiny_llava(get_preset(cfg.preset), tmp, seed=0)
         tmp.replace(model_dir)
