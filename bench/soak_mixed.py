@@ -4,6 +4,8 @@ every sampled answer replayed alone; writes the `soak` key of bench/results/reli
 
     python bench/soak_mixed.py                    # 5 minutes, 32 clients, a publish a minute
     python bench/soak_mixed.py --minutes 2 --replay 100
+    python bench/soak_mixed.py --minutes 20 --out /tmp/long.json \
+        --detail bench/results/soak_mixed_20min.json     # does the memory level off?
 
 1. Start `python -m smolora.server serve` on the `small` tiny-LLaVA preset with one published
    SMoLoRA version (`bench/server.py`'s model cache and server command), up to 8 resident
@@ -328,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publish-every-s", type=float, default=60.0)
     p.add_argument("--replay", type=int, default=300, help="answers replayed alone")
     p.add_argument("--out", type=Path, default=RESULTS / "reliability.json")
+    p.add_argument(
+        "--detail", type=Path, default=RESULTS / "soak_mixed.json", help="samples and examples"
+    )
     raw = list(argv if argv is not None else sys.argv[1:])
     args = p.parse_args(raw)
     command = " ".join(["python", "bench/soak_mixed.py", *(shlex.quote(a) for a in raw)])
@@ -367,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         **point,
     }
-    (RESULTS / "soak_mixed.json").write_text(json.dumps(detail, indent=2) + "\n")
+    args.detail.write_text(json.dumps(detail, indent=2) + "\n")
     keys = (
         "seconds",
         "requests",
