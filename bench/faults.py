@@ -12,7 +12,6 @@ still running when they act).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT = ROOT / "bench" / "results" / "reliability.json"
+sys.path.insert(0, str(ROOT / "bench"))  # bench/ holds scripts, not a package
+from reliability_result import write_sections  # noqa: E402
 
 #: (test id, the fault it injects)
 FAULT_TESTS = (
@@ -88,14 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "suites": {test: fault for test, fault in FAULT_TESTS},
         "seconds": round(seconds, 1),
     }
-    result: dict[str, Any] = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
-    result["faults"] = faults
-    result["command"] = " && ".join(
-        dict.fromkeys(
-            v["command"] for v in result.values() if isinstance(v, dict) and "command" in v
-        )
-    )
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    write_sections({"faults": faults})
     print(f"faults: {faults['survived']}/{faults['injected']} survived ({seconds:.0f} s)")
     return proc.returncode
 

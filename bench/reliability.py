@@ -47,7 +47,9 @@ from smolora.clients.bad_requests import (  # noqa: E402
 from tests.e2e.conftest import ADMIN_KEY, RemoteServer, publish_smolora  # noqa: E402
 from tests.reliability.api_fuzz import fuzz_openapi  # noqa: E402
 
-RESULT = ROOT / "bench" / "results" / "reliability.json"
+sys.path.insert(0, str(ROOT / "bench"))  # bench/ holds scripts, not a package
+from reliability_result import RESULT, write_sections  # noqa: E402
+
 CHAT = "/v1/chat/completions"
 
 
@@ -241,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_alive_after": alive,
     }
     print(f"fuzz: {fuzz['cases']} cases, {fuzz['server_errors']} server errors", flush=True)
-    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result.update(
+    write_sections(
         {
             "bad_inputs": {**bad, "command": command},
             "fuzz": {
@@ -250,15 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds_with_server_start": round(time.perf_counter() - t0, 1),
                 "command": command,
             },
-        }
+        },
+        args.out,
     )
-    result["command"] = " && ".join(  # every producer of this file, as last run
-        dict.fromkeys(
-            v["command"] for v in result.values() if isinstance(v, dict) and "command" in v
-        )
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0 if bad["server_errors"] == 0 and fuzz["server_errors"] == 0 else 1
 

@@ -57,6 +57,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))  # bench/ holds scripts, not a package
 import server as bench_server  # noqa: E402, I001 - after the path insert above
 import soak  # noqa: E402
+from reliability_result import RESULT, write_sections  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = (
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--publish-every-s", type=float, default=60.0)
     p.add_argument("--replay", type=int, default=300, help="answers replayed alone")
-    p.add_argument("--out", type=Path, default=RESULTS / "reliability.json")
+    p.add_argument("--out", type=Path, default=RESULT)
     p.add_argument(
         "--detail", type=Path, default=RESULTS / "soak_mixed.json", help="samples and examples"
     )
@@ -386,14 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_e2e_s",
         "publishes",
     )
-    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result["soak"] = {"command": command, **{k: point[k] for k in keys}}
-    result["command"] = " && ".join(  # every producer of this file, as last run
-        dict.fromkeys(
-            v["command"] for v in result.values() if isinstance(v, dict) and "command" in v
-        )
-    )
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_sections({"soak": {"command": command, **{k: point[k] for k in keys}}}, args.out)
     print(json.dumps(result["soak"], indent=1))
     return 0 if point["failed"] == 0 and point["mismatched"] == 0 else 1
 
