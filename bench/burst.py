@@ -18,8 +18,6 @@ alone on an otherwise idle machine.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import shlex
 import sys
@@ -31,7 +29,6 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test-suite helpers live in tests/
@@ -41,22 +38,10 @@ import reliability  # noqa: E402
 from reliability_result import write_sections  # noqa: E402
 
 from tests.e2e.conftest import RemoteServer  # noqa: E402
+from tests.reliability.live import big_image_url, metric  # noqa: E402
 
 RUNNING, WAITING = 4, 8
 DECODED = "smolora_images_decoded_total"
-
-
-def big_image(size: int = 2048) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), (30, 120, 200)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def decoded(url: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith(DECODED + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 def probe_health(url: str, stop: threading.Event, out: list[float]) -> None:
@@ -82,7 +67,7 @@ async def burst(url: str, n: int) -> list[int]:
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_url", "image_url": {"url": big_image()}},
+                    {"type": "image_url", "image_url": {"url": big_image_url()}},
                     {"type": "text", "text": "What colour is it?"},
                 ],
             }
@@ -135,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2.0)
         stop.set()
         t.join()
-        before = decoded(srv.url)
+        before = metric(srv.url, DECODED)
         rss_start = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
         health: list[float] = []
         rss: list[float] = []
@@ -154,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             for th in threads:
                 th.join()
-        images = decoded(srv.url) - before
+        images = metric(srv.url, DECODED) - before
     counts = {str(s): statuses.count(s) for s in sorted(set(statuses))}
     point: dict[str, Any] = {
         "command": command,

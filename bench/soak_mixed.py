@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import platform
@@ -52,7 +50,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/ holds scripts, not a package
 import server as bench_server  # noqa: E402, I001 - after the path insert above
@@ -70,13 +67,6 @@ QUESTIONS = (
 SIZES = (32, 64, 128, 224)
 MAX_TOKENS = 16
 NEAR_TIE = 1e-4
-
-
-def image_url(seed: int, size: int) -> str:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @dataclass
@@ -100,7 +90,9 @@ class Spec:
                     "content": [
                         {
                             "type": "image_url",
-                            "image_url": {"url": image_url(self.seed, self.size)},
+                            "image_url": {
+                                "url": soak.image_url(np.random.default_rng(self.seed), self.size)
+                            },
                         },
                         {"type": "text", "text": QUESTIONS[self.question]},
                     ],

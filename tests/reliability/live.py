@@ -5,6 +5,8 @@ for as long as the test needs, independent of the engine's speed)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import socket
@@ -15,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from PIL import Image
 
 CHAT = "/v1/chat/completions"
 
@@ -95,6 +98,14 @@ class RawRequest:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def big_image_url(size: int = 2048) -> str:
+    """A one-colour PNG data URL: small on the wire (35 KB at 2048 px), 12 MiB once decoded
+    to RGB at 2048 px."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (30, 120, 200)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def sse_events(raw: bytes) -> list[dict[str, Any]]:

@@ -14,8 +14,6 @@ the test releases it (`live.StallingImageHost`), so the timing does not depend o
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -24,7 +22,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from tests.e2e.conftest import RemoteServer
 from tests.reliability.conftest import (
@@ -38,6 +35,7 @@ from tests.reliability.live import (
     CHAT,
     RawRequest,
     StallingImageHost,
+    big_image_url,
     held_request,
     long_stream_body,
     metric,
@@ -48,13 +46,6 @@ DECODED = "smolora_images_decoded_total"
 RUNNING = "smolora_num_requests_running"
 WAITING = "smolora_num_requests_waiting"
 GENERATED = "vllm:generation_tokens_total"
-
-
-def _big_image(size: int = 2048) -> str:
-    """A 2048x2048 PNG: small on the wire, 12 MiB once decoded to RGB."""
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), (30, 120, 200)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _hold_slots(url: str, host: StallingImageHost, key: str, n: int) -> list[RawRequest]:
@@ -84,7 +75,7 @@ def test_burst_past_the_queue_is_refused_before_decoding_and_health_answers(
                 {
                     "role": "user",
                     "content": [
-                        {"type": "image_url", "image_url": {"url": _big_image()}},
+                        {"type": "image_url", "image_url": {"url": big_image_url()}},
                         {"type": "text", "text": "What colour is it?"},
                     ],
                 }
@@ -174,7 +165,7 @@ def test_a_client_leaving_while_queued_is_withdrawn_without_decoding(
     holders = _hold_slots(url, image_host, "queued", MAX_RUNNING)
     try:
         decoded = metric(url, DECODED)
-        queued = RawRequest(url, {**long_stream_body(5, _big_image(256)), "stream": False})
+        queued = RawRequest(url, {**long_stream_body(5, big_image_url(256)), "stream": False})
         wait_for(lambda: metric(url, WAITING) == 1, 10, "the request to queue")
         queued.close()
         wait_for(lambda: metric(url, WAITING) == 0, 10, "the waiter to be withdrawn")
