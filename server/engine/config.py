@@ -222,6 +222,10 @@ class EngineConfig:
         kernel: how the routed CPU kernel is built and run (a dict is converted).
         enforce_eager: must be True with adapters (per-step routing state is Python-side).
         seed: vLLM seed.
+        tensor_parallel_size: vLLM tensor-parallel ranks (worker processes); the routed
+            adapters are sharded like the linears they adapt (`sharding.py`). On a CPU each
+            rank's worker needs CPUs of its own: the serve CLI binds them
+            (`prepare_vllm_environment`).
         trace_batch_window: how many finished requests' traces one RPC may fetch at most.
         extra_engine_args: further vLLM engine arguments, passed through last (for example
             `{"disable_log_stats": False}`); they may not override the SMoLoRA invariants.
@@ -246,6 +250,7 @@ class EngineConfig:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     enforce_eager: bool = True
     seed: int = 0
+    tensor_parallel_size: int = 1
     trace_batch_window: int = 256
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
@@ -294,6 +299,10 @@ class EngineConfig:
             raise EngineConfigError("kv_cache_bytes must be positive")
         if self.mm_cache_gb < 0:
             raise EngineConfigError("mm_cache_gb must be >= 0")
+        if self.tensor_parallel_size < 1:
+            raise EngineConfigError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
         if self.trace_batch_window < 1:
             raise EngineConfigError("trace_batch_window must be >= 1")
         forbidden = {
@@ -304,10 +313,12 @@ class EngineConfig:
             "logits_processors",
             "worker_extension_cls",
             "model",
+            "tensor_parallel_size",
         } & set(self.extra_engine_args)
         if forbidden:
             raise EngineConfigError(
-                f"extra_engine_args may not set {sorted(forbidden)}; they are fixed by the engine"
+                f"extra_engine_args may not set {sorted(forbidden)}; the engine fixes them or sets "
+                "them from its own fields"
             )
         if self.adapters and self.extra_engine_args.get("enable_lora"):
             raise EngineConfigError(

@@ -122,6 +122,7 @@ def engine_args(config: EngineConfig, layout: AdapterLayout) -> dict[str, Any]:
         mm_processor_cache_gb=config.mm_cache_gb,
         limit_mm_per_prompt={"image": 1},
         seed=config.seed,
+        tensor_parallel_size=config.tensor_parallel_size,
         async_scheduling=False,
     )
     if config.max_model_len is not None:
@@ -533,27 +534,38 @@ class SMoLoRAEngine:
         rpc = self._llm.collective_rpc
         try:
             await rpc("smolora_stage_slot", args=(slot, str(path), self._fingerprint))
-            while (raw := (await rpc("smolora_staged_result", args=(slot,)))[0]) is None:
+            # Every tensor-parallel rank reads and verifies its own copy: wait for all of them.
+            raws = await rpc("smolora_staged_result", args=(slot,))
+            while any(raw is None for raw in raws):
                 await asyncio.sleep(STAGE_POLL_S)
-            result = SlotLoadResult.from_wire(raw)
-            if result.refused is not None:
+                raws = await rpc("smolora_staged_result", args=(slot,))
+            results = [SlotLoadResult.from_wire(raw) for raw in raws]
+            refused = [r for r in results if r.refused is not None]
+            if refused:
+                await rpc("smolora_cancel_staged", args=(slot,))
                 self._versions.abandon(slot, copied=False)
-                raise VersionLoadError(f"{path}: {result.message}", result.refused)
-            if result.version != version:
+                raise VersionLoadError(f"{path}: {refused[0].message}", refused[0].refused)
+            changed = [r.version for r in results if r.version != version]
+            if changed:
                 await rpc("smolora_cancel_staged", args=(slot,))
                 self._versions.abandon(slot, copied=False)
                 raise VersionLoadError(
                     f"{path}: the manifest changed while loading (version {version} -> "
-                    f"{result.version}); published versions must not be rewritten",
+                    f"{changed[0]}); published versions must not be rewritten",
                     "IntegrityError",
                 )
             record = {"version": version, "path": str(path)}
             first: int | None = 0
             while first is not None:
-                raw = await rpc(
+                raws = await rpc(
                     "smolora_copy_staged", args=(slot, first, COPY_BYTES_PER_CALL, record)
                 )
-                result = SlotLoadResult.from_wire(raw[0])
+                results = [SlotLoadResult.from_wire(raw) for raw in raws]
+                if len({r.next_adapter for r in results}) != 1:  # the same layout on every rank
+                    raise RuntimeError(
+                        f"tensor-parallel ranks copied different adapters: {results}"
+                    )
+                result = results[0]
                 first = result.next_adapter
             return result
         except VersionLoadError:
@@ -623,7 +635,10 @@ class SMoLoRAEngine:
             try:
                 await self._llm.check_health()
                 if detail and self.layout.enabled:
-                    stats = (await self._llm.collective_rpc("smolora_stats"))[0]
+                    ranks = await self._llm.collective_rpc("smolora_stats")
+                    stats = dict(ranks[0])
+                    # what each tensor-parallel rank holds (one entry at TP=1)
+                    stats["rank_slot_versions"] = [r["slot_versions"] for r in ranks]
             except Exception as e:  # a dead core raises here
                 ok = False
                 stats = {"error": f"{type(e).__name__}: {e}"}

@@ -10,9 +10,13 @@ What it does:
   scopes it for the routed layers; in `embed_multimodal`, does the same for image patches
   using the `smolora_key` field the processor attached to each image.
 
-What it does not do: import `vllm.model_executor.models.llava`, support pipeline/tensor
-parallelism for the adapters (TP=1), CUDA graphs or torch.compile (run with
-`enforce_eager=True`), or more than one image per request.
+Under vLLM's tensor parallelism the routed adapters are sharded like the linears they sit
+beside (`sharding.py`): `gate_up_proj` and the projector's `linear_1` split their output,
+`down_proj` and `linear_2` their input, summing partial results with vLLM's all-reduce.
+
+What it does not do: import `vllm.model_executor.models.llava`, support pipeline
+parallelism for the adapters, CUDA graphs or torch.compile (run with `enforce_eager=True`),
+or more than one image per request.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -55,8 +64,20 @@ from smolora.server.engine.processor import (
 )
 from smolora.server.engine.routed_linear import RoutedAdapter
 from smolora.server.engine.row_state import RowRoutingState, StepRouting, StepScope
+from smolora.server.engine.sharding import NO_SHARD, Shard, Split
 
 logger = logging.getLogger(__name__)
+
+
+def tensor_parallel_shard(split: Split) -> Shard:
+    """This process's `Shard` of a linear split `split` ways under vLLM's tensor parallelism
+    (`NO_SHARD` at TP=1)."""
+    size = get_tensor_model_parallel_world_size()
+    if size == 1:
+        return NO_SHARD
+    return Shard(
+        get_tensor_model_parallel_rank(), size, split, all_reduce=tensor_model_parallel_all_reduce
+    )
 
 
 class RoutedLlamaMLP(nn.Module):
@@ -108,6 +129,7 @@ class RoutedLlamaMLP(nn.Module):
                 dtype,
                 overlap,
                 kernel,
+                shard=tensor_parallel_shard("output"),
             )
             if gu
             else None
@@ -125,6 +147,7 @@ class RoutedLlamaMLP(nn.Module):
                 dtype,
                 overlap,
                 kernel,
+                shard=tensor_parallel_shard("input"),
             )
             if "mlp.down_proj" in targets
             else None
@@ -195,6 +218,7 @@ class RoutedProjector(nn.Module):
                     True,
                     dtype,
                     kernel=kernel,
+                    shard=tensor_parallel_shard("output"),
                 )
             if "multi_modal_projector.linear_2" in t:
                 self.adapter_2 = RoutedAdapter(
@@ -208,6 +232,7 @@ class RoutedProjector(nn.Module):
                     True,
                     dtype,
                     kernel=kernel,
+                    shard=tensor_parallel_shard("input"),
                 )
 
     def forward(self, features: Tensor, step: StepRouting | None) -> Tensor:
@@ -274,8 +299,9 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
         self.kernel_config = (
             KernelConfig.from_dict(dict(raw_kernel)) if raw_kernel else DEFAULT_KERNEL
         )
-        if self.layout.enabled and vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise ValueError("SMoLoRA adapters support tensor_parallel_size=1 only")
+        parallel = vllm_config.parallel_config
+        if self.layout.enabled and parallel.pipeline_parallel_size != 1:
+            raise ValueError("SMoLoRA adapters support pipeline_parallel_size=1 only")
         self.configure_mm_token_handling(
             vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_index]
         )
@@ -318,9 +344,13 @@ class SMoLoRALlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
             )
         #: Runs the MLP layers' routed deltas beside their base matmuls
         #: (`AdapterLayout.cpu_overlap`).
+        #: Not under tensor parallelism: each rank's worker is bound to its own CPUs, and the
+        #: CPUs outside one rank's binding run the other ranks.
         self.overlap_helper = (
             start_overlap_helper(self.layout.cpu_overlap, self.kernel_config)
-            if self.smolora_state is not None and device.type == "cpu"
+            if self.smolora_state is not None
+            and device.type == "cpu"
+            and parallel.tensor_parallel_size == 1
             else None
         )
         if self.smolora_state is not None:

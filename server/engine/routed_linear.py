@@ -23,6 +23,9 @@ by the fusion weights, so one B product gives the fused delta. No Python loop ov
 or experts. With an overlap helper (`overlap_helper.OverlapHelper`), a text-side kernel step can
 start before the base matmul and be added after it (`begin_delta` / `end_delta`).
 
+Under tensor parallelism each rank holds its slice of the experts (`sharding.py`); an
+input-split layer sums its partial VU-gate logits and `A x` across ranks.
+
 It does not decide rows or prompt tokens (`row_state.py`) or read checkpoints
 (`worker_extension.py`).
 """
@@ -42,6 +45,7 @@ from smolora.server.engine.kernel_config import KernelConfig
 from smolora.server.engine.overlap_helper import OverlapHelper
 from smolora.server.engine.routed_kernel import BoundStep, RoutedKernel
 from smolora.server.engine.row_state import RowRoutingState, StepRouting
+from smolora.server.engine.sharding import NO_SHARD, Shard
 
 
 class RoutedAdapter(nn.Module):
@@ -59,6 +63,11 @@ class RoutedAdapter(nn.Module):
         overlap: the process's overlap helper, if any: text-side kernel steps may then run on
             it while the base matmul runs (`begin_delta` / `end_delta`).
         kernel: how the CPU kernel is built and run (`KernelConfig`).
+        shard: this tensor-parallel rank's part of the linear (`sharding.py`); `d_in`,
+            `d_out` and `d_total` are always the full widths (the checkpoint's), and the
+            resident tensors hold this rank's slices. An input-split (row-parallel) layer
+            runs the grouped-matmul path, which can sum its partial `A x` across ranks
+            before the fusion; the compiled kernel fuses both products in one call.
     """
 
     def __init__(
@@ -74,12 +83,22 @@ class RoutedAdapter(nn.Module):
         dtype: torch.dtype,
         overlap: OverlapHelper | None = None,
         kernel: KernelConfig = DEFAULT_KERNEL,
+        shard: Shard = NO_SHARD,
     ) -> None:
         super().__init__()
         if len(names) != len(out_offsets) or not names:
             raise ValueError("names and out_offsets must be non-empty and of equal length")
         self.names = list(names)
         self.n_sub = len(names)
+        self.shard = shard
+        #: The checkpoint's widths; `d_in` / `d_out` / `d_total` are this rank's.
+        self.d_in_full, self.d_out_full = d_in, d_out
+        if shard.splits_input:
+            d_in = shard.local(d_in, f"{names[0]}: input")
+        if shard.splits_output:
+            d_out = shard.local(d_out, f"{names[0]}: output")
+            d_total = shard.local(d_total, f"{names[0]}: output")
+            out_offsets = [off // shard.size for off in out_offsets]
         self.d_in, self.d_out, self.d_total = d_in, d_out, d_total
         self.num_experts = layout.num_experts
         self.half = layout.experts_per_group
@@ -121,7 +140,9 @@ class RoutedAdapter(nn.Module):
             "sub_row", torch.tensor([off // d_out for off in self.out_offsets]), persistent=False
         )
         self.kernel_max_tokens = layout.cpu_kernel_max_tokens
-        self._kernel: RoutedKernel | bool | None = None  # None: not decided yet; False: not usable
+        # None: not decided yet; False: not usable (an input split sums A x across ranks
+        # between the kernel's two products)
+        self._kernel: RoutedKernel | bool | None = False if shard.splits_input else None
         self._cached: tuple[tuple[int, int], _Plan] | None = None
         self._cached_routes: tuple[tuple[int, int], _Routes] | None = None
         self._bound: tuple[StepRouting, BoundStep] | None = (
@@ -134,13 +155,14 @@ class RoutedAdapter(nn.Module):
     def expected_shapes(self, instruction_dim: int) -> dict[str, tuple[int, ...]]:
         """Checkpoint tensor suffix -> shape, for one sublayer."""
         e, r, h = self.num_experts, self.rank, self.half
+        d_in, d_out = self.d_in_full, self.d_out_full
         return {
-            "lora_A": (e, r, self.d_in),
-            "lora_B": (e, self.d_out, r),
-            "gate_vu": (h, self.d_in),
+            "lora_A": (e, r, d_in),
+            "lora_B": (e, d_out, r),
+            "gate_vu": (h, d_in),
             "gate_if": (h, instruction_dim),
-            "fuse_vu": (self.d_out,),
-            "fuse_if": (self.d_out,),
+            "fuse_vu": (d_out,),
+            "fuse_if": (d_out,),
         }
 
     @torch.no_grad()
@@ -153,14 +175,21 @@ class RoutedAdapter(nn.Module):
                 shapes already validated (see `expected_shapes`).
             state: the row state, whose stacked IF gates this writes too.
         """
-        h = self.half
+        h, shard = self.half, self.shard
+        cols = shard.bounds(self.d_in_full, "input") if shard.splits_input else None
+        rows = shard.bounds(self.d_out_full, "output") if shard.splits_output else None
         for j, name in enumerate(self.names):
             a = tensors[f"{name}.lora_A"].to(torch.float32)  # [E, r, d_in]
             b = tensors[f"{name}.lora_B"].to(torch.float32)  # [E, d_out, r]
+            gate = tensors[f"{name}.gate_vu"]  # [E/2, d_in]
+            if cols is not None:
+                a, gate = a[:, :, cols[0] : cols[1]], gate[:, cols[0] : cols[1]]
             r = self.rank
             self.lora_a[slot, j, :, :, :r].copy_(a.transpose(1, 2))
-            self.lora_b[slot, j, :, :r, :].copy_(b.transpose(1, 2))
-            self.gate_vu[slot, j].copy_(tensors[f"{name}.gate_vu"])
+            b_local = b[:, rows[0] : rows[1]] if rows is not None else b
+            self.lora_b[slot, j, :, :r, :].copy_(b_local.transpose(1, 2))
+            self.gate_vu[slot, j].copy_(gate)
+            # The fusion logits read the full output: B^T f from the full B (every rank).
             fvu = tensors[f"{name}.fuse_vu"].to(torch.float32)
             fif = tensors[f"{name}.fuse_if"].to(torch.float32)
             b = b.to(self.lora_b.dtype).to(
@@ -194,14 +223,14 @@ class RoutedAdapter(nn.Module):
                 sums = torch.zeros(r1, self.d_in, dtype=torch.float32, device=xf.device)
                 sums.index_add_(0, step.token_row, xf * step.is_prompt_f[:, None])
             mean = sums / step.prompt_count[:, None]  # [R+1, d_in]
-            logits = (mean @ gates.t()).view(r1, self.num_slots, n, h)
+            logits = self.shard.reduce(mean @ gates.t()).view(r1, self.num_slots, n, h)
             logits = logits.gather(1, st.row_slot.view(r1, 1, 1, 1).expand(r1, 1, n, h)).squeeze(1)
             decided = torch.argmax(logits, dim=-1)  # [R+1, n]
             st.row_vu[:, cols] = torch.where(step.row_decide[:, None], decided, st.row_vu[:, cols])
         tok_vu = st.row_vu[step.token_row, cols]  # [N, n]
         if step.per_step_decode is not None:
             ntok = xf.shape[0]
-            logits = (xf @ gates.t()).view(ntok, self.num_slots, n, h)
+            logits = self.shard.reduce(xf @ gates.t()).view(ntok, self.num_slots, n, h)
             logits = logits.gather(
                 1, step.token_slot.view(ntok, 1, 1, 1).expand(ntok, 1, n, h)
             ).squeeze(1)
@@ -287,6 +316,8 @@ class RoutedAdapter(nn.Module):
             return self._add_delta_kernel(kernel, x, y, step)
         plan = self._plan(x, step)
         z = F.grouped_mm(x.index_select(0, plan.tok_sorted), plan.lora_a, offs=plan.offs)  # [M, r]
+        if self.shard.splits_input:  # partial A x of this rank's input slice: sum the ranks'
+            z = self.shard.reduce(z.to(torch.float32)).to(z.dtype)
         logit_sorted = torch.linalg.vecdot(z.to(torch.float32), plan.fuse_sorted)  # [M] = s f.(B z)
         logits = torch.empty_like(logit_sorted).index_copy_(0, plan.order, logit_sorted)
         w = torch.softmax(logits.view(2, ntok, n), dim=0)  # [2, N, n] (w_vu, w_if)

@@ -217,12 +217,11 @@ class SMoLoRAWorkerExtension:
 
     def smolora_staged_result(self, slot: int) -> SlotLoadResult | None:
         """None while `slot`'s checkpoint is still being verified; then what verifying found
-        (`refused` set: nothing will be copied, and the staged load is dropped)."""
+        (`refused` set: nothing will be copied; the front end then drops the staged load on
+        every rank with `smolora_cancel_staged`)."""
         staged = self._smolora_staging()[slot]
         if not staged.done.is_set():
             return None
-        if staged.refused is not None:
-            del self._smolora_staging()[slot]
         return staged.result()
 
     def smolora_copy_staged(

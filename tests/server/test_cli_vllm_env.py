@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import smolora.server.engine as engine_pkg
 from smolora.server.cli import prepare_vllm_environment
 
@@ -36,3 +38,23 @@ def test_engine_library_does_not_use_the_environment() -> None:
             ):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == [], offenders
+
+
+def test_prepare_binds_one_cpu_group_per_tensor_parallel_rank() -> None:
+    """vLLM's automatic CPU binding wants a NUMA node per rank; with fewer, the CLI splits
+    the allowed CPUs into one group per rank, unless the user set a binding."""
+    env: dict[str, str] = {}
+    changes = prepare_vllm_environment(env, 2, device="cpu", cpus=[0, 1, 2, 3])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3" and any("BIND" in c for c in changes)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    prepare_vllm_environment(env, 2, device="cpu", cpus=[0, 1])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    for tp, device in ((1, "cpu"), (2, "cuda")):
+        env = {}
+        prepare_vllm_environment(env, tp, device=device, cpus=[0, 1])
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in env
+
+
+def test_prepare_refuses_more_ranks_than_cpus() -> None:
+    with pytest.raises(ValueError, match="a CPU per rank"):
+        prepare_vllm_environment({}, 4, device="cpu", cpus=[0, 1])

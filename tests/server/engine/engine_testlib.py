@@ -1,6 +1,7 @@
 """Helpers for the engine tests: the event-loop thread engines run on, reference adapters
-with visible effect, publishing them as checkpoint versions, and test workloads with their
-reference (HF + `adapters/`) generations."""
+with visible effect, publishing them as checkpoint versions, test workloads with their
+reference (HF + `adapters/`) generations, staggered submission, and the comparison of an
+engine's results with the reference."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -29,6 +31,7 @@ from smolora.adapters.reference_generate import (
 )
 from smolora.adapters.smolora import SMoLoRAConfig, SMoLoRAModel
 from smolora.adapters.tiny_llava import load_llava
+from smolora.server.engine.protocol import GenerateChunk, GenerateRequest
 
 T = TypeVar("T")
 
@@ -151,8 +154,76 @@ def running_engine(loop: LoopThread, **config: Any) -> Iterator[Any]:
     from smolora.server.engine.config import EngineConfig
     from smolora.server.engine.engine import SMoLoRAEngine
 
-    prepare_vllm_environment(os.environ)
-
-    eng = loop.run(SMoLoRAEngine.start(EngineConfig(**config)))
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    prepare_vllm_environment(os.environ, config.get("tensor_parallel_size", 1))
+    try:
+        eng = loop.run(SMoLoRAEngine.start(EngineConfig(**config)))
+    finally:  # a TP engine's binding is read at its start; later engines in this process differ
+        if bind is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     yield eng
     loop.run(eng.shutdown())
+
+
+def requests_for(
+    w: Workload, vu_routing: str | None, version: int | None = None
+) -> list[GenerateRequest]:
+    return [
+        GenerateRequest(
+            prompt=p,
+            image=im,
+            instruction=u,
+            max_tokens=m,
+            vu_routing=vu_routing,
+            version=version,  # type: ignore[arg-type]
+            instruction_source="explicit",
+        )
+        for p, im, u, m in zip(w.prompts, w.images, w.instructions, w.max_tokens)
+    ]
+
+
+async def staggered(engine: Any, requests: list[GenerateRequest]) -> list[GenerateChunk]:
+    """Request i is submitted once request i-1 has streamed its first token, so requests
+    arrive at different engine steps and prefill next to other requests' decodes."""
+    started = [asyncio.Event() for _ in requests]
+    results: list[GenerateChunk | None] = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        if i:
+            await started[i - 1].wait()
+        ids: list[int] = []
+        last = None
+        async for chunk in engine.generate(requests[i]):
+            ids.extend(chunk.token_ids)
+            if chunk.token_ids:
+                started[i].set()
+            last = chunk
+        started[i].set()
+        assert last is not None and last.finished
+        last.token_ids = ids
+        results[i] = last
+
+    await asyncio.gather(*(one(i) for i in range(len(requests))))
+    return results  # type: ignore[return-value]
+
+
+def assert_matches_reference(
+    results: list[GenerateChunk], refs: list[ReferenceResult], version: int, per_step: bool
+) -> None:
+    for i, (got, ref) in enumerate(zip(results, refs)):
+        assert got.token_ids == ref.token_ids, f"request {i}: tokens differ"
+        assert got.version == version
+        trace = got.trace
+        assert trace is not None and trace.exact and trace.version == version
+        assert trace.routes() == [
+            (r["layer"], r["vu_expert"], r["if_expert"]) for r in ref.trace
+        ], f"request {i}: routes differ"
+        for mine, theirs in zip(trace.layers, ref.trace):
+            assert mine.w_vu == pytest.approx(theirs["w_vu"], abs=1e-4)
+            assert mine.w_if == pytest.approx(theirs["w_if"], abs=1e-4)
+            if per_step and not mine.layer.startswith("projector."):
+                assert mine.vu_steps == ref.vu_steps[mine.layer], (
+                    f"request {i}: per-step routes differ at {mine.layer}"
+                )

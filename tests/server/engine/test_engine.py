@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from smolora.adapters.checkpoint import TENSORS
-from smolora.adapters.reference_generate import ReferenceResult
 from smolora.server.engine import engine as engine_module
 from smolora.server.engine.config import ARCHITECTURE
 from smolora.server.engine.engine import collect, collect_all
@@ -35,74 +34,15 @@ from smolora.server.engine.protocol import (
 from tests.server.engine.engine_testlib import (
     LoopThread,
     Workload,
+    assert_matches_reference,
     make_adapter,
     make_workload,
     publish,
+    requests_for,
+    staggered,
 )
 
 pytestmark = pytest.mark.engine
-
-
-def _requests(
-    w: Workload, vu_routing: str | None, version: int | None = None
-) -> list[GenerateRequest]:
-    return [
-        GenerateRequest(
-            prompt=p,
-            image=im,
-            instruction=u,
-            max_tokens=m,
-            vu_routing=vu_routing,
-            version=version,  # type: ignore[arg-type]
-            instruction_source="explicit",
-        )
-        for p, im, u, m in zip(w.prompts, w.images, w.instructions, w.max_tokens)
-    ]
-
-
-async def _staggered(engine: Any, requests: list[GenerateRequest]) -> list[GenerateChunk]:
-    """Request i is submitted once request i-1 has streamed its first token, so requests
-    arrive at different engine steps and prefill next to other requests' decodes."""
-    started = [asyncio.Event() for _ in requests]
-    results: list[GenerateChunk | None] = [None] * len(requests)
-
-    async def one(i: int) -> None:
-        if i:
-            await started[i - 1].wait()
-        ids: list[int] = []
-        last = None
-        async for chunk in engine.generate(requests[i]):
-            ids.extend(chunk.token_ids)
-            if chunk.token_ids:
-                started[i].set()
-            last = chunk
-        started[i].set()
-        assert last is not None and last.finished
-        last.token_ids = ids
-        results[i] = last
-
-    await asyncio.gather(*(one(i) for i in range(len(requests))))
-    return results  # type: ignore[return-value]
-
-
-def _assert_matches_reference(
-    results: list[GenerateChunk], refs: list[ReferenceResult], version: int, per_step: bool
-) -> None:
-    for i, (got, ref) in enumerate(zip(results, refs)):
-        assert got.token_ids == ref.token_ids, f"request {i}: tokens differ"
-        assert got.version == version
-        trace = got.trace
-        assert trace is not None and trace.exact and trace.version == version
-        assert trace.routes() == [
-            (r["layer"], r["vu_expert"], r["if_expert"]) for r in ref.trace
-        ], f"request {i}: routes differ"
-        for mine, theirs in zip(trace.layers, ref.trace):
-            assert mine.w_vu == pytest.approx(theirs["w_vu"], abs=1e-4)
-            assert mine.w_if == pytest.approx(theirs["w_if"], abs=1e-4)
-            if per_step and not mine.layer.startswith("projector."):
-                assert mine.vu_steps == ref.vu_steps[mine.layer], (
-                    f"request {i}: per-step routes differ at {mine.layer}"
-                )
 
 
 def _assert_routes_differ(results: list[GenerateChunk]) -> None:
@@ -148,7 +88,7 @@ def test_base_engine_matches_hf_with_chunked_prefill(
         GenerateRequest(prompt=p, image=im, max_tokens=m)
         for p, im, m in zip(w.prompts, w.images, w.max_tokens)
     ]
-    results = loop.run(_staggered(base_engine, reqs))
+    results = loop.run(staggered(base_engine, reqs))
     model, processor = load_llava(tiny_model_dir)
     for i, (p, im, m) in enumerate(zip(w.prompts, w.images, w.max_tokens)):
         inputs = (
@@ -171,9 +111,9 @@ def test_mixed_batch_matches_reference(
     lengths) in one engine: tokens and routes equal the reference, request by request."""
     _, smodel, processor = version1
     w = make_workload(10, seed=11 if vu_routing == "pinned" else 12, text_only=2)
-    results = loop.run(_staggered(engine, _requests(w, vu_routing, version=1)))
+    results = loop.run(staggered(engine, requests_for(w, vu_routing, version=1)))
     refs = w.reference(smodel, processor, vu_routing)
-    _assert_matches_reference(results, refs, version=1, per_step=vu_routing == "per_step")
+    assert_matches_reference(results, refs, version=1, per_step=vu_routing == "per_step")
     _assert_routes_differ(results)
     health = loop.run(engine.health())
     assert health.ok and health.detail["partial_prefills"] == 0
@@ -192,10 +132,10 @@ def test_pinned_and_per_step_share_a_batch(loop: LoopThread, engine: Any, versio
         GenerateRequest(prompt=p, image=im, instruction=u, max_tokens=m, vu_routing=mode)  # type: ignore[arg-type]
         for p, im, u, m, mode in zip(w.prompts, w.images, w.instructions, w.max_tokens, modes)
     ]
-    results = loop.run(_staggered(engine, reqs))
+    results = loop.run(staggered(engine, reqs))
     for i, mode in enumerate(modes):
         one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
-        _assert_matches_reference(
+        assert_matches_reference(
             [results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step"
         )
 
@@ -204,7 +144,7 @@ def test_traces_are_fetched_in_batches(loop: LoopThread, engine: Any) -> None:
     """16 requests submitted together cost fewer trace RPCs than requests."""
     w = make_workload(16, seed=31, text_only=0)
     before = engine.trace_rpc_count
-    results = loop.run(collect_all(engine, _requests(w, None)))
+    results = loop.run(collect_all(engine, requests_for(w, None)))
     assert all(r.trace is not None and r.trace.layers for r in results)
     assert engine.trace_rpc_count - before < len(results)
 
@@ -298,7 +238,7 @@ def test_hot_load_under_load(
             old_results[i] = last
 
         tasks = [
-            asyncio.create_task(stream(i, r)) for i, r in enumerate(_requests(w_old, "pinned"))
+            asyncio.create_task(stream(i, r)) for i, r in enumerate(requests_for(w_old, "pinned"))
         ]
         await asyncio.gather(*(e.wait() for e in first_tokens))
         # Freeze the running requests in the engine (they keep their rows and KV cache) so
@@ -307,7 +247,7 @@ def test_hot_load_under_load(
         entry = await asyncio.to_thread(publish, registry, tiny_model_dir, smodel2, "task2")
         info = await engine.load_latest(registry)
         in_flight_on_v1 = {v.version: v.in_flight for v in engine.list_versions()}
-        new_tasks = asyncio.gather(*(collect(engine, r) for r in _requests(w_new, "pinned")))
+        new_tasks = asyncio.gather(*(collect(engine, r) for r in requests_for(w_new, "pinned")))
         await engine.vllm.resume_generation()
         new_results = await new_tasks
         await asyncio.gather(*tasks)
@@ -320,10 +260,10 @@ def test_hot_load_under_load(
     )
     routed_layers = loop.run(engine._llm.collective_rpc("smolora_stats"))[0]["routed_layers"]
     assert routed_layers > 1 and rpcs.count("smolora_copy_staged") == routed_layers
-    _assert_matches_reference(
+    assert_matches_reference(
         old, w_old.reference(smodel1, processor, "pinned"), version=1, per_step=False
     )
-    _assert_matches_reference(
+    assert_matches_reference(
         new, w_new.reference(smodel2, processor, "pinned"), version=2, per_step=False
     )
     assert {v.version for v in engine.list_versions()} == {1, 2}
@@ -344,7 +284,7 @@ def test_hot_load_under_load(
         loop.run(engine.load_version(other.path))
     assert err2.value.reason == "CheckpointMismatchError"
     assert engine.active_version().version == 2
-    again = loop.run(collect(engine, _requests(w_new, "pinned")[0]))
+    again = loop.run(collect(engine, requests_for(w_new, "pinned")[0]))
     assert again.version == 2 and again.token_ids == new[0].token_ids
     shutil.rmtree(bad.path)
     shutil.rmtree(other.path)
@@ -371,7 +311,7 @@ def test_preempted_requests_match_reference(
     )  # in-place kernel calls
     for i, mode in enumerate(modes):
         one = Workload([w.prompts[i]], [w.images[i]], [w.instructions[i]], [w.max_tokens[i]])
-        _assert_matches_reference(
+        assert_matches_reference(
             [results[i]], one.reference(smodel, processor, mode), 1, mode == "per_step"
         )
 

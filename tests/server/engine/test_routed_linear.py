@@ -4,6 +4,7 @@ slots, packed into one flat token stream, prefill then decode, pinned and per-st
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -14,16 +15,17 @@ from smolora.adapters.smolora import RoutingContext, SMoLoRAConfig, SMoLoRALinea
 from smolora.server.engine.config import AdapterLayout
 from smolora.server.engine.routed_linear import RoutedAdapter
 from smolora.server.engine.row_state import RowRoutingState
+from smolora.server.engine.sharding import Shard
 
 D_IN, D_OUT, E, RANK = 24, 20, 4, 8
 
 
-def _reference_layers(seed: int, names: list[str]) -> dict[str, SMoLoRALinear]:
+def _reference_layers(seed: int, names: list[str], d_out: int = D_OUT) -> dict[str, SMoLoRALinear]:
     cfg = SMoLoRAConfig(num_experts=E, rank=RANK, alpha=16.0, dropout=0.0, gate_init_std=0.5)
     gen = torch.Generator().manual_seed(seed)
     layers = {}
     for name in names:
-        base = nn.Linear(D_IN, D_OUT, bias=False)
+        base = nn.Linear(D_IN, d_out, bias=False)
         nn.init.zeros_(base.weight)  # the layer's output is then the SMoLoRA delta alone
         layer = SMoLoRALinear(base, cfg, name).eval()
         layer.reset_parameters(generator=gen)
@@ -193,3 +195,134 @@ def test_condensing_move_releases_the_overwritten_request() -> None:
     assert state.key_to_row == {1: 1, 2: 0}
     assert 0 in state.parked and float(state.parked[0].token_count[0]) == 5.0
     assert state.traces([0])[0] is not None and 0 not in state.parked
+
+
+D_OUT_TP = 32  # halves stay 16-byte aligned for grouped matmuls
+
+
+class _TwoRanks:
+    """Two tensor-parallel ranks as threads: `all_reduce` waits for both ranks' tensors and
+    gives each their sum (what vLLM's all-reduce does across worker processes)."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2)
+        self.parts: list[torch.Tensor | None] = [None, None]
+        self.calls = 0
+
+    def reducer(self, rank: int):
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            self.parts[rank] = t.clone()
+            self.barrier.wait()
+            total = self.parts[0] + self.parts[1]  # type: ignore[operator]
+            self.barrier.wait()
+            if rank == 0:
+                self.calls += 1
+            return total
+
+        return all_reduce
+
+
+@pytest.mark.parametrize("split", ["output", "input"])
+@pytest.mark.parametrize("mode", ["pinned", "per_step"])
+def test_two_tensor_parallel_ranks_equal_the_unsharded_layer(split: str, mode: str) -> None:
+    """A fused gate/up linear split by output (column-parallel) and a down linear split by
+    input (row-parallel), each on two ranks: the ranks' deltas put together (output slices
+    side by side; input split: every rank's full delta) equal the unsharded layer's, with
+    the same routes and fusion weights, for a prefill and per-step decodes on two slots."""
+    names = (
+        ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]
+        if split == "output"
+        else ["layers.0.mlp.down_proj"]
+    )
+    d_total = D_OUT_TP * len(names)
+    offsets = [j * D_OUT_TP for j in range(len(names))]
+    slots = [_reference_layers(5, names, D_OUT_TP), _reference_layers(6, names, D_OUT_TP)]
+    layout = AdapterLayout(
+        num_experts=E, rank=RANK, instruction_dim=384, num_slots=2, trace_step_routes=4
+    )
+    ranks = _TwoRanks()
+    gen = torch.Generator().manual_seed(9)
+    lens, req_slot = [5, 3, 6], [0, 1, 0]
+    us = [torch.randn(384, generator=gen) for _ in lens]
+    prefill = torch.randn(sum(lens), D_IN, generator=gen)
+    decodes = [torch.randn(len(lens), D_IN, generator=gen) for _ in range(3)]
+
+    def run(shard: Shard | None) -> tuple[list[torch.Tensor], dict]:
+        state = RowRoutingState(layout, max_rows=4, device=torch.device("cpu"))
+        kw = {} if shard is None else {"shard": shard}
+        adapter = RoutedAdapter(
+            layout, names, offsets, D_IN, D_OUT_TP, d_total, state, False, torch.float32, **kw
+        )
+        state.finalize()
+        for s, layers in enumerate(slots):
+            adapter.load_slot(s, _tensors(layers), state)
+            state.slot_scaling[s] = 16.0 / RANK
+            state.slot_versions[s] = {"version": s + 1}
+        added = [
+            (i, _params(20 + i, req_slot[i], us[i], mode), [0] * n, []) for i, n in enumerate(lens)
+        ]
+        state.apply_batch_update(SimpleNamespace(removed=[], moved=[], added=added))
+        lo, hi = (0, D_IN) if shard is None or split == "output" else shard.bounds(D_IN, "in")
+        outs = []
+        positions = torch.cat([torch.arange(n) for n in lens])
+        qsl = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        step = state.text_step(positions, qsl, len(lens), int(prefill.shape[0]))
+        outs.append(adapter.delta(prefill[:, lo:hi].contiguous(), step))
+        state.finish_step(step)
+        for t, x in enumerate(decodes):
+            positions = torch.tensor([n + t for n in lens])
+            step = state.text_step(positions, torch.arange(len(lens) + 1), len(lens), len(lens))
+            outs.append(adapter.delta(x[:, lo:hi].contiguous(), step))
+            state.finish_step(step)
+        return outs, state.traces([20, 21, 22])
+
+    want, want_traces = run(None)
+    results: list = [None, None]
+
+    def rank_main(r: int) -> None:
+        results[r] = run(Shard(r, 2, split, all_reduce=ranks.reducer(r)))  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    (out0, tr0), (out1, tr1) = results  # type: ignore[misc]
+    for traces in (tr0, tr1):  # routes exactly; fusion weights up to float32 summation order
+        assert traces.keys() == want_traces.keys()
+        for key, want_trace in want_traces.items():
+            for got_l, want_l in zip(traces[key]["layers"], want_trace["layers"], strict=True):
+                for field, value in want_l.items():
+                    if isinstance(value, float):
+                        assert got_l[field] == pytest.approx(value, abs=1e-5), (key, field)
+                    else:
+                        assert got_l[field] == value, (key, field)
+    for k, w in enumerate(want):
+        if split == "output":  # each rank holds its half of every sublayer's output
+            half = D_OUT_TP // 2
+            got = torch.cat(
+                [
+                    torch.cat([o[k][:, j * half : (j + 1) * half] for o in (out0, out1)], -1)
+                    for j in range(len(names))
+                ],
+                -1,
+            )
+        else:
+            torch.testing.assert_close(out0[k], out1[k], atol=0, rtol=0)
+            got = out0[k]
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-4)
+    if split == "input":
+        assert ranks.calls > 0  # partial gate logits and A x were summed across the ranks
+    else:
+        assert ranks.calls == 0  # the output split needs no communication
+
+
+def test_shard_refuses_inconsistent_settings() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        Shard(2, 2, "output")
+    with pytest.raises(ValueError, match="split"):
+        Shard(0, 2, "none")
+    with pytest.raises(ValueError, match="all_reduce"):
+        Shard(0, 2, "input")
+    with pytest.raises(ValueError, match="does not split"):
+        Shard(0, 3, "output").local(20, "output")
