@@ -561,12 +561,10 @@ class SMoLoRAEngine:
                     "smolora_copy_staged", args=(slot, first, COPY_BYTES_PER_CALL, record)
                 )
                 results = [SlotLoadResult.from_wire(raw) for raw in raws]
-                if len({r.next_adapter for r in results}) != 1:  # the same layout on every rank
-                    raise RuntimeError(
-                        f"tensor-parallel ranks copied different adapters: {results}"
-                    )
+                if len({r.next_part for r in results}) != 1:  # the same layout on every rank
+                    raise RuntimeError(f"tensor-parallel ranks copied different parts: {results}")
                 result = results[0]
-                first = result.next_adapter
+                first = result.next_part
             return result
         except VersionLoadError:
             raise

@@ -166,7 +166,13 @@ class RoutedAdapter(nn.Module):
         }
 
     @torch.no_grad()
-    def load_slot(self, slot: int, tensors: dict[str, Tensor], state: RowRoutingState) -> None:
+    def load_slot(
+        self,
+        slot: int,
+        tensors: dict[str, Tensor],
+        state: RowRoutingState,
+        sublayers: Sequence[int] | None = None,
+    ) -> None:
         """Copy one checkpoint's tensors for these sublayers into `slot`, in place.
 
         Args:
@@ -174,29 +180,34 @@ class RoutedAdapter(nn.Module):
             tensors: `{canonical}.{lora_A|lora_B|gate_vu|gate_if|fuse_vu|fuse_if}` -> tensor,
                 shapes already validated (see `expected_shapes`).
             state: the row state, whose stacked IF gates this writes too.
+            sublayers: which of the linear's sublayers to copy (indices into `names`); None:
+                all. A hot-load copies a large linear one sublayer per engine step.
         """
-        h, shard = self.half, self.shard
+        h, shard, r = self.half, self.shard, self.rank
         cols = shard.bounds(self.d_in_full, "input") if shard.splits_input else None
         rows = shard.bounds(self.d_out_full, "output") if shard.splits_output else None
-        for j, name in enumerate(self.names):
-            a = tensors[f"{name}.lora_A"].to(torch.float32)  # [E, r, d_in]
-            b = tensors[f"{name}.lora_B"].to(torch.float32)  # [E, d_out, r]
+        for j in range(self.n_sub) if sublayers is None else sublayers:
+            name = self.names[j]
+            a = tensors[f"{name}.lora_A"]  # [E, r, d_in]
+            b = tensors[f"{name}.lora_B"]  # [E, d_out, r]
             gate = tensors[f"{name}.gate_vu"]  # [E/2, d_in]
             if cols is not None:
                 a, gate = a[:, :, cols[0] : cols[1]], gate[:, cols[0] : cols[1]]
-            r = self.rank
             self.lora_a[slot, j, :, :, :r].copy_(a.transpose(1, 2))
             b_local = b[:, rows[0] : rows[1]] if rows is not None else b
             self.lora_b[slot, j, :, :r, :].copy_(b_local.transpose(1, 2))
             self.gate_vu[slot, j].copy_(gate)
-            # The fusion logits read the full output: B^T f from the full B (every rank).
+            # Fusion logits in rank space, B_e^T f, from the full B the layer multiplies with
+            # (a bf16 model's rounded B): this rank's own copy unless it holds a slice.
+            bt = (
+                self.lora_b[slot, j, :, :r, :]
+                if rows is None
+                else b.to(self.lora_b.dtype).transpose(1, 2)
+            ).to(torch.float32)  # [E, r, d_out]
             fvu = tensors[f"{name}.fuse_vu"].to(torch.float32)
             fif = tensors[f"{name}.fuse_if"].to(torch.float32)
-            b = b.to(self.lora_b.dtype).to(
-                torch.float32
-            )  # the B the layer multiplies with (bf16 models round it)
-            self.fuse_r[slot, j, :h, :r].copy_(torch.einsum("eor,o->er", b[:h], fvu))
-            self.fuse_r[slot, j, h:, :r].copy_(torch.einsum("eor,o->er", b[h:], fif))
+            self.fuse_r[slot, j, :h, :r].copy_(torch.matmul(bt[:h], fvu))
+            self.fuse_r[slot, j, h:, :r].copy_(torch.matmul(bt[h:], fif))
             state.gate_if[slot, self.columns.start + j].copy_(tensors[f"{name}.gate_if"])
         self._cached = None  # a cached plan holds copies of slot-derived values (fuse_sorted)
         self._cached_routes = None

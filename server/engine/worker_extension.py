@@ -7,7 +7,7 @@
   hot-load reads and hashes the files; the front end reads only the manifest) on a
   background thread, on the CPUs the worker's forward does not use; `smolora_staged_result`
   says when it is done (or refused); `smolora_copy_staged` then copies it into the slot a
-  few adapters (a byte budget) per call. RPCs run between engine steps, so each step waits
+  few adapted sublayers (a byte budget) per call. RPCs run between engine steps, so each step waits
   for at most one such part instead of the whole load. A partly copied slot is never read:
   the front end reserved it (no request routes to it) until the last copy has landed.
   `smolora_cancel_staged` drops a staged load. Which slot is free is the front end's call:
@@ -62,7 +62,7 @@ class SlotLoadResult:
         message: why it was refused.
         verify_seconds: reading + verifying the files + checking the fit.
         copy_seconds: copying into the slot.
-        next_adapter: for a load copied in steps, the first adapter the next
+        next_part: for a load copied in steps, the first part (adapted sublayer) the next
             `smolora_copy_staged` call copies; None once the slot holds the checkpoint.
     """
 
@@ -72,7 +72,7 @@ class SlotLoadResult:
     message: str = ""
     verify_seconds: float = 0.0
     copy_seconds: float = 0.0
-    next_adapter: int | None = None
+    next_part: int | None = None
 
     @classmethod
     def from_wire(cls, raw: SlotLoadResult | dict[str, Any]) -> SlotLoadResult:
@@ -227,9 +227,10 @@ class SMoLoRAWorkerExtension:
     def smolora_copy_staged(
         self, slot: int, first: int, max_bytes: int, version: dict[str, Any]
     ) -> SlotLoadResult:
-        """Copy the verified checkpoint's adapters into `slot`, from adapter `first` on, until
-        about `max_bytes` of LoRA weights are copied (at least one adapter); `next_adapter`
-        in the result says where the next call starts. The call that copies the last adapter
+        """Copy the verified checkpoint into `slot` one part (an adapted sublayer: `gate_proj`
+        and `up_proj` of one fused linear are two parts) at a time, from part `first` on,
+        until about `max_bytes` of LoRA weights are copied (at least one part); `next_part`
+        in the result says where the next call starts. The call that copies the last part
         records the slot's scaling and `version` and drops the staged load."""
         model = self._smolora_model()
         state = model.smolora_state
@@ -237,20 +238,17 @@ class SMoLoRAWorkerExtension:
         ckpt = staged.checkpoint
         if ckpt is None:
             raise ValueError(f"slot {slot} has no verified checkpoint to copy")
-        adapters = model.routed_adapters()
+        parts = [(a, j) for a in model.routed_adapters() for j in range(a.n_sub)]
         t0 = time.perf_counter()
         index, copied = first, 0
         with torch.no_grad():
-            while index < len(adapters) and (index == first or copied < max_bytes):
-                adapter = adapters[index]
-                adapter.load_slot(slot, ckpt.tensors, state)
-                copied += sum(
-                    ckpt.tensors[f"{name}.{part}"].nbytes
-                    for name in adapter.names
-                    for part in ("lora_A", "lora_B")
-                )
+            while index < len(parts) and (index == first or copied < max_bytes):
+                adapter, j = parts[index]
+                adapter.load_slot(slot, ckpt.tensors, state, sublayers=(j,))
+                name = adapter.names[j]
+                copied += sum(ckpt.tensors[f"{name}.{t}"].nbytes for t in ("lora_A", "lora_B"))
                 index += 1
-            if index >= len(adapters):
+            if index >= len(parts):
                 alpha = float(ckpt.manifest.adapter_config["alpha"])
                 state.slot_scaling[slot] = alpha / model.layout.rank
                 state.slot_versions[slot] = dict(version)
@@ -259,7 +257,7 @@ class SMoLoRAWorkerExtension:
         state.epoch += 1  # cached routing plans hold copies of slot-derived values
         staged.copy_seconds += time.perf_counter() - t0
         result = staged.result()
-        result.next_adapter = index if index < len(adapters) else None
+        result.next_part = index if index < len(parts) else None
         return result
 
     def smolora_cancel_staged(self, slot: int) -> bool:
@@ -289,6 +287,7 @@ class SMoLoRAWorkerExtension:
         return {
             "overlap": helper.stats() if helper is not None else None,
             "routed_layers": len(adapters),
+            "adapted_sublayers": sum(a.n_sub for a in adapters),
             "cpu_kernel_layers": sum(a.uses_cpu_kernel for a in adapters),
             "adapter_dtype": str(adapters[0].lora_a.dtype).removeprefix("torch.")
             if adapters

@@ -203,7 +203,7 @@ def test_hot_load_under_load(
 ) -> None:
     """Publish version 2 while 6 requests stream on version 1: all complete with version-1
     outputs (equal to the version-1 reference), later requests get version 2 (equal to the
-    version-2 reference). The load is copied one adapter per worker RPC (a 1-byte budget),
+    version-2 reference). The load is copied one sublayer per worker RPC (a 1-byte budget),
     so the slot is filled in several parts. Then a corrupt and a mismatched version are
     refused and version 2 keeps serving."""
     monkeypatch.setattr(engine_module, "COPY_BYTES_PER_CALL", 1)
@@ -258,8 +258,9 @@ def test_hot_load_under_load(
     assert info.active and in_flight[1] > 0, (
         "the load must happen while version-1 requests are in flight"
     )
-    routed_layers = loop.run(engine._llm.collective_rpc("smolora_stats"))[0]["routed_layers"]
-    assert routed_layers > 1 and rpcs.count("smolora_copy_staged") == routed_layers
+    stats = loop.run(engine._llm.collective_rpc("smolora_stats"))[0]
+    parts = stats["adapted_sublayers"]  # one part per RPC with a 1-byte budget
+    assert parts > stats["routed_layers"] > 1 and rpcs.count("smolora_copy_staged") == parts
     assert_matches_reference(
         old, w_old.reference(smodel1, processor, "pinned"), version=1, per_step=False
     )

@@ -113,7 +113,7 @@ def test_tp2_hot_load_reaches_both_ranks_before_use(
     tiny_model_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Version 2 is published and loaded (one adapter per worker RPC) while 6 requests stream
+    """Version 2 is published and loaded (one sublayer per worker RPC) while 6 requests stream
     on version 1: they finish with version 1's outputs, and requests sent during the load
     get version 1 or, once it is active, version 2, each equal to its version's reference:
     no request mixes rank 0 on one version with rank 1 on another. Both ranks then hold the
