@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -193,6 +194,20 @@ def _migrate(data: dict[str, Any]) -> dict[str, Any]:
             "upgrade smolora-serve or re-export the checkpoint"
         )
     return data
+
+
+def all_finite(t: Tensor) -> bool:
+    """True when no element of `t` is NaN or infinite.
+
+    A NaN or infinity in `t` always makes its sum NaN or infinite, so a finite sum proves
+    every element finite in one vectorised pass without a temporary; an elementwise
+    `isfinite` allocates a bool per element, the larger part of verifying a large
+    checkpoint. Only a non-finite sum (a NaN or infinity, or finite elements whose sum
+    overflows) needs the elementwise check.
+    """
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(t.isfinite().all())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from smolora.adapters.checkpoint import CheckpointError
+from smolora.adapters.checkpoint import CheckpointError, all_finite
 from smolora.adapters.config_dicts import read_json_object
 from smolora.adapters.instructions import EMBED_DIM
 
@@ -191,7 +191,7 @@ def read_reference_config(src: str | Path) -> ReferenceConfig:
             f"instructions with all-MiniLM-L6-v2 ({EMBED_DIM} dims); a checkpoint routed by "
             "another encoder cannot be served"
         )
-    if not bool(emb.isfinite().all()):
+    if not all_finite(emb):
         raise ReferenceCheckpointError(f"{path}: 'ins_emb' contains NaN or inf")
     if not 0 <= ins_type < emb.shape[0]:
         raise ReferenceCheckpointError(
@@ -489,7 +489,7 @@ def map_reference_tensors(
                 problems.append(f"{name}: shape {list(t.shape)}, expected {list(shape)}")
             elif not t.is_floating_point():
                 problems.append(f"{name}: dtype {t.dtype} is not floating point")
-            elif not bool(t.isfinite().all()):
+            elif not all_finite(t):
                 problems.append(f"{name}: contains NaN or inf")
         if problems:
             continue

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from smolora.adapters.checkpoint import CheckpointError, CheckpointManifest
+from smolora.adapters.checkpoint import CheckpointError, CheckpointManifest, all_finite
 from smolora.adapters.smolora.config import VU_ROUTINGS
 from smolora.server.engine.config import AdapterLayout
 
@@ -89,17 +88,3 @@ def check_fit(
             raise CheckpointMismatchError(f"{key}: dtype {t.dtype} is not floating point")
         if not all_finite(t):
             raise CheckpointMismatchError(f"{key}: contains NaN or inf")
-
-
-def all_finite(t: Tensor) -> bool:
-    """True when no element of `t` is NaN or infinite.
-
-    A NaN or infinity in `t` always makes its sum NaN or infinite, so a finite sum proves
-    every element finite in one vectorised pass without a temporary; an elementwise
-    `isfinite` allocates a bool per element and was most of a large hot-load's
-    verification. Only a non-finite sum (a NaN or infinity, or finite elements whose sum
-    overflows) needs the elementwise check.
-    """
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(t.isfinite().all())

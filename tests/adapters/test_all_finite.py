@@ -1,12 +1,13 @@
-"""`checkpoint_fit.all_finite`: the hot-load's NaN/inf check by a sum, against the
-elementwise check, including sums that overflow from finite elements."""
+"""`checkpoint.all_finite`: the NaN/inf check of checkpoint tensors (the hot-load's fit
+check, the paper-format import) by a sum, against the elementwise check, including sums
+that overflow from finite elements."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from smolora.server.engine.checkpoint_fit import all_finite
+from smolora.adapters.checkpoint import all_finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
