@@ -104,6 +104,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrain-size", type=int, default=24000, help="generic descriptions for base alignment"
     )
     p.add_argument(
+        "--pretrain-threads",
+        type=int,
+        default=1,
+        help="torch threads of the base alignment (2 is ~1.7x faster on an idle 2-core machine)",
+    )
+    p.add_argument(
+        "--pretrain-heldout",
+        type=int,
+        default=0,
+        help="descriptions held out of the alignment; their loss is recorded every checkpoint",
+    )
+    p.add_argument(
+        "--pretrain-checkpoint-every",
+        type=int,
+        default=250,
+        help="alignment steps between resumable states (an interrupted alignment continues)",
+    )
+    p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
@@ -159,6 +177,29 @@ def training_key(args: argparse.Namespace) -> str:
         )
     }
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def data_path(args: argparse.Namespace) -> Path:
+    """The cached mini-CVIT build (named by what changes its content)."""
+    size = "" if args.image_size == 64 else f"-px{args.image_size}"
+    described = "" if args.pretrain_size == 24000 else f"-n{args.pretrain_size}"
+    return args.cache / f"mini_cvit-seed{args.data_seed}{size}{described}"
+
+
+def base_path(args: argparse.Namespace) -> Path:
+    """`--base`, else the cached aligned base (named by every knob of its alignment)."""
+    if args.base is not None:
+        return args.base
+    precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype, args.device)]
+    size = "" if args.image_size == 64 else f"-px{args.image_size}"
+    described = "" if args.pretrain_size == 24000 else f"-n{args.pretrain_size}"
+    return args.cache / (
+        f"base-{args.preset}-seed{args.data_seed}-steps{args.pretrain_steps}-{precision}"
+        + size
+        + described
+        + ("" if args.pretrain_batch_size == 32 else f"-bs{args.pretrain_batch_size}")
+        + (f"-heldout{args.pretrain_heldout}" if args.pretrain_heldout else "")
+    )
 
 
 def unit_dir(args: argparse.Namespace, base: Path, setting: str, seed: int, method: str) -> Path:
@@ -219,12 +260,14 @@ def method_command(
 
 
 def _alignment(base: Path) -> dict | None:
-    """The base's alignment provenance (config, final loss, seconds), if it has one."""
+    """The base's alignment provenance (config, final and held-out loss, the facts it states
+    correctly, seconds), if it has one."""
     path = base / "alignment.json"
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
-    return {k: info.get(k) for k in ("config", "final_loss", "seconds")}
+    keys = ("config", "final_loss", "heldout_loss", "heldout_curve", "heldout_facts", "seconds")
+    return {k: info.get(k) for k in keys}
 
 
 def _unit_wall(run: Path) -> float:
@@ -271,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHOD_NAMES)}")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    size = "" if args.image_size == 64 else f"-px{args.image_size}"
-    data = args.cache / f"mini_cvit-seed{args.data_seed}{size}"
+    data = data_path(args)
     if not args.report_only:
         data_cfg = MiniCVITConfig(
             seed=args.data_seed,
@@ -281,17 +323,12 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
         )
         data = build_mini_cvit(data, data_cfg)
-    precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype, args.device)]
-    base = args.base or args.cache / (
-        f"base-{args.preset}-seed{args.data_seed}-steps{args.pretrain_steps}-{precision}"
-        + size
-        + ("" if args.pretrain_batch_size == 32 else f"-bs{args.pretrain_batch_size}")
-    )
+    base = base_path(args)
     pretrain_s = 0.0
     if args.base is None and not (base / "alignment.json").is_file() and not args.report_only:
         t0 = time.perf_counter()
-        # One thread on CPU: two are ~1.5x faster on an idle 2-core machine but several
-        # times slower as soon as anything else runs (spinning OpenMP threads).
+        # One thread by default: two are faster on an idle 2-core machine but several times
+        # slower as soon as anything else runs (spinning OpenMP threads).
         pretrain_base(
             PretrainConfig(
                 data_root=data,
@@ -300,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.pretrain_steps,
                 batch_size=args.pretrain_batch_size,
                 seed=args.data_seed,
-                num_threads=1,
+                num_threads=args.pretrain_threads,
                 device=args.device,
                 dtype=args.dtype,
+                checkpoint_every=args.pretrain_checkpoint_every,
+                heldout=args.pretrain_heldout,
             )
         )
         pretrain_s = time.perf_counter() - t0
@@ -368,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "compute_s": align_s + unit_wall,
             "base_alignment_s": align_s,
+            "base_facts": (alignment or {}).get("heldout_facts"),
+            "base_heldout_loss": (alignment or {}).get("heldout_loss"),
             "runtime_s": time.perf_counter() - start,
             "device": args.device,
         }

@@ -6,6 +6,7 @@ Commands:
   train       train one method over the task sequence, publishing after every task
               (under `torchrun --nproc-per-node N`: data parallel, rank 0 publishes)
   evaluate    evaluate a published checkpoint (or the bare base) on tasks
+  probe-base  teacher-forced accuracy of an aligned base per visual fact (held-out descriptions)
   report      collect method results into a table (Markdown + JSON) and plots
   import-reference  publish a checkpoint of the paper's reference code (import_reference.py)
   publish     verify a checkpoint folder and publish it into a registry folder (the
@@ -58,6 +59,18 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="write a resumable state every N steps; a rerun into --out continues from it",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=0,
+        help="hold out the last N descriptions and record their loss at each checkpoint",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
@@ -233,6 +246,19 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe-base", help="which visual facts an aligned base states correctly")
+    p.add_argument("--base", required=True, type=Path, help="aligned base folder")
+    p.add_argument("--data", required=True, type=Path, help="the mini-CVIT folder it aligned on")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        help="probe the last N descriptions (default: the base's own held-out set)",
+    )
+    p.add_argument("--threads", type=int, default=None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m smolora.training", description=__doc__.split("\n")[0]
@@ -248,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _add_report,
         import_reference.add_parser,
         _add_publish,
+        _add_probe,
     ):
         add(sub)
     args = parser.parse_args(argv)
@@ -284,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_threads=args.threads,
             device=args.device,
             dtype=args.dtype,
+            checkpoint_every=args.checkpoint_every,
+            heldout=args.heldout,
         )
         print(pretrain_base(cfg, progress=progress))
     elif args.command == "train":
@@ -333,6 +362,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress,
         )
         print(json.dumps(res, indent=1))
+    elif args.command == "probe-base":
+        import torch
+
+        from smolora.adapters.tiny_llava import load_llava
+        from smolora.training.base_probe import probe_facts
+        from smolora.training.data.collate import ExampleEncoder
+        from smolora.training.data.mini_cvit import load_pretrain
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        alignment = args.base / "alignment.json"
+        held = (
+            json.loads(alignment.read_text())["config"].get("heldout", 0)
+            if alignment.is_file()
+            else 0
+        )
+        n = args.heldout if args.heldout is not None else held
+        if n < 1:
+            print(f"{args.base} has no held-out descriptions; pass --heldout N", file=sys.stderr)
+            return 2
+        model, processor = load_llava(args.base)
+        data = load_pretrain(args.data)[-n:]
+        result = probe_facts(model, ExampleEncoder(processor), data)
+        print(json.dumps({"heldout": n, "trained_on": n > held, "facts": result}, indent=1))
     elif args.command == "import-reference":
         return import_reference.run(args)
     elif args.command == "publish":

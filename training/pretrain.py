@@ -9,8 +9,15 @@ the benchmark is low. For a real LLaVA checkpoint the analogue is LLaVA's stage 
 (`train_modules="projector"`: projector only, on image-caption pairs).
 
 The output is a standard HF LLaVA folder (weights, tokenizer, processor) plus
-`alignment.json` (config, losses, provenance): the frozen base every method starts from.
-It does not attach adapters (see `trainer.py`).
+`alignment.json` (config, losses, held-out losses, provenance): the frozen base every method
+starts from. It does not attach adapters (see `trainer.py`).
+
+A long alignment can outlive a machine session: with `checkpoint_every` the whole training
+state (weights, optimizer, schedule, data order, random states, losses) is written to
+`out_dir/.resume/state.pt` every that many steps, and a later call with the same config
+continues from it, giving the same weights as one uninterrupted run. `heldout` keeps the last
+descriptions out of training and measures their loss at every checkpoint, so "stop when the
+held-out loss stops falling" can be read from `alignment.json`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from transformers import get_scheduler
 
 from smolora.adapters.precision import DTYPE_CHOICES, DTypeChoice, resolve_dtype
 from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
+from smolora.training.base_probe import probe_facts
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.mini_cvit import load_pretrain
 
@@ -53,6 +61,9 @@ class PretrainConfig:
         seed: init and data-order seed.
         num_threads: torch CPU threads (None: leave as is).
         device: torch device.
+        checkpoint_every: write the resumable training state every this many steps (0: never).
+        heldout: the last `heldout` descriptions are not trained on; their mean loss is
+            measured at each checkpoint and at the end (0: no held-out set).
         dtype: "auto", "float32" or "bfloat16": bfloat16 runs forward/backward under autocast
             (weights and optimizer state stay float32); "auto" picks it only where the
             device computes bfloat16 natively (`adapters/precision.py`).
@@ -73,6 +84,8 @@ class PretrainConfig:
     num_threads: int | None = None
     device: str = "cpu"
     dtype: DTypeChoice = "auto"
+    checkpoint_every: int = 0
+    heldout: int = 0
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
@@ -85,6 +98,8 @@ class PretrainConfig:
             )
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps, batch_size and lr must be positive")
+        if self.checkpoint_every < 0 or self.heldout < 0:
+            raise ValueError("checkpoint_every and heldout must be >= 0")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
 
@@ -92,11 +107,41 @@ class PretrainConfig:
         d = dataclasses.asdict(self)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the state (threads,
+        checkpoint interval and output folder may change between sessions)."""
+        d = self.to_dict()
+        for k in ("num_threads", "checkpoint_every", "out_dir", "device"):
+            d.pop(k)
+        return d
+
+
+class ResumeMismatchError(ValueError):
+    """The out_dir holds a resume state written with different alignment settings."""
+
 
 def _trainable(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
     for name, p in model.named_parameters():
         p.requires_grad_(which == "all" or "multi_modal_projector" in name)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def _heldout_loss(
+    model: torch.nn.Module, encoder: ExampleEncoder, examples: list, device: torch.device
+) -> float:
+    """Mean per-token loss on held-out descriptions (float32, eval mode, batches of 32)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), 32):
+        batch = encoder.collate_train(examples[i : i + 32])
+        tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        n = int((tensors["labels"][:, 1:] != -100).sum())
+        total += float(model(**tensors).loss) * n
+        tokens += n
+    model.train(was_training)
+    return total / max(tokens, 1)
 
 
 def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
@@ -121,6 +166,10 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     model.to(device)
     encoder = ExampleEncoder(processor)
     data = load_pretrain(cfg.data_root, cfg.limit)
+    if cfg.heldout and cfg.heldout >= len(data):
+        raise ValueError(f"heldout={cfg.heldout} leaves no training data (have {len(data)})")
+    heldout = data[len(data) - cfg.heldout :] if cfg.heldout else []
+    data = data[: len(data) - cfg.heldout]
     params = _trainable(model, cfg.train_modules)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(
@@ -133,9 +182,50 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     order: list[int] = []
     losses: list[float] = []
+    heldout_curve: list[tuple[int, float]] = []
+    done, spent = 0, 0.0
+    state_path = cfg.out_dir / ".resume" / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["key"] != json.loads(json.dumps(cfg.resume_key())):
+            raise ResumeMismatchError(
+                f"{state_path} was written by an alignment with other settings; "
+                "delete it or align into another folder"
+            )
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        order, losses = state["order"], state["losses"]
+        heldout_curve = [tuple(x) for x in state["heldout_curve"]]
+        done, spent = state["step"], state["seconds"]
+        logger.info("resuming the alignment at step %d of %d", done, cfg.steps)
+
+    def save_state(step: int) -> None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "key": cfg.resume_key(),
+                "model": model.state_dict(),
+                "optim": optim.state_dict(),
+                "sched": sched.state_dict(),
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "order": order,
+                "losses": losses,
+                "heldout_curve": heldout_curve,
+                "step": step,
+                "seconds": spent + time.perf_counter() - start,
+            },
+            tmp,
+        )
+        tmp.replace(state_path)  # atomic: an interrupted save keeps the previous state
+
     model.train()
-    bar = tqdm(range(cfg.steps), desc="align base", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(done, cfg.steps), desc="align base", disable=not progress)
+    for step in bar:
         if len(order) < cfg.batch_size:
             fresh = list(range(len(data)))
             rng.shuffle(fresh)
@@ -152,6 +242,15 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         optim.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        finished = step + 1
+        if cfg.checkpoint_every and finished % cfg.checkpoint_every == 0 and finished < cfg.steps:
+            if heldout:
+                heldout_curve.append((finished, _heldout_loss(model, encoder, heldout, device)))
+                logger.info("step %d: held-out loss %.4f", *heldout_curve[-1])
+            save_state(finished)
+    if heldout and (not heldout_curve or heldout_curve[-1][0] != cfg.steps):
+        heldout_curve.append((cfg.steps, _heldout_loss(model, encoder, heldout, device)))
+    facts = probe_facts(model, encoder, heldout, device) if heldout else None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -166,9 +265,15 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
             round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4)
             for i in range(0, len(losses), 50)
         ],
-        "seconds": time.perf_counter() - start,
+        "heldout_curve": [[step, round(loss, 4)] for step, loss in heldout_curve],
+        "heldout_loss": heldout_curve[-1][1] if heldout_curve else None,
+        "heldout_facts": facts,
+        "seconds": spent + time.perf_counter() - start,
     }
     (cfg.out_dir / "alignment.json").write_text(json.dumps(info, indent=1))
+    if state_path.is_file():
+        state_path.unlink()
+        state_path.parent.rmdir()
     logger.info(
         "aligned base saved to %s (final loss %.3f, %.0f s)",
         cfg.out_dir,

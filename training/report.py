@@ -310,6 +310,21 @@ def seeded_markdown(
                 + " | ".join(_pm(a["cells"].get(k)) for k in keys)
                 + " |"
             )
+    facts = meta.get("base_facts")
+    if facts:
+        lines += [
+            "",
+            "## The base",
+            "",
+            "What the frozen base states correctly about held-out pictures (teacher-forced "
+            "descriptions, `training/base_probe.py`; % of facts, n).",
+            "",
+            "| " + " | ".join(facts) + " |",
+            "|---" * len(facts) + "|",
+            "| " + " | ".join(f"{v['accuracy']:.1f} ({v['n']})" for v in facts.values()) + " |",
+        ]
+        if meta.get("base_heldout_loss") is not None:
+            lines += ["", f"Held-out description loss {meta['base_heldout_loss']:.4f}."]
     lines += ["", "## Compute", ""]
     if "compute_s" in meta:
         lines.append(

@@ -1,7 +1,10 @@
 """Sizes of the embedded LLaVA-architecture models the project builds itself.
 
 `tiny` is for tests (sub-second forward on 2 CPU cores); `small` is the default demo and
-the mini-CVIT benchmark model; `wide` has a representative LLM width (d_model 1024) for
+quickstart model; `cvit` is `small` with a wider, deeper vision tower (192 x 4 instead of
+128 x 3) for the mini-CVIT benchmark's base, whose tasks need the tower to tell shapes,
+positions and sign words apart (the text model, which dominates a training step's cost, is
+`small`'s); `wide` has a representative LLM width (d_model 1024) for
 throughput benchmarks of the routed adapter. `shape-7b` and `shape-13b` have the widths
 of llava-1.5-7B / 13B (hidden 4096 / 5120, MLP 11008 / 13824, head dim 128, a CLIP-L/14-336
 shaped tower: 1024 wide, 576 patches) with two decoder and two vision layers, so a 2-core
@@ -89,6 +92,22 @@ PRESETS: dict[str, TinyLlavaPreset] = {
         vision_layers=3,
         vision_heads=4,
         vision_intermediate=256,
+        text_hidden=256,
+        text_layers=4,
+        text_heads=8,
+        text_kv_heads=4,
+        text_intermediate=688,
+        vocab_size=1024,
+        max_positions=512,
+    ),
+    "cvit": TinyLlavaPreset(
+        name="cvit",
+        image_size=64,
+        patch_size=8,
+        vision_hidden=192,
+        vision_layers=4,
+        vision_heads=6,
+        vision_intermediate=768,
         text_hidden=256,
         text_layers=4,
         text_heads=8,

@@ -89,3 +89,20 @@ def test_cached_units_are_skipped_and_reported(bench, tmp_path: Path) -> None:
     assert out["claims"]["smolora"]["bwt"].endswith("(1 seed: no spread)")
     md = (tmp_path / "out" / "mc.md").read_text()
     assert "seeds 0, 1" in md and "## The paper's claims, one by one" in md
+
+
+def test_cache_names_follow_the_alignment_knobs(bench, tmp_path: Path) -> None:
+    plain = bench.parse_args(["--cache", str(tmp_path), "--dtype", "float32"])
+    assert bench.data_path(plain).name == "mini_cvit-seed0"
+    assert bench.base_path(plain).name == "base-small-seed0-steps3500-fp32"  # today's cache
+    knobs = ["--preset", "cvit", "--pretrain-size", "100000", "--pretrain-heldout", "500"]
+    bigger = bench.parse_args(["--cache", str(tmp_path), "--dtype", "float32", *knobs])
+    assert bench.data_path(bigger).name == "mini_cvit-seed0-n100000"
+    assert bench.base_path(bigger).name == "base-cvit-seed0-steps3500-fp32-n100000-heldout500"
+    # Threads and checkpoint interval change neither (a resumed alignment may use others).
+    resumed = bench.parse_args(
+        ["--cache", str(tmp_path), "--dtype", "float32", *knobs, "--pretrain-threads", "2"]
+    )
+    assert bench.base_path(resumed) == bench.base_path(bigger)
+    given = bench.parse_args(["--base", str(tmp_path / "mine")])
+    assert bench.base_path(given) == tmp_path / "mine"

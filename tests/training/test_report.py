@@ -123,3 +123,14 @@ def test_seeded_report_means_stds_claims_and_files(tmp_path: Path) -> None:
     assert (
         json.loads((tmp_path / "t_table.json").read_text())["claims"]["smolora"]["bwt"] == "holds"
     )
+
+
+def test_seeded_report_shows_what_the_base_knows(tmp_path: Path) -> None:
+    per_seed = {0: {"seqlora": _caption_result("seqlora", 0, 40.0, 5.0, 30.0)}}
+    facts = {"scene": {"accuracy": 99.5, "n": 400}, "shape": {"accuracy": 12.25, "n": 800}}
+    meta = {"base_facts": facts, "base_heldout_loss": 0.31234}
+    write_seeded_report(per_seed, tmp_path, "b", setting="single", meta=meta)
+    md = (tmp_path / "b.md").read_text()
+    assert "## The base" in md
+    assert "| scene | shape |" in md and "| 99.5 (400) | 12.2 (800) |" in md
+    assert "Held-out description loss 0.3123." in md
