@@ -116,6 +116,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="descriptions held out of the alignment; their loss is recorded every checkpoint",
     )
     p.add_argument(
+        "--pretrain-tower-steps",
+        type=int,
+        default=0,
+        help="vision-tower pretraining steps on the descriptions' facts before the alignment",
+    )
+    p.add_argument(
+        "--pretrain-modules",
+        choices=("all", "language"),
+        default="all",
+        help="what the alignment trains (language: projector and LLM, the tower stays)",
+    )
+    p.add_argument(
         "--pretrain-checkpoint-every",
         type=int,
         default=250,
@@ -199,6 +211,8 @@ def base_path(args: argparse.Namespace) -> Path:
         + described
         + ("" if args.pretrain_batch_size == 32 else f"-bs{args.pretrain_batch_size}")
         + (f"-heldout{args.pretrain_heldout}" if args.pretrain_heldout else "")
+        + (f"-tower{args.pretrain_tower_steps}" if args.pretrain_tower_steps else "")
+        + ("" if args.pretrain_modules == "all" else f"-{args.pretrain_modules}")
     )
 
 
@@ -342,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 checkpoint_every=args.pretrain_checkpoint_every,
                 heldout=args.pretrain_heldout,
+                tower_steps=args.pretrain_tower_steps,
+                train_modules=args.pretrain_modules,
             )
         )
         pretrain_s = time.perf_counter() - t0

@@ -5,40 +5,29 @@ it gets wrong, and the tasks ask for different facts (ImageNet the shape, TextVQ
 word, GQA positions, VQAv2 colours). This probe feeds a held-out description with teacher
 forcing and counts a fact as known when every token of its words is the model's top
 prediction, given the picture and the description up to it. Facts are read from the
-description's fixed sentence forms (`training/data/scene.py: describe`): the scene
-("This is a beach scene."), each object's size, colour, shape and position ("There is a
-small red circle at the top left."), the sign ("A sign says open.") and a book's title.
+description's fixed sentence forms (`training/data/scene.py: DESCRIPTION_FORMS`): the
+scene ("This is a beach scene.") or a book cover's colour, each object's size, colour,
+shape and position ("There is a small red circle at the top left."), the sign ("A sign
+says open.") and a book's title.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.cvit_json import Example
+from smolora.training.data.scene import DESCRIPTION_FORMS
 
-FACTS = ("scene", "size", "colour", "shape", "position", "sign", "title")
-
-_PATTERNS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
-    (re.compile(r"This is an? (\w+) scene\."), ("scene",)),
-    (
-        re.compile(
-            r"There is an? (?:(small|large) )?(\w+) (\w+) (?:at the ([a-z ]+)|in the middle)\."
-        ),
-        ("size", "colour", "shape", "position"),
-    ),
-    (re.compile(r"A sign says (\w+)\."), ("sign",)),
-    (re.compile(r"The title is ([^.]+)\."), ("title",)),
-)
+FACTS = ("scene", "cover", "size", "colour", "shape", "position", "sign", "title")
 
 
 def fact_spans(answer: str) -> list[tuple[str, int, int]]:
     """(fact, start, end) character spans of the facts stated in a description."""
     spans = []
-    for pattern, names in _PATTERNS:
+    for pattern, names in DESCRIPTION_FORMS:
         for m in pattern.finditer(answer):
             for i, name in enumerate(names, start=1):
                 if m.group(i) is not None:

@@ -52,7 +52,13 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--init", type=Path, default=None, help="start from this LLaVA folder instead of a preset"
     )
-    p.add_argument("--train-modules", choices=("all", "projector"), default="all")
+    p.add_argument("--train-modules", choices=("all", "language", "projector"), default="all")
+    p.add_argument(
+        "--tower-steps",
+        type=int,
+        default=0,
+        help="pretrain the vision tower on the descriptions' facts first (vision_pretrain.py)",
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -313,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             checkpoint_every=args.checkpoint_every,
             heldout=args.heldout,
+            tower_steps=args.tower_steps,
         )
         print(pretrain_base(cfg, progress=progress))
     elif args.command == "train":

@@ -41,6 +41,7 @@ from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
 from smolora.training.base_probe import probe_facts
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.mini_cvit import load_pretrain
+from smolora.training.vision_pretrain import pretrain_tower
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class PretrainConfig:
         init_dir: start from an existing LLaVA folder instead of a fresh preset.
         data_root: a built mini-CVIT folder (its `pretrain/train.json` is used).
         out_dir: where the aligned base model folder is written.
-        train_modules: "all" (from scratch) or "projector" (LLaVA stage 1).
+        train_modules: "all" (from scratch), "language" (projector and language model; the
+            vision tower stays as it is, as LLaVA keeps CLIP frozen) or "projector" (LLaVA
+            stage 1).
         steps, batch_size, lr, weight_decay, warmup_ratio: optimisation (AdamW, cosine).
         limit: use only the first `limit` descriptions.
         seed: init and data-order seed.
@@ -64,6 +67,8 @@ class PretrainConfig:
         checkpoint_every: write the resumable training state every this many steps (0: never).
         heldout: the last `heldout` descriptions are not trained on; their mean loss is
             measured at each checkpoint and at the end (0: no held-out set).
+        tower_steps, tower_batch_size, tower_lr: vision-tower pretraining on the
+            descriptions' facts before the alignment (`vision_pretrain.py`; 0: none).
         dtype: "auto", "float32" or "bfloat16": bfloat16 runs forward/backward under autocast
             (weights and optimizer state stay float32); "auto" picks it only where the
             device computes bfloat16 natively (`adapters/precision.py`).
@@ -73,7 +78,7 @@ class PretrainConfig:
     out_dir: Path
     preset: str = "small"
     init_dir: Path | None = None
-    train_modules: Literal["all", "projector"] = "all"
+    train_modules: Literal["all", "language", "projector"] = "all"
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
@@ -86,16 +91,22 @@ class PretrainConfig:
     dtype: DTypeChoice = "auto"
     checkpoint_every: int = 0
     heldout: int = 0
+    tower_steps: int = 0
+    tower_batch_size: int = 64
+    tower_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
         self.init_dir = Path(self.init_dir) if self.init_dir is not None else None
         if self.init_dir is None:
             get_preset(self.preset)  # raises with the known names
-        if self.train_modules not in ("all", "projector"):
+        if self.train_modules not in ("all", "language", "projector"):
             raise ValueError(
-                f"train_modules must be 'all' or 'projector', got {self.train_modules!r}"
+                "train_modules must be 'all', 'language' or 'projector', "
+                f"got {self.train_modules!r}"
             )
+        if self.tower_steps < 0 or self.tower_batch_size < 1 or self.tower_lr <= 0:
+            raise ValueError("tower_steps must be >= 0, tower_batch_size and tower_lr positive")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps, batch_size and lr must be positive")
         if self.checkpoint_every < 0 or self.heldout < 0:
@@ -122,7 +133,11 @@ class ResumeMismatchError(ValueError):
 
 def _trainable(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
     for name, p in model.named_parameters():
-        p.requires_grad_(which == "all" or "multi_modal_projector" in name)
+        p.requires_grad_(
+            which == "all"
+            or "multi_modal_projector" in name
+            or (which == "language" and "vision_tower" not in name)
+        )
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -170,6 +185,31 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         raise ValueError(f"heldout={cfg.heldout} leaves no training data (have {len(data)})")
     heldout = data[len(data) - cfg.heldout :] if cfg.heldout else []
     data = data[: len(data) - cfg.heldout]
+    state_path = cfg.out_dir / ".resume" / "state.pt"
+    state = None
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["key"] != json.loads(json.dumps(cfg.resume_key())):
+            raise ResumeMismatchError(
+                f"{state_path} was written by an alignment with other settings; "
+                "delete it or align into another folder"
+            )
+    tower_info = state.get("tower") if state is not None else None
+    if state is None and cfg.tower_steps:
+        tower_info = pretrain_tower(
+            model,
+            encoder,
+            data,
+            heldout,
+            steps=cfg.tower_steps,
+            batch_size=cfg.tower_batch_size,
+            lr=cfg.tower_lr,
+            seed=cfg.seed,
+            device=device,
+            autocast_bf16=compute_dtype == "bfloat16",
+            progress=progress,
+        )
+        logger.info("vision tower pretrained: %s", tower_info)
     params = _trainable(model, cfg.train_modules)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(
@@ -184,14 +224,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     losses: list[float] = []
     heldout_curve: list[tuple[int, float]] = []
     done, spent = 0, 0.0
-    state_path = cfg.out_dir / ".resume" / "state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["key"] != json.loads(json.dumps(cfg.resume_key())):
-            raise ResumeMismatchError(
-                f"{state_path} was written by an alignment with other settings; "
-                "delete it or align into another folder"
-            )
+    if state is not None:
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
@@ -217,12 +250,15 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
                 "losses": losses,
                 "heldout_curve": heldout_curve,
                 "step": step,
+                "tower": tower_info,
                 "seconds": spent + time.perf_counter() - start,
             },
             tmp,
         )
         tmp.replace(state_path)  # atomic: an interrupted save keeps the previous state
 
+    if state is None and cfg.tower_steps and cfg.checkpoint_every:
+        save_state(0)  # an interrupted alignment does not pretrain the tower again
     model.train()
     bar = tqdm(range(done, cfg.steps), desc="align base", disable=not progress)
     for step in bar:
@@ -268,6 +304,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         "heldout_curve": [[step, round(loss, 4)] for step, loss in heldout_curve],
         "heldout_loss": heldout_curve[-1][1] if heldout_curve else None,
         "heldout_facts": facts,
+        "tower": tower_info,
         "seconds": spent + time.perf_counter() - start,
     }
     (cfg.out_dir / "alignment.json").write_text(json.dumps(info, indent=1))

@@ -31,6 +31,7 @@ def test_fact_spans_of_each_sentence_form():
     ]
     cover = "This is a green book cover. The title is Deep Sea. There is a red ring at the top."
     assert [(n, cover[a:b]) for n, a, b in fact_spans(cover)] == [
+        ("cover", "green"),
         ("title", "Deep Sea"),
         ("colour", "red"),
         ("shape", "ring"),

@@ -104,5 +104,9 @@ def test_cache_names_follow_the_alignment_knobs(bench, tmp_path: Path) -> None:
         ["--cache", str(tmp_path), "--dtype", "float32", *knobs, "--pretrain-threads", "2"]
     )
     assert bench.base_path(resumed) == bench.base_path(bigger)
+    towered = bench.parse_args(
+        [*knobs, "--pretrain-tower-steps", "900", "--pretrain-modules", "language"]
+    )
+    assert bench.base_path(towered).name.endswith("-heldout500-tower900-language")
     given = bench.parse_args(["--base", str(tmp_path / "mine")])
     assert bench.base_path(given) == tmp_path / "mine"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
@@ -259,6 +260,68 @@ def describe(scene: Scene) -> str:
     if scene.sign:
         parts.append(f"A sign says {scene.sign}.")
     return " ".join(parts)
+
+
+#: The sentence forms of `describe` and the facts each states, in group order.
+DESCRIPTION_FORMS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
+    (re.compile(r"This is an? (\w+) scene\."), ("scene",)),
+    (re.compile(r"This is an? (\w+) book cover\."), ("cover",)),
+    (
+        re.compile(
+            r"There is an? (?:(small|large) )?(\w+) (\w+) (?:at the ([a-z ]+)|in the middle)\."
+        ),
+        ("size", "colour", "shape", "position"),
+    ),
+    (re.compile(r"A sign says (\w+)\."), ("sign",)),
+    (re.compile(r"The title is ([^.]+)\."), ("title",)),
+)
+_CELLS = {name: cell for cell, name in CELL_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class DescribedFacts:
+    """What a `describe` text states (its inverse): `objects` as `SceneObject`s (a huge
+    object "in the middle" sits in the centre cell), the background (None for a book
+    cover, whose description does not name one), the sign word and the cover's colour and
+    title."""
+
+    background: str | None
+    objects: tuple[SceneObject, ...]
+    sign: str | None = None
+    cover: tuple[str, str] | None = None
+
+
+def parse_description(text: str) -> DescribedFacts:
+    """The facts of a description written by `describe`.
+
+    Raises:
+        ValueError: if an object sentence names an unknown shape, colour or position.
+    """
+    background = sign = cover_colour = title = None
+    objects = []
+    for pattern, _names in DESCRIPTION_FORMS:
+        for m in pattern.finditer(text):
+            if pattern is DESCRIPTION_FORMS[0][0]:
+                background = m.group(1)
+            elif pattern is DESCRIPTION_FORMS[1][0]:
+                cover_colour = m.group(1)
+            elif pattern is DESCRIPTION_FORMS[2][0]:
+                size, colour, shape, where = m.groups()
+                if shape not in SHAPES or colour not in COLOURS:
+                    raise ValueError(f"unknown object {colour!r} {shape!r} in {text!r}")
+                if where is not None and where not in _CELLS:
+                    raise ValueError(f"unknown position {where!r} in {text!r}")
+                if where is None:  # a huge object, alone in the middle
+                    obj = SceneObject(shape, colour, "huge", (1, 1))
+                else:  # a book cover's emblem has no size word: it is small
+                    obj = SceneObject(shape, colour, size or "small", _CELLS[where])
+                objects.append((m.start(), obj))
+            elif pattern is DESCRIPTION_FORMS[3][0]:
+                sign = m.group(1)
+            else:
+                title = m.group(1)
+    cover = (cover_colour, title) if cover_colour is not None and title is not None else None
+    return DescribedFacts(background, tuple(o for _, o in sorted(objects)), sign, cover)
 
 
 # --------------------------------------------------------------------------------------
