@@ -24,7 +24,11 @@ Usage (the full table: 10 methods x 2 settings x 3 seeds, small preset):
 Resumable: the data, the aligned base and every unit are cached under --cache; a unit whose
 `results.json` exists is not run again (an interrupted unit resumes after its last
 published task), so the full table can be accumulated over several invocations, and
-`--report-only` rewrites the results from whatever units are done. The training seed varies
+`--report-only` rewrites the results from whatever units are done. Machine sessions do not
+share a cache, so every finished unit's results (and the base's alignment record; with
+`--archive-base` its weights too) are also copied to `--archive`
+(`bench/results/mini_cvit_units/`, committed): a unit found there counts as done, and an
+archived base is used instead of aligning again. The training seed varies
 per unit; the data and the base come from `--data-seed` (shared by all seeds), so the
 spread is that of training. `compute_s` is the total compute of the table: base alignment
 plus every unit's wall time, whenever it ran; `runtime_s` is this invocation's wall time.
@@ -37,6 +41,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -157,8 +162,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ewc-lambda", type=float, default=100.0, help="EWC penalty weight (its own unit key)"
     )
     p.add_argument("--cache", type=Path, default=ROOT / ".cache")
+    p.add_argument(
+        "--archive",
+        type=Path,
+        default=ROOT / "results" / "mini_cvit_units",
+        help="where finished units' results (and the base's alignment record) are copied, "
+        "to be committed: a later session on another machine counts them as done",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--name", default="mini_cvit")
+    p.add_argument(
+        "--archive-base",
+        action="store_true",
+        help="also copy the aligned base's weights into the archive (not only its record)",
+    )
     p.add_argument(
         "--report-only", action="store_true", help="train nothing; report the cached units"
     )
@@ -222,11 +239,36 @@ def unit_dir(args: argparse.Namespace, base: Path, setting: str, seed: int, meth
     return runs / (f"ewc-lambda{args.ewc_lambda:g}" if method == "ewc" else method)
 
 
+def archived_dir(args: argparse.Namespace, run: Path) -> Path:
+    """A unit's folder in the committed archive (same relative name as in the cache)."""
+    return args.archive / run.parent.name / run.name
+
+
+def finished_dir(
+    args: argparse.Namespace, base: Path, setting: str, seed: int, method: str
+) -> Path | None:
+    """The folder holding a finished unit's `results.json`: the cache, else the archive."""
+    run = unit_dir(args, base, setting, seed, method)
+    for folder in (run, archived_dir(args, run)):
+        if (folder / "results.json").is_file():
+            return folder
+    return None
+
+
+def archive_unit(args: argparse.Namespace, run: Path) -> None:
+    """Copy a finished unit's results and wall time into the archive."""
+    out = archived_dir(args, run)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "unit.json"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, out / name)
+
+
 def pending_units(
     args: argparse.Namespace, base: Path, units: list[tuple[str, int, str]]
 ) -> list[tuple[str, int, str]]:
-    """The (setting, seed, method) units without a `results.json` (cached ones are skipped)."""
-    return [u for u in units if not (unit_dir(args, base, *u) / "results.json").is_file()]
+    """The (setting, seed, method) units not finished in the cache or the archive."""
+    return [u for u in units if finished_dir(args, base, *u) is None]
 
 
 def method_command(
@@ -273,15 +315,34 @@ def method_command(
     ]
 
 
-def _alignment(base: Path) -> dict | None:
+def _alignment(args: argparse.Namespace, base: Path) -> dict | None:
     """The base's alignment provenance (config, final and held-out loss, the facts it states
-    correctly, seconds), if it has one."""
-    path = base / "alignment.json"
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    keys = ("config", "final_loss", "heldout_loss", "heldout_curve", "heldout_facts", "seconds")
-    return {k: info.get(k) for k in keys}
+    correctly, the tower pretraining, seconds), from the base or the archive."""
+    for path in (base / "alignment.json", args.archive / base.name / "alignment.json"):
+        if path.is_file():
+            info = json.loads(path.read_text())
+            keys = (
+                "config",
+                "final_loss",
+                "heldout_loss",
+                "heldout_curve",
+                "heldout_facts",
+                "tower",
+                "seconds",
+            )
+            return {k: info.get(k) for k in keys}
+    return None
+
+
+def archive_base(args: argparse.Namespace, base: Path, weights: bool) -> None:
+    """Copy the base's alignment record (and with `weights`, the whole base folder) into
+    the archive, so units trained later elsewhere start from the same base."""
+    out = args.archive / base.name
+    if weights:
+        shutil.copytree(base, out, dirs_exist_ok=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base / "alignment.json", out / "alignment.json")
 
 
 def _unit_wall(run: Path) -> float:
@@ -338,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         data = build_mini_cvit(data, data_cfg)
     base = base_path(args)
+    archived = args.archive / base.name
+    if (
+        args.base is None
+        and not (base / "alignment.json").is_file()
+        and (archived / "model.safetensors").is_file()
+    ):
+        base = archived  # aligned in an earlier session, weights committed
     pretrain_s = 0.0
     if args.base is None and not (base / "alignment.json").is_file() and not args.report_only:
         t0 = time.perf_counter()
@@ -361,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         pretrain_s = time.perf_counter() - t0
+    if (base / "alignment.json").is_file() and base.parent != args.archive:
+        archive_base(args, base, weights=args.archive_base)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     rank = {m: i for i, m in enumerate(SCHEDULE)}
     units = [
@@ -386,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             (run / "unit.json").write_text(
                 json.dumps({"wall_s": previous + wall, "device": args.device, "command": cmd})
             )
+            archive_unit(args, run)
         print(
             f"[{time.perf_counter() - start:7.0f}s] {setting} seed {seed} {method}: rc={rc} "
             f"({wall:.0f}s), log {log}",
@@ -400,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a)
         for a in ["python", "bench/mini_cvit.py", *(argv if argv is not None else sys.argv[1:])]
     )
-    alignment = _alignment(base)
+    alignment = _alignment(args, base)
     align_s = float((alignment or {}).get("seconds") or 0.0)
     args.out.mkdir(parents=True, exist_ok=True)
     failed = [f"{s}/seed{seed}/{m}" for (s, seed, m), _, rc in outcomes if rc != 0]
@@ -412,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         method_wall: dict[str, float] = {}
         for seed in seeds:
             for m in methods:
-                run = unit_dir(args, base, setting, seed, m)
-                if (run / "results.json").is_file():
+                run = finished_dir(args, base, setting, seed, m)
+                if run is not None:
                     per_seed.setdefault(seed, {})[m] = json.loads(
                         (run / "results.json").read_text()
                     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_cached_units_are_skipped_and_reported(bench, tmp_path: Path) -> None:
         "2",
         "--cache",
         str(tmp_path / "cache"),
+        "--archive",
+        str(tmp_path / "archive"),
         "--out",
         str(tmp_path / "out"),
         "--name",
@@ -110,3 +113,30 @@ def test_cache_names_follow_the_alignment_knobs(bench, tmp_path: Path) -> None:
     assert bench.base_path(towered).name.endswith("-heldout500-tower900-language")
     given = bench.parse_args(["--base", str(tmp_path / "mine")])
     assert bench.base_path(given) == tmp_path / "mine"
+
+
+def test_archived_units_count_as_done(bench, tmp_path: Path) -> None:
+    """A unit finished in another session (only its archived results here) is not rerun and
+    is reported; an archived base record gives the report its provenance."""
+    argv = [
+        "--preset", "tiny", "--settings", "single", "--methods", "seqlora", "--tasks",
+        "sqa,caption", "--seeds", "1", "--cache", str(tmp_path / "cache"), "--archive",
+        str(tmp_path / "archive"), "--out", str(tmp_path / "out"), "--name", "mc",
+    ]  # fmt: skip
+    args = bench.parse_args(argv)
+    base = tmp_path / "cache" / "base-x"
+    run = bench.unit_dir(args, base, "single", 0, "seqlora")
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(_result("seqlora", 0, 30.0)))
+    (run / "unit.json").write_text(json.dumps({"wall_s": 50.0}))
+    bench.archive_unit(args, run)
+    shutil.rmtree(tmp_path / "cache")  # a new machine: nothing cached
+    assert bench.pending_units(args, base, [("single", 0, "seqlora")]) == []
+    record = tmp_path / "archive" / "base-x" / "alignment.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"config": {"preset": "cvit"}, "seconds": 10.0}))
+    assert bench.main([*argv, "--base", str(base), "--report-only"]) == 0
+    out = json.loads((tmp_path / "out" / "mc.json").read_text())
+    assert out["methods"]["seqlora"]["seeds"] == [0]
+    assert out["compute_s"] == pytest.approx(60.0)  # 10 s alignment + the 50 s unit
+    assert out["base_alignment"]["config"] == {"preset": "cvit"}
