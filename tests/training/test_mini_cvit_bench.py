@@ -95,22 +95,33 @@ def test_cached_units_are_skipped_and_reported(bench, tmp_path: Path) -> None:
 
 
 def test_cache_names_follow_the_alignment_knobs(bench, tmp_path: Path) -> None:
-    plain = bench.parse_args(["--cache", str(tmp_path), "--dtype", "float32"])
+    old = ["--preset", "small", "--pretrain-steps", "3500", "--pretrain-size", "24000"]
+    old += ["--pretrain-heldout", "0", "--pretrain-tower-steps", "0", "--pretrain-modules", "all"]
+    plain = bench.parse_args(["--cache", str(tmp_path), "--dtype", "float32", *old])
     assert bench.data_path(plain).name == "mini_cvit-seed0"
-    assert bench.base_path(plain).name == "base-small-seed0-steps3500-fp32"  # today's cache
-    knobs = ["--preset", "cvit", "--pretrain-size", "100000", "--pretrain-heldout", "500"]
+    assert bench.base_path(plain).name == "base-small-seed0-steps3500-fp32"  # the old base
+    knobs = [*old, "--pretrain-size", "100000", "--pretrain-heldout", "500"]
     bigger = bench.parse_args(["--cache", str(tmp_path), "--dtype", "float32", *knobs])
     assert bench.data_path(bigger).name == "mini_cvit-seed0-n100000"
-    assert bench.base_path(bigger).name == "base-cvit-seed0-steps3500-fp32-n100000-heldout500"
+    assert bench.base_path(bigger).name == "base-small-seed0-steps3500-fp32-n100000-heldout500"
     # Threads and checkpoint interval change neither (a resumed alignment may use others).
     resumed = bench.parse_args(
         ["--cache", str(tmp_path), "--dtype", "float32", *knobs, "--pretrain-threads", "2"]
     )
     assert bench.base_path(resumed) == bench.base_path(bigger)
-    towered = bench.parse_args(
-        [*knobs, "--pretrain-tower-steps", "900", "--pretrain-modules", "language"]
+    default = bench.parse_args(["--cache", str(tmp_path), "--dtype", "bfloat16"])
+    assert bench.base_path(default).name == (
+        "base-cvit-seed0-steps3000-bf16-n100000-heldout500-tower1500-language"
     )
-    assert bench.base_path(towered).name.endswith("-heldout500-tower900-language")
+    # Units are keyed by the dtype they train in, "auto" by what it resolves to here.
+    from smolora.adapters.precision import resolve_dtype
+
+    keys = {
+        d: bench.training_key(bench.parse_args(["--dtype", d])) for d in ("float32", "bfloat16")
+    }
+    assert keys["float32"] != keys["bfloat16"]
+    auto = bench.training_key(bench.parse_args(["--dtype", "auto"]))
+    assert auto == keys[resolve_dtype("auto", "cpu")]
     given = bench.parse_args(["--base", str(tmp_path / "mine")])
     assert bench.base_path(given) == tmp_path / "mine"
 
