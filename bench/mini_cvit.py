@@ -212,11 +212,15 @@ def training_key(args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _data_suffix(args: argparse.Namespace) -> str:
+    """What sets a build apart from the default one: image size, description count."""
+    size = "" if args.image_size == 64 else f"-px{args.image_size}"
+    return size + ("" if args.pretrain_size == 24000 else f"-n{args.pretrain_size}")
+
+
 def data_path(args: argparse.Namespace) -> Path:
     """The cached mini-CVIT build (named by what changes its content)."""
-    size = "" if args.image_size == 64 else f"-px{args.image_size}"
-    described = "" if args.pretrain_size == 24000 else f"-n{args.pretrain_size}"
-    return args.cache / f"mini_cvit-seed{args.data_seed}{size}{described}"
+    return args.cache / f"mini_cvit-seed{args.data_seed}{_data_suffix(args)}"
 
 
 def base_path(args: argparse.Namespace) -> Path:
@@ -224,12 +228,9 @@ def base_path(args: argparse.Namespace) -> Path:
     if args.base is not None:
         return args.base
     precision = {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(args.dtype, args.device)]
-    size = "" if args.image_size == 64 else f"-px{args.image_size}"
-    described = "" if args.pretrain_size == 24000 else f"-n{args.pretrain_size}"
     return args.cache / (
         f"base-{args.preset}-seed{args.data_seed}-steps{args.pretrain_steps}-{precision}"
-        + size
-        + described
+        + _data_suffix(args)
         + ("" if args.pretrain_batch_size == 32 else f"-bs{args.pretrain_batch_size}")
         + (f"-heldout{args.pretrain_heldout}" if args.pretrain_heldout else "")
         + (f"-tower{args.pretrain_tower_steps}" if args.pretrain_tower_steps else "")

@@ -39,6 +39,7 @@ from transformers import get_scheduler
 from smolora.adapters.precision import DTYPE_CHOICES, DTypeChoice, resolve_dtype
 from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
 from smolora.training.base_probe import probe_facts
+from smolora.training.data.batches import next_indices
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.mini_cvit import load_pretrain
 from smolora.training.vision_pretrain import pretrain_tower
@@ -262,12 +263,8 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     model.train()
     bar = tqdm(range(done, cfg.steps), desc="align base", disable=not progress)
     for step in bar:
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(data)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        batch = encoder.collate_train([data[i] for i in order[: cfg.batch_size]])
-        del order[: cfg.batch_size]
+        indices = next_indices(order, len(data), cfg.batch_size, rng)
+        batch = encoder.collate_train([data[i] for i in indices])
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
             loss = model(**tensors).loss

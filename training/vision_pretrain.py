@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import get_scheduler
 
+from smolora.training.data.batches import next_indices
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.cvit_json import Example
 from smolora.training.data.scene import (
@@ -192,12 +193,8 @@ def pretrain_tower(
     losses: list[float] = []
     tower.train()
     for _ in tqdm(range(steps), desc="pretrain tower", disable=not progress):
-        if len(order) < batch_size:
-            fresh = list(range(len(data)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        pixels, targets = _batch(encoder, [data[i] for i in order[:batch_size]], device)
-        del order[:batch_size]
+        indices = next_indices(order, len(data), batch_size, rng)
+        pixels, targets = _batch(encoder, [data[i] for i in indices], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             loss = _loss(heads(tower_features(model, pixels)), targets)
         loss.backward()

@@ -15,7 +15,7 @@ dims are >= 32 because vLLM's CPU attention rejects 16.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -100,22 +100,6 @@ PRESETS: dict[str, TinyLlavaPreset] = {
         vocab_size=1024,
         max_positions=512,
     ),
-    "cvit": TinyLlavaPreset(
-        name="cvit",
-        image_size=64,
-        patch_size=8,
-        vision_hidden=192,
-        vision_layers=4,
-        vision_heads=6,
-        vision_intermediate=768,
-        text_hidden=256,
-        text_layers=4,
-        text_heads=8,
-        text_kv_heads=4,
-        text_intermediate=688,
-        vocab_size=1024,
-        max_positions=512,
-    ),
     "wide": TinyLlavaPreset(
         name="wide",
         image_size=64,
@@ -165,6 +149,16 @@ PRESETS: dict[str, TinyLlavaPreset] = {
         max_positions=1024,
     ),
 }
+
+
+PRESETS["cvit"] = replace(
+    PRESETS["small"],
+    name="cvit",
+    vision_hidden=192,
+    vision_layers=4,
+    vision_heads=6,
+    vision_intermediate=768,
+)
 
 
 def get_preset(name: str) -> TinyLlavaPreset:

@@ -69,29 +69,12 @@ def test_tower_pretraining_then_a_frozen_tower(data_root: Path, tmp_path: Path):
     )
     assert all(torch.equal(initial[k], v) for k, v in _tower(frozen).items())
     # Tower steps change the tower; the language-only alignment after them does not.
-    towered = pretrain_base(
-        PretrainConfig(
-            out_dir=tmp_path / "b",
-            train_modules="language",
-            tower_steps=4,
-            tower_batch_size=4,
-            heldout=4,
-            **kw,
-        ),
-        progress=False,
-    )
+    tower = dict(train_modules="language", tower_steps=4, tower_batch_size=4, heldout=4)
+    towered = pretrain_base(PretrainConfig(out_dir=tmp_path / "b", **tower, **kw), progress=False)
     after = _tower(towered)
     assert any(not torch.equal(initial[k], v) for k, v in after.items())
     shorter = pretrain_base(
-        PretrainConfig(
-            out_dir=tmp_path / "c",
-            train_modules="language",
-            tower_steps=4,
-            tower_batch_size=4,
-            heldout=4,
-            **{**kw, "steps": 1},
-        ),
-        progress=False,
+        PretrainConfig(out_dir=tmp_path / "c", **tower, **{**kw, "steps": 1}), progress=False
     )
     assert all(torch.equal(after[k], v) for k, v in _tower(shorter).items())  # alignment left it
     import json

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from smolora.adapters.adapter_model import AdapterModel
 from smolora.adapters.instructions import InstructionEncoder
 from smolora.training.config import RunConfig
+from smolora.training.data.batches import next_indices
 from smolora.training.data.cvit_json import Example
 from smolora.training.evaluate import MaskHook, no_scope
 
@@ -99,12 +100,7 @@ class ContinualMethod:
         """Endless training batches: reshuffled passes over the task's examples."""
         order: list[int] = []
         while True:
-            if len(order) < batch_size:
-                fresh = list(range(len(examples)))
-                rng.shuffle(fresh)
-                order.extend(fresh)
-            yield [examples[i] for i in order[:batch_size]]
-            del order[:batch_size]
+            yield [examples[i] for i in next_indices(order, len(examples), batch_size, rng)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter.trainable_parameters() if self.adapter is not None else []
