@@ -2,9 +2,9 @@
 
 A real LLaVA starts from a CLIP tower pretrained on image-text pairs; the embedded models
 start from random weights, and the language-model loss of the alignment alone teaches the
-tower little: after 1750 alignment steps the base named an object's colour right 61% of the
-time but its shape at chance (13%, `base_probe.py`), because a shape word is one token in
-thirty and the language model cannot read a feature the tower does not compute yet.
+tower little about shapes (a shape word is one token in thirty, and the language model
+cannot read a feature the tower does not compute yet; `base_probe.py` measures it, and
+bench/README.md, "mini-CVIT base", has the numbers).
 
 This stage trains the tower on the same image-description pairs the alignment uses, with
 the description's facts as targets (`scene.parse_description`): for each of the 3 x 3 grid
