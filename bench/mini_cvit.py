@@ -129,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="vision-tower pretraining steps on the descriptions' facts before the alignment",
     )
     p.add_argument(
+        "--pretrain-reading-share",
+        type=float,
+        default=0.0,
+        help="share of each alignment batch turned into reading exercises (data/reading.py)",
+    )
+    p.add_argument(
         "--pretrain-modules",
         choices=("all", "language"),
         default="language",
@@ -235,6 +241,7 @@ def base_path(args: argparse.Namespace) -> Path:
         + (f"-heldout{args.pretrain_heldout}" if args.pretrain_heldout else "")
         + (f"-tower{args.pretrain_tower_steps}" if args.pretrain_tower_steps else "")
         + ("" if args.pretrain_modules == "all" else f"-{args.pretrain_modules}")
+        + (f"-reading{args.pretrain_reading_share:g}" if args.pretrain_reading_share else "")
     )
 
 
@@ -431,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 heldout=args.pretrain_heldout,
                 tower_steps=args.pretrain_tower_steps,
                 train_modules=args.pretrain_modules,
+                reading_share=args.pretrain_reading_share,
             )
         )
         pretrain_s = time.perf_counter() - t0

@@ -59,6 +59,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="pretrain the vision tower on the descriptions' facts first (vision_pretrain.py)",
     )
+    p.add_argument(
+        "--reading-share",
+        type=float,
+        default=0.0,
+        help="share of each batch turned into reading exercises (data/reading.py)",
+    )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -320,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every,
             heldout=args.heldout,
             tower_steps=args.tower_steps,
+            reading_share=args.reading_share,
         )
         print(pretrain_base(cfg, progress=progress))
     elif args.command == "train":

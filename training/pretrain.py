@@ -6,7 +6,11 @@ generic descriptions ("This is a beach scene. There is a small red circle at the
 left. ..."), answered after generic prompts ("Describe the image."). The result states
 everything in a picture but answers no task's format, which is why the zero-shot row of
 the benchmark is low. For a real LLaVA checkpoint the analogue is LLaVA's stage 1
-(`train_modules="projector"`: projector only, on image-caption pairs).
+(`train_modules="projector"`: projector only, on image-caption pairs). With
+`reading_share`, part of each batch is reading exercises (`data/reading.py`): a
+multiple-choice question about a description written into the prompt, answered with a
+letter; the generic skill a pretrained LLM brings to LLaVA, which a language model trained
+from scratch on descriptions lacks.
 
 The output is a standard HF LLaVA folder (weights, tokenizer, processor) plus
 `alignment.json` (config, losses, held-out losses, provenance): the frozen base every method
@@ -41,7 +45,10 @@ from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
 from smolora.training.base_probe import probe_facts
 from smolora.training.data.batches import next_indices
 from smolora.training.data.collate import ExampleEncoder
+from smolora.training.data.cvit_json import Example
 from smolora.training.data.mini_cvit import load_pretrain
+from smolora.training.data.reading import reading_exercise
+from smolora.training.evaluate import evaluate_task
 from smolora.training.vision_pretrain import pretrain_tower
 
 logger = logging.getLogger(__name__)
@@ -70,6 +77,9 @@ class PretrainConfig:
             measured at each checkpoint and at the end (0: no held-out set).
         tower_steps, tower_batch_size, tower_lr: vision-tower pretraining on the
             descriptions' facts before the alignment (`vision_pretrain.py`; 0: none).
+        reading_share: the share of each batch turned into reading exercises
+            (`data/reading.py`: a multiple-choice question about the description, answered
+            with a letter), the generic skill a pretrained LLM brings; 0: descriptions only.
         dtype: "auto", "float32" or "bfloat16": bfloat16 runs forward/backward under autocast
             (weights and optimizer state stay float32); "auto" picks it only where the
             device computes bfloat16 natively (`adapters/precision.py`).
@@ -95,6 +105,7 @@ class PretrainConfig:
     tower_steps: int = 0
     tower_batch_size: int = 64
     tower_lr: float = 1e-3
+    reading_share: float = 0.0
 
     def __post_init__(self) -> None:
         self.data_root, self.out_dir = Path(self.data_root), Path(self.out_dir)
@@ -110,6 +121,8 @@ class PretrainConfig:
             raise ValueError("tower_steps must be >= 0, tower_batch_size and tower_lr positive")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps, batch_size and lr must be positive")
+        if not 0.0 <= self.reading_share <= 1.0:
+            raise ValueError(f"reading_share must be in [0, 1], got {self.reading_share}")
         if self.checkpoint_every < 0 or self.heldout < 0:
             raise ValueError("checkpoint_every and heldout must be >= 0")
         if self.dtype not in DTYPE_CHOICES:
@@ -140,6 +153,28 @@ def _trainable(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
             or (which == "language" and "vision_tower" not in name)
         )
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def with_reading(examples: list[Example], share: float, seed: str) -> list[Example]:
+    """`examples` with the first `round(share * len)` turned into reading exercises (a
+    description with nothing to ask about stays as it is). Seeded by `seed` (the step), so a
+    resumed alignment draws the same exercises without saving a random state."""
+    n = round(share * len(examples))
+    if not n:
+        return examples
+    rng = random.Random(f"{seed}|reading")
+    turned = [reading_exercise(ex, rng) for ex in examples[:n]]
+    return [r if r is not None else ex for r, ex in zip(turned, examples)] + examples[n:]
+
+
+def _reading_accuracy(
+    model: torch.nn.Module, encoder: ExampleEncoder, heldout: list[Example], seed: str
+) -> float:
+    """Greedy accuracy (%) on reading exercises made from the held-out descriptions."""
+    rng = random.Random(f"{seed}|reading")
+    exercises = [r for ex in heldout if (r := reading_exercise(ex, rng)) is not None]
+    return evaluate_task(model, encoder, exercises).score
 
 
 @torch.no_grad()
@@ -264,7 +299,9 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     bar = tqdm(range(done, cfg.steps), desc="align base", disable=not progress)
     for step in bar:
         indices = next_indices(order, len(data), cfg.batch_size, rng)
-        batch = encoder.collate_train([data[i] for i in indices])
+        batch = encoder.collate_train(
+            with_reading([data[i] for i in indices], cfg.reading_share, f"{cfg.seed}|{step}")
+        )
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
             loss = model(**tensors).loss
@@ -284,6 +321,11 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     if heldout and (not heldout_curve or heldout_curve[-1][0] != cfg.steps):
         heldout_curve.append((cfg.steps, _heldout_loss(model, encoder, heldout, device)))
     facts = probe_facts(model, encoder, heldout, device) if heldout else None
+    reading = (
+        _reading_accuracy(model, encoder, heldout, f"{cfg.seed}|heldout")
+        if heldout and cfg.reading_share
+        else None
+    )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -301,6 +343,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         "heldout_curve": [[step, round(loss, 4)] for step, loss in heldout_curve],
         "heldout_loss": heldout_curve[-1][1] if heldout_curve else None,
         "heldout_facts": facts,
+        "heldout_reading_accuracy": reading,
         "tower": tower_info,
         "seconds": spent + time.perf_counter() - start,
     }

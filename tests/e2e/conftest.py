@@ -144,6 +144,10 @@ class RemoteServer:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
 
     def __exit__(self, *exc: Any) -> None:
+        if exc and exc[0] is not None:  # pytest shows what a failed test printed
+            state = "running" if self.proc is None or self.proc.poll() is None else "exited"
+            code = "" if self.proc is None else f" ({self.proc.returncode})"
+            print(f"server {state}{code}; its log's tail:\n{self.log_tail(20_000)}")
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
