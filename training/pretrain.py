@@ -155,7 +155,6 @@ def _trainable(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-@torch.no_grad()
 def with_reading(examples: list[Example], share: float, seed: str) -> list[Example]:
     """`examples` with the first `round(share * len)` turned into reading exercises (a
     description with nothing to ask about stays as it is). Seeded by `seed` (the step), so a

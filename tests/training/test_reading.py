@@ -1,5 +1,6 @@
-"""Reading exercises: each one's letter names the option the passage supports, every letter
-is used, no task template is reused, and an alignment with a reading share trains on them."""
+"""Reading exercises: each one's letter names the option the passage supports (a lookup's
+letters name the options asked for), every letter is used, no task template is reused, and
+an alignment with a reading share trains on them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 from smolora.training.data.cvit_json import Example
-from smolora.training.data.reading import READING_INSTRUCTIONS, reading_exercise
+from smolora.training.data.reading import (
+    LOOKUP_QUERIES,
+    READING_INSTRUCTIONS,
+    reading_exercise,
+)
 from smolora.training.data.scene import CELL_NAMES, parse_description
 from smolora.training.data.tasks import TASKS
 from smolora.training.pretrain import PretrainConfig, pretrain_base, with_reading
@@ -51,6 +56,15 @@ def test_each_exercise_has_exactly_one_supported_option_and_its_letter():
         passage = PASSAGES[i % len(PASSAGES)]
         ex = reading_exercise(_description(passage, i), rng)
         assert ex is not None and ex.task == "reading" and ex.references == (ex.answer,)
+        if ex.id.endswith("|lookup"):
+            *lines, instruction = ex.prompt.split("\n")
+            options = {v: k for k, v in (line.split(". ", 1) for line in lines)}
+            asked = instruction.split(": ", 1)[1].rstrip(".").split(", ")
+            assert set(asked) <= set(options) and 2 <= len(options) <= 4
+            assert len(asked) == LOOKUP_QUERIES
+            assert ex.answer == " ".join(options[w] for w in asked)
+            questions["lookup"] += 1
+            continue
         head, question, *lines, instruction = ex.prompt.split("\n")
         assert head == f"Passage: {passage}" and instruction in READING_INSTRUCTIONS
         options = dict(line.split(". ", 1) for line in lines)
@@ -60,7 +74,7 @@ def test_each_exercise_has_exactly_one_supported_option_and_its_letter():
         letters[ex.answer] += 1
         questions[question.rsplit(" ", 1)[0]] += 1
     assert set(letters) == set("ABCD")
-    assert len(questions) == 4  # word, colour, where, scene
+    assert len(questions) == 5  # lookup, word, colour, where, scene
 
 
 def test_no_task_template_is_a_reading_instruction():

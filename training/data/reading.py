@@ -9,7 +9,9 @@ meant to teach it that generic skill. The passage is a picture's own description
 into the prompt; the picture stays in the prompt too, as every example has one. The question
 asks what the passage says, with two to four options in random order (so the right letter
 says nothing beyond how many options there are). The instructions are worded unlike any
-task's templates, so no task's prompt is seen before its own training.
+task's templates, so no task's prompt is seen before its own training. A share of the
+exercises are option lookups instead: a letter to predict for each option asked for, the
+plainest form of pointing at an option.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from smolora.training.data.cvit_json import Example
 from smolora.training.data.scene import BACKGROUNDS, CELL_NAMES, COLOURS, SHAPES, parse_description
 
 LETTERS = "ABCD"
+#: The share of exercises that are option lookups (`_lookup_exercise`).
+LOOKUP_SHARE = 0.7
+#: Options a lookup asks for (drawn with repetition): a letter to predict for each.
+LOOKUP_QUERIES = 8
 
 #: How a reading exercise asks for the letter (none of them is a task template).
 READING_INSTRUCTIONS: tuple[str, ...] = (
@@ -40,6 +46,27 @@ def _choices(rng: random.Random, right: str, pool: list[str]) -> tuple[str, str]
     return text, LETTERS[options.index(right)]
 
 
+def _lookup_exercise(ex: Example, rng: random.Random) -> Example:
+    """Two to four options of one kind of word; the answer is each one's letter, asked for in
+    a shuffled order ("C A B"). The plainest form of pointing at an option, with a letter to
+    predict for every option rather than one per exercise."""
+    vocab = rng.choice((list(COLOURS), list(SHAPES), list(BACKGROUNDS), list(CELL_NAMES.values())))
+    words = rng.sample(vocab, rng.randint(2, len(LETTERS)))
+    asked = [rng.choice(words) for _ in range(LOOKUP_QUERIES)]
+    options = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
+    instruction = f"Give the letter of each option, in this order: {', '.join(asked)}."
+    answer = " ".join(LETTERS[words.index(w)] for w in asked)
+    return replace(
+        ex,
+        id=f"{ex.id}|lookup",
+        task="reading",
+        prompt=f"{options}\n{instruction}",
+        instruction=instruction,
+        answer=answer,
+        references=(answer,),
+    )
+
+
 def reading_exercise(ex: Example, rng: random.Random) -> Example | None:
     """A multiple-choice question about `ex`'s description (its answer), or None when the
     description states nothing to ask about.
@@ -48,6 +75,8 @@ def reading_exercise(ex: Example, rng: random.Random) -> Example | None:
     options being words of the same kind it does not use); the colour or the position of a
     shape the passage names once; the kind of scene.
     """
+    if rng.random() < LOOKUP_SHARE:
+        return _lookup_exercise(ex, rng)
     facts = parse_description(ex.answer)
     objects = list(facts.objects)
     once = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
