@@ -104,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--few-shot-steps", type=int, default=30)
     p.add_argument("--pretrain-steps", type=int, default=3000)
     p.add_argument("--pretrain-batch-size", type=int, default=32)
+    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="peak lr of the base alignment")
     p.add_argument(
         "--image-size", type=int, default=64, help="rendered picture side (the processor resizes)"
     )
@@ -132,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrain-reading-share",
         type=float,
         default=0.0,
-        help="share of each alignment batch turned into reading exercises (data/reading.py)",
+        help="share of each alignment batch turned into text-skill exercises (data/reading.py)",
     )
     p.add_argument(
         "--pretrain-modules",
@@ -238,6 +239,7 @@ def base_path(args: argparse.Namespace) -> Path:
         f"base-{args.preset}-seed{args.data_seed}-steps{args.pretrain_steps}-{precision}"
         + _data_suffix(args)
         + ("" if args.pretrain_batch_size == 32 else f"-bs{args.pretrain_batch_size}")
+        + ("" if args.pretrain_lr == 2e-3 else f"-lr{args.pretrain_lr:g}")
         + (f"-heldout{args.pretrain_heldout}" if args.pretrain_heldout else "")
         + (f"-tower{args.pretrain_tower_steps}" if args.pretrain_tower_steps else "")
         + ("" if args.pretrain_modules == "all" else f"-{args.pretrain_modules}")
@@ -430,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 preset=args.preset,
                 steps=args.pretrain_steps,
                 batch_size=args.pretrain_batch_size,
+                lr=args.pretrain_lr,
                 seed=args.data_seed,
                 num_threads=args.pretrain_threads,
                 device=args.device,

@@ -63,7 +63,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "--reading-share",
         type=float,
         default=0.0,
-        help="share of each batch turned into reading exercises (data/reading.py)",
+        help="share of each batch turned into text-skill exercises (data/reading.py)",
     )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)

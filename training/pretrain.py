@@ -7,10 +7,10 @@ left. ..."), answered after generic prompts ("Describe the image."). The result 
 everything in a picture but answers no task's format, which is why the zero-shot row of
 the benchmark is low. For a real LLaVA checkpoint the analogue is LLaVA's stage 1
 (`train_modules="projector"`: projector only, on image-caption pairs). With
-`reading_share`, part of each batch is reading exercises (`data/reading.py`): a
-multiple-choice question about a description written into the prompt, answered with a
-letter; the generic skill a pretrained LLM brings to LLaVA, which a language model trained
-from scratch on descriptions lacks.
+`reading_share`, part of each batch is text-skill exercises (`data/reading.py`: repeat
+words, point at an option by its letter and back, answer a multiple-choice question about a
+description written into the prompt); the generic skills a pretrained LLM brings to LLaVA,
+which a language model trained from scratch on descriptions lacks.
 
 The output is a standard HF LLaVA folder (weights, tokenizer, processor) plus
 `alignment.json` (config, losses, held-out losses, provenance): the frozen base every method
@@ -47,7 +47,8 @@ from smolora.training.data.batches import next_indices
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.cvit_json import Example
 from smolora.training.data.mini_cvit import load_pretrain
-from smolora.training.data.reading import reading_exercise
+from smolora.training.data.reading import exercise_kind, reading_exercise
+from smolora.training.data.tasks import TaskSpec
 from smolora.training.evaluate import evaluate_task
 from smolora.training.vision_pretrain import pretrain_tower
 
@@ -77,9 +78,9 @@ class PretrainConfig:
             measured at each checkpoint and at the end (0: no held-out set).
         tower_steps, tower_batch_size, tower_lr: vision-tower pretraining on the
             descriptions' facts before the alignment (`vision_pretrain.py`; 0: none).
-        reading_share: the share of each batch turned into reading exercises
-            (`data/reading.py`: a multiple-choice question about the description, answered
-            with a letter), the generic skill a pretrained LLM brings; 0: descriptions only.
+        reading_share: the share of each batch turned into text-skill exercises
+            (`data/reading.py`: repeat, option lookups, questions about the description),
+            the generic skills a pretrained LLM brings; 0: descriptions only.
         dtype: "auto", "float32" or "bfloat16": bfloat16 runs forward/backward under autocast
             (weights and optimizer state stay float32); "auto" picks it only where the
             device computes bfloat16 natively (`adapters/precision.py`).
@@ -167,13 +168,33 @@ def with_reading(examples: list[Example], share: float, seed: str) -> list[Examp
     return [r if r is not None else ex for r, ex in zip(turned, examples)] + examples[n:]
 
 
+#: How reading exercises are generated at evaluation: exact match, room for ten words.
+READING_SPEC = TaskSpec(
+    "reading",
+    "text skills",
+    "upstream",
+    "accuracy",
+    "short",
+    tuple(f"t{i}" for i in range(5)),
+    ("h0", "h1"),
+    32,
+)
+
+
 def _reading_accuracy(
     model: torch.nn.Module, encoder: ExampleEncoder, heldout: list[Example], seed: str
-) -> float:
-    """Greedy accuracy (%) on reading exercises made from the held-out descriptions."""
+) -> dict[str, float]:
+    """Greedy exact-match accuracy (%) on reading exercises made from the held-out
+    descriptions, over all of them ("all") and per kind of exercise."""
     rng = random.Random(f"{seed}|reading")
     exercises = [r for ex in heldout if (r := reading_exercise(ex, rng)) is not None]
-    return evaluate_task(model, encoder, exercises).score
+    result = evaluate_task(model, encoder, exercises, spec=READING_SPEC)
+    by_kind: dict[str, list[bool]] = {"all": []}
+    for ex, (_, prediction, answer) in zip(exercises, result.predictions):
+        right = prediction.strip() == answer
+        by_kind["all"].append(right)
+        by_kind.setdefault(exercise_kind(ex), []).append(right)
+    return {k: round(100.0 * sum(v) / len(v), 2) for k, v in by_kind.items()}
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""Reading exercises: each one's letter names the option the passage supports (a lookup's
-letters name the options asked for), every letter is used, no task template is reused, and
-an alignment with a reading share trains on them."""
+"""Text-skill exercises: a repeat's answer is its words, a lookup's letters name the options
+asked for and an option exercise's words the letters asked for, a question's letter names the
+option the passage supports, every kind and letter is used, no task template is reused, and
+an alignment with a reading share trains on them and reports accuracy per kind."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 
 from smolora.training.data.cvit_json import Example
 from smolora.training.data.reading import (
+    KIND_WEIGHTS,
     LOOKUP_QUERIES,
     READING_INSTRUCTIONS,
+    REPEAT_WORDS,
+    exercise_kind,
     reading_exercise,
 )
 from smolora.training.data.scene import CELL_NAMES, parse_description
@@ -48,33 +52,58 @@ def _supported(passage: str, question: str, option: str) -> bool:
     return option == (obj.colour if m.group(1) == "what colour" else CELL_NAMES[obj.cell])
 
 
-def test_each_exercise_has_exactly_one_supported_option_and_its_letter():
+def _options(lines: list[str]) -> dict[str, str]:
+    """letter -> option of "A. word" lines, checking the letters run A, B, ..."""
+    options = dict(line.split(". ", 1) for line in lines)
+    assert list(options) == list("ABCD"[: len(options)]) and 2 <= len(options) <= 4
+    assert len(set(options.values())) == len(options)
+    return options
+
+
+def _asked(instruction: str) -> list[str]:
+    return instruction.split(": ", 1)[1].rstrip(".").split(", ")
+
+
+def test_each_exercise_is_answered_by_what_its_prompt_states():
     rng = random.Random(0)
+    kinds: Counter[str] = Counter()
     letters: Counter[str] = Counter()
     questions: Counter[str] = Counter()
-    for i in range(400):
+    for i in range(600):
         passage = PASSAGES[i % len(PASSAGES)]
         ex = reading_exercise(_description(passage, i), rng)
         assert ex is not None and ex.task == "reading" and ex.references == (ex.answer,)
-        if ex.id.endswith("|lookup"):
-            *lines, instruction = ex.prompt.split("\n")
-            options = {v: k for k, v in (line.split(". ", 1) for line in lines)}
-            asked = instruction.split(": ", 1)[1].rstrip(".").split(", ")
-            assert set(asked) <= set(options) and 2 <= len(options) <= 4
-            assert len(asked) == LOOKUP_QUERIES
-            assert ex.answer == " ".join(options[w] for w in asked)
-            questions["lookup"] += 1
+        kind = exercise_kind(ex)
+        kinds[kind] += 1
+        if kind == "repeat":
+            instruction, words = ex.prompt.split("\n")
+            assert instruction == ex.instruction and ex.answer == words
+            assert 3 <= len(words.split()) <= 10 and set(words.split()) <= set(REPEAT_WORDS)
             continue
+        if kind in ("lookup", "option"):
+            *lines, instruction = ex.prompt.split("\n")
+            options = _options(lines)
+            asked = _asked(instruction)
+            assert len(asked) == LOOKUP_QUERIES
+            if kind == "lookup":
+                by_word = {v: k for k, v in options.items()}
+                assert ex.answer == " ".join(by_word[w] for w in asked)
+            else:
+                assert ex.answer == " ".join(options[k] for k in asked)
+            continue
+        assert kind == "question"
         head, question, *lines, instruction = ex.prompt.split("\n")
         assert head == f"Passage: {passage}" and instruction in READING_INSTRUCTIONS
-        options = dict(line.split(". ", 1) for line in lines)
-        assert list(options) == list("ABCD"[: len(options)]) and 2 <= len(options) <= 4
+        options = _options(lines)
         supported = [k for k, v in options.items() if _supported(passage, question, v)]
         assert supported == [ex.answer]
         letters[ex.answer] += 1
         questions[question.rsplit(" ", 1)[0]] += 1
+    assert set(kinds) == set(KIND_WEIGHTS)
+    for kind, weight in KIND_WEIGHTS.items():  # drawn by weight (600 draws: within 6 points)
+        assert abs(kinds[kind] / 600 - weight) < 0.06, (kind, kinds)
     assert set(letters) == set("ABCD")
-    assert len(questions) == 5  # lookup, word, colour, where, scene
+    assert len(questions) == 4  # word, colour, where, scene
 
 
 def test_no_task_template_is_a_reading_instruction():
@@ -83,7 +112,10 @@ def test_no_task_template_is_a_reading_instruction():
 
 
 def test_nothing_to_ask_and_no_share_leave_the_batch_alone():
-    assert reading_exercise(_description("Describe nothing."), random.Random(0)) is None
+    rng = random.Random(0)
+    drawn = [reading_exercise(_description("Describe nothing."), rng) for _ in range(100)]
+    assert None in drawn  # a question was drawn: nothing to ask about
+    assert all(exercise_kind(ex) != "question" for ex in drawn if ex is not None)
     batch = [_description(p, i) for i, p in enumerate(PASSAGES)]
     assert with_reading(batch, 0.0, "0|0") is batch
     half = with_reading(batch, 0.5, "0|7")
@@ -105,4 +137,6 @@ def test_alignment_with_reading_records_heldout_accuracy(data_root: Path, tmp_pa
     )
     info = json.loads((pretrain_base(cfg, progress=False) / "alignment.json").read_text())
     assert info["config"]["reading_share"] == 0.5
-    assert 0.0 <= info["heldout_reading_accuracy"] <= 100.0
+    accuracy = info["heldout_reading_accuracy"]
+    assert set(accuracy) >= {"all"} and set(accuracy) <= {"all", *KIND_WEIGHTS}
+    assert all(0.0 <= v <= 100.0 for v in accuracy.values())

@@ -1,17 +1,23 @@
-"""Reading exercises for the base alignment: a multiple-choice question about a passage,
-answered with the option's letter.
+"""Text-skill exercises for the base alignment: repeat a list of words, point at an option
+by its letter (and back), and answer a multiple-choice question about a passage.
 
-A real LLaVA's language model arrives at the alignment already able to read a passage and
-pick an option by its letter. The embedded language model starts from random weights and
-the alignment shows it only descriptions, so it has no way to point at an option: trained on
-ScienceQA it answers the most frequent letter whatever the question. Reading exercises are
-meant to teach it that generic skill. The passage is a picture's own description, written
-into the prompt; the picture stays in the prompt too, as every example has one. The question
-asks what the passage says, with two to four options in random order (so the right letter
-says nothing beyond how many options there are). The instructions are worded unlike any
-task's templates, so no task's prompt is seen before its own training. A share of the
-exercises are option lookups instead: a letter to predict for each option asked for, the
-plainest form of pointing at an option.
+A real LLaVA's language model arrives at the alignment already able to copy from its
+prompt, find an option and name its letter. The embedded language model starts from random
+weights, and an alignment on descriptions alone teaches it to read the picture and ignore
+the prompt's words: trained on ScienceQA afterwards it answers the most frequent letter
+whatever the question, and it cannot even be taught to repeat four words. Mixed into the
+alignment from its first step, these exercises teach the generic skills ScienceQA's format
+needs, in the order they build on each other:
+
+- `repeat`: repeat a list of words (copying from the prompt);
+- `lookup`: give the letter of each option asked for ("C A B ...": word -> letter);
+- `option`: give the option each letter names (letter -> word);
+- `question`: a multiple-choice question about the picture's description, written into
+  the prompt as a passage, answered with a letter.
+
+The picture stays in the prompt, as every example has one. Options come in random order,
+so a right letter says nothing beyond how many options there are. The instructions are
+worded unlike any task's templates, so no task's prompt is seen before its own training.
 """
 
 from __future__ import annotations
@@ -20,13 +26,31 @@ import random
 from dataclasses import replace
 
 from smolora.training.data.cvit_json import Example
-from smolora.training.data.scene import BACKGROUNDS, CELL_NAMES, COLOURS, SHAPES, parse_description
+from smolora.training.data.scene import (
+    BACKGROUNDS,
+    CELL_NAMES,
+    COLOURS,
+    NUMBER_WORDS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    parse_description,
+)
 
 LETTERS = "ABCD"
-#: The share of exercises that are option lookups (`_lookup_exercise`).
-LOOKUP_SHARE = 0.7
-#: Options a lookup asks for (drawn with repetition): a letter to predict for each.
-LOOKUP_QUERIES = 8
+#: How often each kind of exercise is drawn.
+KIND_WEIGHTS: dict[str, float] = {"repeat": 0.35, "lookup": 0.25, "option": 0.25, "question": 0.15}
+#: Options a lookup asks for (drawn with repetition): a letter (or word) to predict for each.
+LOOKUP_QUERIES = 6
+#: Words a `repeat` exercise draws from (every single word a description uses).
+REPEAT_WORDS: tuple[str, ...] = (
+    *COLOURS,
+    *SHAPES,
+    *BACKGROUNDS,
+    *SIZES,
+    *NUMBER_WORDS,
+    *WORDS,
+)
 
 #: How a reading exercise asks for the letter (none of them is a task template).
 READING_INSTRUCTIONS: tuple[str, ...] = (
@@ -46,37 +70,77 @@ def _choices(rng: random.Random, right: str, pool: list[str]) -> tuple[str, str]
     return text, LETTERS[options.index(right)]
 
 
-def _lookup_exercise(ex: Example, rng: random.Random) -> Example:
-    """Two to four options of one kind of word; the answer is each one's letter, asked for in
-    a shuffled order ("C A B"). The plainest form of pointing at an option, with a letter to
-    predict for every option rather than one per exercise."""
-    vocab = rng.choice((list(COLOURS), list(SHAPES), list(BACKGROUNDS), list(CELL_NAMES.values())))
-    words = rng.sample(vocab, rng.randint(2, len(LETTERS)))
-    asked = [rng.choice(words) for _ in range(LOOKUP_QUERIES)]
-    options = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
-    instruction = f"Give the letter of each option, in this order: {', '.join(asked)}."
-    answer = " ".join(LETTERS[words.index(w)] for w in asked)
+def _exercise(ex: Example, kind: str, prompt: str, instruction: str, answer: str) -> Example:
     return replace(
         ex,
-        id=f"{ex.id}|lookup",
+        id=f"{ex.id}|{kind}",
         task="reading",
-        prompt=f"{options}\n{instruction}",
+        prompt=prompt,
         instruction=instruction,
         answer=answer,
         references=(answer,),
     )
 
 
-def reading_exercise(ex: Example, rng: random.Random) -> Example | None:
-    """A multiple-choice question about `ex`'s description (its answer), or None when the
-    description states nothing to ask about.
+def exercise_kind(ex: Example) -> str:
+    """The kind of a reading exercise (a key of `KIND_WEIGHTS`), from its id."""
+    return ex.id.rsplit("|", 1)[-1]
 
-    The question is one of: a word the passage uses (a colour, shape or scene, the wrong
-    options being words of the same kind it does not use); the colour or the position of a
-    shape the passage names once; the kind of scene.
-    """
-    if rng.random() < LOOKUP_SHARE:
+
+def _repeat_exercise(ex: Example, rng: random.Random) -> Example:
+    """Three to ten words drawn with repetition; the answer is the same words."""
+    words = " ".join(rng.choice(REPEAT_WORDS) for _ in range(rng.randint(3, 10)))
+    instruction = "Repeat these words exactly."
+    return _exercise(ex, "repeat", f"{instruction}\n{words}", instruction, words)
+
+
+def _option_list(rng: random.Random) -> list[str]:
+    """Two to four different words of one kind (colours, shapes, scenes or positions)."""
+    vocab = rng.choice((list(COLOURS), list(SHAPES), list(BACKGROUNDS), list(CELL_NAMES.values())))
+    return rng.sample(vocab, rng.randint(2, len(LETTERS)))
+
+
+def _lookup_exercise(ex: Example, rng: random.Random) -> Example:
+    """Two to four options; the answer is each asked option's letter, in a shuffled order
+    ("C A B"): the plainest form of pointing at an option, with a letter to predict for
+    every query rather than one per exercise."""
+    words = _option_list(rng)
+    asked = [rng.choice(words) for _ in range(LOOKUP_QUERIES)]
+    options = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
+    instruction = f"Give the letter of each option, in this order: {', '.join(asked)}."
+    answer = " ".join(LETTERS[words.index(w)] for w in asked)
+    return _exercise(ex, "lookup", f"{options}\n{instruction}", instruction, answer)
+
+
+def _option_exercise(ex: Example, rng: random.Random) -> Example:
+    """The converse of a lookup: the answer is the option each asked letter names."""
+    words = _option_list(rng)
+    asked = [rng.randrange(len(words)) for _ in range(LOOKUP_QUERIES)]
+    options = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
+    letters = ", ".join(LETTERS[i] for i in asked)
+    instruction = f"Give the option of each letter, in this order: {letters}."
+    answer = " ".join(words[i] for i in asked)
+    return _exercise(ex, "option", f"{options}\n{instruction}", instruction, answer)
+
+
+def reading_exercise(ex: Example, rng: random.Random) -> Example | None:
+    """A text-skill exercise drawn by `KIND_WEIGHTS` (the description `ex.answer` is the
+    passage of a `question`), or None when a question was drawn and the description states
+    nothing to ask about."""
+    kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+    if kind == "repeat":
+        return _repeat_exercise(ex, rng)
+    if kind == "lookup":
         return _lookup_exercise(ex, rng)
+    if kind == "option":
+        return _option_exercise(ex, rng)
+    return _question_exercise(ex, rng)
+
+
+def _question_exercise(ex: Example, rng: random.Random) -> Example | None:
+    """A multiple-choice question about `ex`'s description: a word the passage uses (a
+    colour, shape or scene, the wrong options being words of the same kind it does not use);
+    the colour or the position of a shape the passage names once; the kind of scene."""
     facts = parse_description(ex.answer)
     objects = list(facts.objects)
     once = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
@@ -104,12 +168,4 @@ def reading_exercise(ex: Example, rng: random.Random) -> Example | None:
         options, letter = _choices(rng, right, [w for w in vocab if w not in used])
     instruction = rng.choice(READING_INSTRUCTIONS)
     prompt = f"Passage: {ex.answer}\n{question}\n{options}\n{instruction}"
-    return replace(
-        ex,
-        id=f"{ex.id}|reading",
-        task="reading",
-        prompt=prompt,
-        instruction=instruction,
-        answer=letter,
-        references=(letter,),
-    )
+    return _exercise(ex, "question", prompt, instruction, letter)
