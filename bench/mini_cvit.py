@@ -130,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="vision-tower pretraining steps on the descriptions' facts before the alignment",
     )
     p.add_argument(
+        "--pretrain-language-steps",
+        type=int,
+        default=0,
+        help="language-model pretraining steps on text-only skill exercises before the alignment",
+    )
+    p.add_argument("--pretrain-language-lr", type=float, default=5e-4)
+    p.add_argument(
         "--pretrain-reading-share",
         type=float,
         default=0.0,
@@ -242,6 +249,11 @@ def base_path(args: argparse.Namespace) -> Path:
         + ("" if args.pretrain_lr == 2e-3 else f"-lr{args.pretrain_lr:g}")
         + (f"-heldout{args.pretrain_heldout}" if args.pretrain_heldout else "")
         + (f"-tower{args.pretrain_tower_steps}" if args.pretrain_tower_steps else "")
+        + (
+            f"-lm{args.pretrain_language_steps}-lr{args.pretrain_language_lr:g}"
+            if args.pretrain_language_steps
+            else ""
+        )
         + ("" if args.pretrain_modules == "all" else f"-{args.pretrain_modules}")
         + (f"-reading{args.pretrain_reading_share:g}" if args.pretrain_reading_share else "")
     )
@@ -440,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_every=args.pretrain_checkpoint_every,
                 heldout=args.pretrain_heldout,
                 tower_steps=args.pretrain_tower_steps,
+                language_steps=args.pretrain_language_steps,
+                language_lr=args.pretrain_language_lr,
                 train_modules=args.pretrain_modules,
                 reading_share=args.pretrain_reading_share,
             )

@@ -60,6 +60,15 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         help="pretrain the vision tower on the descriptions' facts first (vision_pretrain.py)",
     )
     p.add_argument(
+        "--language-steps",
+        type=int,
+        default=0,
+        help="pretrain the language model on text-only skill exercises first "
+        "(language_pretrain.py)",
+    )
+    p.add_argument("--language-lr", type=float, default=5e-4)
+    p.add_argument("--language-batch-size", type=int, default=32)
+    p.add_argument(
         "--reading-share",
         type=float,
         default=0.0,
@@ -326,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every,
             heldout=args.heldout,
             tower_steps=args.tower_steps,
+            language_steps=args.language_steps,
+            language_lr=args.language_lr,
+            language_batch_size=args.language_batch_size,
             reading_share=args.reading_share,
         )
         print(pretrain_base(cfg, progress=progress))

@@ -93,7 +93,7 @@ def greedy_generate(
     Args:
         model: a LLaVA model (adapted or not), in eval mode.
         batch: `ExampleEncoder.collate_generate` output (`input_ids`, `attention_mask`
-            `[B, T]`, `pixel_values` `[B, 3, H, W]`).
+            `[B, T]`, `pixel_values` `[B, 3, H, W]`, absent for a text-only batch).
         scope: opens the method's per-batch context.
         max_new_tokens: decoding budget.
         eos_token_id: stops a row once generated.
@@ -105,8 +105,9 @@ def greedy_generate(
     inputs = {
         "input_ids": batch["input_ids"].to(param.device),
         "attention_mask": batch["attention_mask"].to(param.device),
-        "pixel_values": batch["pixel_values"].to(param.device, dtype=param.dtype),
     }
+    if "pixel_values" in batch:  # absent for a text-only batch
+        inputs["pixel_values"] = batch["pixel_values"].to(param.device, dtype=param.dtype)
     with scope(batch) as set_mask:
         return greedy_decode(model, inputs, max_new_tokens, eos_token_id, set_mask)
 

@@ -10,7 +10,8 @@ the benchmark is low. For a real LLaVA checkpoint the analogue is LLaVA's stage 
 `reading_share`, part of each batch is text-skill exercises (`data/reading.py`: repeat
 words, point at an option by its letter and back, answer a multiple-choice question about a
 description written into the prompt); the generic skills a pretrained LLM brings to LLaVA,
-which a language model trained from scratch on descriptions lacks.
+which a language model trained from scratch on descriptions lacks; `language_steps`
+teaches them first, text-only (`language_pretrain.py`), and the share keeps them.
 
 The output is a standard HF LLaVA folder (weights, tokenizer, processor) plus
 `alignment.json` (config, losses, held-out losses, provenance): the frozen base every method
@@ -47,9 +48,8 @@ from smolora.training.data.batches import next_indices
 from smolora.training.data.collate import ExampleEncoder
 from smolora.training.data.cvit_json import Example
 from smolora.training.data.mini_cvit import load_pretrain
-from smolora.training.data.reading import exercise_kind, reading_exercise
-from smolora.training.data.tasks import TaskSpec
-from smolora.training.evaluate import evaluate_task
+from smolora.training.data.reading import reading_exercise
+from smolora.training.language_pretrain import pretrain_language, skill_accuracy
 from smolora.training.vision_pretrain import pretrain_tower
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class PretrainConfig:
             measured at each checkpoint and at the end (0: no held-out set).
         tower_steps, tower_batch_size, tower_lr: vision-tower pretraining on the
             descriptions' facts before the alignment (`vision_pretrain.py`; 0: none).
+        language_steps, language_batch_size, language_lr: language-model pretraining on
+            text-only skill exercises, after the tower's and before the alignment
+            (`language_pretrain.py`; 0: none).
         reading_share: the share of each batch turned into text-skill exercises
             (`data/reading.py`: repeat, option lookups, questions about the description),
             the generic skills a pretrained LLM brings; 0: descriptions only.
@@ -106,6 +109,9 @@ class PretrainConfig:
     tower_steps: int = 0
     tower_batch_size: int = 64
     tower_lr: float = 1e-3
+    language_steps: int = 0
+    language_batch_size: int = 32
+    language_lr: float = 5e-4
     reading_share: float = 0.0
 
     def __post_init__(self) -> None:
@@ -120,6 +126,10 @@ class PretrainConfig:
             )
         if self.tower_steps < 0 or self.tower_batch_size < 1 or self.tower_lr <= 0:
             raise ValueError("tower_steps must be >= 0, tower_batch_size and tower_lr positive")
+        if self.language_steps < 0 or self.language_batch_size < 1 or self.language_lr <= 0:
+            raise ValueError(
+                "language_steps must be >= 0, language_batch_size and language_lr positive"
+            )
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps, batch_size and lr must be positive")
         if not 0.0 <= self.reading_share <= 1.0:
@@ -166,35 +176,6 @@ def with_reading(examples: list[Example], share: float, seed: str) -> list[Examp
     rng = random.Random(f"{seed}|reading")
     turned = [reading_exercise(ex, rng) for ex in examples[:n]]
     return [r if r is not None else ex for r, ex in zip(turned, examples)] + examples[n:]
-
-
-#: How reading exercises are generated at evaluation: exact match, room for ten words.
-READING_SPEC = TaskSpec(
-    "reading",
-    "text skills",
-    "upstream",
-    "accuracy",
-    "short",
-    tuple(f"t{i}" for i in range(5)),
-    ("h0", "h1"),
-    32,
-)
-
-
-def _reading_accuracy(
-    model: torch.nn.Module, encoder: ExampleEncoder, heldout: list[Example], seed: str
-) -> dict[str, float]:
-    """Greedy exact-match accuracy (%) on reading exercises made from the held-out
-    descriptions, over all of them ("all") and per kind of exercise."""
-    rng = random.Random(f"{seed}|reading")
-    exercises = [r for ex in heldout if (r := reading_exercise(ex, rng)) is not None]
-    result = evaluate_task(model, encoder, exercises, spec=READING_SPEC)
-    by_kind: dict[str, list[bool]] = {"all": []}
-    for ex, (_, prediction, answer) in zip(exercises, result.predictions):
-        right = prediction.strip() == answer
-        by_kind["all"].append(right)
-        by_kind.setdefault(exercise_kind(ex), []).append(right)
-    return {k: round(100.0 * sum(v) / len(v), 2) for k, v in by_kind.items()}
 
 
 @torch.no_grad()
@@ -251,6 +232,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
                 "delete it or align into another folder"
             )
     tower_info = state.get("tower") if state is not None else None
+    language_info = state.get("language") if state is not None else None
     if state is None and cfg.tower_steps:
         tower_info = pretrain_tower(
             model,
@@ -266,6 +248,21 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
             progress=progress,
         )
         logger.info("vision tower pretrained: %s", tower_info)
+    if state is None and cfg.language_steps:
+        language_info = pretrain_language(
+            model,
+            encoder,
+            data,
+            heldout,
+            steps=cfg.language_steps,
+            batch_size=cfg.language_batch_size,
+            lr=cfg.language_lr,
+            seed=cfg.seed,
+            device=device,
+            autocast_bf16=compute_dtype == "bfloat16",
+            progress=progress,
+        )
+        logger.info("language model pretrained: %s", language_info["heldout_accuracy"])
     params = _trainable(model, cfg.train_modules)
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(
@@ -307,14 +304,15 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
                 "heldout_curve": heldout_curve,
                 "step": step,
                 "tower": tower_info,
+                "language": language_info,
                 "seconds": spent + time.perf_counter() - start,
             },
             tmp,
         )
         tmp.replace(state_path)  # atomic: an interrupted save keeps the previous state
 
-    if state is None and cfg.tower_steps and cfg.checkpoint_every:
-        save_state(0)  # an interrupted alignment does not pretrain the tower again
+    if state is None and (cfg.tower_steps or cfg.language_steps) and cfg.checkpoint_every:
+        save_state(0)  # an interrupted alignment does not pretrain the tower or LM again
     model.train()
     bar = tqdm(range(done, cfg.steps), desc="align base", disable=not progress)
     for step in bar:
@@ -342,7 +340,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         heldout_curve.append((cfg.steps, _heldout_loss(model, encoder, heldout, device)))
     facts = probe_facts(model, encoder, heldout, device) if heldout else None
     reading = (
-        _reading_accuracy(model, encoder, heldout, f"{cfg.seed}|heldout")
+        skill_accuracy(model, encoder, heldout, f"{cfg.seed}|heldout", text_only=False)
         if heldout and cfg.reading_share
         else None
     )
@@ -365,6 +363,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         "heldout_facts": facts,
         "heldout_reading_accuracy": reading,
         "tower": tower_info,
+        "language": language_info,
         "seconds": spent + time.perf_counter() - start,
     }
     (cfg.out_dir / "alignment.json").write_text(json.dumps(info, indent=1))

@@ -7,7 +7,9 @@ boundary that generation continues from. Labels are -100 everywhere but the answ
 EOS. Training batches are right-padded, generation batches left-padded (positions then
 come from the attention mask). The `<image>` placeholder is expanded to the number of
 image tokens the processor uses (measured once on a dummy image), so this also works for
-real LLaVA checkpoints.
+real LLaVA checkpoints. A text-only example (no image: the base alignment's text-skill
+stage) gets the same template with no image placeholder, and a batch of them has no
+`pixel_values`; a batch mixes no text-only with image examples.
 
 It does not embed instructions (methods do) and does not batch by length.
 """
@@ -75,10 +77,10 @@ class ExampleEncoder:
 
     # -- single examples ------------------------------------------------------------------
     def prompt_text(self, ex: Example) -> str:
-        """The chat-formatted prompt with one image placeholder."""
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.prompt}]}
-        ]
+        """The chat-formatted prompt with one image placeholder (none for a text-only
+        example)."""
+        image = [] if ex.image is None else [{"type": "image"}]
+        messages = [{"role": "user", "content": [*image, {"type": "text", "text": ex.prompt}]}]
         return self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
@@ -88,12 +90,16 @@ class ExampleEncoder:
         key = (ex.id, ex.prompt, ex.answer)
         if self.cache and key in self._ids:
             return self._ids[key]
-        text = self.prompt_text(ex).replace(
-            self.image_token, self.image_token * self.num_image_tokens, 1
-        )
+        text = self.prompt_text(ex)
+        if ex.image is not None:
+            text = text.replace(self.image_token, self.image_token * self.num_image_tokens, 1)
         prompt_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
-            keep_head = prompt_ids.index(self.image_token_id) + self.num_image_tokens
+            keep_head = (
+                prompt_ids.index(self.image_token_id) + self.num_image_tokens
+                if ex.image is not None
+                else 1
+            )
             cut = len(prompt_ids) - self.max_prompt_tokens
             prompt_ids = prompt_ids[:keep_head] + prompt_ids[keep_head + cut :]
         answer_ids = self.tokenizer(" " + ex.answer + self.eos_token, add_special_tokens=False)[
@@ -108,12 +114,10 @@ class ExampleEncoder:
         """Processed image, `[3, H, W]`.
 
         Raises:
-            ValueError: for a text-only example (every mini-CVIT/CVIT record has an image).
+            ValueError: for a text-only example.
         """
         if ex.image is None:
-            raise ValueError(
-                f"example {ex.id!r} has no image; text-only examples are not supported"
-            )
+            raise ValueError(f"example {ex.id!r} has no image")
         key = str(ex.image)
         if self.cache and key in self._pixels:
             return self._pixels[key]
@@ -126,12 +130,26 @@ class ExampleEncoder:
         return pv
 
     # -- batches --------------------------------------------------------------------------
+    def _pixel_batch(self, examples: Sequence[Example]) -> dict[str, Tensor]:
+        """`{"pixel_values": [B, 3, H, W]}`, or nothing for a text-only batch.
+
+        Raises:
+            ValueError: when the batch mixes text-only and image examples.
+        """
+        text_only = [ex.image is None for ex in examples]
+        if all(text_only):
+            return {}
+        if any(text_only):
+            raise ValueError("a batch mixes text-only and image examples")
+        return {"pixel_values": torch.stack([self.pixel_values(ex) for ex in examples])}
+
     def collate_train(self, examples: Sequence[Example]) -> dict[str, Any]:
         """A right-padded training batch.
 
         Returns:
             dict with `input_ids`, `attention_mask`, `labels` (`[B, T]`), `pixel_values`
-            (`[B, 3, H, W]`), `instructions` (list of B strings) and `tasks` (B names).
+            (`[B, 3, H, W]`; absent for a text-only batch), `instructions` (list of B
+            strings) and `tasks` (B names).
         """
         encs = [self.encode(ex) for ex in examples]
         t = max(len(e.prompt_ids) + len(e.answer_ids) for e in encs)
@@ -148,7 +166,7 @@ class ExampleEncoder:
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            "pixel_values": torch.stack([self.pixel_values(ex) for ex in examples]),
+            **self._pixel_batch(examples),
             "instructions": [ex.instruction for ex in examples],
             "tasks": [ex.task for ex in examples],
         }
@@ -157,8 +175,8 @@ class ExampleEncoder:
         """A left-padded prompt batch for generation.
 
         Returns:
-            dict with `input_ids`, `attention_mask` (`[B, T]`), `pixel_values`,
-            `instructions` and `tasks`.
+            dict with `input_ids`, `attention_mask` (`[B, T]`), `pixel_values` (absent for a
+            text-only batch), `instructions` and `tasks`.
         """
         encs = [self.encode(ex).prompt_ids for ex in examples]
         t = max(len(e) for e in encs)
@@ -171,7 +189,7 @@ class ExampleEncoder:
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "pixel_values": torch.stack([self.pixel_values(ex) for ex in examples]),
+            **self._pixel_batch(examples),
             "instructions": [ex.instruction for ex in examples],
             "tasks": [ex.task for ex in examples],
         }

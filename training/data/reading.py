@@ -5,17 +5,25 @@ A real LLaVA's language model arrives at the alignment already able to copy from
 prompt, find an option and name its letter. The embedded language model starts from random
 weights, and an alignment on descriptions alone teaches it to read the picture and ignore
 the prompt's words: trained on ScienceQA afterwards it answers the most frequent letter
-whatever the question, and it cannot even be taught to repeat four words. Mixed into the
-alignment from its first step, these exercises teach the generic skills ScienceQA's format
-needs, in the order they build on each other:
+whatever the question, and it cannot even be taught to repeat four words. These exercises
+teach the generic skills ScienceQA's format needs, text-only before the alignment
+(`language_pretrain.py`) and mixed into it (`PretrainConfig.reading_share`), in the order
+they build on each other:
 
 - `repeat`: repeat a list of words (copying from the prompt);
-- `lookup`: give the letter of each option asked for ("C A B ...": word -> letter);
-- `option`: give the option each letter names (letter -> word);
+- `lookup`: give the letter of the option named (word -> letter);
+- `option`: give the word of the option lettered (letter -> word);
 - `question`: a multiple-choice question about the picture's description, written into
   the prompt as a passage, answered with a letter.
 
-The picture stays in the prompt, as every example has one. Options come in random order,
+Words to copy appear in the prompt as the same tokens as in the answer (after a space, as
+the answer's words), and options stand one per line after a heading line, so their letters
+are the same tokens as in ScienceQA's options, whether or not a picture precedes the text.
+The letters of an answer are other tokens (after a space): relating the two is part of
+the skill, as it is for ScienceQA.
+
+In the alignment the picture stays in the prompt, as every example there has one (the
+language-model stage, `language_pretrain.py`, drops it). Options come in random order,
 so a right letter says nothing beyond how many options there are. The instructions are
 worded unlike any task's templates, so no task's prompt is seen before its own training.
 """
@@ -23,6 +31,7 @@ worded unlike any task's templates, so no task's prompt is seen before its own t
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import replace
 
 from smolora.training.data.cvit_json import Example
@@ -40,8 +49,6 @@ from smolora.training.data.scene import (
 LETTERS = "ABCD"
 #: How often each kind of exercise is drawn.
 KIND_WEIGHTS: dict[str, float] = {"repeat": 0.35, "lookup": 0.25, "option": 0.25, "question": 0.15}
-#: Options a lookup asks for (drawn with repetition): a letter (or word) to predict for each.
-LOOKUP_QUERIES = 6
 #: Words a `repeat` exercise draws from (every single word a description uses).
 REPEAT_WORDS: tuple[str, ...] = (
     *COLOURS,
@@ -90,8 +97,8 @@ def exercise_kind(ex: Example) -> str:
 def _repeat_exercise(ex: Example, rng: random.Random) -> Example:
     """Three to ten words drawn with repetition; the answer is the same words."""
     words = " ".join(rng.choice(REPEAT_WORDS) for _ in range(rng.randint(3, 10)))
-    instruction = "Repeat these words exactly."
-    return _exercise(ex, "repeat", f"{instruction}\n{words}", instruction, words)
+    instruction = "Repeat these words exactly:"
+    return _exercise(ex, "repeat", f"{instruction} {words}", instruction, words)
 
 
 def _option_list(rng: random.Random) -> list[str]:
@@ -100,41 +107,45 @@ def _option_list(rng: random.Random) -> list[str]:
     return rng.sample(vocab, rng.randint(2, len(LETTERS)))
 
 
-def _lookup_exercise(ex: Example, rng: random.Random) -> Example:
-    """Two to four options; the answer is each asked option's letter, in a shuffled order
-    ("C A B"): the plainest form of pointing at an option, with a letter to predict for
-    every query rather than one per exercise."""
-    words = _option_list(rng)
-    asked = [rng.choice(words) for _ in range(LOOKUP_QUERIES)]
+def _options_prompt(words: list[str], question: str) -> str:
     options = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
-    instruction = f"Give the letter of each option, in this order: {', '.join(asked)}."
-    answer = " ".join(LETTERS[words.index(w)] for w in asked)
-    return _exercise(ex, "lookup", f"{options}\n{instruction}", instruction, answer)
+    return f"Options:\n{options}\n{question}"
+
+
+def _lookup_exercise(ex: Example, rng: random.Random) -> Example:
+    """Two to four options and one of them by its word; the answer is its letter, the shape
+    of a ScienceQA answer."""
+    words = _option_list(rng)
+    word = rng.choice(words)
+    instruction = f"Which option is {word}? Give its letter."
+    prompt = _options_prompt(words, instruction)
+    return _exercise(ex, "lookup", prompt, instruction, LETTERS[words.index(word)])
 
 
 def _option_exercise(ex: Example, rng: random.Random) -> Example:
-    """The converse of a lookup: the answer is the option each asked letter names."""
+    """The converse of a lookup: one option by its letter; the answer is its word."""
     words = _option_list(rng)
-    asked = [rng.randrange(len(words)) for _ in range(LOOKUP_QUERIES)]
-    options = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
-    letters = ", ".join(LETTERS[i] for i in asked)
-    instruction = f"Give the option of each letter, in this order: {letters}."
-    answer = " ".join(words[i] for i in asked)
-    return _exercise(ex, "option", f"{options}\n{instruction}", instruction, answer)
+    i = rng.randrange(len(words))
+    instruction = f"Which word is option {LETTERS[i]}?"
+    return _exercise(ex, "option", _options_prompt(words, instruction), instruction, words[i])
 
 
-def reading_exercise(ex: Example, rng: random.Random) -> Example | None:
-    """A text-skill exercise drawn by `KIND_WEIGHTS` (the description `ex.answer` is the
-    passage of a `question`), or None when a question was drawn and the description states
-    nothing to ask about."""
-    kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+def reading_exercise(
+    ex: Example, rng: random.Random, weights: Mapping[str, float] = KIND_WEIGHTS
+) -> Example | None:
+    """A text-skill exercise of a kind drawn by `weights` (keys of `KIND_WEIGHTS`; the
+    description `ex.answer` is the passage of a `question`), or None when a question was
+    drawn and the description states nothing to ask about."""
+    kind = rng.choices(list(weights), weights=list(weights.values()))[0]
     if kind == "repeat":
         return _repeat_exercise(ex, rng)
     if kind == "lookup":
         return _lookup_exercise(ex, rng)
     if kind == "option":
         return _option_exercise(ex, rng)
-    return _question_exercise(ex, rng)
+    if kind == "question":
+        return _question_exercise(ex, rng)
+    raise ValueError(f"unknown kind of exercise {kind!r}; known: {list(KIND_WEIGHTS)}")
 
 
 def _question_exercise(ex: Example, rng: random.Random) -> Example | None:
