@@ -33,6 +33,7 @@ from smolora.training.data.cvit_json import Example
 from smolora.training.data.reading import KIND_WEIGHTS, exercise_kind, reading_exercise
 from smolora.training.data.tasks import TaskSpec
 from smolora.training.evaluate import evaluate_task
+from smolora.training.stage_step import optimizer_step
 
 #: How text-skill exercises are scored: exact match, room for ten words.
 SKILL_SPEC = TaskSpec(
@@ -151,12 +152,7 @@ def pretrain_language(
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             loss = model(**tensors).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, params, optim, sched))
     for p in params:
         p.requires_grad_(False)
     train_seconds = time.perf_counter() - start

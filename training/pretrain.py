@@ -50,6 +50,7 @@ from smolora.training.data.cvit_json import Example
 from smolora.training.data.mini_cvit import load_pretrain
 from smolora.training.data.reading import reading_exercise
 from smolora.training.language_pretrain import pretrain_language, skill_accuracy
+from smolora.training.stage_step import optimizer_step
 from smolora.training.vision_pretrain import pretrain_tower
 
 logger = logging.getLogger(__name__)
@@ -323,12 +324,7 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
             loss = model(**tensors).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, params, optim, sched))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         finished = step + 1
         if cfg.checkpoint_every and finished % cfg.checkpoint_every == 0 and finished < cfg.steps:

@@ -38,6 +38,7 @@ from smolora.training.data.scene import (
     WORDS,
     parse_description,
 )
+from smolora.training.stage_step import optimizer_step
 
 CELLS = tuple(CELL_NAMES)
 OBJECT_SIZES = ("small", "large", "huge")
@@ -197,12 +198,7 @@ def pretrain_tower(
         pixels, targets = _batch(encoder, [data[i] for i in indices], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             loss = _loss(heads(tower_features(model, pixels)), targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, params, optim, sched))
     tower.eval()
     tail = losses[-max(1, len(losses) // 20) :]
     accuracy = head_accuracy(model, heads, encoder, heldout, device) if heldout else None
