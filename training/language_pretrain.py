@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from smolora.training.data.batches import next_indices
 from smolora.training.data.collate import ExampleEncoder
@@ -33,7 +32,7 @@ from smolora.training.data.cvit_json import Example
 from smolora.training.data.reading import KIND_WEIGHTS, exercise_kind, reading_exercise
 from smolora.training.data.tasks import TaskSpec
 from smolora.training.evaluate import evaluate_task
-from smolora.training.stage_step import optimizer_step
+from smolora.training.stage_loop import cosine_adamw, final_loss, loss_curve, optimizer_step
 
 #: How text-skill exercises are scored: exact match, room for ten words.
 SKILL_SPEC = TaskSpec(
@@ -135,10 +134,7 @@ def pretrain_language(
         p.requires_grad_(train)
         if train:
             params.append(p)
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = get_scheduler(
-        "cosine", optim, num_warmup_steps=max(1, steps // 20), num_training_steps=steps
-    )
+    optim, sched = cosine_adamw(params, lr, 0.0, steps, max(1, steps // 20))
     rng = random.Random(f"{seed}|language")
     order: list[int] = []
     losses: list[float] = []
@@ -161,14 +157,10 @@ def pretrain_language(
         if heldout
         else None
     )
-    tail = losses[-max(1, len(losses) // 20) :]
     return {
         "steps": steps,
-        "final_loss": sum(tail) / max(len(tail), 1),
-        "loss_curve": [
-            round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4)
-            for i in range(0, len(losses), 50)
-        ],
+        "final_loss": final_loss(losses),
+        "loss_curve": loss_curve(losses),
         "heldout_accuracy": accuracy,
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start,

@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from smolora.adapters.precision import DTYPE_CHOICES, DTypeChoice, resolve_dtype
 from smolora.adapters.tiny_llava import build_tiny_llava, get_preset, load_llava
@@ -50,7 +49,7 @@ from smolora.training.data.cvit_json import Example
 from smolora.training.data.mini_cvit import load_pretrain
 from smolora.training.data.reading import reading_exercise
 from smolora.training.language_pretrain import pretrain_language, skill_accuracy
-from smolora.training.stage_step import optimizer_step
+from smolora.training.stage_loop import cosine_adamw, final_loss, loss_curve, optimizer_step
 from smolora.training.vision_pretrain import pretrain_tower
 
 logger = logging.getLogger(__name__)
@@ -265,12 +264,8 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         )
         logger.info("language model pretrained: %s", language_info["heldout_accuracy"])
     params = _trainable(model, cfg.train_modules)
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_scheduler(
-        "cosine",
-        optim,
-        num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
-        num_training_steps=cfg.steps,
+    optim, sched = cosine_adamw(
+        params, cfg.lr, cfg.weight_decay, cfg.steps, int(cfg.warmup_ratio * cfg.steps)
     )
     rng = random.Random(f"{cfg.seed}|pretrain")
     torch.manual_seed(cfg.seed)
@@ -346,14 +341,10 @@ def pretrain_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(cfg.out_dir)
     processor.save_pretrained(cfg.out_dir)
-    tail = losses[-max(1, len(losses) // 20) :]
     info = {
         "config": cfg.to_dict(),
-        "final_loss": sum(tail) / len(tail),
-        "loss_curve": [
-            round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4)
-            for i in range(0, len(losses), 50)
-        ],
+        "final_loss": final_loss(losses),
+        "loss_curve": loss_curve(losses),
         "heldout_curve": [[step, round(loss, 4)] for step, loss in heldout_curve],
         "heldout_loss": heldout_curve[-1][1] if heldout_curve else None,
         "heldout_facts": facts,

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from smolora.training.data.batches import next_indices
 from smolora.training.data.collate import ExampleEncoder
@@ -38,7 +37,7 @@ from smolora.training.data.scene import (
     WORDS,
     parse_description,
 )
-from smolora.training.stage_step import optimizer_step
+from smolora.training.stage_loop import cosine_adamw, final_loss, optimizer_step
 
 CELLS = tuple(CELL_NAMES)
 OBJECT_SIZES = ("small", "large", "huge")
@@ -185,10 +184,7 @@ def pretrain_tower(
     params = [*tower.parameters(), *heads.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = get_scheduler(
-        "cosine", optim, num_warmup_steps=max(1, steps // 20), num_training_steps=steps
-    )
+    optim, sched = cosine_adamw(params, lr, 0.01, steps, max(1, steps // 20))
     rng = random.Random(f"{seed}|tower")
     order: list[int] = []
     losses: list[float] = []
@@ -200,10 +196,9 @@ def pretrain_tower(
             loss = _loss(heads(tower_features(model, pixels)), targets)
         losses.append(optimizer_step(loss, params, optim, sched))
     tower.eval()
-    tail = losses[-max(1, len(losses) // 20) :]
     accuracy = head_accuracy(model, heads, encoder, heldout, device) if heldout else None
     return {
         "steps": steps,
-        "final_loss": sum(tail) / len(tail),
+        "final_loss": final_loss(losses),
         "heldout_accuracy": accuracy,
     }

@@ -67,14 +67,18 @@ READING_INSTRUCTIONS: tuple[str, ...] = (
 )
 
 
+def _option_lines(words: list[str]) -> str:
+    """One "A. word" line per option, lettered in order."""
+    return "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
+
+
 def _choices(rng: random.Random, right: str, pool: list[str]) -> tuple[str, str]:
     """Options text (one per line, "A. ...") and the right one's letter."""
     wrong = [p for p in pool if p != right]
     n = rng.randint(2, min(len(LETTERS), len(wrong) + 1))
     options = [right, *rng.sample(wrong, n - 1)]
     rng.shuffle(options)
-    text = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    return text, LETTERS[options.index(right)]
+    return _option_lines(options), LETTERS[options.index(right)]
 
 
 def _exercise(ex: Example, kind: str, prompt: str, instruction: str, answer: str) -> Example:
@@ -108,8 +112,7 @@ def _option_list(rng: random.Random) -> list[str]:
 
 
 def _options_prompt(words: list[str], question: str) -> str:
-    options = "\n".join(f"{LETTERS[i]}. {w}" for i, w in enumerate(words))
-    return f"Options:\n{options}\n{question}"
+    return f"Options:\n{_option_lines(words)}\n{question}"
 
 
 def _lookup_exercise(ex: Example, rng: random.Random) -> Example:
