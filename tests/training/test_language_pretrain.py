@@ -25,6 +25,7 @@ from smolora.training.language_pretrain import (
     skill_exercises,
 )
 from smolora.training.pretrain import PretrainConfig, pretrain_base
+from tests.fixtures.hf_llava import build_hf_llava
 
 
 def test_text_only_batches_have_no_picture_and_decode_row_by_row(
@@ -51,6 +52,21 @@ def test_text_only_batches_have_no_picture_and_decode_row_by_row(
             for ex in exercises
         ]
     assert together == alone  # left padding and positions from the mask: no effect
+
+
+def test_text_only_prompt_with_llava_15_template(tmp_path: Path, data_root: Path) -> None:
+    """A llava-hf folder with llava-1.5's published chat template: a text-only example's
+    prompt is its text with no image token, an image example's keeps its image tokens."""
+    _, processor = load_llava(build_hf_llava(tmp_path / "hf"))
+    enc = ExampleEncoder(processor)
+    (description,) = load_pretrain(data_root, limit=1)
+    (exercise,) = skill_exercises([description], random.Random(0), True, {"repeat": 1.0})
+    text = enc.prompt_text(exercise)
+    assert enc.image_token not in text and exercise.prompt in text
+    ids = enc.collate_train([exercise])["input_ids"][0]
+    assert not bool((ids == enc.image_token_id).any())
+    with_image = enc.collate_train([description])["input_ids"][0]
+    assert int((with_image == enc.image_token_id).sum()) == enc.num_image_tokens
 
 
 def test_curriculum_copies_first_and_ends_with_every_kind(data_root: Path) -> None:
